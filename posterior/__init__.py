@@ -1,0 +1,29 @@
+"""posterior: inference-time alignment of language models as Bayesian inference.
+
+An aligned model is the explicit posterior pi*(x) ∝ pi0(x) · exp(r(x)/beta). ``Posterior.sample``
+draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward statistics.
+"""
+
+from posterior import rewards
+from posterior.errors import DegenerateWeightsError
+from posterior.posterior import Posterior
+from posterior.priors import CallablePrior, HFPrior, Prior, load_default_prior
+from posterior.results import SampleResult
+from posterior.rewards import RewardError
+from posterior.samplers import SAMPLERS, register_sampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallablePrior",
+    "DegenerateWeightsError",
+    "HFPrior",
+    "Posterior",
+    "Prior",
+    "RewardError",
+    "SAMPLERS",
+    "SampleResult",
+    "load_default_prior",
+    "register_sampler",
+    "rewards",
+]

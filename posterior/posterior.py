@@ -1,0 +1,126 @@
+"""The posterior pi*(x) ∝ pi0(x) · exp(r(x)/beta) over continuations of each prompt.
+
+This is the target of KL-regularised RL: argmax_pi E_pi[r] - beta KL(pi || pi0) = pi*
+(Korbak, Perez & Buckley 2022, "RL with KL penalties is better viewed as Bayesian inference").
+``Posterior.sample`` draws from it at decoding time with a registered method and reports how good
+the draws are (log Z, ESS, KL(pi*||pi0), reward statistics).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+
+from posterior.priors.base import Prior
+from posterior.rewards.base import Reward, RewardError, as_reward
+from posterior.results import SampleResult
+from posterior.samplers.registry import get_sampler, sampler_options
+
+
+class Posterior:
+    """pi*(x) ∝ pi0(x) exp(r(x)/beta).
+
+    Parameters
+    ----------
+    prior : Prior
+        pi0 (``HFPrior``, ``CallablePrior``, or any ``posterior.priors.Prior``).
+    reward : Reward or callable
+        r(x) on continuation texts (a plain function of a list of texts is wrapped).
+    beta : float > 0
+        Temperature: small beta trusts the reward more, large beta stays near the prior.
+    """
+
+    def __init__(self, prior: Prior, reward: Reward, beta: float):
+        if not isinstance(prior, Prior):
+            raise ValueError(f"prior must be a posterior prior (HFPrior, CallablePrior), got {type(prior).__name__}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+        self.prior, self.reward, self.beta = prior, as_reward(reward), float(beta)
+
+    def __repr__(self):
+        return f"Posterior({type(self.prior).__name__}, {self.reward.name}, beta={self.beta:g})"
+
+    def rewards(self, texts: list[list[str]]) -> torch.Tensor:
+        """Rewards of [P][N] texts as one batched call: (P, N) float64."""
+        flat = [t for row in texts for t in row]
+        r = self.reward(flat)
+        if r.shape[0] != len(flat):  # Reward.__call__ checks this; guards custom Reward subclasses
+            raise RewardError(f"reward {self.reward.name} returned {r.shape[0]} values for {len(flat)} texts")
+        return r.view(len(texts), -1) if flat else r.view(len(texts), 0)
+
+    def log_density(self, texts: Sequence[str], prompt: str | None = None, *, ended: bool = True) -> torch.Tensor:
+        """Unnormalised log pi*(x) = log pi0(x | prompt) + r(x)/beta of given continuation texts.
+
+        Texts are tokenised with the prior's tokenizer; ``ended`` appends EOS (the text is a whole
+        continuation). Returns (len(texts),) float64.
+        """
+        texts = list(texts)
+        prompts = None if prompt is None else [prompt]
+        prompt_ids = self.prior.encode_prompts(_check_prompts(prompts))
+        ids = [self.prior.encode_text(t) + ([self.prior.eos_token_ids[0]] if ended else []) for t in texts]
+        T = max((len(i) for i in ids), default=0)
+        if T == 0:
+            raise ValueError("log_density needs at least one non-empty continuation")
+        self.prior.check_lengths(prompt_ids, T, prompts)
+        tokens = torch.full((1, len(ids), T), self.prior.eos_token_ids[0], dtype=torch.long)
+        for i, seq in enumerate(ids):
+            tokens[0, i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        lengths = torch.tensor([[len(s) for s in ids]])
+        log_prior = self.prior.log_prob(prompt_ids, tokens, lengths)[0].double()
+        return log_prior + self.reward(texts) / self.beta
+
+    def sample(
+        self,
+        n: int = 16,
+        method: str = "is",
+        max_new_tokens: int = 32,
+        prompts: Sequence[str] | str | None = None,
+        seed: int | None = 0,
+        *,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        **options,
+    ) -> SampleResult:
+        """Sample pi* for each prompt with ``method``; see ``posterior.samplers.SAMPLERS``.
+
+        ``options`` are the method's own keyword options (e.g. ``proposal=`` for "is",
+        ``reward_upper_bound=`` for "rejection", ``best_of=`` for "bon"); unknown names raise.
+        Randomness comes from ``generator`` or else a fresh generator seeded with ``seed``.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        fn = get_sampler(method)
+        known = sampler_options(method)
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"method {method!r} has no option(s) {unknown}; its options are {sorted(known)}")
+        prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
+        if generator is None:
+            generator = torch.Generator(device=self.prior.device)
+            generator.manual_seed(0 if seed is None else int(seed))
+        t0 = time.perf_counter()
+        res = fn(self, prompts, n=n, max_new_tokens=max_new_tokens, generator=generator, progress=progress, **options)
+        res.seconds = time.perf_counter() - t0
+        return res
+
+
+def _check_prompts(prompts):
+    if prompts is None:
+        return None
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is an empty list; pass None for one unconditional prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt #{i} must be a str, got {type(p).__name__}: {p!r}")
+        if not p:
+            raise ValueError(f"prompt #{i} is the empty string; pass prompts=None for an unconditional sample")
+    return prompts
+
+
+__all__ = ["Posterior"]

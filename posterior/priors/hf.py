@@ -1,0 +1,247 @@
+"""``HFPrior``: any transformers causal LM as the prior pi0, decoded with its KV cache.
+
+Prompts are left-padded and run through the model once (P rows); the cache is then expanded to
+P·N rows, so the prompt is encoded once however many particles follow it. Each ``extend`` is one
+decoding step over all rows; ``select`` gathers cache rows (particle resampling, dropping finished
+rows) into a new cache and leaves the old one intact. Position ids are passed explicitly
+(cumulative attention mask), so left padding and masked-out positions do not shift positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from posterior.priors.base import DecodeState, Prior, process_logits, validate_sampling
+
+
+@dataclass(frozen=True)
+class _HFCache:
+    past: Any  # transformers Cache, B rows
+    attention_mask: torch.Tensor  # (B, S) 1 where a cache position is attended
+    next_position: torch.Tensor  # (B,) position id of the next token
+
+
+class HFPrior(Prior):
+    """A transformers causal language model as the prior.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM (``AutoModelForCausalLM``); put in eval mode.
+    tokenizer : transformers.PreTrainedTokenizerBase
+    device, dtype : optional
+        Where and in what precision to run the model (default: where it already is).
+    chat : bool
+        Wrap each prompt as a user turn with the tokenizer's chat template (instruct models).
+    temperature, top_k, top_p : optional
+        Sampling modifications; the prior then *is* the modified distribution.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        chat: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ):
+        validate_sampling(temperature, top_k, top_p)
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.chat = bool(chat)
+        if self.chat and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("chat=True but the tokenizer has no chat template")
+        self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
+        eos = []
+        for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+            for i in [src] if isinstance(src, int) else (src or []):
+                if i not in eos:
+                    eos.append(int(i))
+        if not eos:
+            raise ValueError("the tokenizer and generation config define no EOS token id")
+        self._eos = tuple(eos)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._vocab_key = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        gguf_file: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = torch.float32,
+        chat: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> "HFPrior":
+        """Load a causal LM and its tokenizer from a folder on disk (never from the network)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kw = {"gguf_file": gguf_file} if gguf_file else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kw)
+        except OSError as e:
+            raise ValueError(f"cannot load a causal LM from {path!r} (local files only): {e}") from e
+        return cls(model, tokenizer, device=device, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    # --- properties ----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def max_length(self) -> int | None:
+        cfg = self.model.config.get_text_config()
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if getattr(cfg, name, None):
+                return int(getattr(cfg, name))
+        return None
+
+    def vocabulary_key(self):
+        if self._vocab_key is None:
+            items = sorted(self.tokenizer.get_vocab().items())
+            self._vocab_key = hashlib.sha256(repr(items).encode()).hexdigest()
+        return self._vocab_key
+
+    def describe(self) -> dict:
+        return {**super().describe(), "model": getattr(self.model.config, "name_or_path", None) or type(self.model).__name__, "chat": self.chat}
+
+    # --- text ------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str] | None) -> list[list[int]]:
+        if prompts is None:  # unconditional: start from BOS (or EOS, as GPT-2 does)
+            start = self.tokenizer.bos_token_id
+            return [[start if start is not None else self._eos[0]]]
+        out = []
+        for p in prompts:
+            if self.chat:
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+                )["input_ids"]
+            else:
+                ids = self.tokenizer(p, add_special_tokens=True)["input_ids"]
+            if len(ids) == 0:
+                raise ValueError(f"prompt {p!r} encodes to no tokens")
+            out.append(list(ids))
+        return out
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    # --- model calls -----------------------------------------------------------------------------
+    def _forward(self, input_ids, attention_mask, position_ids, past=None, last_only=True):
+        kw = {"logits_to_keep": 1} if (last_only and self._logits_to_keep) else {}
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past,
+                use_cache=True,
+                **kw,
+            )
+        return out
+
+    def _left_pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        L = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), L), self._eos[0], dtype=torch.long)
+        mask = torch.zeros((len(prompt_ids), L), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, L - len(p) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def start(self, prompt_ids, *, copies=1):
+        ids, mask = self._left_pad(prompt_ids)  # (P, L)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(ids, mask, pos)
+        state = DecodeState(
+            self._logprobs(out.logits[:, -1]),
+            torch.zeros(len(prompt_ids), dtype=torch.long, device=self.device),
+            _HFCache(out.past_key_values, mask, pos[:, -1] + 1),
+        )
+        if copies == 1:
+            return state
+        return self.select(state, torch.arange(len(prompt_ids), device=self.device).repeat_interleave(copies))
+
+    def extend(self, state, tokens):
+        c: _HFCache = state.cache
+        B = tokens.shape[0]
+        mask = torch.cat([c.attention_mask, torch.ones(B, 1, dtype=c.attention_mask.dtype, device=self.device)], dim=1)
+        out = self._forward(tokens.view(B, 1).to(self.device), mask, c.next_position.view(B, 1), past=c.past)
+        return DecodeState(self._logprobs(out.logits[:, -1]), state.lengths + 1, _HFCache(out.past_key_values, mask, c.next_position + 1))
+
+    def select(self, state, index):
+        c: _HFCache = state.cache
+        index = index.to(self.device)
+        return DecodeState(
+            state.logprobs.index_select(0, index),
+            state.lengths.index_select(0, index),
+            _HFCache(gather_cache(c.past, index, self.model.config), c.attention_mask.index_select(0, index), c.next_position.index_select(0, index)),
+        )
+
+    def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        return process_logits(logits[:, : self.vocab_size], self.temperature, self.top_k, self.top_p)
+
+    # --- scoring ---------------------------------------------------------------------------------
+    def log_prob(self, prompt_ids, tokens, lengths, *, max_chunk_elements: int = 1 << 27):
+        """log pi0 of given continuations in one teacher-forced forward pass per chunk of rows.
+
+        tokens (P, N, T), lengths (P, N) -> (P, N). Rows are chunked so that the (rows, T, V)
+        logits stay under ``max_chunk_elements`` floats.
+        """
+        P, N, T = tokens.shape
+        ids, mask = self._left_pad(prompt_ids)  # (P, L)
+        L = ids.shape[1]
+        flat = tokens.reshape(P * N, T).to(self.device)
+        flat_len = lengths.reshape(P * N).to(self.device)
+        prompt_row = torch.arange(P, device=self.device).repeat_interleave(N)
+        cont_mask = (torch.arange(T, device=self.device) < flat_len[:, None]).long()  # (B, T)
+        chunk = max(1, max_chunk_elements // max(1, T * self.vocab_size))
+        out = torch.empty(P * N, device=self.device)
+        for s in range(0, P * N, chunk):
+            rows = slice(s, s + chunk)
+            x = torch.cat([ids[prompt_row[rows]], flat[rows]], dim=1)  # (b, L+T)
+            m = torch.cat([mask[prompt_row[rows]], cont_mask[rows]], dim=1)
+            pos = (m.cumsum(-1) - 1).clamp(min=0)
+            logits = self._forward(x, m, pos, last_only=False).logits[:, L - 1 : L + T - 1]  # (b, T, V)
+            lp = self._logprobs(logits.reshape(-1, logits.shape[-1])).view(x.shape[0], T, -1)
+            tok_lp = lp.gather(-1, flat[rows, :, None]).squeeze(-1)  # (b, T)
+            out[rows] = torch.where(cont_mask[rows].bool(), tok_lp, 0.0).sum(-1)
+        return out.view(P, N).cpu()
+
+
+def gather_cache(past, index: torch.Tensor, config=None):
+    """A new cache holding rows ``index`` of ``past`` (which is left untouched)."""
+    from transformers import DynamicCache
+
+    if isinstance(past, DynamicCache) and hasattr(past, "layers"):
+        data = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in past.layers]
+        return DynamicCache(ddp_cache_data=data, config=config)
+    if isinstance(past, tuple):  # legacy tuple-of-tuples caches
+        return tuple(tuple(t.index_select(0, index) for t in layer) for layer in past)
+    raise TypeError(f"cannot gather rows of a {type(past).__name__} cache")

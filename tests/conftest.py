@@ -1,0 +1,32 @@
+import math
+
+import pytest
+import torch
+
+from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
+from posterior.rewards import Callable
+
+
+def base3_reward(texts):
+    """A reward with a distinct value for every distinct text over {"a", "b"}: the text read as a
+    base-3 fraction with digits a=1, b=2 (so best-of-n has a well-defined exact distribution)."""
+    return [sum({"a": 1, "b": 2}[c] * 3.0 ** -(i + 1) for i, c in enumerate(t)) for t in texts]
+
+
+@pytest.fixture
+def distinct_reward():
+    return Callable(base3_reward, name="base3")
+
+
+def tv_tolerance(probs, n_eff: float, factor: float = 3.0) -> float:
+    """A bound on TV(empirical, exact) for n_eff iid-equivalent draws: ``factor`` × the sum of
+    per-atom standard deviations / 2 (E[TV] is about 0.8 × that sum / 2)."""
+    return factor * 0.5 * sum(math.sqrt(p * (1 - p) / n_eff) for p in probs)
+
+
+def tv_to_exact(res, exact, prompt: int = 0, weighted: bool = True) -> float:
+    keys = sequence_keys(res.tokens, res.lengths)[prompt]
+    return total_variation(empirical(keys, res.log_weights[prompt] if weighted else None), exact.prob())
+
+
+__all__ = ["base3_reward", "exact_posterior", "tv_tolerance", "tv_to_exact", "torch"]

@@ -1,0 +1,107 @@
+"""Priors: batched KV-cache sampling, one-pass scoring and an unpadded reference all agree."""
+
+import math
+
+import pytest
+import torch
+
+from posterior.priors.base import Prior, process_logits
+from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
+
+PROMPTS = ["hello there, friend", "a", "what is it?"]  # different lengths: left padding
+
+
+def reference_log_prob(prior, prompt_ids, seq):
+    """log pi0 of one continuation from a single unpadded forward pass of the raw model."""
+    ids = torch.tensor([prompt_ids + seq])
+    with torch.no_grad():
+        logits = prior.model(ids).logits[0, len(prompt_ids) - 1 : -1]
+    lp = process_logits(logits, prior.temperature, prior.top_k, prior.top_p)
+    return lp.gather(1, torch.tensor(seq)[:, None]).sum().item()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("modifiers", [{}, {"temperature": 0.7, "top_k": 5}, {"top_p": 0.8}])
+def test_hf_sampling_scoring_and_unpadded_reference_agree(arch, modifiers):
+    prior = tiny_hf_prior(arch, **modifiers)
+    ids = prior.encode_prompts(PROMPTS)
+    cont = prior.sample(ids, 4, 24, generator=torch.Generator().manual_seed(0))
+    assert cont.tokens.shape == (3, 4, 24)
+    assert (cont.lengths < 24).any() and (cont.lengths == 24).any()  # some end at EOS, some run out
+    scored = prior.log_prob(ids, cont.tokens, cont.lengths)
+    assert torch.allclose(scored, cont.log_prob, atol=1e-4), (scored - cont.log_prob).abs().max()
+    for p in range(3):
+        for i in range(0, 4, 2):
+            seq = cont.tokens[p, i, : cont.lengths[p, i]].tolist()
+            assert reference_log_prob(prior, ids[p], seq) == pytest.approx(cont.log_prob[p, i].item(), abs=1e-4)
+    assert prior.describe()["modified"] == bool(modifiers)
+
+
+def test_hf_texts_drop_eos_and_padding():
+    prior = tiny_hf_prior("gpt2")
+    ids = prior.encode_prompts(["abc"])
+    cont = prior.sample(ids, 6, 30, generator=torch.Generator().manual_seed(1))
+    for i in range(6):
+        seq = cont.tokens[0, i, : cont.lengths[0, i]].tolist()
+        ended = seq[-1] in prior.eos_token_ids
+        assert prior.eos_token_ids[0] not in seq[:-1]
+        assert cont.texts[0][i] == prior.decode(seq[:-1] if ended else seq)
+
+
+def test_hf_unconditional_prompt_starts_from_bos():
+    prior = tiny_hf_prior("llama")
+    assert prior.encode_prompts(None) == [[prior.tokenizer.bos_token_id]]
+    cont = prior.sample(prior.encode_prompts(None), 3, 8, generator=torch.Generator().manual_seed(0))
+    assert cont.tokens.shape == (1, 3, 8)
+
+
+def test_hf_select_leaves_the_original_state_intact():
+    prior = tiny_hf_prior("llama")
+    state = prior.start(prior.encode_prompts(["ab", "hello"]), copies=2)
+    picked = prior.select(state, torch.tensor([3, 3, 0]))
+    assert torch.equal(picked.logprobs[0], state.logprobs[3]) and torch.equal(picked.logprobs[2], state.logprobs[0])
+    tok = torch.tensor([5, 6, 7, 8])
+    a = prior.extend(state, tok)  # the original still extends as if select never happened
+    fresh = prior.extend(prior.start(prior.encode_prompts(["ab", "hello"]), copies=2), tok)
+    assert torch.allclose(a.logprobs, fresh.logprobs, atol=1e-5)
+    b = prior.extend(picked, torch.tensor([8, 8, 5]))
+    assert torch.allclose(b.logprobs, fresh.logprobs[[3, 3, 0]], atol=1e-5)
+
+
+def test_compacting_finished_rows_does_not_change_samples():
+    """The generic loop drops finished rows from the batch; the same seed through a prior whose
+    select is never used for compaction gives identical tokens."""
+    prior = markov_prior(("a", "b", "c", "<eos>"), seed=1)
+    g = torch.Generator().manual_seed(3)
+    cont = prior.sample([[0], [1, 2]], 50, 12, generator=g)
+    scored = Prior.log_prob(prior, [[0], [1, 2]], cont.tokens, cont.lengths)
+    assert torch.allclose(scored, cont.log_prob, atol=1e-5)
+    assert cont.lengths.float().mean() < 12  # many ended early, so compaction happened
+
+
+def test_callable_prior_sampling_frequencies():
+    prior = two_token_prior((0.5, 0.3, 0.2))
+    cont = prior.sample([[]], 20_000, 1, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(cont.tokens[0, :, 0], minlength=3).double() / 20_000
+    sd = (torch.tensor([0.5, 0.3, 0.2]) * torch.tensor([0.5, 0.7, 0.8]) / 20_000).sqrt()
+    assert ((freq - torch.tensor([0.5, 0.3, 0.2])).abs() < 4 * sd).all()
+
+
+def test_callable_prior_rejects_unnormalised_next_logprobs():
+    from posterior import CallablePrior
+
+    bad = CallablePrior(["x", "<eos>"], lambda ids: torch.zeros(ids.shape[0], 2))
+    with pytest.raises(ValueError, match="normalised log-probabilities"):
+        bad.sample([[]], 2, 2)
+    wrong = CallablePrior(["x", "<eos>"], lambda ids: torch.zeros(ids.shape[0], 3).log_softmax(-1))
+    with pytest.raises(ValueError, match=r"shape \(1, 3\)"):
+        wrong.start([[]])
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    lp = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    out = process_logits(lp, 1.0, None, 0.75).exp()
+    assert out.tolist()[0] == pytest.approx([0.625, 0.375, 0.0, 0.0])
+    out = process_logits(lp, 1.0, 2, None).exp()
+    assert out.tolist()[0] == pytest.approx([0.625, 0.375, 0.0, 0.0])
+    assert torch.isneginf(process_logits(lp, 1.0, None, 0.5)[0, 1:]).all()

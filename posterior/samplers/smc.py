@@ -1,0 +1,536 @@
+"""Sequential Monte Carlo over tokens with twisted intermediate targets ("smc").
+
+Targets. For a prompt, particles x_1:t grow one token per step under a proposal. The intermediate
+targets are the prior tilted by a *twist* psi_t of the partial text (Naesseth, Lindsten & Schön
+2019, §3; Zhao et al. 2024, "Probabilistic inference in language models via twisted SMC"):
+
+    gamma_t(x_1:t) = pi0(x_1:t) · exp(psi_t(x_1:t) / beta),     psi_0 = 0,
+
+and once a particle has ended (EOS, or max_new_tokens tokens) its potential is the TRUE reward:
+gamma(x) = pi0(x) · exp(r(x)/beta), so the last target is exactly the unnormalised pi*. The twist
+is the reward on the partial text when ``reward.accepts_prefixes`` (``twist="auto"``), else 0
+(bootstrap particle filter, Gordon et al. 1993), or any user function of partial texts. A twist
+may be -inf only on prefixes none of whose completions has a finite reward (a prefix check for a
+hard constraint); such particles die at once (weight 0) and are resampled away.
+With ``block_size=B`` the twist is only re-evaluated every B tokens (it is carried in between),
+so reweighting and resampling happen every B tokens and when particles end.
+
+Incremental weights. With g(x_1:t) the potential of the new prefix (psi_t, or r if it ended) and
+Delta = g(x_1:t) - psi_{t-1}(x_1:t-1), a proposal q(x_t | x_1:t-1) gets
+
+    w_t = gamma_t(x_1:t) / (gamma_{t-1}(x_1:t-1) q(x_t | x_1:t-1)) = pi0(x_t | .) exp(Delta/beta) / q(x_t | .).
+
+* ``proposal="bootstrap"``: q = pi0, so log w_t = Delta / beta.
+* ``proposal="tilted"``: for each particle let C be the top-k next tokens under pi0 and
+  phi(v) = Delta(v) for v in C (one batched reward/twist call on the k decoded texts), phi(v) = 0
+  for v outside C (their Delta is *not* computed up front; taking 0 keeps q > 0 wherever pi0 > 0).
+  Propose from q(v) = pi0(v) exp(phi(v)/beta) / L, L = sum_v pi0(v) exp(phi(v)/beta). Then
+
+      w_t(v) = pi0(v) exp(Delta(v)/beta) / q(v) = L · exp((Delta(v) - phi(v)) / beta),
+
+  i.e. log w_t = log L when v is in C (where phi = Delta) and log L + Delta(v)/beta when v is not,
+  for which the twist (or reward) of the sampled non-candidate is evaluated after sampling.
+  E_q[w_t] = sum_v pi0(v) exp(Delta(v)/beta) exactly, as the bootstrap increment's mean. With
+  top_k >= V this is the locally optimal proposal; with the optimal twist
+  psi_t = beta log E_pi0[exp(r/beta) | x_1:t] every weight is then Z (zero variance).
+  (SMC steering, Lew et al. 2023, uses the same one-step look-ahead over the vocabulary.)
+
+Resampling. Per prompt, when ESS < ess_threshold·N (1 = every step, 0 = never), draw ancestors
+with a registered scheme (``posterior.samplers.resampling``), reorder the KV cache rows with one
+``prior.select``, and set that prompt's weights to their log-mean-exp. Weights are stored so that
+log-mean-exp(log_w) is always the running estimate; at the end it is the standard estimator
+
+    log Ẑ = sum over resampling epochs e of log (1/N) sum_i W_i^(e),
+
+unbiased for Z = sum_x pi0(x) exp(r(x)/beta) (Del Moral 2004, Thm 7.4.2; Naesseth et al. 2019,
+§2.4). Ended particles leave the decode batch but keep their weight and stay resampleable (their
+target is the absorbing gamma(x) above); a particle copied from an ended one is ended too.
+
+Hard constraints. ``Contains`` is 0/-inf and has no prefix semantics: its auto twist is 0, a
+particle dies when it ends without the substring, and with ``proposal="tilted"`` an ending token
+(EOS, or any token at the last step) is proposed with its true reward, so tokens that would end a
+sequence without the substring are never proposed. A prompt whose particles all die raises
+:class:`~posterior.errors.DegenerateWeightsError` naming the step and the prompt.
+
+The tilted step (:func:`tilted_sample`) is written here in torch with the semantics of
+``posterior.kernels.tilted_sample`` (the Triton kernel), so it can be switched to the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from posterior.diagnostics.weights import log_weight_stats
+from posterior.errors import DegenerateWeightsError
+from posterior.priors.base import Continuations, DecodeState, Prior
+from posterior.rewards.base import Callable as CallableReward
+from posterior.rewards.base import Reward
+from posterior.samplers.common import make_result, normalize_prompts, prompt_name
+from posterior.samplers.registry import register_sampler
+from posterior.samplers.resampling import RESAMPLERS, get_resampler
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure numerics
+# --------------------------------------------------------------------------------------------------
+def categorical(log_probs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of normalised log-probabilities (B, V) -> (B,) int64, by inverting the
+    float64 CDF at one uniform per row (vectorised; tokens of probability 0 are never drawn)."""
+    cdf = torch.cumsum(log_probs.double().exp(), dim=-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+
+
+class TiltedSample(NamedTuple):
+    tokens: torch.Tensor  # (B,) int64 sampled token ids
+    log_q: torch.Tensor  # (B,) float64 log q(token); -inf on rows with log_norm = -inf
+    log_norm: torch.Tensor  # (B,) float64 log sum_v p(v) exp(phi(v)/beta)
+
+
+def tilted_sample(
+    logits: torch.Tensor,
+    *,
+    potential: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> TiltedSample:
+    """Draw v ~ q(v) ∝ p(v) exp(phi(v)/beta) with p = softmax(logits / temperature).
+
+    The torch version of ``posterior.kernels.tilted_sample``, with the same semantics.
+
+    Parameters
+    ----------
+    logits : Tensor (B, V)
+        Unnormalised log-probabilities (log-probabilities pass through unchanged at T = 1).
+    potential : Tensor (B, V) or (B, k), optional
+        phi, dense over the vocabulary, or sparse on ``candidates`` (phi = 0 elsewhere). -inf
+        allowed (q = 0 there); None means phi = 0 (q = p).
+    candidates : Tensor (B, k) int64, optional
+        Distinct token ids that the sparse ``potential`` refers to.
+    beta, temperature : float > 0
+    generator : torch.Generator, optional
+
+    Returns
+    -------
+    TiltedSample
+        tokens (B,), log_q (B,), log_norm (B,). A row whose q has no mass (every token with
+        p > 0 has phi = -inf) has log_norm = -inf; its token is drawn from p and its log_q is -inf.
+    """
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)  # (B, V)
+    if potential is None:
+        phi = torch.zeros_like(logp)
+    elif candidates is None:
+        if potential.shape != logp.shape:
+            raise ValueError(f"dense potential has shape {tuple(potential.shape)}; logits have {tuple(logp.shape)}")
+        phi = potential.double()
+    else:
+        if potential.shape != candidates.shape:
+            raise ValueError(f"potential shape {tuple(potential.shape)} != candidates shape {tuple(candidates.shape)}")
+        phi = torch.zeros_like(logp).scatter(1, candidates, potential.double())  # (B, V)
+    # -inf + (-inf) stays -inf; p = 0 tokens stay at q = 0 whatever their potential.
+    log_tilted = logp + phi / beta  # (B, V)
+    log_norm = torch.logsumexp(log_tilted, dim=-1)  # (B,)
+    dead = torch.isneginf(log_norm)
+    sample_from = torch.where(dead[:, None], logp, log_tilted - torch.where(dead, 0.0, log_norm)[:, None])
+    tokens = categorical(sample_from, generator=generator)  # (B,)
+    log_q = torch.where(dead, -math.inf, log_tilted.gather(1, tokens[:, None]).squeeze(1) - log_norm)
+    return TiltedSample(tokens, log_q, log_norm)
+
+
+def tilted_log_weight(log_norm: torch.Tensor, delta: torch.Tensor, phi: torch.Tensor, beta: float) -> torch.Tensor:
+    """log w = log pi0(v) + Delta(v)/beta - log q(v) = log L + (Delta(v) - phi(v)) / beta.
+
+    Parameters
+    ----------
+    log_norm : Tensor (B,)
+        log L, the normaliser of q (-inf: the row has no proposal mass, the particle dies).
+    delta : Tensor (B,)
+        Delta(v) = g(x_1:t) - psi_{t-1} of the sampled token, computed exactly (-inf allowed).
+    phi : Tensor (B,)
+        The potential q used for v: Delta(v) if v was a candidate, else 0 (finite, as q(v) > 0).
+    """
+    return torch.where(torch.isneginf(log_norm), -math.inf, log_norm + (delta - phi) / beta)
+
+
+def resample_decision(ess: torch.Tensor, live: torch.Tensor, num_particles: int, threshold: float) -> torch.Tensor:
+    """(P,) bool: resample the prompts that still have running particles and ESS < threshold·N
+    (threshold >= 1: always, 0: never)."""
+    low = torch.full_like(live, threshold >= 1.0) | (ess < threshold * num_particles)
+    return live & low
+
+
+def resample_weights(
+    log_weights: torch.Tensor,  # (P, N) unnormalised
+    decide: torch.Tensor,  # (P,) bool
+    resampler: Callable,
+    *,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ancestors (P, N) (identity on rows not resampled) and the new log-weights (P, N):
+    resampled rows become uniform at their log-mean-exp, so log-mean-exp is unchanged."""
+    P, N = log_weights.shape
+    ancestors = torch.arange(N).expand(P, N).clone()  # (P, N)
+    if not bool(decide.any()):
+        return ancestors, log_weights
+    rows = decide.nonzero().squeeze(1)
+    dev = generator.device if generator is not None else torch.device("cpu")
+    ancestors[rows] = resampler(log_weights[rows].to(dev), N, generator=generator).cpu()
+    log_mean = torch.logsumexp(log_weights, -1) - math.log(N)  # (P,)
+    return ancestors, torch.where(decide[:, None], log_mean[:, None], log_weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SMCConfig:
+    """Options of one SMC run (validated here; errors name the value)."""
+
+    beta: float
+    num_particles: int
+    max_new_tokens: int
+    proposal: str = "bootstrap"  # "bootstrap" (q = pi0) | "tilted" (top-k look-ahead)
+    top_k: int = 8  # candidates scored per particle and step by the tilted proposal
+    block_size: int = 1  # tokens between twist evaluations / resampling checks
+    ess_threshold: float = 0.5  # resample a prompt when ESS < ess_threshold · N
+    resampling: str = "systematic"  # a name in posterior.samplers.resampling.RESAMPLERS
+
+    def __post_init__(self):
+        if self.proposal not in PROPOSALS:
+            raise ValueError(f"proposal must be one of {sorted(PROPOSALS)}, got {self.proposal!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be a positive int, got {self.top_k!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        thr = self.ess_threshold
+        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not (0.0 <= thr <= 1.0):
+            raise ValueError(f"ess_threshold must be a number in [0, 1], got {thr!r}")
+        if self.resampling not in RESAMPLERS:
+            raise ValueError(f"unknown resampling scheme {self.resampling!r}; choose one of {sorted(RESAMPLERS)}")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The potentials: the prior, the true reward r (ended particles) and the twist psi (partial
+    texts; None = 0). ``twist is reward`` lets both be scored in one batched call."""
+
+    prior: Prior
+    reward: Reward
+    twist: Reward | None
+
+    def potentials(self, texts: list[str], ended: list[bool]) -> torch.Tensor:
+        """r(text) where ended, psi(text) elsewhere: (len(texts),) float64, one call per function."""
+        out = torch.zeros(len(texts), dtype=torch.float64)
+        if self.twist is self.reward or self.twist is None:
+            idx = [i for i, e in enumerate(ended) if e or self.twist is not None]
+            if idx:
+                out[idx] = self.reward([texts[i] for i in idx])
+            return out
+        for fn, want in ((self.reward, True), (self.twist, False)):
+            idx = [i for i, e in enumerate(ended) if e == want]
+            if idx:
+                out[idx] = fn([texts[i] for i in idx])
+        return out
+
+
+@dataclass(frozen=True)
+class SMCState:
+    """Particles of P prompts, N each, after ``t`` steps. Tensors are CPU; ``decode`` holds the
+    prior's rows (KV cache) of the particles still running, row r being particle ``row_particle[r]``
+    (flat index p·N + i); rows of ended particles are dropped at the next ``select``."""
+
+    t: int
+    tokens: torch.Tensor  # (P, N, T) int64, EOS-padded
+    lengths: torch.Tensor  # (P, N) int64
+    log_prior: torch.Tensor  # (P, N) float64 log pi0(x_1:t)
+    log_weights: torch.Tensor  # (P, N) float64 unnormalised; log-mean-exp = running log Ẑ
+    psi: torch.Tensor  # (P, N) float64 potential of the current prefix (r(x) once ended)
+    ended: torch.Tensor  # (P, N) bool: reached EOS or max_new_tokens
+    decode: DecodeState  # (b, V) rows of the prior
+    row_particle: torch.Tensor  # (b,) int64 flat particle index of each decode row
+
+    @property
+    def running(self) -> torch.Tensor:
+        """(P, N) bool: not ended and alive (finite weight) — the particles still decoded."""
+        return ~self.ended & ~torch.isneginf(self.log_weights)
+
+
+class StepInfo(NamedTuple):
+    ess: torch.Tensor  # (P,) ESS after reweighting, before resampling
+    resampled: torch.Tensor  # (P,) bool
+    ancestors: torch.Tensor  # (P, N) int64 (identity where not resampled)
+    log_Z_increment: torch.Tensor  # (P,) float64 change of the running log Ẑ
+
+
+class Proposal(NamedTuple):
+    tokens: torch.Tensor  # (m,) int64 sampled token of each running particle
+    potential: torch.Tensor  # (m,) float64 g(x_1:t): psi_t of the new prefix, or r(x) if it ended
+    log_increment: torch.Tensor  # (m,) float64 incremental log-weight
+
+
+def smc_init(prior: Prior, prompt_ids: list[list[int]], cfg: SMCConfig) -> SMCState:
+    """N copies of every prompt's decode state (prompt encoded once), weights 1, psi_0 = 0."""
+    P, N, T = len(prompt_ids), cfg.num_particles, cfg.max_new_tokens
+    zeros = torch.zeros(P, N, dtype=torch.float64)
+    return SMCState(
+        t=0,
+        tokens=torch.full((P, N, T), prior.eos_token_ids[0], dtype=torch.long),
+        lengths=torch.zeros(P, N, dtype=torch.long),
+        log_prior=zeros,
+        log_weights=zeros,
+        psi=zeros,
+        ended=torch.zeros(P, N, dtype=torch.bool),
+        decode=prior.start(prompt_ids, copies=N),
+        row_particle=torch.arange(P * N),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Proposals (orchestration: decode texts, call the reward/twist, sample)
+# --------------------------------------------------------------------------------------------------
+def _texts(prior: Prior, prefixes: list[list[int]], nxt: list[int], eos: set[int]) -> list[str]:
+    """Text of each prefix followed by its next token (EOS contributes no text)."""
+    return [prior.decode(p if v in eos else p + [v]) for p, v in zip(prefixes, nxt)]
+
+
+def _score(targets: Targets, prefixes, nxt, ended: torch.Tensor, need: torch.Tensor, fallback: torch.Tensor, eos) -> torch.Tensor:
+    """g for (prefix, next token) pairs: potentials where ``need``, ``fallback`` elsewhere. (n,) float64."""
+    out = fallback.clone()
+    idx = need.nonzero().squeeze(1).tolist()
+    if idx:
+        texts = _texts(targets.prior, [prefixes[i] for i in idx], [nxt[i] for i in idx], eos)
+        out[idx] = targets.potentials(texts, ended[idx].tolist())
+    return out
+
+
+def propose_bootstrap(targets, cfg, logprobs, prefixes, psi_prev, *, boundary: bool, generator) -> Proposal:
+    """x_t ~ pi0(. | x_1:t-1); log w = (g(x_1:t) - psi_{t-1}) / beta.
+
+    logprobs (m, V) of the running particles; prefixes: m token lists; psi_prev (m,) float64.
+    """
+    eos_ids = targets.prior.eos_token_ids
+    last = len(prefixes[0]) + 1 == cfg.max_new_tokens if prefixes else False
+    tok = categorical(logprobs, generator=generator).cpu()  # (m,)
+    ended = torch.isin(tok, torch.tensor(eos_ids)) | last  # (m,)
+    need = ended | (boundary and targets.twist is not None)
+    g = _score(targets, prefixes, tok.tolist(), ended, need, psi_prev, set(eos_ids))  # (m,)
+    return Proposal(tok, g, (g - psi_prev) / cfg.beta)
+
+
+def propose_tilted(targets, cfg, logprobs, prefixes, psi_prev, *, boundary: bool, generator) -> Proposal:
+    """x_t ~ q ∝ pi0 exp(phi/beta) with phi = Delta on the top-k tokens, 0 elsewhere; log w from
+    :func:`tilted_log_weight` (the module docstring derives it)."""
+    eos_ids = targets.prior.eos_token_ids
+    eos = torch.tensor(eos_ids)
+    m, V = logprobs.shape
+    k = min(cfg.top_k, V)
+    last = len(prefixes[0]) + 1 == cfg.max_new_tokens if prefixes else False
+    lp = logprobs.double().cpu()  # (m, V)
+    top = lp.topk(k, dim=-1)
+    cand = top.indices  # (m, k)
+    cand_ended = torch.isin(cand, eos) | last  # (m, k)
+    # Score the candidates that need it (ended ones: true reward; others: the twist at boundaries);
+    # tokens with pi0 = 0 get no call.
+    need = (cand_ended | (boundary and targets.twist is not None)) & torch.isfinite(top.values)  # (m, k)
+    g_c = _score(
+        targets,
+        [p for p in prefixes for _ in range(k)],
+        cand.reshape(-1).tolist(),
+        cand_ended.reshape(-1),
+        need.reshape(-1),
+        psi_prev.repeat_interleave(k),
+        set(eos_ids),
+    ).view(m, k)  # (m, k)
+    delta_c = g_c - psi_prev[:, None]  # (m, k)
+    draw = tilted_sample(lp, potential=delta_c, candidates=cand, beta=cfg.beta, generator=generator)
+    tok = draw.tokens.cpu()  # (m,)
+    hit_c = cand == tok[:, None]  # (m, k)
+    hit = hit_c.any(-1)  # (m,)
+    pos = hit_c.float().argmax(-1, keepdim=True)  # (m, 1)
+    g = torch.where(hit, g_c.gather(1, pos).squeeze(1), psi_prev)  # (m,)
+    # A sampled non-candidate: q used phi = 0 for it, its true Delta is evaluated now.
+    ended = torch.isin(tok, eos) | last  # (m,)
+    miss_need = ~hit & (ended | (boundary and targets.twist is not None)) & ~torch.isneginf(draw.log_norm)
+    if bool(miss_need.any()):
+        g = _score(targets, prefixes, tok.tolist(), ended, miss_need, g, set(eos_ids))
+    delta = g - psi_prev  # (m,)
+    phi = torch.where(hit, delta, 0.0)  # (m,) the potential q used for the sampled token
+    log_inc = tilted_log_weight(draw.log_norm.cpu(), delta, phi, cfg.beta)
+    return Proposal(tok, torch.where(torch.isneginf(log_inc), -math.inf, g), log_inc)
+
+
+PROPOSALS: dict[str, Callable[..., Proposal]] = {"bootstrap": propose_bootstrap, "tilted": propose_tilted}
+
+
+# --------------------------------------------------------------------------------------------------
+# One step: propose + reweight, then (per prompt) resample and reorder the decode rows
+# --------------------------------------------------------------------------------------------------
+def _take(x: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    """Gather (P, N, ...) particles by (P, N) ancestor indices."""
+    idx = ancestors.view(*ancestors.shape, *([1] * (x.dim() - 2))).expand(*ancestors.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def smc_step(
+    state: SMCState, cfg: SMCConfig, targets: Targets, *, generator: torch.Generator | None, prompts=None
+) -> tuple[SMCState, StepInfo]:
+    """Extend every running particle by one token, reweight, resample where the ESS is low.
+
+    Raises DegenerateWeightsError when every particle of a prompt has weight 0 after this step.
+    """
+    prior, t = targets.prior, state.t
+    P, N, T = state.tokens.shape
+    flat = lambda x: x.reshape(P * N, *x.shape[2:])  # noqa: E731  (P, N, ...) -> (P·N, ...)
+    boundary = (t + 1) % cfg.block_size == 0
+
+    running = flat(state.running)  # (P·N,)
+    rows = running[state.row_particle].nonzero().squeeze(1)  # decode rows of running particles (m,)
+    pid = state.row_particle[rows]  # (m,) flat particle ids
+    prefixes = flat(state.tokens)[pid, :t].tolist()
+    psi_prev = flat(state.psi)[pid]  # (m,)
+    logprobs = state.decode.logprobs.index_select(0, rows.to(prior.device))  # (m, V)
+    prop = PROPOSALS[cfg.proposal](targets, cfg, logprobs, prefixes, psi_prev, boundary=boundary, generator=generator)
+
+    eos = torch.tensor(prior.eos_token_ids)
+    tok_lp = logprobs.gather(1, prop.tokens.to(prior.device)[:, None]).squeeze(1).double().cpu()  # (m,)
+    ended_now = torch.isin(prop.tokens, eos) | (t + 1 == T)  # (m,)
+    tokens, lengths = flat(state.tokens).clone(), flat(state.lengths).clone()
+    tokens[pid, t] = prop.tokens
+    lengths[pid] = t + 1
+    log_prior = flat(state.log_prior).index_add(0, pid, tok_lp)
+    log_weights = flat(state.log_weights).index_add(0, pid, prop.log_increment)
+    psi = flat(state.psi).index_copy(0, pid, prop.potential)
+    ended = flat(state.ended).index_copy(0, pid, ended_now)
+    unflat = lambda x: x.view(P, N, *x.shape[1:])  # noqa: E731
+    tokens, lengths, log_prior, log_weights, psi, ended = map(unflat, (tokens, lengths, log_prior, log_weights, psi, ended))
+
+    # Reweighting is done: diagnostics, dead prompts, then the resampling decision.
+    before = log_weight_stats(state.log_weights).log_mean  # (P,)
+    stats = log_weight_stats(log_weights)
+    if bool(stats.degenerate.any()):
+        bad = stats.degenerate.nonzero().squeeze(1).tolist()
+        raise DegenerateWeightsError(
+            f"SMC step {t + 1} (token {t + 1} of max_new_tokens={T}): every one of the {N} particles of "
+            f"prompt(s) {', '.join(prompt_name(prompts, p) for p in bad)} has weight 0 (log-weight -inf: the "
+            "reward or the twist is -inf on all of them); use more particles, the tilted proposal, or relax the constraint",
+            rows=bad,
+        )
+    still = ~ended & ~torch.isneginf(log_weights)  # (P, N) running after this step
+    decide = resample_decision(stats.ess, still.any(-1), N, cfg.ess_threshold) if boundary else torch.zeros(P, dtype=torch.bool)
+    ancestors, log_weights = resample_weights(log_weights, decide, get_resampler(cfg.resampling), generator=generator)
+    if bool(decide.any()):
+        tokens, lengths, log_prior, psi, ended = (_take(x, ancestors) for x in (tokens, lengths, log_prior, psi, ended))
+        still = _take(still, ancestors)
+
+    # Decode rows: one select when resampling reorders them or when ended rows are half the batch.
+    src = (ancestors + torch.arange(P)[:, None] * N).reshape(-1)  # (P·N,) flat ancestor of each particle
+    keep = flat(still).nonzero().squeeze(1)  # (m',) particles decoded next
+    decode, row_particle = state.decode, state.row_particle
+    if keep.numel() and (bool(decide.any()) or 2 * keep.numel() <= row_particle.numel()):
+        row_of = torch.full((P * N,), -1, dtype=torch.long)
+        row_of[row_particle] = torch.arange(row_particle.numel())
+        decode = prior.select(decode, row_of[src[keep]].to(prior.device))
+        row_particle = keep
+    if keep.numel():
+        feed = flat(tokens)[row_particle, t]  # ended rows left in the batch get their (EOS) token
+        decode = prior.extend(decode, feed.to(prior.device))
+    new = replace(
+        state, t=t + 1, tokens=tokens, lengths=lengths, log_prior=log_prior, log_weights=log_weights,
+        psi=psi, ended=ended, decode=decode, row_particle=row_particle,
+    )  # fmt: skip
+    return new, StepInfo(stats.ess, decide, ancestors, stats.log_mean - before)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------
+def resolve_twist(post, twist) -> Reward | None:
+    """"auto": the reward if it accepts prefixes, else None (zero twist); None: zero; a Reward or
+    a function of partial texts (-inf allowed where no completion can have finite reward)."""
+    if isinstance(twist, str):
+        if twist != "auto":
+            raise ValueError(f'twist must be "auto", None, a Reward or a function of texts, got {twist!r}')
+        return post.reward if post.reward.accepts_prefixes else None
+    if twist is None or isinstance(twist, Reward):
+        return twist
+    if callable(twist):
+        return CallableReward(twist, name=getattr(twist, "__name__", "twist"), accepts_prefixes=True)
+    raise ValueError(f'twist must be "auto", None, a Reward or a function of texts, got {twist!r}')
+
+
+@register_sampler("smc")
+def sequential_monte_carlo(
+    post,
+    prompts,
+    *,
+    n: int,
+    max_new_tokens: int,
+    generator,
+    progress: bool = False,
+    ess_threshold: float = 0.5,  # resample a prompt when its ESS < ess_threshold · n (1: always, 0: never)
+    resampling: str = "systematic",  # multinomial | stratified | systematic | residual
+    twist="auto",  # "auto" (reward if it accepts prefixes, else 0) | None | Reward | fn(texts)
+    proposal: str = "bootstrap",  # "bootstrap" (the prior) | "tilted" (top-k look-ahead)
+    top_k: int = 8,  # candidates per particle and step scored by the tilted proposal
+    block_size: int = 1,  # tokens between twist evaluations and resampling checks
+    return_ancestry: bool = False,  # res.info["ancestry"] (P, n, steps)
+):
+    """Twisted SMC over tokens (see the module docstring for the targets and weights).
+
+    Returns
+    -------
+    SampleResult
+        log_weights (P, n) normalised final weights; log_Z (P,) the SMC estimate; ess (P,) final.
+        ``info``: "ess_per_step" (P, steps), "resampled" (P, steps) bool, "log_Z_increments"
+        (P, steps) summing to log_Z, "ancestry" (P, n, steps) with ``return_ancestry``, and the
+        options used. Particles killed by a -inf twist before ending report reward -inf.
+    """
+    prior = post.prior
+    cfg = SMCConfig(
+        beta=post.beta, num_particles=n, max_new_tokens=max_new_tokens, proposal=proposal, top_k=top_k,
+        block_size=block_size, ess_threshold=ess_threshold, resampling=resampling,
+    )  # fmt: skip
+    targets = Targets(prior, post.reward, resolve_twist(post, twist))
+    prompt_ids = prior.encode_prompts(prompts)
+    prior.check_lengths(prompt_ids, max_new_tokens, prompts)
+
+    state = smc_init(prior, prompt_ids, cfg)
+    infos: list[StepInfo] = []
+    bar = tqdm(total=max_new_tokens, desc="smc", unit="tok", disable=not progress, leave=False)
+    while state.t < max_new_tokens and bool(state.running.any()):
+        state, info = smc_step(state, cfg, targets, generator=generator, prompts=prompts)
+        infos.append(info)
+        bar.update(1)
+    bar.close()
+
+    P = len(prompt_ids)
+    stats = normalize_prompts(state.log_weights, prompts, what="SMC weights")
+    rewards = torch.where(state.ended, state.psi, -math.inf)  # killed before ending: -inf
+    steps = len(infos)
+    T = max(1, int(state.lengths.max()))
+    tokens = state.tokens[..., :T]
+    cont = Continuations(tokens, state.lengths, state.log_prior.float(), prior.texts_of(tokens, state.lengths))
+    stack = lambda xs, shape: torch.stack(xs, -1) if xs else torch.zeros(shape)  # noqa: E731
+    info = {
+        "proposal": proposal,
+        "twist": "none" if targets.twist is None else targets.twist.name,
+        "resampling": resampling,
+        "ess_per_step": stack([i.ess.float() for i in infos], (P, 0)),
+        "resampled": stack([i.resampled for i in infos], (P, 0)).bool(),
+        "log_Z_increments": stack([i.log_Z_increment for i in infos], (P, 0)).double(),
+        "num_resampling": torch.stack([i.resampled for i in infos], -1).sum(-1) if infos else torch.zeros(P, dtype=torch.long),
+    }
+    if return_ancestry:
+        info["ancestry"] = stack([i.ancestors for i in infos], (P, n, 0)).long()
+    return make_result(
+        post, "smc", prompts, cont, log_prior=state.log_prior, rewards=rewards,
+        log_weights=stats.log_weights, log_Z=stats.log_mean, ess=stats.ess, info=info,
+    )  # fmt: skip

@@ -1,0 +1,382 @@
+"""method="smc" against enumerated posteriors: exact identities first, then fixed-seed statistics
+with tolerances derived from the sample size, hard constraints, errors, and HF priors."""
+
+import functools
+import math
+
+import pytest
+import torch
+
+import posterior as pst
+from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
+from posterior.samplers.resampling import RESAMPLERS
+from posterior.samplers.smc import resample_decision, resample_weights, tilted_log_weight, tilted_sample
+from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
+
+from conftest import tv_tolerance
+
+BETA = 0.5
+T = 4
+
+
+def score(texts):
+    """Light-tailed reward meaningful on prefixes: +1 per "a", -0.5 per "b"."""
+    return [t.count("a") - 0.5 * t.count("b") for t in texts]
+
+
+@pytest.fixture
+def post():
+    return pst.Posterior(markov_prior(), pst.rewards.Callable(score, accepts_prefixes=True), beta=BETA)
+
+
+@pytest.fixture
+def exact(post):
+    return exact_posterior(post.prior, post.reward, BETA, T, prompt="a")
+
+
+VARIANTS = {
+    "bootstrap": dict(proposal="bootstrap", twist=None),
+    "twisted": dict(proposal="bootstrap", twist="auto"),
+    "tilted": dict(proposal="tilted", twist="auto", top_k=2),
+    "tilted-untwisted": dict(proposal="tilted", twist=None, top_k=2),
+    "twisted-blocks": dict(proposal="bootstrap", twist="auto", block_size=2),
+}
+
+
+def pooled_tv(res, exact) -> float:
+    """TV between the exact posterior and the average of the P prompts' weighted empiricals
+    (independent SMC runs when every prompt is the same)."""
+    keys = sequence_keys(res.tokens, res.lengths)
+    pooled: dict = {}
+    for p, ks in enumerate(keys):
+        for k, w in empirical(ks, res.log_weights[p]).items():
+            pooled[k] = pooled.get(k, 0.0) + w / len(keys)
+    return total_variation(pooled, exact.prob())
+
+
+# --------------------------------------------------------------------------------------------------
+# The tilted step, exactly
+# --------------------------------------------------------------------------------------------------
+def test_tilted_weight_times_q_is_pi0_times_exp_delta_for_every_token():
+    """w(v) q(v) = pi0(v) exp(Delta(v)/beta) for candidates AND non-candidates (whose phi is 0)."""
+    g = torch.Generator().manual_seed(0)
+    B, V, k, beta = 5, 11, 3, 0.7
+    logp = torch.log_softmax(torch.randn(B, V, generator=g, dtype=torch.float64), -1)
+    logp[0, 4] = -math.inf  # a token the prior never produces
+    delta = torch.randn(B, V, generator=g, dtype=torch.float64)  # the true Delta of every token
+    delta[1, :] = -math.inf  # no finite potential in the row...
+    delta[1, 2] = 0.3  # ...but one token
+    delta[2, 6] = -math.inf
+    cand = logp.topk(k, -1).indices  # (B, k)
+    is_cand = torch.zeros(B, V, dtype=torch.bool).scatter(1, cand, True)
+    phi = torch.where(is_cand, delta, 0.0)  # what q uses
+    log_q_all = torch.log_softmax(logp + phi / beta, -1)  # (B, V)
+    log_norm = torch.logsumexp(logp + phi / beta, -1)  # (B,)
+    for v in range(V):
+        ok = torch.isfinite(log_q_all[:, v])  # tokens q can propose
+        log_w = tilted_log_weight(log_norm, delta[:, v], torch.where(is_cand[:, v], delta[:, v], 0.0), beta)
+        lhs = (log_w + log_q_all[:, v])[ok]
+        rhs = (logp[:, v] + delta[:, v] / beta)[ok]
+        assert torch.allclose(lhs, rhs, atol=1e-12), v
+    # And E_q[w] = sum_v pi0(v) exp(Delta(v)/beta), the same mean as the bootstrap increment.
+    log_w_all = torch.stack([tilted_log_weight(log_norm, delta[:, v], phi[:, v], beta) for v in range(V)], -1)
+    mean_w = torch.logsumexp(torch.where(torch.isfinite(log_q_all), log_q_all + log_w_all, -math.inf), -1)
+    assert torch.allclose(mean_w, torch.logsumexp(logp + delta / beta, -1), atol=1e-12)
+
+
+def test_tilted_sample_log_q_and_frequencies_match_q():
+    g = torch.Generator().manual_seed(1)
+    V, beta, n = 6, 0.5, 40_000
+    logits = torch.randn(1, V, generator=g, dtype=torch.float64).expand(n, V)
+    cand = torch.tensor([[0, 3]]).expand(n, 2)
+    pot = torch.tensor([[1.0, -math.inf]], dtype=torch.float64).expand(n, 2)
+    s = tilted_sample(logits, potential=pot, candidates=cand, beta=beta, generator=g)
+    q = torch.softmax(torch.log_softmax(logits[0], -1) + torch.tensor([1.0, 0, 0, -math.inf, 0, 0]) / beta, -1)
+    assert torch.allclose(s.log_q, q.log()[s.tokens])
+    assert torch.allclose(s.log_norm, torch.logsumexp(torch.log_softmax(logits[0], -1) + torch.tensor([2.0, 0, 0, -math.inf, 0, 0]), -1).expand(n))
+    freq = torch.bincount(s.tokens, minlength=V).double() / n
+    assert (s.tokens != 3).all()  # phi = -inf: never proposed
+    assert torch.all((freq - q).abs() <= 4 * (q * (1 - q) / n).sqrt() + 1e-12)
+    # The dense form of the same potential gives the same draws.
+    dense = torch.tensor([1.0, 0, 0, -math.inf, 0, 0], dtype=torch.float64).expand(n, V)
+    s2 = tilted_sample(logits, potential=dense, beta=beta, generator=torch.Generator().manual_seed(1).manual_seed(7))
+    s1 = tilted_sample(logits, potential=pot, candidates=cand, beta=beta, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(s1.tokens, s2.tokens) and torch.allclose(s1.log_q, s2.log_q)
+
+
+def test_tilted_sample_row_without_mass_has_log_norm_minus_inf():
+    logits = torch.log(torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64))
+    s = tilted_sample(logits, potential=torch.tensor([[-math.inf, -math.inf]]), candidates=torch.tensor([[0, 1]]))
+    assert torch.isneginf(s.log_norm).all() and torch.isneginf(s.log_q).all()
+
+
+def test_resampling_decision_and_uniform_weights_at_log_mean():
+    ess = torch.tensor([3.0, 9.0, 3.0, 16.0])
+    live = torch.tensor([True, True, False, True])
+    assert resample_decision(ess, live, 16, 0.5).tolist() == [True, False, False, False]
+    assert resample_decision(ess, live, 16, 1.0).tolist() == [True, True, False, True]
+    assert not resample_decision(ess, live, 16, 0.0).any()
+    lw = torch.tensor([[0.0, -math.inf, 1.0], [2.0, 2.0, 2.0]], dtype=torch.float64)
+    anc, new = resample_weights(lw, torch.tensor([True, False]), RESAMPLERS["systematic"], generator=torch.Generator().manual_seed(0))
+    assert (anc[0] != 1).all() and anc[1].tolist() == [0, 1, 2]  # a zero-weight particle is never an ancestor
+    assert torch.allclose(new[0], torch.logsumexp(lw[0], 0).expand(3) - math.log(3)) and torch.equal(new[1], lw[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole runs, exactly
+# --------------------------------------------------------------------------------------------------
+def test_without_twist_or_resampling_smc_is_importance_sampling_with_the_prior(post):
+    res = post.sample(n=64, method="smc", max_new_tokens=T, prompts=["a", "ab"], seed=0, twist=None, ess_threshold=0.0)
+    expect = torch.log_softmax(res.rewards / BETA, -1)
+    assert torch.allclose(res.log_weights.double(), expect, atol=1e-5)
+    assert torch.allclose(res.log_Z, torch.logsumexp(res.rewards / BETA, -1) - math.log(64), atol=1e-9)
+    assert not res.info["resampled"].any()
+    assert torch.allclose(res.rewards, torch.tensor([score(row) for row in res.texts], dtype=torch.float64))
+
+
+def optimal_twist(prior, reward, beta, max_new_tokens):
+    """psi*(x_1:t) = beta log E_pi0[exp(r/beta) | x_1:t] by enumeration (single-character tokens,
+    so a text determines its tokens and its length)."""
+
+    @functools.lru_cache(maxsize=None)
+    def log_value(prefix: tuple) -> float:
+        lp = torch.log_softmax(prior.next_logprobs(torch.tensor([prefix], dtype=torch.long).view(1, -1)).double(), -1)[0]
+        terms = []
+        for v in range(prior.vocab_size):
+            if not math.isfinite(lp[v]):
+                continue
+            seq = prefix if v == prior.eos_token_ids[0] else prefix + (v,)
+            ended = v == prior.eos_token_ids[0] or len(prefix) + 1 == max_new_tokens
+            tail = reward([prior.decode(seq)])[0].item() / beta if ended else log_value(seq)
+            terms.append(lp[v].item() + tail)
+        return torch.logsumexp(torch.tensor(terms, dtype=torch.float64), 0).item()
+
+    return lambda texts: [beta * log_value(tuple(prior.encode_text(t))) for t in texts]
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "multinomial"])
+def test_optimal_twist_with_full_lookahead_has_zero_variance(post, scheme):
+    """With psi* and top_k = V, every incremental weight after the first is 1 and the first is Z:
+    every particle carries weight Z exactly, log Ẑ = log Z for every seed, ESS = N."""
+    exact = exact_posterior(post.prior, post.reward, BETA, T)  # unconditional
+    twist = optimal_twist(post.prior, post.reward, BETA, T)
+    estimates = []
+    for seed in range(3):
+        res = post.sample(n=32, method="smc", max_new_tokens=T, seed=seed, proposal="tilted", top_k=4, twist=twist,
+                          ess_threshold=1.0, resampling=scheme)
+        estimates.append(res.log_Z.item())
+        # (exact_posterior sums the prior's float32 log-probabilities; the twist renormalises them in float64)
+        assert res.log_Z.item() == pytest.approx(exact.log_Z, abs=1e-6)
+        assert torch.allclose(res.info["ess_per_step"], torch.tensor(32.0))
+        assert torch.allclose(res.info["log_Z_increments"][0, 1:], torch.zeros(1, dtype=torch.float64), atol=1e-9)
+    assert max(estimates) - min(estimates) < 1e-9  # no randomness left in the estimate
+    res = post.sample(n=4000, method="smc", max_new_tokens=T, seed=5, proposal="tilted", top_k=4, twist=twist, ess_threshold=0.0)
+    assert pooled_tv(res, exact) < tv_tolerance(exact.prob().values(), 4000)
+
+
+def test_log_Z_increments_sum_to_log_Z_and_ancestry_is_recorded(post):
+    res = post.sample(n=16, method="smc", max_new_tokens=T, prompts=["a", "ba", "c"], seed=3, return_ancestry=True, ess_threshold=1.0)
+    steps = res.info["ess_per_step"].shape[1]
+    assert res.info["resampled"].shape == (3, steps) and res.info["ancestry"].shape == (3, 16, steps)
+    assert torch.allclose(res.info["log_Z_increments"].sum(-1), res.log_Z, atol=1e-9)
+    assert torch.allclose(torch.logsumexp(res.log_weights, -1), torch.zeros(3), atol=1e-5)
+    anc, resampled = res.info["ancestry"], res.info["resampled"]
+    for p in range(3):
+        for s in range(steps):
+            a = anc[p, :, s]
+            if resampled[p, s]:
+                assert (a.diff() >= 0).all()  # systematic ancestors come sorted
+            else:
+                assert a.tolist() == list(range(16))
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics against the enumerated posterior
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", sorted(RESAMPLERS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_weighted_particles_match_enumerated_posterior(post, exact, variant, scheme):
+    P, N = 40, 100
+    res = post.sample(n=N, method="smc", max_new_tokens=T, prompts=["a"] * P, seed=11, resampling=scheme, ess_threshold=0.9,
+                      **VARIANTS[variant])
+    assert res.info["resampled"].any()  # the scheme is exercised
+    # Resampled particles are correlated: count half the summed final ESS as independent draws.
+    n_eff = res.ess.sum().item() / 2
+    assert pooled_tv(res, exact) < tv_tolerance(exact.prob().values(), n_eff)
+    assert torch.allclose(torch.logsumexp(res.log_weights, -1), torch.zeros(P), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant, scheme",
+    [("bootstrap", "multinomial"), ("twisted", "systematic"), ("tilted", "stratified"),
+     ("tilted-untwisted", "residual"), ("twisted-blocks", "systematic")],
+)
+def test_log_Z_is_unbiased(variant, scheme):
+    """E[Ẑ] = Z: over 200 independent runs of N = 16 (200 copies of the prompt in one batch),
+    resampling at every step, the mean of Ẑ/Z is 1 within 3 standard errors. (beta = 1 keeps Ẑ/Z
+    light-tailed, so that its sample standard error is trustworthy with 200 runs.)"""
+    post = pst.Posterior(markov_prior(), pst.rewards.Callable(score, accepts_prefixes=True), beta=1.0)
+    exact = exact_posterior(post.prior, post.reward, 1.0, T, prompt="a")
+    runs = 200
+    res = post.sample(n=16, method="smc", max_new_tokens=T, prompts=["a"] * runs, seed=7, ess_threshold=1.0,
+                      resampling=scheme, **VARIANTS[variant])
+    assert res.info["resampled"].any()
+    ratio = (res.log_Z - exact.log_Z).exp()
+    se = ratio.std() / math.sqrt(runs)
+    assert abs(ratio.mean().item() - 1.0) < 3 * se.item(), (ratio.mean().item(), se.item())
+
+
+def test_prompts_of_different_lengths_each_match_their_own_posterior(post):
+    prompts = ["a", "bc", "cab"]
+    res = post.sample(n=3000, method="smc", max_new_tokens=T, prompts=prompts, seed=2, proposal="tilted")
+    for p, prompt in enumerate(prompts):
+        ex = exact_posterior(post.prior, post.reward, BETA, T, prompt=prompt)
+        keys = sequence_keys(res.tokens, res.lengths)[p]
+        tv = total_variation(empirical(keys, res.log_weights[p]), ex.prob())
+        assert tv < tv_tolerance(ex.prob().values(), res.ess[p].item() / 2), prompt
+
+
+def test_ended_particles_leave_the_decode_batch():
+    """Rows whose particle has ended are not extended again once they are half the batch (or at the
+    next resampling): the prior sees fewer rows than P·N per step."""
+    seen = []
+    base = two_token_prior((0.2, 0.2, 0.6))  # EOS likely: most particles end early
+
+    def next_logprobs(ids):
+        seen.append(ids.shape[0])
+        return base.next_logprobs(ids)
+
+    prior = pst.CallablePrior(base.vocab, next_logprobs)
+    post = pst.Posterior(prior, pst.rewards.Callable(score, accepts_prefixes=True), beta=1.0)
+    res = post.sample(n=64, method="smc", max_new_tokens=8, seed=0, ess_threshold=0.0)
+    assert seen[0] == 64 and max(seen[1:]) < 64 and sum(seen) < 64 * len(seen) / 2
+    assert len(seen) == res.lengths.max().item()  # one prior call per step (the last step extends nothing)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hard constraints
+# --------------------------------------------------------------------------------------------------
+def contains_bb_prefix_check(max_new_tokens):
+    """A prefix check for Contains("bb"): -inf once too few tokens remain to complete "bb"."""
+
+    def twist(texts):
+        out = []
+        for t in texts:
+            need = 0 if "bb" in t else (1 if t.endswith("b") else 2)
+            out.append(0.0 if need <= max_new_tokens - len(t) else -math.inf)
+        return out
+
+    return twist
+
+
+@pytest.mark.parametrize("variant", ["bootstrap", "tilted", "prefix-check", "prefix-check-tilted"])
+def test_hard_constraint_matches_enumerated_posterior(variant):
+    prior, Tc = two_token_prior(), 5
+    reward = pst.rewards.Contains("bb")
+    post = pst.Posterior(prior, reward, beta=1.0)
+    exact = exact_posterior(prior, reward, 1.0, Tc)
+    opts = {
+        "bootstrap": {},
+        "tilted": dict(proposal="tilted", top_k=3),
+        "prefix-check": dict(twist=contains_bb_prefix_check(Tc)),
+        "prefix-check-tilted": dict(twist=contains_bb_prefix_check(Tc), proposal="tilted", top_k=3),
+    }[variant]
+    res = post.sample(n=4000, method="smc", max_new_tokens=Tc, seed=4, **opts)
+    alive = res.log_weights[0] > -math.inf
+    assert all("bb" in t for t, a in zip(res.texts[0], alive.tolist()) if a)  # every valid sample satisfies it
+    assert torch.isneginf(res.rewards[0][~alive]).all()
+    assert pooled_tv(res, exact) < tv_tolerance(exact.prob().values(), res.ess.item() / 2)
+    assert abs(res.log_Z.item() - exact.log_Z) < 6 / math.sqrt(res.ess.item())
+    if variant == "prefix-check":
+        assert res.info["resampled"].any()  # particles that can no longer satisfy it die and are replaced
+    if variant == "prefix-check-tilted":  # with top_k = V the tilted proposal never proposes a dead end
+        assert torch.isfinite(res.log_weights).all()
+
+
+def test_tilted_proposal_never_ends_a_sequence_that_violates_the_constraint():
+    """The ending token is proposed with its true reward: with top_k = V no particle dies."""
+    prior, Tc = two_token_prior(), 4
+    post = pst.Posterior(prior, pst.rewards.Contains("b"), beta=1.0)
+    res = post.sample(n=500, method="smc", max_new_tokens=Tc, seed=0, proposal="tilted", top_k=3, ess_threshold=0.0)
+    assert all("b" in t for t in res.texts[0]) and torch.isfinite(res.log_weights).all()
+    assert res.log_Z.item() == pytest.approx(exact_posterior(prior, post.reward, 1.0, Tc).log_Z, abs=0.05)
+
+
+def test_all_particles_dead_raises_naming_step_and_prompt():
+    post = pst.Posterior(two_token_prior(), pst.rewards.Contains("c"), beta=1.0)  # "c" is not in the vocabulary
+    with pytest.raises(pst.DegenerateWeightsError, match=r"SMC step \d+.*'aa'") as e:
+        post.sample(n=8, method="smc", max_new_tokens=3, prompts=["a", "aa"], seed=0)
+    assert e.value.rows == [0, 1]
+    # A twist that kills every particle at once raises at step 1.
+    with pytest.raises(pst.DegenerateWeightsError, match=r"SMC step 1 .*<unconditional>"):
+        post.sample(n=8, method="smc", max_new_tokens=3, seed=0, twist=lambda ts: [-math.inf] * len(ts))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(proposal="greedy"), "'greedy'"),
+        (dict(top_k=0), "top_k.*0"),
+        (dict(block_size=1.5), "block_size.*1.5"),
+        (dict(ess_threshold=1.5), "ess_threshold.*1.5"),
+        (dict(resampling="bogus"), "'bogus'"),
+        (dict(twist="bogus"), "'bogus'"),
+        (dict(twist=3), "3"),
+    ],
+)
+def test_bad_options_raise_naming_the_value(post, bad, match):
+    with pytest.raises(ValueError, match=match):
+        post.sample(n=4, method="smc", max_new_tokens=2, **bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# HF priors: KV cache reordering with left-padded prompts of different lengths
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP barriers
+    make them 30x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("proposal", ["bootstrap", "tilted"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_prior_resampling_reorders_the_cache(arch, proposal, one_thread):
+    prior = tiny_hf_prior(arch)
+    reward = pst.rewards.Callable(lambda ts: [float(t.count("e") + t.count("a")) for t in ts], accepts_prefixes=True)
+    post = pst.Posterior(prior, reward, beta=0.3)
+    prompts = ["hello there, how are you", "a"]
+    res = post.sample(n=6, method="smc", max_new_tokens=10, prompts=prompts, seed=0, proposal=proposal, top_k=4, ess_threshold=1.0)
+    assert res.info["resampled"][:, :-1].all()  # every step but the last reordered the cache rows
+    assert torch.allclose(torch.logsumexp(res.log_weights, -1), torch.zeros(2), atol=1e-5)
+    assert res.texts == prior.texts_of(res.tokens, res.lengths)
+    assert torch.equal(res.rewards, reward([t for row in res.texts for t in row]).view(2, 6))
+    # Re-scoring the returned tokens in one teacher-forced pass gives the log pi0 the sampler tracked:
+    # a cache row gathered from the wrong particle would not.
+    rescored = prior.log_prob(prior.encode_prompts(prompts), res.tokens, res.lengths)
+    assert torch.allclose(rescored, res.log_prior, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# The default model (slow)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_model_sentiment_and_contains():
+    prior = pst.load_default_prior()
+    sent = pst.Posterior(prior, pst.rewards.Sentiment(), beta=0.1)
+    res = sent.sample(n=16, method="smc", max_new_tokens=16, prompts=["The movie was"], seed=0)
+    base = sent.sample(n=16, method="is", max_new_tokens=16, prompts=["The movie was"], seed=0)
+    print("sentiment: smc", res.reward_mean().item(), "prior", base.rewards.mean().item(), "resamplings", res.info["resampled"].sum().item())
+    assert res.reward_mean().item() > base.rewards.mean().item() + 0.3
+
+    cont = pst.Posterior(prior, pst.rewards.Contains("great"), beta=1.0)
+    smc = cont.sample(n=32, method="smc", max_new_tokens=16, prompts=["The movie was"], seed=0, proposal="tilted", top_k=8,
+                      twist=lambda ts: [0.0 if "great" in t else -3.0 for t in ts])
+    imp = cont.sample(n=32, method="is", max_new_tokens=16, prompts=["The movie was"], seed=0)
+    n_smc = int(torch.isfinite(smc.log_weights).sum())
+    n_is = int(torch.isfinite(imp.rewards).sum())
+    print("contains: valid smc", n_smc, "ess", smc.ess.item(), "valid is", n_is)
+    assert n_smc >= 8 and n_is <= 2

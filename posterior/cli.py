@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     import posterior as pst
 
     progress = not args.quiet and not args.json and sys.stderr.isatty()
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, chat=args.chat, device=args.device)
     t0 = time.perf_counter()
     try:

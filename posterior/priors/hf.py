@@ -38,6 +38,8 @@ class HFPrior(Prior):
         Where and in what precision to run the model (default: where it already is).
     chat : bool
         Wrap each prompt as a user turn with the tokenizer's chat template (instruct models).
+    eos_token_ids : optional
+        Tokens that end a sequence (default: the tokenizer's and generation config's EOS ids).
     temperature, top_k, top_p : optional
         Sampling modifications; the prior then *is* the modified distribution.
     """
@@ -53,6 +55,7 @@ class HFPrior(Prior):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        eos_token_ids: Sequence[int] | None = None,
     ):
         validate_sampling(temperature, top_k, top_p)
         if device is not None or dtype is not None:
@@ -63,8 +66,8 @@ class HFPrior(Prior):
         if self.chat and getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("chat=True but the tokenizer has no chat template")
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
-        eos = []
-        for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        eos = [int(i) for i in eos_token_ids] if eos_token_ids is not None else []
+        for src in [] if eos_token_ids is not None else (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
             for i in [src] if isinstance(src, int) else (src or []):
                 if i not in eos:
                     eos.append(int(i))
@@ -204,6 +207,94 @@ class HFPrior(Prior):
             _HFCache(gather_cache(c.past, index, self.model.config), c.attention_mask.index_select(0, index), c.next_position.index_select(0, index)),
         )
 
+    # --- prefix states (MCMC suffix proposals) ---------------------------------------------------
+    def truncate(self, state, prompt_ids, tokens, keep):
+        """A state for ``prompt_ids[b] + tokens[b, :keep[b]]`` per row, reusing ``state``'s KV cache.
+
+        Attended cache slots hold positions 0, 1, 2, ... in slot order (positions are explicit), so
+        the prompt and the first ``keep[b] - 1`` continuation tokens are the first
+        ``prompt_len + keep[b] - 1`` attended slots. Those are gathered into a new, compact cache
+        (left-padded; masked slots from earlier truncations are dropped, so the cache never grows
+        beyond the longest row), and the last kept token (the last prompt token when keep is 0) is
+        fed again as one decoding step over all rows to get p(. | prompt, x_<keep) exactly. Cost:
+        one cache copy and one decoding step, whatever the prefix lengths. ``state`` is unchanged.
+        Caches other than full-attention ``DynamicCache`` layers (e.g. sliding windows) fall back
+        to encoding the prefixes afresh.
+
+        Parameters
+        ----------
+        state : DecodeState or None
+            B rows made by ``start``/``extend``/``select``/``truncate``/``merge_rows`` that have
+            consumed ``prompt_ids[b] + tokens[b, :m_b]`` with m_b >= keep[b] - 1; None encodes afresh.
+        prompt_ids : list of B token-id lists
+        tokens : LongTensor (B, T)
+        keep : LongTensor (B,)
+        """
+        if state is None or not _slot_gatherable(state.cache.past):
+            return super().truncate(None, prompt_ids, tokens, keep)
+        c: _HFCache = state.cache
+        dev = self.device
+        B = state.lengths.shape[0]
+        keep = torch.as_tensor(keep, dtype=torch.long, device=dev)
+        if keep.shape != (B,) or len(prompt_ids) != B or tokens.shape[0] != B:
+            raise ValueError(
+                f"truncate needs one prompt, token row and keep per state row ({B}); got {len(prompt_ids)} prompts, "
+                f"tokens {tuple(tokens.shape)}, keep {tuple(keep.shape)}"
+            )
+        prompt_len = c.next_position - state.lengths  # (B,)
+        given = torch.tensor([len(p) for p in prompt_ids], device=dev)
+        if not bool((prompt_len == given).all()):
+            raise ValueError(f"truncate: the state's prompt lengths {prompt_len.tolist()} differ from prompt_ids' {given.tolist()}")
+        if bool((keep < 0).any()) or bool((keep - 1 > state.lengths).any()):
+            raise ValueError(
+                f"truncate: keep {keep.tolist()} must be in [0, consumed + 1] with consumed {state.lengths.tolist()}"
+            )
+        n_slots = prompt_len + keep - 1  # (B,) attended slots to retain; >= 0 (prompts are non-empty)
+        attended = c.attention_mask.bool()  # (B, S)
+        retain = attended & (c.attention_mask.cumsum(-1) <= n_slots[:, None])  # (B, S)
+        width = int(n_slots.max().item())
+        past, mask = _gather_slots(c.past, retain, width, self.model.config)
+        tok = tokens.to(dev)
+        last_prompt = torch.tensor([p[-1] for p in prompt_ids], dtype=torch.long, device=dev)  # (B,)
+        refeed = torch.where(keep > 0, tok.gather(1, (keep - 1).clamp(min=0)[:, None]).squeeze(1), last_prompt)  # (B,)
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)  # (B, width + 1)
+        out = self._forward(refeed.view(B, 1), mask, n_slots.view(B, 1), past=past)
+        return DecodeState(self._logprobs(out.logits[:, -1]), keep, _HFCache(out.past_key_values, mask, n_slots + 1))
+
+    def merge_rows(self, take, a, b):
+        """Row i of ``a`` where ``take[i]`` else of ``b``, as one new compact cache (inputs unchanged).
+
+        The two caches may differ in width; each row's attended slots are gathered, in order, into
+        a left-padded cache as wide as the longest merged row.
+        """
+        ca, cb = a.cache, b.cache
+        take = torch.as_tensor(take, dtype=torch.bool, device=self.device)
+        B = take.shape[0]
+        if a.lengths.shape[0] != B or b.lengths.shape[0] != B:
+            raise ValueError(f"merge_rows: take has {B} rows but the states have {a.lengths.shape[0]} and {b.lengths.shape[0]}")
+        keep_a = ca.attention_mask.bool() & take[:, None]  # (B, Sa)
+        keep_b = cb.attention_mask.bool() & ~take[:, None]  # (B, Sb)
+        width = int(torch.maximum(keep_a.sum(-1), keep_b.sum(-1)).max().item())
+        pa, ma = _gather_slots(ca.past, keep_a, width, self.model.config)
+        pb, mb = _gather_slots(cb.past, keep_b, width, self.model.config)
+        sel = take[:, None, None, None]
+        data = [
+            (torch.where(sel, la.keys, lb.keys), torch.where(sel, la.values, lb.values))
+            for la, lb in zip(pa.layers, pb.layers)
+        ]
+        from transformers import DynamicCache
+
+        t1 = take[:, None]
+        return DecodeState(
+            torch.where(t1, a.logprobs, b.logprobs),
+            torch.where(take, a.lengths, b.lengths),
+            _HFCache(
+                DynamicCache(ddp_cache_data=data, config=self.model.config),
+                ma + mb,
+                torch.where(take, ca.next_position, cb.next_position),
+            ),
+        )
+
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         return process_logits(logits[:, : self.vocab_size], self.temperature, self.top_k, self.top_p)
 
@@ -245,3 +336,38 @@ def gather_cache(past, index: torch.Tensor, config=None):
     if isinstance(past, tuple):  # legacy tuple-of-tuples caches
         return tuple(tuple(t.index_select(0, index) for t in layer) for layer in past)
     raise TypeError(f"cannot gather rows of a {type(past).__name__} cache")
+
+
+def _slot_gatherable(past) -> bool:
+    """Whether ``_gather_slots`` can move this cache's slots: full-attention dynamic layers only."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return isinstance(past, DynamicCache) and hasattr(past, "layers") and all(type(layer) is DynamicLayer for layer in past.layers)
+
+
+def _gather_slots(past, retain: torch.Tensor, width: int, config=None):
+    """A new cache of ``width`` slots holding, per row, the slots where ``retain`` (B, S) is true,
+    in order and right-aligned (left padding), with its attention mask (B, width).
+
+    Exact for caches whose slots carry explicit positions (keys are stored after the position
+    embedding / rotary step), which is how ``HFPrior`` calls the model; ``past`` is left untouched.
+    """
+    from transformers import DynamicCache
+
+    B, S = retain.shape
+    count = retain.sum(-1)  # (B,)
+    if bool((count > width).any()):
+        raise ValueError(f"cannot fit {int(count.max())} slots into a cache of width {width}")
+    rows, slots = retain.nonzero(as_tuple=True)
+    dest = (width - count)[rows] + retain.long().cumsum(-1)[rows, slots] - 1  # destination slot of each kept slot
+    index = torch.zeros(B, width, dtype=torch.long, device=retain.device)  # (B, W) source slot (0 where padding)
+    index[rows, dest] = slots
+    mask = torch.zeros(B, width, dtype=torch.long, device=retain.device)  # (B, W)
+    mask[rows, dest] = 1
+
+    def pick(t):  # (B, H, S, D) -> (B, H, W, D)
+        return t.gather(2, index[:, None, :, None].expand(B, t.shape[1], width, t.shape[-1]))
+
+    data = [(pick(layer.keys), pick(layer.values)) for layer in past.layers]
+    return DynamicCache(ddp_cache_data=data, config=config), mask

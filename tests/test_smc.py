@@ -10,7 +10,7 @@ import torch
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
 from posterior.samplers.resampling import RESAMPLERS
-from posterior.samplers.smc import resample_decision, resample_weights, tilted_log_weight, tilted_sample
+from posterior.samplers.smc import resample_decision, resample_weights, tilted_log_weight
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
 
 from conftest import tv_tolerance
@@ -84,32 +84,6 @@ def test_tilted_weight_times_q_is_pi0_times_exp_delta_for_every_token():
     assert torch.allclose(mean_w, torch.logsumexp(logp + delta / beta, -1), atol=1e-12)
 
 
-def test_tilted_sample_log_q_and_frequencies_match_q():
-    g = torch.Generator().manual_seed(1)
-    V, beta, n = 6, 0.5, 40_000
-    logits = torch.randn(1, V, generator=g, dtype=torch.float64).expand(n, V)
-    cand = torch.tensor([[0, 3]]).expand(n, 2)
-    pot = torch.tensor([[1.0, -math.inf]], dtype=torch.float64).expand(n, 2)
-    s = tilted_sample(logits, potential=pot, candidates=cand, beta=beta, generator=g)
-    q = torch.softmax(torch.log_softmax(logits[0], -1) + torch.tensor([1.0, 0, 0, -math.inf, 0, 0]) / beta, -1)
-    assert torch.allclose(s.log_q, q.log()[s.tokens])
-    assert torch.allclose(s.log_norm, torch.logsumexp(torch.log_softmax(logits[0], -1) + torch.tensor([2.0, 0, 0, -math.inf, 0, 0]), -1).expand(n))
-    freq = torch.bincount(s.tokens, minlength=V).double() / n
-    assert (s.tokens != 3).all()  # phi = -inf: never proposed
-    assert torch.all((freq - q).abs() <= 4 * (q * (1 - q) / n).sqrt() + 1e-12)
-    # The dense form of the same potential gives the same draws.
-    dense = torch.tensor([1.0, 0, 0, -math.inf, 0, 0], dtype=torch.float64).expand(n, V)
-    s2 = tilted_sample(logits, potential=dense, beta=beta, generator=torch.Generator().manual_seed(1).manual_seed(7))
-    s1 = tilted_sample(logits, potential=pot, candidates=cand, beta=beta, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(s1.tokens, s2.tokens) and torch.allclose(s1.log_q, s2.log_q)
-
-
-def test_tilted_sample_row_without_mass_has_log_norm_minus_inf():
-    logits = torch.log(torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64))
-    s = tilted_sample(logits, potential=torch.tensor([[-math.inf, -math.inf]]), candidates=torch.tensor([[0, 1]]))
-    assert torch.isneginf(s.log_norm).all() and torch.isneginf(s.log_q).all()
-
-
 def test_resampling_decision_and_uniform_weights_at_log_mean():
     ess = torch.tensor([3.0, 9.0, 3.0, 16.0])
     live = torch.tensor([True, True, False, True])
@@ -117,7 +91,7 @@ def test_resampling_decision_and_uniform_weights_at_log_mean():
     assert resample_decision(ess, live, 16, 1.0).tolist() == [True, True, False, True]
     assert not resample_decision(ess, live, 16, 0.0).any()
     lw = torch.tensor([[0.0, -math.inf, 1.0], [2.0, 2.0, 2.0]], dtype=torch.float64)
-    anc, new = resample_weights(lw, torch.tensor([True, False]), RESAMPLERS["systematic"], generator=torch.Generator().manual_seed(0))
+    anc, new = resample_weights(lw, torch.tensor([True, False]), "systematic", generator=torch.Generator().manual_seed(0))
     assert (anc[0] != 1).all() and anc[1].tolist() == [0, 1, 2]  # a zero-weight particle is never an ancestor
     assert torch.allclose(new[0], torch.logsumexp(lw[0], 0).expand(3) - math.log(3)) and torch.equal(new[1], lw[1])
 
@@ -157,7 +131,8 @@ def optimal_twist(prior, reward, beta, max_new_tokens):
 @pytest.mark.parametrize("scheme", ["systematic", "multinomial"])
 def test_optimal_twist_with_full_lookahead_has_zero_variance(post, scheme):
     """With psi* and top_k = V, every incremental weight after the first is 1 and the first is Z:
-    every particle carries weight Z exactly, log Ẑ = log Z for every seed, ESS = N."""
+    every particle carries weight Z exactly, log Ẑ = log Z for every seed, ESS = N (up to the
+    float32 rounding of the tilted-sampling kernels, ~1e-7 per step)."""
     exact = exact_posterior(post.prior, post.reward, BETA, T)  # unconditional
     twist = optimal_twist(post.prior, post.reward, BETA, T)
     estimates = []
@@ -168,8 +143,8 @@ def test_optimal_twist_with_full_lookahead_has_zero_variance(post, scheme):
         # (exact_posterior sums the prior's float32 log-probabilities; the twist renormalises them in float64)
         assert res.log_Z.item() == pytest.approx(exact.log_Z, abs=1e-6)
         assert torch.allclose(res.info["ess_per_step"], torch.tensor(32.0))
-        assert torch.allclose(res.info["log_Z_increments"][0, 1:], torch.zeros(1, dtype=torch.float64), atol=1e-9)
-    assert max(estimates) - min(estimates) < 1e-9  # no randomness left in the estimate
+        assert torch.allclose(res.info["log_Z_increments"][0, 1:], torch.zeros(1, dtype=torch.float64), atol=1e-6)
+    assert max(estimates) - min(estimates) < 1e-6  # no randomness left in the estimate
     res = post.sample(n=4000, method="smc", max_new_tokens=T, seed=5, proposal="tilted", top_k=4, twist=twist, ess_threshold=0.0)
     assert pooled_tv(res, exact) < tv_tolerance(exact.prob().values(), 4000)
 
@@ -308,8 +283,9 @@ def test_all_particles_dead_raises_naming_step_and_prompt():
         post.sample(n=8, method="smc", max_new_tokens=3, prompts=["a", "aa"], seed=0)
     assert e.value.rows == [0, 1]
     # A twist that kills every particle at once raises at step 1.
-    with pytest.raises(pst.DegenerateWeightsError, match=r"SMC step 1 .*<unconditional>"):
-        post.sample(n=8, method="smc", max_new_tokens=3, seed=0, twist=lambda ts: [-math.inf] * len(ts))
+    for opts in ({}, dict(proposal="tilted", top_k=3)):  # tilted, top_k = V: q has no mass anywhere
+        with pytest.raises(pst.DegenerateWeightsError, match=r"SMC step 1 .*<unconditional>"):
+            post.sample(n=8, method="smc", max_new_tokens=3, seed=0, twist=lambda ts: [-math.inf] * len(ts), **opts)
 
 
 @pytest.mark.parametrize(

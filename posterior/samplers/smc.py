@@ -52,8 +52,10 @@ particle dies when it ends without the substring, and with ``proposal="tilted"``
 sequence without the substring are never proposed. A prompt whose particles all die raises
 :class:`~posterior.errors.DegenerateWeightsError` naming the step and the prompt.
 
-The tilted step (:func:`tilted_sample`) is written here in torch with the semantics of
-``posterior.kernels.tilted_sample`` (the Triton kernel), so it can be switched to the kernel.
+Per-step numerics go through ``posterior.kernels`` (Triton on CUDA, the torch reference on the
+CPU): ``tilted_sample`` draws every token (q = pi0 for the bootstrap), ``normalize_log_weights``
+gives ESS and log-mean-exp, ``resample`` draws ancestors. The kernels work in float32, so the
+tilted increment log L carries float32 rounding (~1e-7 relative); weights are accumulated in float64.
 """
 
 from __future__ import annotations
@@ -66,85 +68,19 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from posterior.diagnostics.weights import log_weight_stats
 from posterior.errors import DegenerateWeightsError
+from posterior.kernels import normalize_log_weights, resample, tilted_sample
 from posterior.priors.base import Continuations, DecodeState, Prior
 from posterior.rewards.base import Callable as CallableReward
 from posterior.rewards.base import Reward
 from posterior.samplers.common import make_result, normalize_prompts, prompt_name
 from posterior.samplers.registry import register_sampler
-from posterior.samplers.resampling import RESAMPLERS, get_resampler
+from posterior.samplers.resampling import RESAMPLERS
 
 
 # --------------------------------------------------------------------------------------------------
 # Pure numerics
 # --------------------------------------------------------------------------------------------------
-def categorical(log_probs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of normalised log-probabilities (B, V) -> (B,) int64, by inverting the
-    float64 CDF at one uniform per row (vectorised; tokens of probability 0 are never drawn)."""
-    cdf = torch.cumsum(log_probs.double().exp(), dim=-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
-
-
-class TiltedSample(NamedTuple):
-    tokens: torch.Tensor  # (B,) int64 sampled token ids
-    log_q: torch.Tensor  # (B,) float64 log q(token); -inf on rows with log_norm = -inf
-    log_norm: torch.Tensor  # (B,) float64 log sum_v p(v) exp(phi(v)/beta)
-
-
-def tilted_sample(
-    logits: torch.Tensor,
-    *,
-    potential: torch.Tensor | None = None,
-    candidates: torch.Tensor | None = None,
-    beta: float = 1.0,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> TiltedSample:
-    """Draw v ~ q(v) ∝ p(v) exp(phi(v)/beta) with p = softmax(logits / temperature).
-
-    The torch version of ``posterior.kernels.tilted_sample``, with the same semantics.
-
-    Parameters
-    ----------
-    logits : Tensor (B, V)
-        Unnormalised log-probabilities (log-probabilities pass through unchanged at T = 1).
-    potential : Tensor (B, V) or (B, k), optional
-        phi, dense over the vocabulary, or sparse on ``candidates`` (phi = 0 elsewhere). -inf
-        allowed (q = 0 there); None means phi = 0 (q = p).
-    candidates : Tensor (B, k) int64, optional
-        Distinct token ids that the sparse ``potential`` refers to.
-    beta, temperature : float > 0
-    generator : torch.Generator, optional
-
-    Returns
-    -------
-    TiltedSample
-        tokens (B,), log_q (B,), log_norm (B,). A row whose q has no mass (every token with
-        p > 0 has phi = -inf) has log_norm = -inf; its token is drawn from p and its log_q is -inf.
-    """
-    logp = torch.log_softmax(logits.double() / temperature, dim=-1)  # (B, V)
-    if potential is None:
-        phi = torch.zeros_like(logp)
-    elif candidates is None:
-        if potential.shape != logp.shape:
-            raise ValueError(f"dense potential has shape {tuple(potential.shape)}; logits have {tuple(logp.shape)}")
-        phi = potential.double()
-    else:
-        if potential.shape != candidates.shape:
-            raise ValueError(f"potential shape {tuple(potential.shape)} != candidates shape {tuple(candidates.shape)}")
-        phi = torch.zeros_like(logp).scatter(1, candidates, potential.double())  # (B, V)
-    # -inf + (-inf) stays -inf; p = 0 tokens stay at q = 0 whatever their potential.
-    log_tilted = logp + phi / beta  # (B, V)
-    log_norm = torch.logsumexp(log_tilted, dim=-1)  # (B,)
-    dead = torch.isneginf(log_norm)
-    sample_from = torch.where(dead[:, None], logp, log_tilted - torch.where(dead, 0.0, log_norm)[:, None])
-    tokens = categorical(sample_from, generator=generator)  # (B,)
-    log_q = torch.where(dead, -math.inf, log_tilted.gather(1, tokens[:, None]).squeeze(1) - log_norm)
-    return TiltedSample(tokens, log_q, log_norm)
-
-
 def tilted_log_weight(log_norm: torch.Tensor, delta: torch.Tensor, phi: torch.Tensor, beta: float) -> torch.Tensor:
     """log w = log pi0(v) + Delta(v)/beta - log q(v) = log L + (Delta(v) - phi(v)) / beta.
 
@@ -170,7 +106,7 @@ def resample_decision(ess: torch.Tensor, live: torch.Tensor, num_particles: int,
 def resample_weights(
     log_weights: torch.Tensor,  # (P, N) unnormalised
     decide: torch.Tensor,  # (P,) bool
-    resampler: Callable,
+    scheme: str,
     *,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +118,7 @@ def resample_weights(
         return ancestors, log_weights
     rows = decide.nonzero().squeeze(1)
     dev = generator.device if generator is not None else torch.device("cpu")
-    ancestors[rows] = resampler(log_weights[rows].to(dev), N, generator=generator).cpu()
+    ancestors[rows] = resample(log_weights[rows].to(dev), N, scheme, generator=generator).cpu()
     log_mean = torch.logsumexp(log_weights, -1) - math.log(N)  # (P,)
     return ancestors, torch.where(decide[:, None], log_mean[:, None], log_weights)
 
@@ -318,7 +254,7 @@ def propose_bootstrap(targets, cfg, logprobs, prefixes, psi_prev, *, boundary: b
     """
     eos_ids = targets.prior.eos_token_ids
     last = len(prefixes[0]) + 1 == cfg.max_new_tokens if prefixes else False
-    tok = categorical(logprobs, generator=generator).cpu()  # (m,)
+    tok = tilted_sample(logprobs, generator=generator).tokens.cpu()  # (m,) q = pi0
     ended = torch.isin(tok, torch.tensor(eos_ids)) | last  # (m,)
     need = ended | (boundary and targets.twist is not None)
     g = _score(targets, prefixes, tok.tolist(), ended, need, psi_prev, set(eos_ids))  # (m,)
@@ -333,13 +269,12 @@ def propose_tilted(targets, cfg, logprobs, prefixes, psi_prev, *, boundary: bool
     m, V = logprobs.shape
     k = min(cfg.top_k, V)
     last = len(prefixes[0]) + 1 == cfg.max_new_tokens if prefixes else False
-    lp = logprobs.double().cpu()  # (m, V)
-    top = lp.topk(k, dim=-1)
-    cand = top.indices  # (m, k)
+    top = logprobs.topk(k, dim=-1)
+    cand, top_lp = top.indices.cpu(), top.values.double().cpu()  # (m, k)
     cand_ended = torch.isin(cand, eos) | last  # (m, k)
     # Score the candidates that need it (ended ones: true reward; others: the twist at boundaries);
     # tokens with pi0 = 0 get no call.
-    need = (cand_ended | (boundary and targets.twist is not None)) & torch.isfinite(top.values)  # (m, k)
+    need = (cand_ended | (boundary and targets.twist is not None)) & torch.isfinite(top_lp)  # (m, k)
     g_c = _score(
         targets,
         [p for p in prefixes for _ in range(k)],
@@ -350,20 +285,33 @@ def propose_tilted(targets, cfg, logprobs, prefixes, psi_prev, *, boundary: bool
         set(eos_ids),
     ).view(m, k)  # (m, k)
     delta_c = g_c - psi_prev[:, None]  # (m, k)
-    draw = tilted_sample(lp, potential=delta_c, candidates=cand, beta=cfg.beta, generator=generator)
-    tok = draw.tokens.cpu()  # (m,)
+    # Rows where q has no mass (every token with pi0 > 0 is a candidate with Delta = -inf) die;
+    # the kernel would refuse them, so they are drawn as anything and weighted -inf.
+    covered = torch.isfinite(logprobs).sum(-1).cpu() <= k  # (m,) the candidates hold all of pi0's mass
+    dead = covered & torch.isneginf(top_lp + delta_c / cfg.beta).all(-1)  # (m,)
+    phi_c = delta_c.float()  # (m, k) the potential exactly as q (float32 kernels) uses it
+    tok = cand[:, 0].clone()  # (m,) dead rows keep their most likely token
+    log_norm = torch.full((m,), -math.inf, dtype=torch.float64)
+    live = (~dead).nonzero().squeeze(1)
+    if live.numel():
+        dev = logprobs.device
+        draw = tilted_sample(
+            logprobs.index_select(0, live.to(dev)), potential=phi_c[live].to(dev),
+            candidates=cand[live].to(dev), beta=cfg.beta, generator=generator,
+        )  # fmt: skip
+        tok[live], log_norm[live] = draw.tokens.cpu(), draw.log_norm.double().cpu()
     hit_c = cand == tok[:, None]  # (m, k)
     hit = hit_c.any(-1)  # (m,)
     pos = hit_c.float().argmax(-1, keepdim=True)  # (m, 1)
     g = torch.where(hit, g_c.gather(1, pos).squeeze(1), psi_prev)  # (m,)
     # A sampled non-candidate: q used phi = 0 for it, its true Delta is evaluated now.
     ended = torch.isin(tok, eos) | last  # (m,)
-    miss_need = ~hit & (ended | (boundary and targets.twist is not None)) & ~torch.isneginf(draw.log_norm)
+    miss_need = ~hit & (ended | (boundary and targets.twist is not None)) & ~dead
     if bool(miss_need.any()):
         g = _score(targets, prefixes, tok.tolist(), ended, miss_need, g, set(eos_ids))
     delta = g - psi_prev  # (m,)
-    phi = torch.where(hit, delta, 0.0)  # (m,) the potential q used for the sampled token
-    log_inc = tilted_log_weight(draw.log_norm.cpu(), delta, phi, cfg.beta)
+    phi = torch.where(hit, phi_c.double().gather(1, pos).squeeze(1), 0.0)  # (m,) the potential q used for the token
+    log_inc = tilted_log_weight(log_norm, delta, phi, cfg.beta)
     return Proposal(tok, torch.where(torch.isneginf(log_inc), -math.inf, g), log_inc)
 
 
@@ -413,8 +361,8 @@ def smc_step(
     tokens, lengths, log_prior, log_weights, psi, ended = map(unflat, (tokens, lengths, log_prior, log_weights, psi, ended))
 
     # Reweighting is done: diagnostics, dead prompts, then the resampling decision.
-    before = log_weight_stats(state.log_weights).log_mean  # (P,)
-    stats = log_weight_stats(log_weights)
+    before = normalize_log_weights(state.log_weights).log_mean  # (P,)
+    stats = normalize_log_weights(log_weights)
     if bool(stats.degenerate.any()):
         bad = stats.degenerate.nonzero().squeeze(1).tolist()
         raise DegenerateWeightsError(
@@ -425,7 +373,7 @@ def smc_step(
         )
     still = ~ended & ~torch.isneginf(log_weights)  # (P, N) running after this step
     decide = resample_decision(stats.ess, still.any(-1), N, cfg.ess_threshold) if boundary else torch.zeros(P, dtype=torch.bool)
-    ancestors, log_weights = resample_weights(log_weights, decide, get_resampler(cfg.resampling), generator=generator)
+    ancestors, log_weights = resample_weights(log_weights, decide, cfg.resampling, generator=generator)
     if bool(decide.any()):
         tokens, lengths, log_prior, psi, ended = (_take(x, ancestors) for x in (tokens, lengths, log_prior, psi, ended))
         still = _take(still, ancestors)

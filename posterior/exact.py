@@ -53,7 +53,6 @@ def enumerate_continuations(
     done_lp: list[float] = []
     for t in range(max_new_tokens):
         lp = state.logprobs.double()  # (B, V)
-        V = lp.shape[1]
         cand = prefix_lp[:, None] + lp  # (B, V)
         finite = torch.isfinite(cand)
         rows, toks = finite.nonzero(as_tuple=True)

@@ -1,6 +1,5 @@
 """Priors: batched KV-cache sampling, one-pass scoring and an unpadded reference all agree."""
 
-import math
 
 import pytest
 import torch

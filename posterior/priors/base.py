@@ -132,6 +132,57 @@ class Prior(abc.ABC):
         """Something equal for two priors exactly when their token ids mean the same strings."""
         return None
 
+    # --- prefix states (MCMC suffix proposals) -------------------------------------------------
+    def truncate(
+        self,
+        state: DecodeState | None,
+        prompt_ids: Sequence[Sequence[int]],
+        tokens: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> DecodeState:
+        """A state for ``prompt_ids[b] + tokens[b, :keep[b]]`` in every row b.
+
+        Used to regenerate a suffix from a cut point of an existing sequence. ``state`` (or None)
+        holds rows that have already consumed ``prompt_ids[b] + tokens[b, :m_b]`` with
+        ``m_b >= keep[b] - 1`` (anything consumed after that is ignored); a prior may reuse its
+        cache. The input state is left intact. This default ignores ``state`` and encodes the
+        prefixes afresh with ``start``; ``HFPrior`` reuses its KV cache.
+
+        Parameters
+        ----------
+        state : DecodeState or None
+            B rows (see above), or None.
+        prompt_ids : list of B token-id lists
+            Each row's prompt.
+        tokens : LongTensor (B, T)
+            Each row's continuation tokens (only the first ``keep[b]`` are read).
+        keep : LongTensor (B,)
+            Continuation tokens to keep, 0 <= keep[b] <= T.
+
+        Returns
+        -------
+        DecodeState
+            B rows; ``logprobs`` (B, V) is p(. | prompt, tokens[:keep]) and ``lengths`` == keep.
+        """
+        keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+        prefixes = [list(p) + row[:k] for p, row, k in zip(prompt_ids, tokens.tolist(), keep.tolist())]
+        fresh = self.start(prefixes, copies=1)
+        return DecodeState(fresh.logprobs, keep.to(fresh.lengths.device), fresh.cache)
+
+    def merge_rows(self, take: torch.Tensor, a: DecodeState, b: DecodeState) -> DecodeState:
+        """Row i of ``a`` where ``take[i]``, else row i of ``b`` (both B rows; neither is changed).
+
+        Lets an MCMC chain keep its decode state across accept / reject. Priors that reuse caches
+        in ``truncate`` implement it; this default raises ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement merge_rows")
+
+    @property
+    def reuses_prefix_cache(self) -> bool:
+        """True when ``truncate`` reuses a state's cache and ``merge_rows`` is implemented."""
+        cls = type(self)
+        return cls.truncate is not Prior.truncate and cls.merge_rows is not Prior.merge_rows
+
     # --- shared behaviour ----------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -91,10 +91,12 @@ def systematic(log_weights, num_samples, *, generator=None):
 
 @register_resampler("residual")
 def residual(log_weights, num_samples, *, generator=None):
-    w = normalize(log_weights).log_weights.double().exp()  # (..., N)
+    w = normalize(log_weights.double()).log_weights.exp()  # (..., N) normalised in float64: M·w must be exact
     scaled = num_samples * w
-    det = torch.floor(scaled)  # (..., N) deterministic copies
-    rest = scaled - det
+    # (..., N) deterministic copies; the slack keeps M·w that rounds to just below an integer
+    # (7 · 1/7 = 0.999...) from losing its copy.
+    det = torch.floor(scaled + 1e-9)
+    rest = (scaled - det).clamp(min=0.0)
     n_rest = (num_samples - det.sum(-1)).round().long()  # (...,) residual draws per row, in [0, N)
     # Draw M residual ancestors per row and keep the first n_rest of each (rows differ in n_rest).
     safe_rest = torch.where(rest.sum(-1, keepdim=True) > 0, rest, torch.ones_like(rest))

@@ -493,3 +493,19 @@ def test_tilted_dispatch_auto_on_cpu_is_the_reference():
     a = K.tilted_sample(logits, beta=2.0, generator=torch.Generator().manual_seed(8), backend="auto")
     b = K.tilted_sample_reference(logits, beta=2.0, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a.tokens, b.tokens)
+
+
+def test_bench_script_smoke(kernels, capsys):
+    """bench/bench_kernels.py runs every case once on tiny CPU shapes (checks the script, times nothing)."""
+    if DEVICE != "cpu":
+        pytest.skip("the smoke run is for the CPU interpreter")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "tilted bf16 phi=sparse" in out and "index_select" in out

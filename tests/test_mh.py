@@ -442,6 +442,21 @@ def test_hf_chains_track_the_prior_log_prob(arch):
     assert bool(ch.accepted.any())  # the test exercised accepted moves (cache merges)
 
 
+def test_hf_chains_start_from_init_texts():
+    prior = tiny_hf_prior("gpt2")
+    post = pst.Posterior(prior, lambda ts: [float(t.count("e")) for t in ts], beta=0.5)
+    prompts = ["the cat sat on", "a"]
+    init = [["hello", "e e e"], ["", "twelve chars"]]  # "twelve chars" has max_new_tokens tokens: no EOS
+    res = post.sample(n=2, method="mh", max_new_tokens=12, prompts=prompts, seed=1, steps=2, init_texts=init,
+                      return_chains=True)
+    ch = res.info["chains"]
+    assert ch.texts[0] == init
+    assert ch.lengths[0].tolist() == [[6, 6], [1, 12]]
+    ids = prior.encode_prompts(prompts)
+    for s in range(3):
+        torch.testing.assert_close(ch.log_prior[s], prior.log_prob(ids, ch.tokens[s], ch.lengths[s]).double(), atol=1e-4, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # The default model (slow)
 # --------------------------------------------------------------------------------------------------

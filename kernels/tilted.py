@@ -17,9 +17,9 @@ Triton's counter-based Philox inside the kernel: token v of row r uses counter (
 v % 4, under one seed the launcher draws from the caller's ``torch.Generator``. No (B, V) noise is
 materialised, and the draw does not depend on the tile size.
 
-Limits of the noise: Triton's uniforms are multiples of 2**-31 (U = 0 is clamped to 1e-12), and
-fp32 resolves U near 1 to 2**-24, so G is effectively truncated to about [-3.3, 16.6]: the law of
-the token is off from q by O(1e-7) per draw, far below what any test or sampler can see.
+Limits of the noise: U takes the 2**23 values (k + 1/2) 2**-23 (23 of Philox's 32 bits, so U is
+exact in fp32 and never 0 or 1), which truncates G to about [-2.8, 16.6] and discretises it: the
+law of the token is off from q by O(1e-7) per draw, far below what any test or sampler can see.
 
 Sparse potentials (top-k candidates, phi = 0 elsewhere). The launcher sorts each row's k candidates
 (with their phi); the kernel walks them with a pointer alongside the vocabulary tiles and scatters
@@ -39,7 +39,6 @@ from ._common import block_size, check_float, jit, num_warps, tl
 
 MAX_BLOCK_V = 4096
 MAX_BLOCK_K = 64
-_NO_CANDIDATE = 2**31 - 1  # sentinel token id past any tile
 
 _OK, _DEGENERATE, _NON_FINITE = 0, 1, 2
 
@@ -61,6 +60,8 @@ def _check_positive(value: float, what: str) -> float:
         raise ValueError(f"{what}={value!r} must be a positive finite number") from None
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{what}={value!r} must be a positive finite number")
+    if 1.0 / value > torch.finfo(torch.float32).max:  # the kernel multiplies by 1 / value in fp32
+        raise ValueError(f"{what}={value!r} is too small: 1/{what} overflows float32")
     return value
 
 
@@ -123,7 +124,7 @@ def _raise_for_rows(status: torch.Tensor, bad_candidates: torch.Tensor | None) -
     messages = []
     for code, text in (
         (3, "candidates out of [0, V) or repeated"),
-        (_NON_FINITE, "NaN or +inf in logits or potential"),
+        (_NON_FINITE, "NaN or +inf in logits or potential (or in phi / beta)"),
         (_DEGENERATE, "q is zero for every token (all logits -inf, or the potential is -inf wherever p > 0)"),
     ):
         rows = (flags == code).nonzero().flatten().tolist()
@@ -163,21 +164,23 @@ def tilted_log_probs(
     mode, beta, temperature = check_tilted_inputs(logits, potential, candidates, beta, temperature)
     b, v = logits.shape
     logits = logits.float()
-    status = torch.zeros(b, dtype=torch.int32, device=logits.device)
     if mode == "dense":
         phi = potential.float()  # (B, V)
     elif mode == "sparse":
-        _raise_for_rows(status, _bad_candidate_rows(candidates, v)[1])
+        # Checked first: scatter_ needs valid indices.
+        _raise_for_rows(torch.zeros(b, dtype=torch.int32, device=logits.device), _bad_candidate_rows(candidates, v)[1])
         phi = torch.zeros_like(logits).scatter_(1, candidates, potential.float())  # (B, V)
     else:
         phi = torch.zeros_like(logits)
-    non_finite = (logits.isnan() | logits.isposinf() | phi.isnan() | phi.isposinf()).any(-1)  # (B,)
-    _raise_for_rows(torch.where(non_finite, _NON_FINITE, status), None)
-    log_p = torch.log_softmax(logits / temperature, dim=-1)  # (B, V); NaN rows if all -inf, caught below
+    log_p = torch.log_softmax(logits / temperature, dim=-1)  # (B, V); NaN on rows of all -inf logits
     y = log_p + phi / beta  # (B, V) unnormalised log q
     log_norm = torch.logsumexp(y, dim=-1)  # (B,)
-    degenerate = log_p[:, 0].isnan() | log_norm.isneginf()
-    _raise_for_rows(torch.where(degenerate, _DEGENERATE, status), None)
+    all_neg_inf = logits.isneginf().all(-1)  # (B,)
+    non_finite = (logits.isnan() | logits.isposinf() | phi.isnan() | phi.isposinf()).any(-1)
+    non_finite |= ~all_neg_inf & (log_norm.isnan() | log_norm.isposinf())  # phi / beta overflowed (tiny beta)
+    degenerate = all_neg_inf | log_norm.isneginf()
+    status = torch.where(non_finite, _NON_FINITE, torch.where(degenerate, _DEGENERATE, _OK)).to(torch.int32)
+    _raise_for_rows(status, None)
     return y - log_norm[:, None], log_norm
 
 
@@ -220,41 +223,6 @@ def tilted_sample_reference(
 
 
 @jit
-def _online_lse(m, s, v):
-    """Fold tile ``v`` into the running (max m, sum s = sum exp(. - m)); NaN-free when all is -inf."""
-    m_new = tl.maximum(m, tl.max(v, 0))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - shift) + tl.sum(tl.exp(v - shift), 0)
-    return m_new, s
-
-
-@jit
-def _finish_lse(m, s):
-    return m + tl.log(tl.where(s > 0.0, s, 1.0))  # -inf when every term was -inf
-
-
-@jit
-def _sparse_phi(cand_row, pot_row, K, ptr, nxt, start, tokens, BLOCK_V: tl.constexpr):
-    """phi on the tile ``tokens`` = start + [0, BLOCK_V) from the sorted candidates at ``ptr`` onwards.
-
-    ``nxt`` is the token id at ``ptr`` (a sentinel past every tile once all K are used). Each
-    candidate below the tile's end is written into its lane by a compare-and-select over the tile,
-    so a row costs K x BLOCK_V selects in all, whatever V is, and tiles holding no candidate cost
-    one scalar comparison. Returns (phi (BLOCK_V,), bad, ptr, nxt); bad flags a NaN / +inf phi.
-    """
-    phi = tl.zeros((BLOCK_V,), tl.float32)
-    bad = tl.zeros((), tl.int32)
-    while nxt < start + BLOCK_V:
-        pot = tl.load(pot_row + ptr).to(tl.float32)
-        invalid = (pot != pot) | (pot == float("inf"))
-        bad = tl.maximum(bad, invalid.to(tl.int32))
-        phi = tl.where(tokens == nxt, tl.where(invalid, 0.0, pot), phi)
-        ptr += 1
-        nxt = tl.load(cand_row + ptr, mask=ptr < K, other=2147483647)
-    return phi, bad, ptr, nxt
-
-
-@jit
 def _tilted_kernel(
     logits_ptr,  # (B, V) fp32 / bf16 / fp16
     pot_ptr,  # (B, V) dense or (B, K) sparse potential; unused when PHI == 0
@@ -283,14 +251,17 @@ def _tilted_kernel(
     lanes = tl.arange(0, BLOCK_V)
     quarter = tl.arange(0, BLOCK_V // 4)
 
-    m_z = tl.full((), float("-inf"), tl.float32)  # logsumexp state of z = logits / T
+    # Helpers are written inline: each nested @jit call costs milliseconds in the CPU interpreter.
+    m_z = tl.full((), float("-inf"), tl.float32)  # logsumexp of z = logits / T: running max, rescaled sum
     s_z = tl.zeros((), tl.float32)
-    m_y = tl.full((), float("-inf"), tl.float32)  # logsumexp state of y = z + phi / beta
+    m_y = tl.full((), float("-inf"), tl.float32)  # logsumexp of y = z + phi / beta
     s_y = tl.zeros((), tl.float32)
     best = tl.full((), float("-inf"), tl.float32)  # Gumbel-max: best y + G so far, and its token
     best_token = tl.zeros((), tl.int32)
     bad = tl.zeros((), tl.int32)
     if PHI == 2:
+        # Walk the ascending candidates alongside the tiles: ptr = next unused one, nxt = its token id
+        # (a sentinel past every tile once all K are used).
         ptr = tl.zeros((), tl.int32)
         nxt = tl.load(cand_row, mask=K > 0, other=2147483647)
 
@@ -303,33 +274,53 @@ def _tilted_kernel(
         if PHI == 1:
             phi = tl.load(pot_row + tokens, mask=mask, other=0.0).to(tl.float32)
             invalid = invalid | (phi != phi) | (phi == float("inf"))
-            phi = tl.where(invalid, 0.0, phi)
-            y = z + phi * inv_beta
+            y = z + tl.where(invalid, 0.0, phi) * inv_beta
         elif PHI == 2:
-            phi, bad_phi, ptr, nxt = _sparse_phi(cand_row, pot_row, K, ptr, nxt, start, tokens, BLOCK_V=BLOCK_V)
-            bad = tl.maximum(bad, bad_phi)
+            # Scatter each candidate of this tile into its lane (compare-and-select over the tile):
+            # K x BLOCK_V selects per row in all; a tile without candidates costs one comparison.
+            phi = tl.zeros((BLOCK_V,), tl.float32)
+            while nxt < start + BLOCK_V:
+                pot = tl.load(pot_row + ptr).to(tl.float32)
+                pot_bad = (pot != pot) | (pot == float("inf"))
+                bad = tl.maximum(bad, pot_bad.to(tl.int32))
+                phi = tl.where(tokens == nxt, tl.where(pot_bad, 0.0, pot), phi)
+                ptr += 1
+                nxt = tl.load(cand_row + ptr, mask=ptr < K, other=2147483647)
             y = z + phi * inv_beta
         else:
             y = z
         bad = tl.maximum(bad, tl.max(invalid.to(tl.int32), 0))
 
-        m_z, s_z = _online_lse(m_z, s_z, z)
-        m_y, s_y = _online_lse(m_y, s_y, y)
+        # Online logsumexp; while all seen is -inf shift by 0, as -inf - -inf would be NaN.
+        m_new = tl.maximum(m_z, tl.max(z, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_z = s_z * tl.exp(m_z - shift) + tl.sum(tl.exp(z - shift), 0)
+        m_z = m_new
+        if PHI != 0:
+            m_new = tl.maximum(m_y, tl.max(y, 0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_y = s_y * tl.exp(m_y - shift) + tl.sum(tl.exp(y - shift), 0)
+            m_y = m_new
 
-        # Four uniforms per Philox call: token start + 4i + j takes output j of counter (start + 4i) / 4,
-        # i.e. token v always gets output v % 4 of counter v // 4 (row in the counter's high word).
-        u0, u1, u2, u3 = tl.rand4x(seed, row * 4294967296 + start // 4 + quarter)
-        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (BLOCK_V,))
-        # Clamp into (0, 1): U = 0 happens (prob 2**-31), and U must stay below 1 after fp32 rounding.
-        u = tl.minimum(tl.maximum(u, 1e-12), 0.99999994)
+        # Four uniforms per Philox call: token start + 4i + j takes output j of counter start / 4 + i,
+        # i.e. token v always gets output v % 4 of counter v // 4 (the row is the counter's high word).
+        r0, r1, r2, r3 = tl.randint4x(seed, row * 4294967296 + start // 4 + quarter)
+        r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_V,))
+        # 23 random bits -> U = (k + 1/2) 2**-23, exact in fp32 and strictly inside (0, 1).
+        u = ((r >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
         gumbel = -tl.log(-tl.log(u))
         tile_best, tile_arg = tl.max(y + gumbel, 0, return_indices=True)
         take = tile_best > best  # strict: ties keep the earlier token
         best = tl.where(take, tile_best, best)
         best_token = tl.where(take, start + tile_arg, best_token)
 
-    lse_z = _finish_lse(m_z, s_z)
-    lse_y = _finish_lse(m_y, s_y)
+    lse_z = m_z + tl.log(tl.where(s_z > 0.0, s_z, 1.0))  # -inf when every logit is -inf
+    if PHI == 0:
+        lse_y = lse_z
+    else:
+        lse_y = m_y + tl.log(tl.where(s_y > 0.0, s_y, 1.0))
+    # phi / beta can overflow to +inf for a tiny beta: flag it with the non-finite inputs.
+    bad = tl.maximum(bad, ((lse_y != lse_y) | (lse_y == float("inf"))).to(tl.int32))
     status = tl.where(bad > 0, 2, tl.where(lse_y == float("-inf"), 1, 0))
 
     # y at the chosen token, recomputed from its logit and potential (two scalar loads).

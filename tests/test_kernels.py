@@ -343,6 +343,7 @@ def test_tilted_reference_log_norm_is_zero_without_potential():
         ({"beta": float("nan")}, "beta=nan"),
         ({"beta": float("inf")}, "beta=inf"),
         ({"beta": "high"}, "beta='high'"),
+        ({"beta": 1e-39}, "beta=1e-39 is too small"),
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"potential": torch.zeros(2, 5)}, r"dense potential has shape \(2, 5\)"),
         ({"potential": torch.zeros(2, 3), "candidates": torch.zeros(2, 3, dtype=torch.int32)}, "int64"),
@@ -374,12 +375,20 @@ def _bad_value_cases():
     out_of_range = {"potential": torch.zeros(3, 2), "candidates": torch.tensor([[0, 1], [2, 40], [3, 4]])}
     repeated = {"potential": torch.zeros(3, 2), "candidates": torch.tensor([[0, 1], [2, 3], [4, 4]])}
     return [
-        (nan_logits, {}, r"NaN or \+inf in logits or potential in row\(s\) \[2\]"),
+        (nan_logits, {}, r"NaN or \+inf in logits or potential .* in row\(s\) \[2\]"),
         (all_inf, {}, r"q is zero for every token .* in row\(s\) \[1\]"),
         (forbidden, {"potential": forbidden_phi}, r"q is zero for every token .* in row\(s\) \[0\]"),
         (torch.zeros(3, 40), out_of_range, r"candidates out of \[0, V\) or repeated in row\(s\) \[1\]"),
         (torch.zeros(3, 40), repeated, r"candidates out of \[0, V\) or repeated in row\(s\) \[2\]"),
     ]
+
+
+def test_tilted_reference_rejects_phi_over_beta_overflow():
+    """A tiny beta makes phi / beta overflow to +inf: an error naming the row, not a NaN sample."""
+    phi = torch.zeros(2, 10)
+    phi[1, 3] = 100.0
+    with pytest.raises(ValueError, match=r"\(or in phi / beta\) in row\(s\) \[1\]"):
+        K.tilted_sample(torch.zeros(2, 10), potential=phi, beta=1e-37, backend="torch")
 
 
 @pytest.mark.parametrize("case", range(5))

@@ -13,6 +13,7 @@ evaluates.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
@@ -38,8 +39,9 @@ BACKENDS = ("auto", "torch", "triton")
 # Elements per tile. Beyond 2**14 fp32 values a program's tile no longer fits in registers on current
 # GPUs (Triton spills or refuses); every kernel loops over tiles, so rows longer than a tile are fine.
 MAX_BLOCK = 2**14
-# Indices inside the kernels are int32 (row offsets are int64): a row may hold at most this many elements.
-MAX_ROW = 2**31 - 1
+# Indices inside the kernels are int32 (row offsets are int64): a row may hold at most this many
+# elements, which leaves headroom for one tile past the end.
+MAX_ROW = 2**30
 
 
 def jit(fn: Callable) -> Callable:
@@ -73,6 +75,11 @@ def block_size(n: int, *, max_block: int, what: str = "row length") -> int:
 def num_warps(block: int) -> int:
     """Warps per program for a tile of ``block`` elements: about 16 fp32 values per thread."""
     return 4 if block <= 2048 else 8 if block <= 4096 else 16
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s GPU current for a launch (Triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from posterior.diagnostics.weights import WeightStats, log_weight_stats
 
-from ._common import block_size, check_float, jit, num_warps, tl
+from ._common import block_size, check_float, jit, num_warps, on_device, tl
 
 # Largest tile: one tile covers the rows up to N = 4096 that samplers use; longer rows loop.
 MAX_BLOCK_N = 4096
@@ -112,8 +112,9 @@ def normalize_triton(log_weights: torch.Tensor, *, max_block: int = MAX_BLOCK_N)
     log_mean = torch.empty(rows, dtype=dtype, device=x.device)  # (P,)
     degenerate = torch.empty(rows, dtype=torch.bool, device=x.device)  # (P,)
     if rows > 0:
-        _normalize_kernel[(rows,)](
-            x, out, ess, log_mean, degenerate, n, x.stride(0), out.stride(0),
-            BLOCK=block, num_warps=num_warps(block), enable_fp_fusion=True,
-        )  # fmt: skip
+        with on_device(x):
+            _normalize_kernel[(rows,)](
+                x, out, ess, log_mean, degenerate, n, x.stride(0), out.stride(0),
+                BLOCK=block, num_warps=num_warps(block), enable_fp_fusion=True,
+            )  # fmt: skip
     return WeightStats(out.reshape(*batch, n), ess.reshape(batch), log_mean.reshape(batch), degenerate.reshape(batch))

@@ -28,7 +28,7 @@ import torch
 from posterior.diagnostics.weights import normalize
 from posterior.samplers.resampling import RESAMPLERS, _uniform
 
-from ._common import block_size, check_float, jit, num_warps, tl
+from ._common import block_size, check_float, jit, num_warps, on_device, tl
 
 # Scheme -> kernel constant. Residual resampling has no kernel (its deterministic copies are a
 # different algorithm); the dispatcher runs its torch reference.
@@ -182,11 +182,12 @@ def resample_triton(
         return out.reshape(*batch, num_samples)
     cdf = torch.empty((rows, n), dtype=torch.float64, device=x.device)  # (P, N) workspace
     status = torch.empty(rows, dtype=torch.int32, device=x.device)  # (P,)
-    _resample_kernel[(rows,)](
-        x, u, cdf, out, status, n, num_samples, n.bit_length(), x.stride(0), u.stride(0),
-        SCHEME=KERNEL_SCHEMES[scheme], BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps(block_n),
-        enable_fp_fusion=False,  # keep (m + U) / M and c / total rounded exactly as torch rounds them
-    )  # fmt: skip
+    with on_device(x):
+        _resample_kernel[(rows,)](
+            x, u, cdf, out, status, n, num_samples, n.bit_length(), x.stride(0), u.stride(0),
+            SCHEME=KERNEL_SCHEMES[scheme], BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps(block_n),
+            enable_fp_fusion=False,  # keep (m + U) / M and c / total rounded exactly as torch rounds them
+        )  # fmt: skip
     if bool((status != _OK).any()):  # one device sync, as the reference's own check
         normalize(log_weights)  # raises the reference's ValueError / DegenerateWeightsError
         raise RuntimeError(f"resample kernel flagged rows {status.nonzero().flatten().tolist()} the reference accepts")

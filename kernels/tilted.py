@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import block_size, check_float, jit, num_warps, tl
+from ._common import block_size, check_float, jit, num_warps, on_device, tl
 
 MAX_BLOCK_V = 4096
 MAX_BLOCK_K = 64
@@ -402,11 +402,12 @@ def tilted_sample_triton(
     log_q = torch.empty(b, dtype=torch.float32, device=device)  # (B,)
     log_norm = torch.empty(b, dtype=torch.float32, device=device)  # (B,)
     status = torch.empty(b, dtype=torch.int32, device=device)  # (B,)
-    _tilted_kernel[(b,)](
-        logits, pot, cand, seed, tokens, log_q, log_norm, status,
-        v, k, logits.stride(0), pot.stride(0), cand.stride(0), 1.0 / temperature, 1.0 / beta,
-        PHI={"none": 0, "dense": 1, "sparse": 2}[mode], BLOCK_V=block_v, BLOCK_K=block_k,
-        num_warps=num_warps(block_v), enable_fp_fusion=True,
-    )  # fmt: skip
+    with on_device(logits):
+        _tilted_kernel[(b,)](
+            logits, pot, cand, seed, tokens, log_q, log_norm, status,
+            v, k, logits.stride(0), pot.stride(0), cand.stride(0), 1.0 / temperature, 1.0 / beta,
+            PHI={"none": 0, "dense": 1, "sparse": 2}[mode], BLOCK_V=block_v, BLOCK_K=block_k,
+            num_warps=num_warps(block_v), enable_fp_fusion=True,
+        )  # fmt: skip
     _raise_for_rows(status, bad_candidates)
     return TiltedSample(tokens, log_q, log_norm)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from typing import Callable
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -87,7 +88,7 @@ def bench_normalize(table: Table) -> None:
         err = (got.log_weights - want.log_weights).abs().max().item()
         ess_err = ((got.ess - want.ess).abs() / want.ess).max().item()
         nbytes = lw.numel() * 4 * 2 + p * (4 + 4 + 1)  # read + write (P, N) fp32, three (P,) outputs
-        table.row("normalize fp32", f"{p}x{n}", nbytes, lambda: normalize_triton(lw), lambda: normalize_reference(lw),
+        table.row("normalize fp32", f"{p}x{n}", nbytes, partial(normalize_triton, lw), partial(normalize_reference, lw),
                   f"max|dlw|={err:.1e} max rel dESS={ess_err:.1e}")  # fmt: skip
 
 
@@ -105,8 +106,8 @@ def bench_resample(table: Table) -> None:
             u_bytes = p * 8 if scheme == "systematic" else p * n * 8
             nbytes = lw.numel() * 4 + u_bytes + p * n * 8  # log-weights, float64 uniforms, int64 ancestors
             table.row(f"resample {scheme}", f"{p}x{n}", nbytes,
-                      lambda: resample_triton(lw, n, scheme, generator=g),
-                      lambda: resample_reference(lw, n, scheme, generator=g),
+                      partial(resample_triton, lw, n, scheme, generator=g),
+                      partial(resample_reference, lw, n, scheme, generator=g),
                       f"{differ} of {got.numel()} ancestors differ (float ties)")  # fmt: skip
 
 
@@ -130,13 +131,12 @@ def bench_tilted(table: Table) -> None:
             log_q, log_norm = tilted_log_probs(logits, beta=0.5, **kwargs)
             err_q = (out.log_q - log_q.gather(1, out.tokens[:, None])[:, 0]).abs().max().item()
             err_n = (out.log_norm - log_norm).abs().max().item()
-            del log_q
+            log_q = None  # free the (B, V) table before timing
             nbytes = b * v * 2 + extra + b * (8 + 4 + 4)  # bf16 logits, potential, (B,) outputs
             table.row(f"tilted bf16 phi={name}", f"{b}x{v}", nbytes,
-                      lambda: tilted_sample_triton(logits, beta=0.5, generator=g, **kwargs),
-                      lambda: tilted_sample_reference(logits, beta=0.5, generator=g, **kwargs),
+                      partial(tilted_sample_triton, logits, beta=0.5, generator=g, **kwargs),
+                      partial(tilted_sample_reference, logits, beta=0.5, generator=g, **kwargs),
                       f"max|dlog_q|={err_q:.1e} max|dlog_norm|={err_n:.1e}")  # fmt: skip
-        del logits, dense
         torch.cuda.empty_cache()
 
 
@@ -145,20 +145,18 @@ def bench_kv_reorder(table: Table, shape: tuple[int, ...]) -> None:
     its batch axis by ancestors with ``torch.index_select``, against a plain copy of the same bytes.
     A kernel is worth writing only if the gather falls well short of the copy and shows up in a
     decoding profile."""
-    layers, two, b, h, t, d = shape
+    b = shape[2]
     cache = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)  # (L, 2, B, H, T, D)
     out = torch.empty_like(cache)
     ancestors = torch.randint(0, b, (b,), device=DEVICE)  # (B,)
     nbytes = 2 * cache.numel() * cache.element_size()  # read + write
-    t_gather = cuda_time_ms(lambda: torch.index_select(cache, 2, ancestors, out=out), warmup=table.warmup, repeats=table.repeats)
-    t_copy = cuda_time_ms(lambda: out.copy_(cache), warmup=table.warmup, repeats=table.repeats)
+    t_gather = cuda_time_ms(partial(torch.index_select, cache, 2, ancestors, out=out), warmup=table.warmup, repeats=table.repeats)
+    t_copy = cuda_time_ms(partial(out.copy_, cache), warmup=table.warmup, repeats=table.repeats)
     print(f"\nKV reorder, cache {'x'.join(map(str, shape))} bf16 ({nbytes / 2 / 1e9:.2f} GB), gather along B:")
     for label, ms in (("torch.index_select", t_gather), ("copy of the same bytes", t_copy)):
         gbps = nbytes / (ms * 1e-3) / 1e9
         print(f"  {label:<24}{ms:>9.3f} ms{gbps:>8.0f} GB/s{gbps / table.peak:>7.1%} of peak")
     print(f"  index_select reaches {t_copy / t_gather:.1%} of the copy's bandwidth")
-    del cache, out
-    torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,16 +259,16 @@ def compile_only(sm: int) -> int:
         try:
             kernel = triton.compile(src, target=GPUTarget("cuda", sm, 32),
                                     options={"num_warps": num_warps(block), "enable_fp_fusion": fusion})  # fmt: skip
-        except Exception as e:  # report every variant, then fail
+        except Exception as e:  # noqa: BLE001  (report every variant, then fail)
             failed += 1
             print(f"{label:<32} FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
             f.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=False).stdout
         found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-        regs, stack, shared, local = found.groups() if found else ("?",) * 4
+        regs, _, shared, local = found.groups() if found else ("?",) * 4
         print(f"{label:<32} sm_{sm} ok: {regs} registers, {local} B local (spills), {shared} B shared")
     return 1 if failed else 0
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -107,7 +107,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 def check_float(x: torch.Tensor, what: str, *, ndim: int | None = None) -> None:
     """Raise ``ValueError`` naming ``what`` unless ``x`` is a floating tensor (of ``ndim`` dims)."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")  # noqa: TRY004 (house style)
     if not x.is_floating_point():
         raise ValueError(f"{what} has dtype {x.dtype}; expected a floating dtype")
     if ndim is not None and x.dim() != ndim:

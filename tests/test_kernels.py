@@ -105,7 +105,7 @@ else:
     raise AssertionError("backend='triton' without triton did not raise")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
 
 

@@ -1,3 +1,9 @@
+import os
+
+# Triton kernels run in the CPU interpreter in tests; this must be set before anything imports
+# triton (conftest runs first). On a GPU, run with TRITON_INTERPRET=0 to test the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import math
 
 import pytest

@@ -52,10 +52,13 @@ particle dies when it ends without the substring, and with ``proposal="tilted"``
 sequence without the substring are never proposed. A prompt whose particles all die raises
 :class:`~posterior.errors.DegenerateWeightsError` naming the step and the prompt.
 
-Per-step numerics go through ``posterior.kernels`` (Triton on CUDA, the torch reference on the
-CPU): ``tilted_sample`` draws every token (q = pi0 for the bootstrap), ``normalize_log_weights``
-gives ESS and log-mean-exp, ``resample`` draws ancestors. The kernels work in float32, so the
-tilted increment log L carries float32 rounding (~1e-7 relative); weights are accumulated in float64.
+Per-step numerics go through ``posterior.kernels``: ``normalize_log_weights`` gives ESS and
+log-mean-exp, ``resample`` draws ancestors, and on CUDA ``tilted_sample`` draws every token (q = pi0
+for the bootstrap). On the CPU, tokens are drawn by :func:`sample_tilted_cpu` instead, with the
+same semantics: the kernels' torch reference uses ``torch.multinomial``, which costs ~1.4 ms per
+row at V = 49k (more than the model's decode step at N = 64) and materialises five (B, V) float32
+arrays; inverting a float64 CDF in chunks of rows is ~4x faster and bounded in memory. Weights are
+accumulated in float64; the CUDA kernel's log L carries float32 rounding (~1e-7 relative).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from tqdm.auto import tqdm
 
 from posterior.errors import DegenerateWeightsError
 from posterior.kernels import normalize_log_weights, resample, tilted_sample
+from posterior.kernels import TiltedSample
 from posterior.priors.base import Continuations, DecodeState, Prior
 from posterior.rewards.base import Callable as CallableReward
 from posterior.rewards.base import Reward
@@ -81,6 +85,61 @@ from posterior.samplers.resampling import RESAMPLERS
 # --------------------------------------------------------------------------------------------------
 # Pure numerics
 # --------------------------------------------------------------------------------------------------
+def sample_tilted_cpu(
+    logprobs: torch.Tensor,
+    *,
+    potential: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+    beta: float = 1.0,
+    generator: torch.Generator | None = None,
+    chunk: int = 16,
+) -> TiltedSample:
+    """``posterior.kernels.tilted_sample`` at temperature 1 on the CPU, by inverting a float64 CDF.
+
+    Parameters
+    ----------
+    logprobs : Tensor (B, V)
+        log pi0 of the next token (normalised up to float32 rounding; renormalised here).
+    potential, candidates : Tensor (B, k), optional
+        phi on the distinct token ids ``candidates``, 0 elsewhere (-inf forbids a token). Every
+        row must keep some mass (the caller removes rows whose q is zero).
+    beta : float > 0
+    generator : torch.Generator, optional
+        One uniform per row, in row order.
+    chunk : int
+        Rows per pass: peak extra memory is about 3 · chunk · V float64 values.
+
+    Returns
+    -------
+    TiltedSample
+        tokens (B,) int64, log_q (B,) float64 = log q(token), log_norm (B,) float64 =
+        log sum_v pi0(v) exp(phi(v)/beta).
+    """
+    B, V = logprobs.shape
+    u = torch.rand(B, 1, dtype=torch.float64, generator=generator)  # (B, 1)
+    tokens = torch.empty(B, dtype=torch.long)
+    log_q = torch.empty(B, dtype=torch.float64)
+    log_norm = torch.empty(B, dtype=torch.float64)
+    for s in range(0, B, chunk):
+        rows = slice(s, s + chunk)
+        z = logprobs[rows].double()  # (c, V)
+        log_z = torch.logsumexp(z, -1)  # (c,) ~0: float32 rounding of the prior's normalisation
+        y = z if potential is None else z.scatter_add(1, candidates[rows], potential[rows].double() / beta)
+        log_y = torch.logsumexp(y, -1)  # (c,)
+        cdf = torch.cumsum((y - log_y[:, None]).exp_(), -1)  # (c, V)
+        tok = torch.searchsorted(cdf, u[rows] * cdf[:, -1:], right=True).squeeze(1).clamp_(max=V - 1)
+        tokens[rows], log_norm[rows] = tok, log_y - log_z
+        log_q[rows] = y.gather(1, tok[:, None]).squeeze(1) - log_y
+    return TiltedSample(tokens, log_q, log_norm)
+
+
+def draw_tokens(logprobs, *, potential=None, candidates=None, beta=1.0, generator=None) -> TiltedSample:
+    """The kernel on CUDA, :func:`sample_tilted_cpu` elsewhere (same law, same outputs)."""
+    if logprobs.is_cuda:
+        return tilted_sample(logprobs, potential=potential, candidates=candidates, beta=beta, generator=generator)
+    return sample_tilted_cpu(logprobs, potential=potential, candidates=candidates, beta=beta, generator=generator)
+
+
 def tilted_log_weight(log_norm: torch.Tensor, delta: torch.Tensor, phi: torch.Tensor, beta: float) -> torch.Tensor:
     """log w = log pi0(v) + Delta(v)/beta - log q(v) = log L + (Delta(v) - phi(v)) / beta.
 
@@ -254,7 +313,7 @@ def propose_bootstrap(targets, cfg, logprobs, prefixes, psi_prev, *, boundary: b
     """
     eos_ids = targets.prior.eos_token_ids
     last = len(prefixes[0]) + 1 == cfg.max_new_tokens if prefixes else False
-    tok = tilted_sample(logprobs, generator=generator).tokens.cpu()  # (m,) q = pi0
+    tok = draw_tokens(logprobs, generator=generator).tokens.cpu()  # (m,) q = pi0
     ended = torch.isin(tok, torch.tensor(eos_ids)) | last  # (m,)
     need = ended | (boundary and targets.twist is not None)
     g = _score(targets, prefixes, tok.tolist(), ended, need, psi_prev, set(eos_ids))  # (m,)
@@ -289,14 +348,14 @@ def propose_tilted(targets, cfg, logprobs, prefixes, psi_prev, *, boundary: bool
     # the kernel would refuse them, so they are drawn as anything and weighted -inf.
     covered = torch.isfinite(logprobs).sum(-1).cpu() <= k  # (m,) the candidates hold all of pi0's mass
     dead = covered & torch.isneginf(top_lp + delta_c / cfg.beta).all(-1)  # (m,)
-    phi_c = delta_c.float()  # (m, k) the potential exactly as q (float32 kernels) uses it
+    phi_c = delta_c.float().double() if logprobs.is_cuda else delta_c  # (m, k) phi exactly as q uses it (kernels: fp32)
     tok = cand[:, 0].clone()  # (m,) dead rows keep their most likely token
     log_norm = torch.full((m,), -math.inf, dtype=torch.float64)
     live = (~dead).nonzero().squeeze(1)
     if live.numel():
         dev = logprobs.device
-        draw = tilted_sample(
-            logprobs.index_select(0, live.to(dev)), potential=phi_c[live].to(dev),
+        draw = draw_tokens(
+            logprobs if live.numel() == m else logprobs.index_select(0, live.to(dev)), potential=phi_c[live].to(dev),
             candidates=cand[live].to(dev), beta=cfg.beta, generator=generator,
         )  # fmt: skip
         tok[live], log_norm[live] = draw.tokens.cpu(), draw.log_norm.double().cpu()
@@ -310,7 +369,7 @@ def propose_tilted(targets, cfg, logprobs, prefixes, psi_prev, *, boundary: bool
     if bool(miss_need.any()):
         g = _score(targets, prefixes, tok.tolist(), ended, miss_need, g, set(eos_ids))
     delta = g - psi_prev  # (m,)
-    phi = torch.where(hit, phi_c.double().gather(1, pos).squeeze(1), 0.0)  # (m,) the potential q used for the token
+    phi = torch.where(hit, phi_c.gather(1, pos).squeeze(1), 0.0)  # (m,) the potential q used for the token
     log_inc = tilted_log_weight(log_norm, delta, phi, cfg.beta)
     return Proposal(tok, torch.where(torch.isneginf(log_inc), -math.inf, g), log_inc)
 
@@ -344,7 +403,9 @@ def smc_step(
     pid = state.row_particle[rows]  # (m,) flat particle ids
     prefixes = flat(state.tokens)[pid, :t].tolist()
     psi_prev = flat(state.psi)[pid]  # (m,)
-    logprobs = state.decode.logprobs.index_select(0, rows.to(prior.device))  # (m, V)
+    logprobs = state.decode.logprobs  # (m, V)
+    if rows.numel() != logprobs.shape[0]:
+        logprobs = logprobs.index_select(0, rows.to(prior.device))
     prop = PROPOSALS[cfg.proposal](targets, cfg, logprobs, prefixes, psi_prev, boundary=boundary, generator=generator)
 
     eos = torch.tensor(prior.eos_token_ids)

@@ -1,0 +1,226 @@
+"""SMC against plain ``model.generate`` on the default model: wall time, peak memory, tokens/s.
+
+Both make exactly N×T tokens for the same prompt: generate with ``do_sample=True,
+min_new_tokens=T`` (no early stop), SMC with an EOS id the model never emits, so every particle
+runs T steps (with the default Sentiment reward at beta = 0.1 the twist resamples often). Times are
+best-of-``--repeats``, alternating the two in one process. Peak memory is measured in a fresh
+subprocess per method: the peak resident set size (VmHWM, reset after loading the model and a
+warm-up through /proc/self/clear_refs; ru_maxrss where that is unavailable) minus the RSS before
+the run, or ``torch.cuda.max_memory_allocated`` on a GPU.
+
+    python bench/bench_smc.py [--configs 32x32,64x64] [--repeats 3] [--proposal bootstrap]
+                              [--device cpu] [--profile] [--llamppl]
+
+``--llamppl`` adds the same SMC written with LLaMPPL (Lew et al. 2023) if it is installed; it is
+not a dependency of this project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import posterior as pst
+
+PROMPT = "The movie was"
+
+
+def load(device: str):
+    prior = pst.load_default_prior(device=device)
+    never = prior.vocab_size - 1  # an id the model does not emit within T steps: no particle ends early
+    smc_prior = pst.HFPrior(prior.model, prior.tokenizer, eos_token_ids=[never])
+    return prior, smc_prior
+
+
+def runners(prior, smc_prior, N: int, T: int, args):
+    model, tok = prior.model, prior.tokenizer
+    enc = tok([args.prompt], return_tensors="pt").to(model.device)
+    post = pst.Posterior(smc_prior, pst.rewards.Sentiment(), beta=args.beta)
+    g = torch.Generator(device=model.device).manual_seed(0)
+
+    def run_generate():
+        with torch.inference_mode():
+            out = model.generate(**enc, do_sample=True, num_return_sequences=N, max_new_tokens=T, min_new_tokens=T,
+                                 top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tok.eos_token_id)
+        assert out.shape[1] - enc.input_ids.shape[1] == T
+
+    def run_smc():
+        res = post.sample(n=N, method="smc", max_new_tokens=T, prompts=[args.prompt], generator=g,
+                          proposal=args.proposal, top_k=args.top_k)
+        assert int(res.lengths.min()) == T
+        return res
+
+    return {"generate": run_generate, "smc": run_smc}
+
+
+# --- memory, in a fresh process per method ------------------------------------------------------
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def child(args):
+    torch.set_num_threads(args.threads)
+    prior, smc_prior = load(args.device)
+    run = runners(prior, smc_prior, args.n, args.tokens, args)[args.child]
+    run()  # warm-up: lazy allocations and one-off buffers are not the method's footprint
+    gc.collect()
+    cuda = prior.model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        exact = _reset_peak()
+        before = _status_kib("VmRSS") * 1024
+        if not exact:
+            before = max(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _status_kib("VmHWM") * 1024 if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"delta_bytes": max(0, peak - before), "peak_bytes": peak, "before_bytes": before}))
+
+
+def peak_memory(method: str, N: int, T: int, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--n", str(N), "--tokens", str(T),
+           "--device", args.device, "--proposal", args.proposal, "--top-k", str(args.top_k), "--beta", str(args.beta),
+           "--threads", str(args.threads), "--prompt", args.prompt]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- time ----------------------------------------------------------------------------------------
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def llamppl_runner(prior, N: int, T: int, args):
+    """The same bootstrap SMC (Sentiment twist, beta) in LLaMPPL, if it is installed."""
+    try:
+        import asyncio
+
+        from llamppl import CachedCausalLM, Model, smc_standard
+    except ImportError:
+        return None
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    lm = CachedCausalLM(prior.model, prior.tokenizer)
+    prompt_ids = prior.tokenizer(args.prompt)["input_ids"]
+
+    class Steer(Model):
+        def __init__(self):
+            super().__init__()
+            self.context = list(prompt_ids)
+            self.n = 0
+            self.psi = 0.0
+
+        async def step(self):
+            logp = await lm.next_token_logprobs(self.context)
+            tok = int(torch.multinomial(torch.as_tensor(logp).exp(), 1))
+            self.context.append(tok)
+            self.n += 1
+            text = prior.tokenizer.decode(self.context[len(prompt_ids):])
+            psi = vader.polarity_scores(text)["compound"]
+            self.twist((psi - self.psi) / args.beta)
+            self.psi = psi
+            if self.n >= T:
+                self.finish()
+
+    def run():
+        asyncio.run(smc_standard(Steer(), N))
+
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="32x32,64x64", help="NxT pairs, comma separated")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--proposal", default="bootstrap", choices=["bootstrap", "tilted"])
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
+    ap.add_argument("--profile", action="store_true", help="cProfile one SMC run per config")
+    ap.add_argument("--llamppl", action="store_true", help="also time LLaMPPL's smc_standard if installed")
+    ap.add_argument("--child", choices=["generate", "smc"], help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    torch.set_num_threads(args.threads)
+    prior, smc_prior = load(args.device)
+    print(f"device={prior.model.device} threads={torch.get_num_threads()} prompt={args.prompt!r} "
+          f"reward=Sentiment beta={args.beta} proposal={args.proposal}")
+    for cfg in args.configs.split(","):
+        N, T = (int(x) for x in cfg.lower().split("x"))
+        run = runners(prior, smc_prior, N, T, args)
+        run["generate"](), run["smc"]()  # warm-up
+        times = {"generate": [], "smc": []}
+        for _ in range(args.repeats):  # alternate, so drift in machine load hits both
+            for name in times:
+                times[name].append(timed(run[name]))
+        tg, ts = min(times["generate"]), min(times["smc"])
+        res = run["smc"]()
+        tokens = N * T
+        print(f"\nN={N} T={T} ({tokens} tokens), best of {args.repeats}")
+        print(f"  model.generate  {tg:8.3f} s  {tokens / tg:8.1f} tok/s   (all runs: {', '.join(f'{t:.2f}' for t in times['generate'])})")
+        print(f"  smc             {ts:8.3f} s  {tokens / ts:8.1f} tok/s   (all runs: {', '.join(f'{t:.2f}' for t in times['smc'])})")
+        print(f"  time ratio smc/generate = {ts / tg:.3f}   (resampled at {int(res.info['resampled'].sum())} of {T} steps, "
+              f"reward mean {res.reward_mean().item():.3f})")
+        if not args.no_memory:
+            mg, ms = peak_memory("generate", N, T, args), peak_memory("smc", N, T, args)
+            mib = 1 << 20
+            ratio = ms["delta_bytes"] / max(1, mg["delta_bytes"])
+            print(f"  peak memory above the loaded model: generate {mg['delta_bytes'] / mib:.1f} MiB, "
+                  f"smc {ms['delta_bytes'] / mib:.1f} MiB, ratio = {ratio:.3f}")
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.runcall(run["smc"])
+            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        if args.llamppl:
+            lrun = llamppl_runner(prior, N, T, args)
+            if lrun is None:
+                print("  llamppl: not installed (pip install llamppl)")
+            else:
+                tl = min(timed(lrun) for _ in range(args.repeats))
+                print(f"  llamppl smc     {tl:8.3f} s  {tokens / tl:8.1f} tok/s   ratio to generate {tl / tg:.3f}")
+
+
+if __name__ == "__main__":
+    main()

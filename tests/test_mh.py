@@ -129,7 +129,7 @@ def _check_scored(prior, prompt_ids, tokens, lengths, token_logprobs):
 
 def test_propose_suffix_keeps_prefix_and_cuts_uniformly():
     prior = markov_prior(("a", "b", "<eos>"))
-    post, prompt_ids, rows, state = _state(prior, n=3000, M=4, prompts=["a", "ba"])
+    _, prompt_ids, rows, state = _state(prior, n=3000, M=4, prompts=["a", "ba"])
     cfg = mh.MHConfig(max_new_tokens=4, proposal="suffix")
     prop = mh.propose(prior, rows, state, config=cfg, generator=gen(1))
     P, N, M = state.tokens.shape
@@ -155,7 +155,7 @@ def test_propose_suffix_keeps_prefix_and_cuts_uniformly():
 
 def test_propose_independence_is_a_fresh_prior_draw():
     prior = markov_prior(("a", "b", "<eos>"))
-    post, prompt_ids, rows, state = _state(prior, n=50, M=4)
+    _, prompt_ids, rows, state = _state(prior, n=50, M=4)
     prop = mh.propose(prior, rows, state, config=mh.MHConfig(max_new_tokens=4, proposal="independence"), generator=gen(2))
     assert bool(prop.independence.all()) and bool((prop.cut == 0).all())
     torch.testing.assert_close(prop.log_q_forward, prop.token_logprobs.double().sum(-1))
@@ -165,7 +165,7 @@ def test_propose_independence_is_a_fresh_prior_draw():
 
 def test_propose_mixture_picks_independence_with_mixture_weight():
     prior = two_token_prior()
-    post, prompt_ids, rows, state = _state(prior, n=4000, M=3)
+    _, _, rows, state = _state(prior, n=4000, M=3)
     w = 0.3
     prop = mh.propose(prior, rows, state, config=mh.MHConfig(max_new_tokens=3, proposal="mixture", mixture_weight=w), generator=gen(4))
     f = float(prop.independence.double().mean())
@@ -205,11 +205,10 @@ def enumerated_kernel(prior, reward, beta, M, proposal, mixture_weight=0.5):
     lps = _token_logprobs(prior, seqs, M)  # (S, M)
     L = torch.tensor([len(s) for s in seqs])
     log_target = ex.log_prior + ex.rewards / beta
-    moves = []  # (probability of the component and cut, cut, independence)
     S = len(seqs)
     K = torch.zeros(S, S, dtype=torch.float64)
     for i, x in enumerate(seqs):
-        moves = []
+        moves = []  # (probability of the component and cut, cut, independence)
         if proposal in ("suffix", "mixture"):
             w = 1.0 if proposal == "suffix" else 1.0 - mixture_weight
             moves += [(w / len(x), c, False) for c in range(len(x))]

@@ -355,7 +355,7 @@ def _gather_slots(past, retain: torch.Tensor, width: int, config=None):
     """
     from transformers import DynamicCache
 
-    B, S = retain.shape
+    B = retain.shape[0]
     count = retain.sum(-1)  # (B,)
     if bool((count > width).any()):
         raise ValueError(f"cannot fit {int(count.max())} slots into a cache of width {width}")

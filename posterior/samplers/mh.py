@@ -64,8 +64,9 @@ chains after each step (step 0: the initial states).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -464,7 +465,7 @@ def reward_trace_diagnostics(trace: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """
     from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
-    P, N, K = trace.shape
+    P, K = trace.shape[0], trace.shape[-1]
     r_hat = torch.full((P,), math.nan, dtype=torch.float64)
     ess = torch.full((P,), math.nan, dtype=torch.float64)
     for p in range(P):

@@ -98,6 +98,12 @@ class SampleResult:
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
+    if isinstance(v, list) and v and isinstance(v[0], list):  # per-chain / per-step arrays: shape only
+        shape = [len(v)]
+        while v and isinstance(v[0], list):
+            v = v[0]
+            shape.append(len(v))
+        return f"<array {'x'.join(map(str, shape))}>"
     if isinstance(v, list) and v and isinstance(v[0], float):
         return "[" + ", ".join(_fmt(x) for x in v[:8]) + (", ...]" if len(v) > 8 else "]")
     return str(v)

@@ -128,6 +128,11 @@ class Prior(abc.ABC):
     def select(self, state: DecodeState, index: torch.Tensor) -> DecodeState:
         """Rows ``index`` (B',) of ``state``, in that order (duplicates allowed)."""
 
+    def reorder(self, state: DecodeState, index: torch.Tensor) -> DecodeState:
+        """Like :meth:`select`, but ``state`` is consumed (as by :meth:`extend`), so a prior with a
+        KV cache may gather it layer by layer instead of holding two copies (SMC resampling)."""
+        return self.select(state, index)
+
     def vocabulary_key(self) -> Any:
         """Something equal for two priors exactly when their token ids mean the same strings."""
         return None

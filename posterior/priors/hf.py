@@ -207,6 +207,20 @@ class HFPrior(Prior):
             _HFCache(gather_cache(c.past, index, self.model.config), c.attention_mask.index_select(0, index), c.next_position.index_select(0, index)),
         )
 
+    def reorder(self, state, index):
+        """:meth:`select` that consumes ``state``: the cache is reordered in place one layer at a time
+        (``Cache.reorder_cache``, as beam search does), so peak memory is one layer above the cache."""
+        c: _HFCache = state.cache
+        if not hasattr(c.past, "reorder_cache"):
+            return self.select(state, index)
+        index = index.to(self.device)
+        c.past.reorder_cache(index)
+        return DecodeState(
+            state.logprobs.index_select(0, index),
+            state.lengths.index_select(0, index),
+            _HFCache(c.past, c.attention_mask.index_select(0, index), c.next_position.index_select(0, index)),
+        )
+
     # --- prefix states (MCMC suffix proposals) ---------------------------------------------------
     def truncate(self, state, prompt_ids, tokens, keep):
         """A state for ``prompt_ids[b] + tokens[b, :keep[b]]`` per row, reusing ``state``'s KV cache.

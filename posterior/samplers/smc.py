@@ -37,7 +37,7 @@ Delta = g(x_1:t) - psi_{t-1}(x_1:t-1), a proposal q(x_t | x_1:t-1) gets
 
 Resampling. Per prompt, when ESS < ess_threshold·N (1 = every step, 0 = never), draw ancestors
 with a registered scheme (``posterior.samplers.resampling``), reorder the KV cache rows with one
-``prior.select``, and set that prompt's weights to their log-mean-exp. Weights are stored so that
+``prior.reorder`` (a select that may reuse the cache in place), and set that prompt's weights to their log-mean-exp. Weights are stored so that
 log-mean-exp(log_w) is always the running estimate; at the end it is the standard estimator
 
     log Ẑ = sum over resampling epochs e of log (1/N) sum_i W_i^(e),
@@ -92,7 +92,7 @@ def sample_tilted_cpu(
     candidates: torch.Tensor | None = None,
     beta: float = 1.0,
     generator: torch.Generator | None = None,
-    chunk: int = 16,
+    chunk: int = 4,
 ) -> TiltedSample:
     """``posterior.kernels.tilted_sample`` at temperature 1 on the CPU, by inverting a float64 CDF.
 
@@ -240,7 +240,7 @@ class Targets:
 class SMCState:
     """Particles of P prompts, N each, after ``t`` steps. Tensors are CPU; ``decode`` holds the
     prior's rows (KV cache) of the particles still running, row r being particle ``row_particle[r]``
-    (flat index p·N + i); rows of ended particles are dropped at the next ``select``."""
+    (flat index p·N + i); rows of ended particles are dropped at the next ``reorder``."""
 
     t: int
     tokens: torch.Tensor  # (P, N, T) int64, EOS-padded
@@ -391,6 +391,7 @@ def smc_step(
 ) -> tuple[SMCState, StepInfo]:
     """Extend every running particle by one token, reweight, resample where the ESS is low.
 
+    ``state.decode`` is consumed (``prior.extend`` / ``prior.reorder`` may reuse its KV cache).
     Raises DegenerateWeightsError when every particle of a prompt has weight 0 after this step.
     """
     prior, t = targets.prior, state.t
@@ -439,14 +440,14 @@ def smc_step(
         tokens, lengths, log_prior, psi, ended = (_take(x, ancestors) for x in (tokens, lengths, log_prior, psi, ended))
         still = _take(still, ancestors)
 
-    # Decode rows: one select when resampling reorders them or when ended rows are half the batch.
+    # Decode rows: one reorder when resampling changes them or when ended rows are half the batch.
     src = (ancestors + torch.arange(P)[:, None] * N).reshape(-1)  # (P·N,) flat ancestor of each particle
     keep = flat(still).nonzero().squeeze(1)  # (m',) particles decoded next
     decode, row_particle = state.decode, state.row_particle
     if keep.numel() and (bool(decide.any()) or 2 * keep.numel() <= row_particle.numel()):
         row_of = torch.full((P * N,), -1, dtype=torch.long)
         row_of[row_particle] = torch.arange(row_particle.numel())
-        decode = prior.select(decode, row_of[src[keep]].to(prior.device))
+        decode = prior.reorder(decode, row_of[src[keep]].to(prior.device))  # consumes the old rows
         row_particle = keep
     if keep.numel():
         feed = flat(tokens)[row_particle, t]  # ended rows left in the batch get their (EOS) token

@@ -140,40 +140,38 @@ def timed(fn) -> float:
 
 
 def llamppl_runner(prior, N: int, T: int, args):
-    """The same bootstrap SMC (Sentiment twist, beta) in LLaMPPL, if it is installed."""
+    """The same bootstrap SMC (VADER twist on the partial text, beta, N particles, T tokens) written
+    with LLaMPPL's ``smc_standard`` over its HF backend, if LLaMPPL is installed (else None)."""
     try:
         import asyncio
 
-        from llamppl import CachedCausalLM, Model, smc_standard
+        from genlm.backend.llm import AsyncTransformer
+        from llamppl import CachedCausalLM, LMContext, Model, smc_standard
     except ImportError:
         return None
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     vader = SentimentIntensityAnalyzer()
-    lm = CachedCausalLM(prior.model, prior.tokenizer)
-    prompt_ids = prior.tokenizer(args.prompt)["input_ids"]
+    lm = CachedCausalLM(AsyncTransformer(prior.model, prior.tokenizer, batch_size=N))
 
-    class Steer(Model):
+    class SentimentSteering(Model):
         def __init__(self):
             super().__init__()
-            self.context = list(prompt_ids)
-            self.n = 0
+            self.ctx = LMContext(lm, args.prompt)
             self.psi = 0.0
 
         async def step(self):
-            logp = await lm.next_token_logprobs(self.context)
-            tok = int(torch.multinomial(torch.as_tensor(logp).exp(), 1))
-            self.context.append(tok)
-            self.n += 1
-            text = prior.tokenizer.decode(self.context[len(prompt_ids):])
-            psi = vader.polarity_scores(text)["compound"]
+            await self.sample(self.ctx.next_token())
+            psi = vader.polarity_scores(str(self.ctx))["compound"]
             self.twist((psi - self.psi) / args.beta)
             self.psi = psi
-            if self.n >= T:
+            if self.ctx.token_count >= T:
                 self.finish()
 
     def run():
-        asyncio.run(smc_standard(Steer(), N))
+        lm.clear_cache()  # no KV reuse across repeats
+        particles = asyncio.run(smc_standard(SentimentSteering(), N, resampling_method="systematic"))
+        assert all(p.ctx.token_count == T for p in particles)
 
     return run
 

@@ -361,20 +361,36 @@ def test_hf_prior_resampling_reorders_the_cache(arch, proposal, one_thread):
 # --------------------------------------------------------------------------------------------------
 # The default model (slow)
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_default_model_sentiment_and_contains():
-    prior = pst.load_default_prior()
-    sent = pst.Posterior(prior, pst.rewards.Sentiment(), beta=0.1)
-    res = sent.sample(n=16, method="smc", max_new_tokens=16, prompts=["The movie was"], seed=0)
-    base = sent.sample(n=16, method="is", max_new_tokens=16, prompts=["The movie was"], seed=0)
-    print("sentiment: smc", res.reward_mean().item(), "prior", base.rewards.mean().item(), "resamplings", res.info["resampled"].sum().item())
-    assert res.reward_mean().item() > base.rewards.mean().item() + 0.3
+@pytest.fixture(scope="module")
+def default_prior():
+    return pst.load_default_prior()
 
-    cont = pst.Posterior(prior, pst.rewards.Contains("great"), beta=1.0)
-    smc = cont.sample(n=32, method="smc", max_new_tokens=16, prompts=["The movie was"], seed=0, proposal="tilted", top_k=8,
-                      twist=lambda ts: [0.0 if "great" in t else -3.0 for t in ts])
-    imp = cont.sample(n=32, method="is", max_new_tokens=16, prompts=["The movie was"], seed=0)
+
+@pytest.mark.slow
+def test_default_model_sentiment_smc_raises_the_mean_reward_far_above_the_prior(default_prior):
+    post = pst.Posterior(default_prior, pst.rewards.Sentiment(), beta=0.1)
+    smc = post.sample(n=16, method="smc", max_new_tokens=16, prompts=["The movie was"], seed=0)
+    prior = post.sample(n=16, method="is", max_new_tokens=16, prompts=["The movie was"], seed=0)
+    print(f"\nSentiment beta=0.1: smc reward mean {smc.reward_mean().item():.3f} (ess {smc.ess.item():.1f}, "
+          f"{int(smc.info['resampled'].sum())} resamplings), prior mean {prior.rewards.mean().item():.3f}")
+    assert smc.reward_mean().item() > prior.rewards.mean().item() + 0.3
+    assert torch.allclose(torch.logsumexp(smc.log_weights, -1), torch.zeros(1), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_default_model_contains_tilted_smc_finds_valid_samples_where_is_finds_almost_none(default_prior):
+    """Contains("great") has no prefix semantics, so the steering comes from a finite user twist
+    that favours prefixes already containing the word (the final target stays exactly pi*)."""
+    post = pst.Posterior(default_prior, pst.rewards.Contains("great"), beta=1.0)
+    twist = lambda texts: [0.0 if "great" in t else -3.0 for t in texts]  # noqa: E731
+    smc = post.sample(n=32, method="smc", max_new_tokens=16, prompts=["The movie was"], seed=0,
+                      proposal="tilted", top_k=8, twist=twist)
+    try:
+        imp = post.sample(n=32, method="is", max_new_tokens=16, prompts=["The movie was"], seed=0)
+        n_is = int(torch.isfinite(imp.rewards).sum())
+    except pst.DegenerateWeightsError:
+        n_is = 0
     n_smc = int(torch.isfinite(smc.log_weights).sum())
-    n_is = int(torch.isfinite(imp.rewards).sum())
-    print("contains: valid smc", n_smc, "ess", smc.ess.item(), "valid is", n_is)
-    assert n_smc >= 8 and n_is <= 2
+    print(f"\nContains('great'), 32 particles: tilted smc {n_smc} valid (ess {smc.ess.item():.1f}), is {n_is} valid")
+    assert all("great" in t for t, w in zip(smc.texts[0], smc.log_weights[0].tolist()) if w > -math.inf)
+    assert n_smc >= 8 and n_is <= 3

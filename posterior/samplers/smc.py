@@ -2,7 +2,7 @@
 
 Targets. For a prompt, particles x_1:t grow one token per step under a proposal. The intermediate
 targets are the prior tilted by a *twist* psi_t of the partial text (Naesseth, Lindsten & Schön
-2019, §3; Zhao et al. 2024, "Probabilistic inference in language models via twisted SMC"):
+2019; Zhao et al. 2024, "Probabilistic inference in language models via twisted SMC"):
 
     gamma_t(x_1:t) = pi0(x_1:t) · exp(psi_t(x_1:t) / beta),     psi_0 = 0,
 
@@ -12,8 +12,8 @@ is the reward on the partial text when ``reward.accepts_prefixes`` (``twist="aut
 (bootstrap particle filter, Gordon et al. 1993), or any user function of partial texts. A twist
 may be -inf only on prefixes none of whose completions has a finite reward (a prefix check for a
 hard constraint); such particles die at once (weight 0) and are resampled away.
-With ``block_size=B`` the twist is only re-evaluated every B tokens (it is carried in between),
-so reweighting and resampling happen every B tokens and when particles end.
+With ``block_size=B`` the twist is only re-evaluated every B tokens (it is carried in between), so
+weights change every B tokens and when a particle ends, and resampling is checked every B tokens.
 
 Incremental weights. With g(x_1:t) the potential of the new prefix (psi_t, or r if it ended) and
 Delta = g(x_1:t) - psi_{t-1}(x_1:t-1), a proposal q(x_t | x_1:t-1) gets
@@ -33,24 +33,28 @@ Delta = g(x_1:t) - psi_{t-1}(x_1:t-1), a proposal q(x_t | x_1:t-1) gets
   E_q[w_t] = sum_v pi0(v) exp(Delta(v)/beta) exactly, as the bootstrap increment's mean. With
   top_k >= V this is the locally optimal proposal; with the optimal twist
   psi_t = beta log E_pi0[exp(r/beta) | x_1:t] every weight is then Z (zero variance).
-  (SMC steering, Lew et al. 2023, uses the same one-step look-ahead over the vocabulary.)
+  (Lew et al. 2023, "Sequential Monte Carlo steering of large language models using probabilistic
+  programs", propose with such one-step look-ahead potentials.)
 
 Resampling. Per prompt, when ESS < ess_threshold·N (1 = every step, 0 = never), draw ancestors
 with a registered scheme (``posterior.samplers.resampling``), reorder the KV cache rows with one
-``prior.reorder`` (a select that may reuse the cache in place), and set that prompt's weights to their log-mean-exp. Weights are stored so that
-log-mean-exp(log_w) is always the running estimate; at the end it is the standard estimator
+``prior.reorder`` (a select that may reuse the cache in place), and set that prompt's weights to
+their log-mean-exp. Weights are stored so that log-mean-exp(log_w) is always the running
+estimate; at the end it is the standard estimator
 
     log Ẑ = sum over resampling epochs e of log (1/N) sum_i W_i^(e),
 
-unbiased for Z = sum_x pi0(x) exp(r(x)/beta) (Del Moral 2004, Thm 7.4.2; Naesseth et al. 2019,
-§2.4). Ended particles leave the decode batch but keep their weight and stay resampleable (their
+unbiased for Z = sum_x pi0(x) exp(r(x)/beta) (Del Moral 2004, "Feynman-Kac Formulae", ch. 7;
+Naesseth, Lindsten & Schön 2019, "Elements of sequential Monte Carlo"). Ended particles leave the decode batch but keep their weight and stay resampleable (their
 target is the absorbing gamma(x) above); a particle copied from an ended one is ended too.
 
 Hard constraints. ``Contains`` is 0/-inf and has no prefix semantics: its auto twist is 0, a
 particle dies when it ends without the substring, and with ``proposal="tilted"`` an ending token
 (EOS, or any token at the last step) is proposed with its true reward, so tokens that would end a
-sequence without the substring are never proposed. A prompt whose particles all die raises
-:class:`~posterior.errors.DegenerateWeightsError` naming the step and the prompt.
+sequence without the substring are never proposed. To steer towards such a constraint, pass a
+finite twist that favours prefixes satisfying it, e.g. ``twist=lambda ts: [0.0 if "great" in t else
+-3.0 for t in ts]``: any finite twist leaves the final target exactly pi*. A prompt whose particles
+all die raises :class:`~posterior.errors.DegenerateWeightsError` naming the step and the prompt.
 
 Per-step numerics go through ``posterior.kernels``: ``normalize_log_weights`` gives ESS and
 log-mean-exp, ``resample`` draws ancestors, and on CUDA ``tilted_sample`` draws every token (q = pi0
@@ -63,17 +67,15 @@ accumulated in float64; the CUDA kernel's log L carries float32 rounding (~1e-7 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
-
-import math
 
 import torch
 from tqdm.auto import tqdm
 
 from posterior.errors import DegenerateWeightsError
-from posterior.kernels import normalize_log_weights, resample, tilted_sample
-from posterior.kernels import TiltedSample
+from posterior.kernels import TiltedSample, normalize_log_weights, resample, tilted_sample
 from posterior.priors.base import Continuations, DecodeState, Prior
 from posterior.rewards.base import Callable as CallableReward
 from posterior.rewards.base import Reward

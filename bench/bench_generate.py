@@ -4,7 +4,7 @@ Both produce exactly N×T tokens for one prompt (EOS disabled in both: ``min_new
 generate, an unused stop id for ours), measured in one run, alternating, best of ``--repeats``.
 Also times the whole ``Posterior.sample(method="is")`` call (decode + VADER rewards + weights).
 
-    python bench/bench_generate.py [--n 32] [--tokens 32] [--repeats 3] [--device cpu]
+    python bench/bench_generate.py [--n 32] [--tokens 32] [--repeats 3] [--device cpu] [--threads 1]
 """
 
 import argparse
@@ -31,8 +31,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompt", default="The movie was")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     prior = pst.load_default_prior(device=args.device)
     model, tok = prior.model, prior.tokenizer

@@ -238,11 +238,11 @@ class Prior(abc.ABC):
         state = self.start(prompt_ids, copies=N)
         flat, flat_len = tokens.reshape(P * N, T).to(self.device), lengths.reshape(P * N).to(self.device)
         total = torch.zeros(P * N, device=self.device)
-        for t in range(int(flat_len.max().item()) if flat_len.numel() else 0):
-            live = t < flat_len
+        steps = int(flat_len.max().item()) if flat_len.numel() else 0
+        for t in range(steps):
             tok = flat[:, t]
-            total += torch.where(live, state.logprobs.gather(1, tok[:, None]).squeeze(1), 0.0)
-            if t + 1 < int(flat_len.max().item()):
+            total += torch.where(t < flat_len, state.logprobs.gather(1, tok[:, None]).squeeze(1), 0.0)
+            if t + 1 < steps:
                 state = self.extend(state, tok)
         return total.reshape(P, N).cpu()
 

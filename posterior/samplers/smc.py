@@ -526,7 +526,6 @@ def sequential_monte_carlo(
     P = len(prompt_ids)
     stats = normalize_prompts(state.log_weights, prompts, what="SMC weights")
     rewards = torch.where(state.ended, state.psi, -math.inf)  # killed before ending: -inf
-    steps = len(infos)
     T = max(1, int(state.lengths.max()))
     tokens = state.tokens[..., :T]
     cont = Continuations(tokens, state.lengths, state.log_prior.float(), prior.texts_of(tokens, state.lengths))

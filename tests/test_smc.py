@@ -382,16 +382,17 @@ def test_default_model_contains_tilted_smc_finds_valid_samples_where_is_finds_al
     """Contains("great") has no prefix semantics, so the steering comes from a finite user twist
     that favours prefixes already containing the word (the final target stays exactly pi*).
 
-    " great" has prior probability ~4e-4 after the prompt and is outside the top-k candidates, so
-    whether one run of 32 particles finds it varies by seed (0 to 20 valid seen): the claim is
-    checked summed over four seeds, against importance sampling with the same budget."""
+    " great" has prior probability ~4e-4 right after the prompt (outside the top 8), so with a mild
+    twist (-3) and top_k=8 one run of 32 particles finds it for some seeds only (0, 20, 3, 3 valid
+    for seeds 0-3); a twist of -6 with top_k=32 gave 16, 22, 21, 16 (the auto twist, 0 for
+    Contains, gave none; IS 2 in all). The claim is checked summed over four seeds."""
     post = pst.Posterior(default_prior, pst.rewards.Contains("great"), beta=1.0)
-    twist = lambda texts: [0.0 if "great" in t else -3.0 for t in texts]  # noqa: E731
+    twist = lambda texts: [0.0 if "great" in t else -6.0 for t in texts]  # noqa: E731
     n_smc = n_is = 0
     for seed in range(4):
         try:
             smc = post.sample(n=32, method="smc", max_new_tokens=16, prompts=["The movie was"], seed=seed,
-                              proposal="tilted", top_k=8, twist=twist)
+                              proposal="tilted", top_k=32, twist=twist)
             valid = torch.isfinite(smc.log_weights[0])
             assert all("great" in t for t, v in zip(smc.texts[0], valid.tolist()) if v)
             n_smc += int(valid.sum())
@@ -403,4 +404,4 @@ def test_default_model_contains_tilted_smc_finds_valid_samples_where_is_finds_al
         except pst.DegenerateWeightsError:
             pass
     print(f"\nContains('great'), 4 seeds x 32 particles: tilted smc {n_smc} valid, is {n_is} valid")
-    assert n_smc >= 16 and n_smc >= 4 * n_is
+    assert n_smc >= 32 and n_smc >= 4 * n_is

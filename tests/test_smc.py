@@ -6,15 +6,14 @@ import math
 
 import pytest
 import torch
+from conftest import tv_tolerance
+from posterior.kernels import tilted_log_probs
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
 from posterior.samplers.resampling import RESAMPLERS
-from posterior.kernels import tilted_log_probs
 from posterior.samplers.smc import resample_decision, resample_weights, sample_tilted_cpu, tilted_log_weight
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
-
-from conftest import tv_tolerance
 
 BETA = 0.5
 T = 4
@@ -134,7 +133,7 @@ def optimal_twist(prior, reward, beta, max_new_tokens):
     """psi*(x_1:t) = beta log E_pi0[exp(r/beta) | x_1:t] by enumeration (single-character tokens,
     so a text determines its tokens and its length)."""
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def log_value(prefix: tuple) -> float:
         lp = torch.log_softmax(prior.next_logprobs(torch.tensor([prefix], dtype=torch.long).view(1, -1)).double(), -1)[0]
         terms = []
@@ -172,7 +171,8 @@ def test_optimal_twist_with_full_lookahead_has_zero_variance(post, scheme):
 
 
 def test_log_Z_increments_sum_to_log_Z_and_ancestry_is_recorded(post):
-    res = post.sample(n=16, method="smc", max_new_tokens=T, prompts=["a", "ba", "c"], seed=3, return_ancestry=True, ess_threshold=1.0)
+    res = post.sample(n=16, method="smc", max_new_tokens=T, prompts=["a", "ba", "c"], seed=3, return_ancestry=True,
+                      ess_threshold=1.0)
     steps = res.info["ess_per_step"].shape[1]
     assert res.info["resampled"].shape == (3, steps) and res.info["ancestry"].shape == (3, 16, steps)
     assert torch.allclose(res.info["log_Z_increments"].sum(-1), res.log_Z, atol=1e-9)
@@ -347,7 +347,8 @@ def test_hf_prior_resampling_reorders_the_cache(arch, proposal, one_thread):
     reward = pst.rewards.Callable(lambda ts: [float(t.count("e") + t.count("a")) for t in ts], accepts_prefixes=True)
     post = pst.Posterior(prior, reward, beta=0.3)
     prompts = ["hello there, how are you", "a"]
-    res = post.sample(n=6, method="smc", max_new_tokens=10, prompts=prompts, seed=0, proposal=proposal, top_k=4, ess_threshold=1.0)
+    res = post.sample(n=6, method="smc", max_new_tokens=10, prompts=prompts, seed=0, proposal=proposal, top_k=4,
+                      ess_threshold=1.0)
     assert res.info["resampled"][:, :-1].all()  # every step but the last reordered the cache rows
     assert torch.allclose(torch.logsumexp(res.log_weights, -1), torch.zeros(2), atol=1e-5)
     assert res.texts == prior.texts_of(res.tokens, res.lengths)
@@ -387,7 +388,10 @@ def test_default_model_contains_tilted_smc_finds_valid_samples_where_is_finds_al
     for seeds 0-3); a twist of -6 with top_k=32 gave 16, 22, 21, 16 (the auto twist, 0 for
     Contains, gave none; IS 2 in all). The claim is checked summed over four seeds."""
     post = pst.Posterior(default_prior, pst.rewards.Contains("great"), beta=1.0)
-    twist = lambda texts: [0.0 if "great" in t else -6.0 for t in texts]  # noqa: E731
+
+    def twist(texts):
+        return [0.0 if "great" in t else -6.0 for t in texts]
+
     n_smc = n_is = 0
     for seed in range(4):
         try:

@@ -45,8 +45,9 @@ estimate; at the end it is the standard estimator
     log Ẑ = sum over resampling epochs e of log (1/N) sum_i W_i^(e),
 
 unbiased for Z = sum_x pi0(x) exp(r(x)/beta) (Del Moral 2004, "Feynman-Kac Formulae", ch. 7;
-Naesseth, Lindsten & Schön 2019, "Elements of sequential Monte Carlo"). Ended particles leave the decode batch but keep their weight and stay resampleable (their
-target is the absorbing gamma(x) above); a particle copied from an ended one is ended too.
+Naesseth, Lindsten & Schön 2019, "Elements of sequential Monte Carlo"). Ended particles leave the
+decode batch (once they are half of it, or at the next resampling) but keep their weight and stay
+resampleable (their target is the absorbing gamma(x) above); a copy of an ended particle is ended.
 
 Hard constraints. ``Contains`` is 0/-inf and has no prefix semantics: its auto twist is 0, a
 particle dies when it ends without the substring, and with ``proposal="tilted"`` an ending token
@@ -68,8 +69,9 @@ accumulated in float64; the CUDA kernel's log L carries float32 rounding (~1e-7 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -398,7 +400,10 @@ def smc_step(
     """
     prior, t = targets.prior, state.t
     P, N, T = state.tokens.shape
-    flat = lambda x: x.reshape(P * N, *x.shape[2:])  # noqa: E731  (P, N, ...) -> (P·N, ...)
+
+    def flat(x):  # (P, N, ...) -> (P·N, ...)
+        return x.reshape(P * N, *x.shape[2:])
+
     boundary = (t + 1) % cfg.block_size == 0
 
     running = flat(state.running)  # (P·N,)
@@ -421,8 +426,9 @@ def smc_step(
     log_weights = flat(state.log_weights).index_add(0, pid, prop.log_increment)
     psi = flat(state.psi).index_copy(0, pid, prop.potential)
     ended = flat(state.ended).index_copy(0, pid, ended_now)
-    unflat = lambda x: x.view(P, N, *x.shape[1:])  # noqa: E731
-    tokens, lengths, log_prior, log_weights, psi, ended = map(unflat, (tokens, lengths, log_prior, log_weights, psi, ended))
+    tokens, lengths, log_prior, log_weights, psi, ended = (
+        x.view(P, N, *x.shape[1:]) for x in (tokens, lengths, log_prior, log_weights, psi, ended)
+    )  # back to (P, N, ...)
 
     # Reweighting is done: diagnostics, dead prompts, then the resampling decision.
     before = normalize_log_weights(state.log_weights).log_mean  # (P,)
@@ -529,7 +535,10 @@ def sequential_monte_carlo(
     T = max(1, int(state.lengths.max()))
     tokens = state.tokens[..., :T]
     cont = Continuations(tokens, state.lengths, state.log_prior.float(), prior.texts_of(tokens, state.lengths))
-    stack = lambda xs, shape: torch.stack(xs, -1) if xs else torch.zeros(shape)  # noqa: E731
+
+    def stack(xs, shape):  # per-step tensors -> (..., steps)
+        return torch.stack(xs, -1) if xs else torch.zeros(shape)
+
     info = {
         "proposal": proposal,
         "twist": "none" if targets.twist is None else targets.twist.name,

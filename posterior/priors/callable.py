@@ -123,15 +123,4 @@ class CallablePrior(Prior):
         return DecodeState(state.logprobs[index], state.lengths[index], [state.cache[i] for i in idx])
 
 
-def table_prior(vocab: Sequence[str], probs: dict[tuple[int, ...], Sequence[float]] | Callable) -> CallablePrior:
-    """Convenience for tests and examples: ``probs(prefix tuple) -> probabilities`` over vocab."""
-    get = probs if callable(probs) else probs.__getitem__
-
-    def next_logprobs(ids: torch.Tensor) -> torch.Tensor:
-        rows = [torch.as_tensor(get(tuple(r)), dtype=torch.float64) for r in ids.tolist()]
-        return torch.stack(rows).log().float() if rows else torch.empty(0, len(vocab))
-
-    return CallablePrior(vocab, next_logprobs)
-
-
-__all__ = ["CallablePrior", "table_prior"]
+__all__ = ["CallablePrior"]

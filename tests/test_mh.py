@@ -9,7 +9,7 @@ import torch
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
-from posterior.priors.base import Prior
+from posterior.priors.base import Prior, StepwisePrior
 from posterior.samplers import mh
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
 
@@ -395,7 +395,7 @@ def test_hf_truncate_and_merge_match_a_fresh_encode(arch):
     tokens = torch.stack(toks, 1)  # (B, T)
     for keep in (torch.tensor([0, 1, 2, 3, 5, 6]), torch.zeros(B, dtype=torch.long), torch.full((B,), T)):
         cut = prior.truncate(state, rows, tokens, keep)
-        fresh = Prior.truncate(prior, None, rows, tokens, keep)  # the default: encode the prefixes afresh
+        fresh = StepwisePrior.truncate(prior, None, rows, tokens, keep)  # the default: encode the prefixes afresh
         assert torch.equal(cut.lengths, keep)
         torch.testing.assert_close(cut.logprobs, fresh.logprobs, atol=1e-4, rtol=0)
         # positions stay right when decoding continues from the truncated cache
@@ -412,7 +412,7 @@ def test_hf_truncate_and_merge_match_a_fresh_encode(arch):
         torch.testing.assert_close(prior.extend(merged, tok).logprobs, ref, atol=1e-4, rtol=0)
     # the input state is unchanged by truncate / merge_rows: truncating it again still works
     again = prior.truncate(state, rows, tokens, torch.full((B,), 2))
-    torch.testing.assert_close(again.logprobs, Prior.truncate(prior, None, rows, tokens, torch.full((B,), 2)).logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(again.logprobs, StepwisePrior.truncate(prior, None, rows, tokens, torch.full((B,), 2)).logprobs, atol=1e-4, rtol=0)
 
 
 def test_hf_truncate_unconditional_prompt():

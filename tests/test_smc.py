@@ -11,8 +11,8 @@ from posterior.kernels import tilted_log_probs
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
-from posterior.samplers.resampling import RESAMPLERS
-from posterior.samplers.smc import resample_decision, resample_weights, sample_tilted_cpu, tilted_log_weight
+from posterior.kernels.schemes import RESAMPLERS
+from posterior.samplers.smc import resample_decision, resample_weights, tilted_log_weight
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
 
 BETA = 0.5
@@ -82,27 +82,6 @@ def test_tilted_weight_times_q_is_pi0_times_exp_delta_for_every_token():
     log_w_all = torch.stack([tilted_log_weight(log_norm, delta[:, v], phi[:, v], beta) for v in range(V)], -1)
     mean_w = torch.logsumexp(torch.where(torch.isfinite(log_q_all), log_q_all + log_w_all, -math.inf), -1)
     assert torch.allclose(mean_w, torch.logsumexp(logp + delta / beta, -1), atol=1e-12)
-
-
-def test_cpu_tilted_sampler_agrees_with_the_kernels_reference_and_draws_from_q():
-    """sample_tilted_cpu has the semantics of posterior.kernels.tilted_sample: the same log q and
-    log_norm as the reference's materialised q, and token frequencies that match q (4 sigma)."""
-    g = torch.Generator().manual_seed(1)
-    V, beta, n = 9, 0.5, 20_000
-    logp = torch.log_softmax(torch.randn(1, V, generator=g), -1).expand(n, V)
-    cand = torch.tensor([[0, 3, 7]]).expand(n, 3)
-    pot = torch.tensor([[1.0, -math.inf, -0.5]]).expand(n, 3)
-    s = sample_tilted_cpu(logp, potential=pot, candidates=cand, beta=beta, generator=g)
-    ref_log_q, ref_log_norm = tilted_log_probs(logp[:2], potential=pot[:2], candidates=cand[:2], beta=beta)
-    q = ref_log_q[0].double().exp()
-    assert torch.allclose(s.log_q, ref_log_q[0].double()[s.tokens], atol=1e-5)
-    assert torch.allclose(s.log_norm, ref_log_norm[0].double().expand(n), atol=1e-5)
-    assert (s.tokens != 3).all()  # phi = -inf: never proposed
-    freq = torch.bincount(s.tokens, minlength=V).double() / n
-    assert torch.all((freq - q).abs() <= 4 * (q * (1 - q) / n).sqrt() + 1e-12)
-    boot = sample_tilted_cpu(logp, generator=torch.Generator().manual_seed(2))  # no potential: q = pi0
-    assert torch.allclose(boot.log_norm, torch.zeros(n, dtype=torch.float64), atol=1e-6)
-    assert torch.allclose(boot.log_q, logp[0].double()[boot.tokens], atol=1e-6)
 
 
 def test_resampling_decision_and_uniform_weights_at_log_mean():

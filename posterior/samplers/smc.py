@@ -83,65 +83,16 @@ from posterior.rewards.base import Callable as CallableReward
 from posterior.rewards.base import Reward
 from posterior.samplers.common import make_result, normalize_prompts, prompt_name
 from posterior.samplers.registry import register_sampler
-from posterior.samplers.resampling import RESAMPLERS
+from posterior.kernels.schemes import RESAMPLERS
 
 
 # --------------------------------------------------------------------------------------------------
 # Pure numerics
 # --------------------------------------------------------------------------------------------------
-def sample_tilted_cpu(
-    logprobs: torch.Tensor,
-    *,
-    potential: torch.Tensor | None = None,
-    candidates: torch.Tensor | None = None,
-    beta: float = 1.0,
-    generator: torch.Generator | None = None,
-    chunk: int = 4,
-) -> TiltedSample:
-    """``posterior.kernels.tilted_sample`` at temperature 1 on the CPU, by inverting a float64 CDF.
-
-    Parameters
-    ----------
-    logprobs : Tensor (B, V)
-        log pi0 of the next token (normalised up to float32 rounding; renormalised here).
-    potential, candidates : Tensor (B, k), optional
-        phi on the distinct token ids ``candidates``, 0 elsewhere (-inf forbids a token). Every
-        row must keep some mass (the caller removes rows whose q is zero).
-    beta : float > 0
-    generator : torch.Generator, optional
-        One uniform per row, in row order.
-    chunk : int
-        Rows per pass: peak extra memory is about 3 · chunk · V float64 values.
-
-    Returns
-    -------
-    TiltedSample
-        tokens (B,) int64, log_q (B,) float64 = log q(token), log_norm (B,) float64 =
-        log sum_v pi0(v) exp(phi(v)/beta).
-    """
-    B, V = logprobs.shape
-    u = torch.rand(B, 1, dtype=torch.float64, generator=generator)  # (B, 1)
-    tokens = torch.empty(B, dtype=torch.long)
-    log_q = torch.empty(B, dtype=torch.float64)
-    log_norm = torch.empty(B, dtype=torch.float64)
-    for s in range(0, B, chunk):
-        rows = slice(s, s + chunk)
-        z = logprobs[rows].double()  # (c, V)
-        log_z = torch.logsumexp(z, -1)  # (c,) ~0: float32 rounding of the prior's normalisation
-        y = z if potential is None else z.scatter_add(1, candidates[rows], potential[rows].double() / beta)
-        log_y = torch.logsumexp(y, -1)  # (c,)
-        cdf = torch.cumsum((y - log_y[:, None]).exp_(), -1)  # (c, V)
-        tok = torch.searchsorted(cdf, u[rows] * cdf[:, -1:], right=True).squeeze(1).clamp_(max=V - 1)
-        tokens[rows], log_norm[rows] = tok, log_y - log_z
-        log_q[rows] = y.gather(1, tok[:, None]).squeeze(1) - log_y
-    return TiltedSample(tokens, log_q, log_norm)
-
-
 def draw_tokens(logprobs, *, potential=None, candidates=None, beta=1.0, generator=None) -> TiltedSample:
-    """The kernel on CUDA, :func:`sample_tilted_cpu` elsewhere (same law, same outputs)."""
-    if logprobs.is_cuda:
-        return tilted_sample(logprobs, potential=potential, candidates=candidates, beta=beta, generator=generator)
-    return sample_tilted_cpu(logprobs, potential=potential, candidates=candidates, beta=beta, generator=generator)
+    """One token per row from q ∝ pi0 exp(phi/beta) through ``posterior.kernels.tilted_sample``
+    (Triton on CUDA, the float64 CDF inversion on the CPU)."""
+    return tilted_sample(logprobs, potential=potential, candidates=candidates, beta=beta, generator=generator)
 
 
 def tilted_log_weight(log_norm: torch.Tensor, delta: torch.Tensor, phi: torch.Tensor, beta: float) -> torch.Tensor:

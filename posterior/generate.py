@@ -186,7 +186,7 @@ def _make_prior(model, tokenizer, temperature, top_k, top_p, eos_token_id):
 
     validate_sampling(temperature, top_k, top_p)
     eos = None if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    modified = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v not in (None, 1.0)}
+    modified = _modifications(temperature, top_k, top_p)
     if isinstance(model, Prior):
         if modified or eos is not None:
             raise ValueError(
@@ -208,6 +208,12 @@ def _make_prior(model, tokenizer, temperature, top_k, top_p, eos_token_id):
 
     prior = HFPrior(model, tokenizer, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_ids=eos)
     return prior, tokenizer
+
+
+def _modifications(temperature, top_k, top_p) -> dict:
+    """The sampling modifications that differ from the model's own distribution."""
+    out = {} if temperature == 1.0 else {"temperature": temperature}
+    return {**out, **({} if top_k is None else {"top_k": top_k}), **({} if top_p is None else {"top_p": top_p})}
 
 
 def _pad_id(pad_token_id, tokenizer, prior) -> int:
@@ -336,7 +342,7 @@ def _note(res: SampleResult, n: int, resampled: bool, seed: int) -> str:
     else:
         parts.append(f"method {res.method!r} targets pi*")
     if res.prior.get("modified"):
-        mods = {k: res.prior[k] for k in ("temperature", "top_k", "top_p") if res.prior.get(k) not in (None, 1.0)}
+        mods = _modifications(res.prior.get("temperature", 1.0), res.prior.get("top_k"), res.prior.get("top_p"))
         parts.append(f"the prior pi0 is the model with {mods} (.result.prior)")
     return "; ".join(parts)
 

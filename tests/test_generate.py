@@ -322,3 +322,11 @@ def test_default_model_generate_matches_posterior_sample():
                                                                    prompts=["The movie was"], seed=0)
     assert out.result.texts == ref.texts and out.sequences.shape[0] == 4
     assert tok.batch_decode(out.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True) == out.texts
+
+
+def test_top_k_1_and_top_p_1_count_as_asked_for():
+    """Regression: top_k=1 (== 1.0) and top_p=1.0 were dropped as if they were defaults."""
+    from posterior.generate import _modifications
+
+    assert _modifications(1.0, 1, 1.0) == {"top_k": 1, "top_p": 1.0}
+    assert _modifications(0.5, None, None) == {"temperature": 0.5}

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import inspect
 import math
 from typing import Any, Callable, Sequence
 
-from posterior.rewards.base import Reward, RewardError
+from posterior.rewards.base import Reward, RewardError, WeightedSum
 
 
 class TRLReward(Reward):
@@ -167,9 +168,6 @@ def from_trl(fn: Callable, *, skip_none: bool = False, tokenizer=None, accepts_p
 def with_tokenizer(reward: Reward, tokenizer) -> Reward:
     """``reward`` with every TRL term that has no tokenizer given ``tokenizer`` (copies; the
     input is unchanged), so its ``completion_ids`` are filled in."""
-    import copy
-
-    from posterior.rewards.base import WeightedSum
 
     if isinstance(reward, TRLReward) and reward.tokenizer is None:
         out = copy.copy(reward)

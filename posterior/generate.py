@@ -259,9 +259,10 @@ def _left_pad(rows: list[list[int]], pad: int) -> torch.Tensor:
 def _id_prompts(prior: Prior, ids: torch.Tensor, mask, pad: int):
     """Prompts given as token ids: their texts (for rewards and results) and a prior that encodes
     those texts to exactly these ids."""
-    if ids.dim() == 1:
+    if ids.dim() == 1:  # one prompt, as model.generate also accepts
         ids = ids[None]
-        mask = None if mask is None else torch.as_tensor(mask)[None] if torch.as_tensor(mask).dim() == 1 else mask
+        if mask is not None and torch.as_tensor(mask).dim() == 1:
+            mask = torch.as_tensor(mask)[None]
     if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty LongTensor (P, L), got {ids.dtype} {tuple(ids.shape)}")
     ids = ids.long().cpu()

@@ -330,3 +330,17 @@ def test_top_k_1_and_top_p_1_count_as_asked_for():
 
     assert _modifications(1.0, 1, 1.0) == {"top_k": 1, "top_p": 1.0}
     assert _modifications(0.5, None, None) == {"temperature": 0.5}
+
+
+def test_one_dimensional_ids_unconditional_and_mask_inferred_from_pad(tiny):
+    model, tok = tiny
+    row = tok("hello")["input_ids"]
+    kw = dict(reward=REWARD, beta=0.5, method="is", n=2, max_new_tokens=4)
+    one = pst.generate(model, tok, torch.tensor(row), **kw)
+    assert one.result.prompts == ["hello"] and one.sequences[:, : len(row)].tolist() == [row] * 2
+    assert one.result.texts == pst.generate(model, tok, "hello", **kw).result.texts
+    uncond = pst.generate(model, tok, None, **kw)
+    assert uncond.result.prompts is None and uncond.sequences[:, 0].tolist() == [1, 1]  # <bos>, then the samples
+    # No attention mask: as in model.generate, a pad id that is not EOS marks padding.
+    padded = pst.generate(model, tok, torch.tensor([[0, 0] + row]), pad_token_id=0, **kw)
+    assert padded.result.prompts == ["hello"] and padded.result.texts == one.result.texts

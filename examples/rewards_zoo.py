@@ -22,7 +22,7 @@ results = {}
 for name, reward in rewards.items():
     post = pst.Posterior(prior, reward, beta=0.5)
     try:
-        res = post.sample(n=8, method="smc", max_new_tokens=12, prompts=["Tonight I cooked"], seed=0)
+        res = post.sample(n=6, method="smc", max_new_tokens=10, prompts=["Tonight I cooked"], seed=0)
     except pst.DegenerateWeightsError as e:  # e.g. a from_spec("contains:WORD") no particle met
         print(f"--- {name}: {e}")
         continue

@@ -19,7 +19,7 @@ def mentions(completions, keyword, **kwargs):  # a dataset column ("keyword") ar
 prior = pst.load_default_prior()
 prompts = ["Write a short title for a cooking blog:", "Name a city in France:"]
 reward = pst.rewards.from_trl(reward_len) + pst.rewards.from_trl(mentions, keyword=["food", "paris"])
-out = pst.generate(prior.model, prior.tokenizer, prompts, reward=reward, beta=5.0, method="smc", n=4, max_new_tokens=12)
+out = pst.generate(prior.model, prior.tokenizer, prompts, reward=reward, beta=5.0, method="smc", n=4, max_new_tokens=10)
 res = out.result
 for p, prompt in enumerate(prompts):
     print(f"=== {prompt!r}")

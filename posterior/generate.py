@@ -117,7 +117,7 @@ def generate(
     num_return_sequences : int, optional
         Alias of ``n``.
     method_options : dict, optional
-        Method options whose names collide with generation keywords (SMC's own ``top_k``).
+        Method options as a dict (merged with ``**options``; a name given both ways raises).
     progress : bool
         Progress bar.
     **options

@@ -161,7 +161,7 @@ def test_method_options_pass_through_and_unknown_keywords_raise(tiny):
     never = pst.generate(model, tok, "hello", reward=REWARD, beta=0.5, n=3, max_new_tokens=4, ess_threshold=0.0)
     assert bool(always.result.info["resampled"][0, 0]) and not bool(never.result.info["resampled"].any())
     tilted = pst.generate(model, tok, "hello", reward=REWARD, beta=0.5, n=2, max_new_tokens=4, proposal="tilted",
-                          method_options={"top_k": 3})
+                          lookahead=3, method_options={"ess_threshold": 1.0})
     assert tilted.result.info["proposal"] == "tilted"
     with pytest.raises(TypeError, match=r"\['num_beams'\]"):
         pst.generate(model, tok, "hello", reward=REWARD, beta=0.5, num_beams=4)

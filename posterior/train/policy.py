@@ -169,7 +169,7 @@ def _shallow_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def _lora_policy(prior: HFPrior, rank: int, *, alpha: float | None, target_modules, max_new_tokens) -> HFPolicy:
+def _lora_policy(prior: HFPrior, rank: int, *, alpha: float | None, target_modules, max_new_tokens, seed: int) -> HFPolicy:
     try:
         from peft import LoraConfig, get_peft_model
     except ModuleNotFoundError as e:  # a declared dependency; say how to get it
@@ -178,7 +178,11 @@ def _lora_policy(prior: HFPrior, rank: int, *, alpha: float | None, target_modul
         r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=0.0, target_modules=target_modules,
         task_type="CAUSAL_LM",
     )  # fmt: skip
-    with warnings.catch_warnings():
+    devices = [prior.device] if prior.device.type == "cuda" else []
+    # peft draws the A matrices from the global RNG: seed it here and restore it afterwards, so
+    # the policy depends on ``seed`` only (B = 0, so q = pi0 whatever A is).
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
         # GPT-2's Conv1D layers: peft sets fan_in_fan_out itself and says so.
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
         model = get_peft_model(_shallow_copy(prior.model), cfg)
@@ -415,6 +419,7 @@ def policy_from(
     prompts: Sequence[str] | None = None,
     lora_alpha: float | None = None,
     target_modules: str | list[str] = "all-linear",
+    seed: int = 0,
 ) -> Prior:
     """A trainable policy q initialised at pi0 = ``prior`` (q = pi0 exactly).
 
@@ -434,6 +439,8 @@ def policy_from(
         LoRA scaling numerator (default ``2 * lora_rank``).
     target_modules : str or list of str
         peft's LoRA target modules (default every linear layer but the output head).
+    seed : int
+        Seeds the LoRA A matrices' random initialisation (the global RNG is left as it was).
 
     Returns
     -------
@@ -451,7 +458,8 @@ def policy_from(
             return _full_policy(prior, max_new_tokens)
         if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
             raise ValueError(f"lora_rank must be a positive int or None (full copy), got {lora_rank!r}")
-        return _lora_policy(prior, lora_rank, alpha=lora_alpha, target_modules=target_modules, max_new_tokens=max_new_tokens)
+        return _lora_policy(prior, lora_rank, alpha=lora_alpha, target_modules=target_modules,
+                            max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     if isinstance(prior, CallablePrior):
         if lora_rank is not None:
             raise ValueError(f"lora_rank={lora_rank!r} applies to HF priors; a CallablePrior gets a tabular policy")

@@ -280,6 +280,9 @@ def test_losses_on_hard_constraints():
         O.reward_loss(log_q, log_pi0, r, BETA)
     loss, info = O.forward_kl_loss(log_q, log_pi0, r, BETA)
     assert info.pseudo_reward[0, 1] == 0 and torch.isfinite(loss)
+    none = torch.full_like(r, -math.inf)  # no sample satisfies the constraint: no gradient, no NaN
+    loss, info = O.forward_kl_loss(log_q, log_pi0, none, BETA)
+    assert torch.equal(info.coefficient, torch.zeros_like(r)) and loss.item() == 0.0
     for fn in (O.js_loss, O.tv_loss):
         loss, info = fn(log_q, log_pi0, r, BETA, log_Z=0.3)
         assert torch.isfinite(info.pseudo_reward).all() and torch.isfinite(loss)

@@ -326,6 +326,7 @@ def _on_policy_step(post, policy, obj, prompt_ids, q_ids, N, max_new_tokens, gen
         "kl_prior": _num(_mean(lq - log_pi0)), "kl_target_forward": _num(_mean(fwd)), "kl_target_reverse": _num(_mean(rev)),
         "ess": _num(_mean(stats.ess)), "log_Z": _num(_mean(log_Z)), "log_Z_batch": _num(_mean(stats.log_mean)),
         "pseudo_reward_mean": _num(_mean(info.pseudo_reward.cpu())),
+        "zero_weight_prompts": int(stats.degenerate.sum()),  # prompts whose batch has no sample with pi* > 0
     }  # fmt: skip
     return loss, row, log_Z, count
 

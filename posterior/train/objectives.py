@@ -133,15 +133,18 @@ def _log_ratio(log_q, log_pi0, rewards, beta, log_Z) -> torch.Tensor:
 
 def forward_kl_loss(log_q, log_pi0, rewards, beta, *, log_Z=None):
     """DPG: c = N w̄ - 1 with w̄ the per-prompt normalised weights pi0 e^{r/beta} / q, or, given
-    ``log_Z`` (scalar or (P,)), c = pi*/q - 1. The gradient estimates grad KL(pi* || q)."""
+    ``log_Z`` (scalar or (P,)), c = pi*/q - 1. The gradient estimates grad KL(pi* || q).
+
+    A prompt whose N samples all have weight 0 (every reward -inf) has no self-normalised
+    estimate: its coefficients are 0 (no gradient); the training loop counts such prompts in its
+    ``zero_weight_prompts`` metric."""
     _check(log_q, log_pi0, rewards, beta)
     log_w = log_target(log_pi0, rewards, beta) - log_q.detach().double()  # (P, N)
     if log_Z is None:
         lse = torch.logsumexp(log_w, -1, keepdim=True)  # (P, 1)
-        if bool(torch.isneginf(lse).any()):
-            p = int(torch.isneginf(lse).squeeze(-1).nonzero()[0])
-            raise ValueError(f"forward_kl: every sample of prompt {p} has weight 0 (reward -inf); draw more samples")
-        rho = log_w.shape[-1] * torch.exp(log_w - lse)  # (P, N): N w̄
+        empty = torch.isneginf(lse)  # (P, 1) no sample with positive weight: no estimate of pi*/q
+        rho = log_w.shape[-1] * torch.exp(log_w - torch.where(empty, 0.0, lse))  # (P, N): N w̄
+        rho = torch.where(empty, 1.0, rho)  # such a prompt contributes c = 0 (no gradient)
     else:
         rho = torch.exp(-_log_ratio(log_q, log_pi0, rewards, beta, log_Z))  # pi*/q
     c = rho - 1.0

@@ -534,3 +534,73 @@ def test_trl_reward_function_and_beta():
     fn, _ = pst.train.trl_reward(hard)
     with pytest.raises(ValueError, match="is -inf for completion 'b'"):
         fn(prompts=["p"], completions=["b"])
+
+
+@pytest.mark.slow
+def test_trl_rloo_trainer_runs_on_the_bridge(tmp_path):
+    """Slow because importing TRL takes ~30 s here, not because of the default model. Runs the
+    example's TRL RLOO trainer for 2 steps on a tiny model, then uses the result as an IS proposal."""
+    pytest.importorskip("trl")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from trl_rloo import train_with_trl
+    finally:
+        sys.path.pop(0)
+    from posterior.train.policy import HFPolicy
+
+    prior = tiny_hf_prior("llama")
+    post = pst.Posterior(prior, pst.rewards.Callable(count_a), beta=0.2)
+    before = prior.log_prob(*_probe(prior))
+    model, logs = train_with_trl(post, ["hello"], steps=2, max_new_tokens=5, output_dir=str(tmp_path), lr=1e-2)
+    assert any("kl" in entry for entry in logs)  # TRL applied the beta-weighted KL penalty
+    assert torch.equal(prior.log_prob(*_probe(prior)), before)  # the prior's modules are untouched
+    tuned = HFPolicy(model, prior, lora=True)
+    res = post.sample(n=8, method="is", max_new_tokens=5, prompts=["hello"], proposal=tuned)
+    assert torch.isfinite(res.log_Z).all()
+
+
+def _probe(prior):
+    ids = prior.encode_prompts(["hello"])
+    cont = prior.sample(ids, 4, 5, generator=torch.Generator().manual_seed(0))
+    return ids, cont.tokens, cont.lengths
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+torch.set_num_threads(1)
+import posterior as pst
+from posterior.testing import tiny_hf_prior
+prior = tiny_hf_prior("gpt2")
+post = pst.Posterior(prior, pst.rewards.Callable(lambda ts: [float(t.count("a")) for t in ts]), beta=0.5)
+policy = pst.train.policy_from(prior, lora_rank=4)
+run = pst.train.fit(post, policy, objective="rl", steps=int(sys.argv[2]), batch_size=4, lr=1e-2, max_new_tokens=5,
+                    prompts=["hi"], checkpoint_dir=sys.argv[1], checkpoint_every=2)
+torch.save(policy.trainable_state(), os.path.join(sys.argv[1], f"final-rank{os.environ['RANK']}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_data_parallel_and_resume_bit_for_bit(tmp_path):
+    """Slow: three launches of two CPU processes, each importing torch and peft. Under torchrun the
+    loop builds an Accelerator (gloo), DDP keeps the ranks' weights equal, every rank checkpoints,
+    and a resumed two-process run ends where an uninterrupted one does."""
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def launch(directory, steps):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(directory), str(steps)]  # fmt: skip
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [torch.load(directory / f"final-rank{r}.pt") for r in (0, 1)]
+
+    first = launch(tmp_path / "a", 4)
+    assert sorted(steps_of(tmp_path / "a")) == [0, 1]  # each rank wrote its own checkpoints
+    resumed = launch(tmp_path / "a", 6)
+    fresh = launch(tmp_path / "b", 6)
+    for states in (first, resumed, fresh):
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # ranks agree
+    assert all(torch.equal(resumed[0][k], fresh[0][k]) for k in fresh[0])
+    assert not all(torch.equal(first[0][k], fresh[0][k]) for k in fresh[0])
+    assert [json.loads(l)["step"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]

@@ -104,12 +104,12 @@ class ComparisonReport:
                 return f" {v:{width - 1}d}"
             return str(v).rjust(width)
 
-        head = f"{'name':<14}{'reward':>9}{'KL(.|pi0)':>10}{'KL(pi*|q)':>10}{'KL(q|pi*)':>10}{'log Z':>9}{'dist-2':>8}{'sec':>8}{'tokens':>8}"
+        head = f"{'name':<14}{'reward':>9}{'KL(.|pi0)':>10}{'KL(pi*|q)':>10}{'KL(q|pi*)':>10}{'log Z':>9}{'ESS':>7}{'dist-2':>8}{'sec':>8}{'tokens':>8}"
         lines = [f"beta={self.beta:g} reward={self.reward} n={self.n} max_new_tokens={self.max_new_tokens}", head]
         for r in self.rows:
             lines.append(
                 f"{r['name']:<14}{f(r['reward_mean'])}{f(r['kl_prior'], 10)}{f(r['kl_target_forward'], 10)}"
-                f"{f(r['kl_target_reverse'], 10)}{f(r['log_Z'])}{f(r['distinct_2'], 8)}{f(r['seconds'], 8)}"
+                f"{f(r['kl_target_reverse'], 10)}{f(r['log_Z'])}{f(r.get('ess'), 7)}{f(r['distinct_2'], 8)}{f(r['seconds'], 8)}"
                 f"{f(r['forward_tokens'], 8)}  est: {','.join(r['estimates']) or 'none'}"
             )
         lines += [f"note: {n}" for n in self.notes]
@@ -189,6 +189,7 @@ def _sampler_row(post, method, *, n, max_new_tokens, prompts, seed, options, gen
         row.update(kl_prior=float(res.info["kl_bound"]), kl_prior_kind="bound")
     else:
         row.update(kl_prior=None, kl_prior_kind=None)
+    row["ess"] = float(res.ess.mean())  # of the output weights (n for unweighted methods)
     row["log_Z"] = None if res.log_Z is None else float(res.log_Z.mean())
     if row["log_Z"] is not None:
         row["estimates"].append("log_Z")

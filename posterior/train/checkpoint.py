@@ -84,11 +84,13 @@ def load_checkpoint(directory: Path, rank: int, step: int) -> dict:
     return torch.load(checkpoint_path(directory, rank, step), map_location="cpu", weights_only=True)
 
 
-def remove_temporaries(directory: Path) -> None:
-    """Leftover temporary files of a killed run (never renamed into place)."""
+def remove_temporaries(directory: Path, rank: int = 0) -> None:
+    """Leftover temporary files of a killed run (never renamed into place): this rank's checkpoint
+    files, and, on rank 0, the metrics file's (each rank removes only what it writes)."""
+    own = (f".checkpoint-rank{rank}-",) + ((".metrics",) if rank == 0 else ())
     if Path(directory).is_dir():
         for entry in Path(directory).iterdir():
-            if entry.name.startswith(".") and ".tmp" in entry.name:
+            if entry.name.startswith(own) and ".tmp" in entry.name:
                 entry.unlink(missing_ok=True)
 
 

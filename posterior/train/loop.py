@@ -98,7 +98,8 @@ def _auto_accelerator():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import Accelerator
 
-        return Accelerator()
+        # without cpu=True accelerate ignores a multi-process CPU launch (torchrun) and runs each rank alone
+        return Accelerator(cpu=not torch.cuda.is_available())
     return None
 
 
@@ -203,7 +204,7 @@ def fit(
     start, metrics = 0, []
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_temporaries(directory)
+        ckpt.remove_temporaries(directory, rank)
         found = ckpt.latest_step(directory, world)
         if found is not None:
             state = ckpt.load_checkpoint(directory, rank, found)

@@ -49,7 +49,7 @@ def main() -> None:
     prompts = args.prompt or ["The movie was"]
 
     # one GPU per process under `accelerate launch` (LOCAL_RANK), the prior next to the policy
-    prior = pst.load_default_prior(device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.gpu else None)
+    prior = pst.load_default_prior(device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if args.gpu else None)
     post = pst.Posterior(prior, pst.rewards.Sentiment(), beta=args.beta)
     summary = {}
     for name in [o for o in args.objectives.split(",") if o]:

@@ -68,7 +68,7 @@ def main() -> None:
     post = pst.Posterior(prior, reward, beta=args.beta)
     prompts = ["The movie was"]
     with tempfile.TemporaryDirectory() as out:
-        model, logs = train_with_trl(post, prompts, steps=args.steps, max_new_tokens=args.max_new_tokens, output_dir=out)
+        model, _ = train_with_trl(post, prompts, steps=args.steps, max_new_tokens=args.max_new_tokens, output_dir=out)
     tuned = HFPolicy(model, prior, lora=True)  # the peft model as a prior over the same tokens
     for name, proposal in (("prior", None), ("RLOO-tuned", tuned)):
         res = post.sample(n=args.n, method="is", max_new_tokens=args.max_new_tokens, prompts=prompts, proposal=proposal)

@@ -90,7 +90,7 @@ def test_every_method_decodes_n_sequences(toy):
 
 def test_policy_estimates_by_importance_sampling_match_the_exact_values(toy, trained):
     """exact_limit=0 forces the estimated path: IS with the policy as proposal (n = 4000)."""
-    _, post, _ = toy
+    post = toy[1]
     exact_rep = pst.compare(post, methods=[], policies={"dpg": trained}, n=16, max_new_tokens=M)
     est_rep = pst.compare(post, methods=[], policies={"dpg": trained}, n=4000, max_new_tokens=M, exact_limit=0)
     ex, est = exact_rep.row("dpg"), est_rep.row("dpg")
@@ -103,7 +103,7 @@ def test_policy_estimates_by_importance_sampling_match_the_exact_values(toy, tra
 
 
 def test_estimated_frontier_agrees_with_the_exact_one_where_the_ess_is_high(toy):
-    prior, post, exact = toy
+    prior, post, _ = toy
     betas = [1.0, 2.0, 4.0, math.inf]
     ex = exact_frontier(prior, post.reward, M, None, betas)
     draws = post.sample(n=20_000, method="is", max_new_tokens=M, seed=3)

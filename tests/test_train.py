@@ -212,7 +212,7 @@ def test_tabular_save_and_load(tmp_path):
 
 # --- pure losses on exact toys -----------------------------------------------------------------
 def test_rloo_reverse_kl_gradient_is_beta_times_the_exact_reverse_kl_gradient(toy):
-    prior, post, exact = toy
+    prior, _, exact = toy
     policy = random_policy(prior, 2)
     got = expected_gradient(O.reverse_kl_loss, policy, prior, exact)
     want = BETA * exact_gradient(kl, policy, prior, exact)
@@ -221,7 +221,7 @@ def test_rloo_reverse_kl_gradient_is_beta_times_the_exact_reverse_kl_gradient(to
 
 
 def test_dpg_gradient_with_exact_log_Z_is_the_exact_forward_kl_gradient(toy):
-    prior, post, exact = toy
+    prior, _, exact = toy
     policy = random_policy(prior, 2)
     got = expected_gradient(O.forward_kl_loss, policy, prior, exact, log_Z=exact.log_Z)
     want = exact_gradient(lambda lq, lp: kl(lp, lq), policy, prior, exact)
@@ -231,7 +231,7 @@ def test_dpg_gradient_with_exact_log_Z_is_the_exact_forward_kl_gradient(toy):
 
 @pytest.mark.parametrize("name, divergence", [("js", js), ("tv", tv)])
 def test_f_dpg_gradient_with_exact_log_Z_is_the_exact_divergence_gradient(toy, name, divergence):
-    prior, post, exact = toy
+    prior, _, exact = toy
     policy = random_policy(prior, 2, seed=1)
     got = expected_gradient(O.get_objective(name).loss, policy, prior, exact, log_Z=exact.log_Z)
     want = exact_gradient(divergence, policy, prior, exact)
@@ -240,7 +240,7 @@ def test_f_dpg_gradient_with_exact_log_Z_is_the_exact_divergence_gradient(toy, n
 
 
 def test_reward_gradient_is_the_exact_expected_reward_gradient(toy):
-    prior, post, exact = toy
+    prior, _, exact = toy
     policy = random_policy(prior, 2)
     got = expected_gradient(O.reward_loss, policy, prior, exact)
     want = exact_gradient(lambda lq, lp: -(lq.exp() * exact.rewards).sum(), policy, prior, exact)
@@ -386,7 +386,7 @@ def test_resume_in_process_ends_bit_for_bit(markov, tmp_path, objective):
     assert resumed.resumed_from == 5
     assert torch.equal(got, want)
     assert torch.equal(resumed.log_Z, full.log_Z)
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
     assert strip(resumed.metrics) == strip(full.metrics)
     assert sorted(steps_of(tmp_path)[0]) == [10, 12]  # the last two are kept
 
@@ -591,7 +591,7 @@ def test_torchrun_two_processes_train_data_parallel_and_resume_bit_for_bit(tmp_p
     def launch(directory, steps):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                str(directory), str(steps)]  # fmt: skip
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return [torch.load(directory / f"final-rank{r}.pt") for r in (0, 1)]
 

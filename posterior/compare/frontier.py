@@ -16,7 +16,8 @@ against KL(·‖pi0) the same way).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 

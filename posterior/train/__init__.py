@@ -16,6 +16,15 @@ from posterior.train.policy import HFPolicy, Policy, TabularPolicy, load_policy,
 from posterior.train.trl import trl_reward
 
 __all__ = [
-    "ALIASES", "HFPolicy", "OBJECTIVES", "Policy", "TabularPolicy", "TrainRun", "fit", "get_objective", "load_policy",
-    "policy_from", "trl_reward",
+    "ALIASES",
+    "OBJECTIVES",
+    "HFPolicy",
+    "Policy",
+    "TabularPolicy",
+    "TrainRun",
+    "fit",
+    "get_objective",
+    "load_policy",
+    "policy_from",
+    "trl_reward",
 ]

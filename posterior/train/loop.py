@@ -39,9 +39,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -233,7 +233,7 @@ def fit(
     t0 = time.perf_counter()
     bar = tqdm(total=steps, initial=start, desc=f"train {obj.name}", unit="step", disable=not progress or rank != 0,
                file=sys.stderr, leave=False)  # fmt: skip
-    mfile = open(mpath, "a") if (mpath is not None and rank == 0) else None
+    mfile = open(mpath, "a") if (mpath is not None and rank == 0) else None  # noqa: SIM115 (closed in finally)
     try:
         for step in range(start, steps):
             ts = time.perf_counter()

@@ -34,7 +34,8 @@ t = inf), while reverse_kl and reward raise (KL(q || pi*) is infinite while q co
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,7 @@ reference and the trained model approximates ``post``'s pi*.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 
 def _completion_text(c) -> str:

@@ -342,6 +342,15 @@ def test_each_objective_drives_the_exact_kl_to_target_below_a_quarter(markov, ob
         assert run.final["log_Z"] == pytest.approx(exact.log_Z, abs=0.1)
 
 
+def test_distill_on_resampled_importance_samples_trains(markov):
+    """The other distillation path: IS draws of pi*, resampled by weight (200 steps; the weighted
+    SMC path is the one held to the quarter bound above)."""
+    prior, post, exact = markov
+    policy = policy_from(prior, max_new_tokens=3)
+    pst.train.fit(post, policy, objective="distill", steps=200, distill_method="is", distill_resample=True, **CONVERGE)
+    assert exact_kl_target(policy, exact, 3) < exact.kl / 2
+
+
 def test_reward_objective_collapses_onto_the_argmax_while_reverse_kl_does_not(markov):
     prior, post, exact = markov
     best = int(exact.rewards.argmax())
@@ -604,3 +613,19 @@ def test_torchrun_two_processes_train_data_parallel_and_resume_bit_for_bit(tmp_p
     assert all(torch.equal(resumed[0][k], fresh[0][k]) for k in fresh[0])
     assert not all(torch.equal(first[0][k], fresh[0][k]) for k in fresh[0])
     assert [json.loads(l)["step"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_lora_policy_on_the_default_model_starts_at_pi0_and_trains():
+    prior = pst.load_default_prior()
+    policy = policy_from(prior, lora_rank=4)
+    ids = prior.encode_prompts(["The movie was"])
+    cont = prior.sample(ids, 4, 8, generator=torch.Generator().manual_seed(0))
+    lp0 = prior.log_prob(ids, cont.tokens, cont.lengths)
+    assert torch.equal(policy.log_prob(ids, cont.tokens, cont.lengths), lp0)
+    post = pst.Posterior(prior, pst.rewards.Sentiment(), beta=0.1)
+    run = pst.train.fit(post, policy, objective="dpg", steps=2, batch_size=4, lr=1e-3, max_new_tokens=8,
+                        prompts=["The movie was"])  # fmt: skip
+    assert [m["step"] for m in run.metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in run.metrics)
+    assert torch.equal(prior.log_prob(ids, cont.tokens, cont.lengths), lp0)
+    assert not torch.equal(policy.log_prob(ids, cont.tokens, cont.lengths), lp0)

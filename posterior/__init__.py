@@ -4,7 +4,8 @@ An aligned model is the explicit posterior pi*(x) ∝ pi0(x) · exp(r(x)/beta). 
 draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward statistics.
 """
 
-from posterior import rewards
+from posterior import rewards, train
+from posterior.compare import compare
 from posterior.errors import DegenerateWeightsError
 from posterior.generate import GenerateOutput, generate
 from posterior.posterior import Posterior
@@ -25,8 +26,10 @@ __all__ = [
     "RewardError",
     "SAMPLERS",
     "SampleResult",
+    "compare",
     "generate",
     "load_default_prior",
     "register_sampler",
     "rewards",
+    "train",
 ]

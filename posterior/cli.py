@@ -60,11 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show", type=int, default=5, help="samples to print per prompt (text output)")
     s.add_argument("--json", action="store_true", help="JSON lines: one per sample, then a summary")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    from posterior.compare import cli as compare_cli  # `posterior compare` (posterior/compare/cli.py)
+    from posterior.train import cli as train_cli  # `posterior train` (posterior/train/cli.py)
+
+    train_cli.add_parser(sub)
+    compare_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "compare"):
+        return args.run(args)
     import posterior as pst
 
     progress = not args.quiet and not args.json and sys.stderr.isatty()

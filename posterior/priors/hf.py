@@ -74,7 +74,9 @@ class HFPrior(StepwisePrior):
         if not eos:
             raise ValueError("the tokenizer and generation config define no EOS token id")
         self._eos = tuple(eos)
-        params = inspect.signature(model.forward).parameters
+        # A peft model's forward takes **kwargs: read the argument names from the wrapped model.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(inner.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated)
         self._cache_arg = "cache" if "cache" in params else "past_key_values"

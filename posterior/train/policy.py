@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import inspect
 import itertools
 import json
 import os
@@ -98,12 +97,6 @@ class HFPolicy(HFPrior, Policy):
         self.base = base
         self.lora = bool(lora)
         self.max_new_tokens = max_new_tokens
-        # A peft model's forward takes **kwargs; read the cache / logits_to_keep argument names from
-        # the wrapped transformers model, as HFPrior does for a plain one.
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        params = inspect.signature(inner.forward).parameters
-        self._logits_to_keep = "logits_to_keep" in params
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._train_module = None  # a DistributedDataParallel wrapper under multi-process accelerate
 
     def check_lengths(self, prompt_ids, max_new_tokens, prompts=None):

@@ -9,7 +9,7 @@ import torch
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
-from posterior.priors.base import Prior, StepwisePrior
+from posterior.priors.base import StepwisePrior
 from posterior.diagnostics.mcmc import reward_trace_diagnostics
 from posterior.samplers import mh
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior

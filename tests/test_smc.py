@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from conftest import tv_tolerance
-from posterior.kernels import tilted_log_probs
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation

@@ -34,6 +34,8 @@ class SampleResult:
     info: dict = field(default_factory=dict)  # method-specific diagnostics
     prior: dict = field(default_factory=dict)  # how the prior was defined (temperature, top-k, ...)
     seconds: float = float("nan")
+    kl_prior: torch.Tensor | None = None  # (P,) float64 KL(pi*||pi0) estimate, from unnormalised log-weights
+    seed: int | None = None  # the seed the run used (drawn fresh for seed=None); None with a generator
 
     @property
     def num_prompts(self) -> int:
@@ -47,10 +49,19 @@ class SampleResult:
         return (w * r).sum(-1)
 
     def kl(self) -> torch.Tensor | None:
-        """(P,) estimate of KL(pi* || pi0) = E_pi*[r]/beta - log Z, or None without log Z."""
+        """(P,) float64 estimate of KL(pi* || pi0) = E_pi*[r]/beta - log Z, or None without log Z.
+
+        The sampler computes it from reward differences and unnormalised log-weights in float64
+        (``kl_prior``), so it stays exact when r/beta is large; a result built by hand without
+        ``kl_prior`` gets the same formula from its float64 log Z, shifted by the largest reward."""
         if self.log_Z is None or not self.targets_posterior:
             return None
-        return self.reward_mean() / self.beta - self.log_Z.double()
+        if self.kl_prior is not None:
+            return self.kl_prior
+        from posterior.diagnostics.tilt import kl_estimate, reward_shift
+
+        shift = reward_shift(self.rewards)
+        return kl_estimate(self.log_weights, self.rewards, self.beta, shift, self.log_Z.double() - shift / self.beta)
 
     def summary(self) -> dict:
         """Per-prompt diagnostics as plain Python numbers (lists over prompts)."""

@@ -102,4 +102,17 @@ def check_device(device):
     return dev
 
 
-__all__ = ["DegenerateWeightsError", "as_plain", "check_device", "check_int", "check_real", "is_int", "is_real"]
+def check_hf_model(model, tokenizer) -> None:
+    """``HFPrior(model, tokenizer)`` takes a loaded causal LM and its tokenizer, in that order."""
+    import torch
+
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config") and callable(getattr(model, "generate", None))):
+        raise ValueError(
+            "model must be a loaded transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(path)), "
+            f"got {type(model).__name__}: {str(model)[:80]!r}; to load from a folder use HFPrior.from_pretrained(path)"
+        )
+    if not (callable(getattr(tokenizer, "decode", None)) and callable(getattr(tokenizer, "get_vocab", None))):
+        raise ValueError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}: {str(tokenizer)[:80]!r}")
+
+
+__all__ = ["DegenerateWeightsError", "as_plain", "check_device", "check_hf_model", "check_int", "check_real", "is_int", "is_real"]

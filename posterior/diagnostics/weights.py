@@ -74,11 +74,13 @@ def normalize(log_weights: torch.Tensor, *, what: str = "log_weights") -> Weight
 
 
 def check_log_weights(log_weights: torch.Tensor, *, what: str = "log_weights") -> None:
-    """Raise ``ValueError`` naming the first NaN or +inf entry."""
+    """Raise ``ValueError`` naming the first NaN or +inf entry (and, for +inf, its likely cause)."""
     bad = torch.isnan(log_weights) | torch.isposinf(log_weights)
     if bool(bad.any()):
         idx = tuple(bad.nonzero()[0].tolist())
-        raise ValueError(f"{what} has a non-finite value {log_weights[idx].item()} at index {idx}")
+        v = log_weights[idx].item()
+        why = " (r/beta overflows float64, or a weight divides by a density of 0)" if v > 0 else ""
+        raise ValueError(f"{what} has a non-finite value {v} at index {idx}{why}")
 
 
 def weighted_mean(log_weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

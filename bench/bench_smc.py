@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import subprocess
@@ -65,7 +66,9 @@ def runners(prior, smc_prior, N: int, T: int, args):
                                  top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tok.eos_token_id)
         assert out.shape[1] - enc.input_ids.shape[1] == T
 
-    def run_smc():
+    def run_smc(seed: int | None = None):
+        if seed is not None:
+            g.manual_seed(seed)
         res = post.sample(n=N, method="smc", max_new_tokens=T, prompts=[args.prompt], generator=g,
                           proposal=args.proposal, top_k=args.top_k)
         assert int(res.lengths.min()) == T
@@ -152,12 +155,33 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def weighted_reward(log_weights, rewards) -> dict:
+    """Weighted reward mean of one SMC run, its ESS and a standard error sqrt(var_w(r) / ESS)."""
+    lw = torch.as_tensor(log_weights, dtype=torch.float64).reshape(-1)
+    r = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
+    w = torch.softmax(lw, 0)
+    r = torch.where(w > 0, r, 0.0)
+    mean = float((w * r).sum())
+    ess = float(1.0 / (w * w).sum())
+    se = float(((w * (r - mean) ** 2).sum() / ess).sqrt())
+    return {"mean": mean, "ess": ess, "se": se}
+
+
 def llamppl_runner(prior, N: int, T: int, args):
     """The same bootstrap SMC (VADER twist on the partial text, beta, N particles, T tokens) written
-    with LLaMPPL's ``smc_standard`` over its HF backend, if LLaMPPL is installed (else None)."""
+    with LLaMPPL's ``smc_standard`` over its HF backend, if LLaMPPL is installed (else None).
+
+    LLaMPPL undoes each ``twist`` before the next ``step`` (``smc_standard`` calls ``untwist``) and
+    ``finish()`` undoes the last one, so a twist is the *whole* current potential, not an
+    increment: ``twist(psi_t / beta)`` at every step and, at the end, ``finish(); score(r / beta)``.
+    The particle's log-weight then changes by (psi_t - psi_{t-1})/beta per step and ends at the
+    target pi0 · exp(r/beta), as ours does. (Twisting by the increment, as an earlier version of
+    this runner did, left final weights that carry no reward.) The run returns the weighted
+    reward mean, ESS and standard error, which ``main`` compares with ours before timing."""
     try:
         import asyncio
 
+        import numpy as np
         from genlm.backend.llm import AsyncTransformer
         from llamppl import CachedCausalLM, LMContext, Model, smc_standard
     except ImportError:
@@ -167,26 +191,46 @@ def llamppl_runner(prior, N: int, T: int, args):
     vader = SentimentIntensityAnalyzer()
     lm = CachedCausalLM(AsyncTransformer(prior.model, prior.tokenizer, batch_size=N))
 
+    def reward(text: str) -> float:
+        return vader.polarity_scores(text)["compound"]
+
     class SentimentSteering(Model):
         def __init__(self):
             super().__init__()
             self.ctx = LMContext(lm, args.prompt)
-            self.psi = 0.0
 
         async def step(self):
             await self.sample(self.ctx.next_token())
-            psi = vader.polarity_scores(str(self.ctx))["compound"]
-            self.twist((psi - self.psi) / args.beta)
-            self.psi = psi
+            text = str(self.ctx)
             if self.ctx.token_count >= T:
-                self.finish()
+                self.finish()  # undoes the last twist
+                self.score(reward(text) / args.beta)  # the final weight carries r/beta
+            else:
+                self.twist(reward(text) / args.beta)  # psi_t/beta; undone before the next step
 
-    def run():
+    def run(seed: int = 0):
         lm.clear_cache()  # no KV reuse across repeats
+        np.random.seed(seed)  # LLaMPPL draws from numpy's and torch's global generators
+        torch.manual_seed(seed)
         particles = asyncio.run(smc_standard(SentimentSteering(), N, resampling_method="systematic"))
         assert all(p.ctx.token_count == T for p in particles)
+        return weighted_reward([p.weight for p in particles], [reward(str(p.ctx)) for p in particles])
 
     return run
+
+
+def same_within_noise(ours: list[dict], theirs: list[dict], sigmas: float = 3.0) -> tuple[bool, str]:
+    """Pooled weighted reward means of check runs agree within ``sigmas`` standard errors."""
+    def pool(runs):
+        m = sum(r["mean"] for r in runs) / len(runs)
+        se = math.sqrt(sum(r["se"] ** 2 for r in runs)) / len(runs)
+        return m, se
+
+    (m1, s1), (m2, s2) = pool(ours), pool(theirs)
+    z = abs(m1 - m2) / max(math.sqrt(s1**2 + s2**2), 1e-12)
+    text = (f"weighted reward mean: ours {m1:.3f} ± {s1:.3f}, llamppl {m2:.3f} ± {s2:.3f} "
+            f"({len(ours)} + {len(theirs)} runs; |difference| = {z:.1f} standard errors)")
+    return z <= sigmas, text
 
 
 def main():
@@ -203,6 +247,7 @@ def main():
     ap.add_argument("--memory-runs", type=int, default=3, help="subprocesses per method (median reported)")
     ap.add_argument("--profile", action="store_true", help="cProfile one SMC run per config")
     ap.add_argument("--llamppl", action="store_true", help="also time LLaMPPL's smc_standard if installed")
+    ap.add_argument("--check-runs", type=int, default=2, help="seeded runs of each SMC compared before timing llamppl")
     ap.add_argument("--child", choices=["generate", "smc"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
@@ -250,9 +295,26 @@ def main():
             lrun = llamppl_runner(prior, N, T, args)
             if lrun is None:
                 print("  llamppl: not installed (pip install llamppl)")
-            else:
-                tl = min(timed(lrun) for _ in range(args.repeats))
-                print(f"  llamppl smc     {tl:8.3f} s  {tokens / tl:8.1f} tok/s   ratio to generate {tl / tg:.3f}")
+                continue
+            # Like with like: both must reach the same weighted reward mean before their times mean anything.
+            ours, theirs = [], []
+            for k in range(args.check_runs):
+                r = run["smc"](100 + k)
+                ours.append(weighted_reward(r.log_weights[0], r.rewards[0]))
+                theirs.append(lrun(100 + k))
+            ok, text = same_within_noise(ours, theirs)
+            print(f"  check: {text}")
+            if not ok:
+                print("  llamppl: NOT timed, the two samplers disagree (fix the runner before comparing times)")
+                continue
+            tl_all = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                lrun(0)
+                tl_all.append(time.perf_counter() - t0)
+            tl = min(tl_all)
+            print(f"  llamppl smc     {tl:8.3f} s  {tokens / tl:8.1f} tok/s   (all runs: {', '.join(f'{t:.2f}' for t in tl_all)})")
+            print(f"  time ratio llamppl/generate = {tl / tg:.3f}   smc/generate = {ts / tg:.3f}   llamppl/smc = {tl / ts:.3f}")
 
 
 if __name__ == "__main__":

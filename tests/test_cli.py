@@ -161,7 +161,7 @@ def test_help_shows_defaults_every_method_option_and_reward_names(capsys):
 
 def test_progress_goes_to_stderr_line_by_line_when_it_is_not_a_terminal(model_dir):
     proc = cli("sample", "hello", "--model", model_dir, "-n", "2", "--max-new-tokens", "4", "--method", "mh",
-               "--option", "steps=40", "--no-prior")
+               "--option", "steps=12", "--no-prior")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     lines = [l for l in err.splitlines() if l.startswith("posterior: ")]

@@ -238,7 +238,9 @@ def same_within_noise(ours: list[dict], theirs: list[dict], sigmas: float = 3.0)
 
     (m1, s1), (m2, s2) = pool(ours), pool(theirs)
     z = abs(m1 - m2) / max(math.sqrt(s1**2 + s2**2), 1e-12)
-    runs = lambda rs: ", ".join(f"{r['mean']:.3f}" for r in rs)  # noqa: E731
+    def runs(rs):
+        return ", ".join(f"{r['mean']:.3f}" for r in rs)
+
     text = (f"weighted reward mean over {len(ours)} seeded runs each: ours {m1:.3f} ± {s1:.3f} ({runs(ours)}), "
             f"llamppl {m2:.3f} ± {s2:.3f} ({runs(theirs)}); |difference| = {z:.1f} standard errors")
     return z <= sigmas, text

@@ -248,7 +248,8 @@ def _main(argv) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # its bars are not tqdm lines we can pace
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, chat=args.chat, device=args.device)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "chat": args.chat,
+                "device": args.device}
     t0 = time.perf_counter()
     _stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")
     try:

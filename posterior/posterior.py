@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from posterior.errors import as_plain, check_int, check_real
 from posterior.priors.base import Prior
-from posterior.rewards.base import Reward, RewardError, as_reward
 from posterior.results import SampleResult
+from posterior.rewards.base import Reward, RewardError, as_reward
 from posterior.samplers.registry import get_sampler, sampler_options
 
 

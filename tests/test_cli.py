@@ -117,7 +117,7 @@ def test_sampler_errors_name_the_method_the_user_asked_for(model_dir, capsys):
 def test_prior_comparison_failure_keeps_the_posterior_result(model_dir, capsys, monkeypatch):
     """The prior draw shown for comparison is best effort: when it fails, the posterior result is
     printed anyway and the comparison says why it is missing (text and JSON)."""
-    import posterior.samplers.common as common
+    from posterior.samplers import common
 
     def broken(*args, **kwargs):
         raise RuntimeError("prior draw exploded")
@@ -162,7 +162,7 @@ def test_help_shows_defaults_every_method_option_and_reward_names(capsys):
 def test_progress_goes_to_stderr_line_by_line_when_it_is_not_a_terminal(model_dir):
     proc = cli("sample", "hello", "--model", model_dir, "-n", "2", "--max-new-tokens", "4", "--method", "mh",
                "--option", "steps=12", "--no-prior")
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     lines = [l for l in err.splitlines() if l.startswith("posterior: ")]
     assert any(l.startswith("posterior: loading") for l in lines)

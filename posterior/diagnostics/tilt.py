@@ -110,7 +110,7 @@ def check_resolution(rewards: torch.Tensor, beta: float, log_Z: torch.Tensor | N
     that adds log pi0 to r/beta in float64 would round its weights and log Z by more than 1e-6."""
     r = rewards.double()
     finite = torch.isfinite(r)
-    top = float((torch.where(finite, r.abs(), 0.0).amax() / beta)) if r.numel() else 0.0
+    top = float(torch.where(finite, r.abs(), 0.0).amax() / beta) if r.numel() else 0.0
     if log_Z is not None and log_Z.numel():
         top = max(top, float(log_Z.double().abs().amax()))
     if top > RESOLUTION_LIMIT:

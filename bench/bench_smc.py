@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import subprocess
@@ -65,7 +66,9 @@ def runners(prior, smc_prior, N: int, T: int, args):
                                  top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tok.eos_token_id)
         assert out.shape[1] - enc.input_ids.shape[1] == T
 
-    def run_smc():
+    def run_smc(seed: int | None = None):
+        if seed is not None:
+            g.manual_seed(seed)
         res = post.sample(n=N, method="smc", max_new_tokens=T, prompts=[args.prompt], generator=g,
                           proposal=args.proposal, lookahead=args.lookahead)
         assert int(res.lengths.min()) == T
@@ -152,12 +155,33 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def weighted_reward(log_weights, rewards) -> dict:
+    """Weighted reward mean of one SMC run, its ESS and a standard error sqrt(var_w(r) / ESS)."""
+    lw = torch.as_tensor(log_weights, dtype=torch.float64).reshape(-1)
+    r = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
+    w = torch.softmax(lw, 0)
+    r = torch.where(w > 0, r, 0.0)
+    mean = float((w * r).sum())
+    ess = float(1.0 / (w * w).sum())
+    se = float(((w * (r - mean) ** 2).sum() / ess).sqrt())
+    return {"mean": mean, "ess": ess, "se": se}
+
+
 def llamppl_runner(prior, N: int, T: int, args):
     """The same bootstrap SMC (VADER twist on the partial text, beta, N particles, T tokens) written
-    with LLaMPPL's ``smc_standard`` over its HF backend, if LLaMPPL is installed (else None)."""
+    with LLaMPPL's ``smc_standard`` over its HF backend, if LLaMPPL is installed (else None).
+
+    LLaMPPL undoes each ``twist`` before the next ``step`` (``smc_standard`` calls ``untwist``) and
+    ``finish()`` undoes the last one, so a twist is the *whole* current potential, not an
+    increment: ``twist(psi_t / beta)`` at every step and, at the end, ``finish(); score(r / beta)``.
+    The particle's log-weight then changes by (psi_t - psi_{t-1})/beta per step and ends at the
+    target pi0 · exp(r/beta), as ours does. (Twisting by the increment, as an earlier version of
+    this runner did, left final weights that carry no reward.) The run returns the weighted
+    reward mean, ESS and standard error, which ``main`` compares with ours before timing."""
     try:
         import asyncio
 
+        import numpy as np
         from genlm.backend.llm import AsyncTransformer
         from llamppl import CachedCausalLM, LMContext, Model, smc_standard
     except ImportError:
@@ -167,26 +191,59 @@ def llamppl_runner(prior, N: int, T: int, args):
     vader = SentimentIntensityAnalyzer()
     lm = CachedCausalLM(AsyncTransformer(prior.model, prior.tokenizer, batch_size=N))
 
+    def reward(text: str) -> float:
+        return vader.polarity_scores(text)["compound"]
+
+    def text_of(ctx) -> str:
+        """The continuation as ours decodes it (special tokens dropped), so both score the same text."""
+        return prior.tokenizer.decode(ctx.tokens[ctx.prompt_token_count:], skip_special_tokens=True)
+
     class SentimentSteering(Model):
         def __init__(self):
             super().__init__()
             self.ctx = LMContext(lm, args.prompt)
-            self.psi = 0.0
 
         async def step(self):
             await self.sample(self.ctx.next_token())
-            psi = vader.polarity_scores(str(self.ctx))["compound"]
-            self.twist((psi - self.psi) / args.beta)
-            self.psi = psi
+            text = text_of(self.ctx)
             if self.ctx.token_count >= T:
-                self.finish()
+                self.finish()  # undoes the last twist
+                self.score(reward(text) / args.beta)  # the final weight carries r/beta
+            else:
+                self.twist(reward(text) / args.beta)  # psi_t/beta; undone before the next step
 
-    def run():
+    def run(seed: int = 0):
         lm.clear_cache()  # no KV reuse across repeats
+        np.random.seed(seed)  # LLaMPPL draws from numpy's and torch's global generators
+        torch.manual_seed(seed)
         particles = asyncio.run(smc_standard(SentimentSteering(), N, resampling_method="systematic"))
         assert all(p.ctx.token_count == T for p in particles)
+        return weighted_reward([p.weight for p in particles], [reward(text_of(p.ctx)) for p in particles])
 
     return run
+
+
+def same_within_noise(ours: list[dict], theirs: list[dict], sigmas: float = 3.0) -> tuple[bool, str]:
+    """Mean weighted reward over seeded runs of each side agree within ``sigmas`` standard errors.
+
+    The error of a side's mean is taken from the spread between its runs (a single run's
+    weighted standard error understates it: resampled particles are copies), and never below
+    the within-run error."""
+    def pool(runs):
+        k = len(runs)
+        m = sum(r["mean"] for r in runs) / k
+        within = math.sqrt(sum(r["se"] ** 2 for r in runs)) / k
+        between = math.sqrt(sum((r["mean"] - m) ** 2 for r in runs) / (k - 1) / k) if k > 1 else 0.0
+        return m, max(within, between)
+
+    (m1, s1), (m2, s2) = pool(ours), pool(theirs)
+    z = abs(m1 - m2) / max(math.sqrt(s1**2 + s2**2), 1e-12)
+    def runs(rs):
+        return ", ".join(f"{r['mean']:.3f}" for r in rs)
+
+    text = (f"weighted reward mean over {len(ours)} seeded runs each: ours {m1:.3f} ± {s1:.3f} ({runs(ours)}), "
+            f"llamppl {m2:.3f} ± {s2:.3f} ({runs(theirs)}); |difference| = {z:.1f} standard errors")
+    return z <= sigmas, text
 
 
 def main():
@@ -250,9 +307,30 @@ def main():
             lrun = llamppl_runner(prior, N, T, args)
             if lrun is None:
                 print("  llamppl: not installed (pip install llamppl)")
-            else:
-                tl = min(timed(lrun) for _ in range(args.repeats))
-                print(f"  llamppl smc     {tl:8.3f} s  {tokens / tl:8.1f} tok/s   ratio to generate {tl / tg:.3f}")
+                continue
+            # Like with like: both must reach the same weighted reward mean before their times mean
+            # anything. The llamppl runs of the check are the timed ones; their times are shown only
+            # if the check passes.
+            ours, theirs, tl_all, paired = [], [], [], []
+            for k in range(max(2, args.repeats)):
+                t0 = time.perf_counter()
+                r = run["smc"](100 + k)
+                t_ours = time.perf_counter() - t0
+                ours.append(weighted_reward(r.log_weights[0], r.rewards[0]))
+                t0 = time.perf_counter()
+                theirs.append(lrun(100 + k))
+                tl_all.append(time.perf_counter() - t0)
+                paired.append(tl_all[-1] / t_ours)  # back to back: the same machine load for both
+            ok, text = same_within_noise(ours, theirs)
+            print(f"  check: {text}")
+            if not ok:
+                print("  llamppl: times NOT reported, the two samplers disagree (fix the runner before comparing times)")
+                continue
+            tl = min(tl_all)
+            print(f"  llamppl smc     {tl:8.3f} s  {tokens / tl:8.1f} tok/s   (all runs: {', '.join(f'{t:.2f}' for t in tl_all)})")
+            med = sorted(paired)[len(paired) // 2]
+            print(f"  time ratio llamppl/generate = {tl / tg:.3f}   smc/generate = {ts / tg:.3f}   llamppl/smc = {tl / ts:.3f}"
+                  f"   (median of back-to-back pairs llamppl/smc = {med:.3f})")
 
 
 if __name__ == "__main__":

@@ -15,5 +15,5 @@ for method, options in [("is", {}), ("bon", {"best_of": 4}), ("rejection", {"rew
         print(f"{method}: {e}")
         continue
     print(res.format_summary())
-    best = int(res.log_weights[0].argmax())
-    print(f"  best sample: {res.texts[0][best]!r} (reward {res.rewards[0, best].item():+.3f})\n")
+    best = int(res.rewards[0].argmax())  # best by reward (bon's weights are uniform: argmax would be sample 0)
+    print(f"  best sample (highest reward): {res.texts[0][best]!r} (reward {res.rewards[0, best].item():+.3f})\n")

@@ -8,15 +8,16 @@ the draws are (log Z, ESS, KL(pi*||pi0), reward statistics).
 
 from __future__ import annotations
 
-import math
+import secrets
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from posterior.errors import as_plain, check_int, check_real
 from posterior.priors.base import Prior
-from posterior.rewards.base import Reward, RewardError, as_reward
 from posterior.results import SampleResult
+from posterior.rewards.base import Reward, RewardError, as_reward
 from posterior.samplers.registry import get_sampler, sampler_options
 
 
@@ -36,9 +37,8 @@ class Posterior:
     def __init__(self, prior: Prior, reward: Reward, beta: float):
         if not isinstance(prior, Prior):
             raise ValueError(f"prior must be a posterior prior (HFPrior, CallablePrior), got {type(prior).__name__}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-        self.prior, self.reward, self.beta = prior, as_reward(reward), float(beta)
+        beta = check_real("beta", beta, positive=True)  # numpy / torch scalars accepted
+        self.prior, self.reward, self.beta = prior, as_reward(reward), beta
 
     def __repr__(self):
         return f"Posterior({type(self.prior).__name__}, {self.reward.name}, beta={self.beta:g})"
@@ -89,12 +89,15 @@ class Posterior:
 
         ``options`` are the method's own keyword options (e.g. ``proposal=`` for "is",
         ``reward_upper_bound=`` for "rejection", ``best_of=`` for "bon"); unknown names raise.
-        Randomness comes from ``generator`` or else a fresh generator seeded with ``seed``.
+        Numbers may be Python, numpy or one-element torch scalars (options are passed on as Python
+        numbers). Randomness comes from ``generator`` or else a fresh generator seeded with ``seed``;
+        ``seed=None`` draws a fresh seed from the operating system's entropy, and ``res.seed``
+        records the seed used, so ``sample(..., seed=res.seed)`` replays the run.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        n = check_int("n", n, 1)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+        if not isinstance(method, str):
+            raise ValueError(f"method must be a str naming a sampler, got {method!r}")
         fn = get_sampler(method)
         if self.reward.needs_prompts:  # it reads prompts: one run per prompt, see rewards/prompted.py
             from posterior.rewards.prompted import per_prompt
@@ -104,14 +107,43 @@ class Posterior:
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise TypeError(f"method {method!r} has no option(s) {unknown}; its options are {sorted(known)}")
+        options = {k: as_plain(v) for k, v in options.items()}
+        if not isinstance(as_plain(progress), bool):
+            raise ValueError(f"progress must be a bool, got {progress!r}")
         prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
         if generator is None:
+            seed = secrets.randbits(63) if seed is None else _check_seed(seed)
             generator = torch.Generator(device=self.prior.device)
-            generator.manual_seed(0 if seed is None else int(seed))
+            generator.manual_seed(seed)
+        else:
+            _check_generator(generator, self.prior.device)
+            seed = None  # the generator's state, not a seed, decides the draws
         t0 = time.perf_counter()
-        res = fn(self, prompts, n=n, max_new_tokens=max_new_tokens, generator=generator, progress=progress, **options)
+        res = fn(self, prompts, n=n, max_new_tokens=max_new_tokens, generator=generator, progress=bool(progress), **options)
         res.seconds = time.perf_counter() - t0
+        res.seed = seed
         return res
+
+
+def _check_seed(seed) -> int:
+    """A seed is an int in [0, 2**64) (numpy / torch integers accepted)."""
+    try:
+        seed = check_int("seed", seed, 0)
+    except ValueError:
+        raise ValueError(f"seed must be an int in [0, 2**64) or None (fresh entropy), got {seed!r}") from None
+    if seed >= 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64) or None (fresh entropy), got {seed!r}")
+    return seed
+
+
+def _check_generator(generator, device: torch.device) -> None:
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: {generator!r}")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(
+            f"generator is on {generator.device} but the prior runs on {device}; "
+            f"make it with torch.Generator(device={str(device)!r})"
+        )
 
 
 def _check_prompts(prompts):

@@ -34,6 +34,8 @@ class SampleResult:
     info: dict = field(default_factory=dict)  # method-specific diagnostics
     prior: dict = field(default_factory=dict)  # how the prior was defined (temperature, top-k, ...)
     seconds: float = float("nan")
+    kl_prior: torch.Tensor | None = None  # (P,) float64 KL(pi*||pi0) estimate, from unnormalised log-weights
+    seed: int | None = None  # the seed the run used (drawn fresh for seed=None); None with a generator
 
     @property
     def num_prompts(self) -> int:
@@ -47,10 +49,25 @@ class SampleResult:
         return (w * r).sum(-1)
 
     def kl(self) -> torch.Tensor | None:
-        """(P,) estimate of KL(pi* || pi0) = E_pi*[r]/beta - log Z, or None without log Z."""
+        """(P,) float64 estimate of KL(pi* || pi0) = E_pi*[r]/beta - log Z, or None without log Z.
+
+        The sampler computes it from reward differences and unnormalised log-weights in float64
+        (``kl_prior``), so it stays exact when r/beta is large; a result built by hand without
+        ``kl_prior`` gets the same formula from its float64 log Z, shifted by the largest reward."""
         if self.log_Z is None or not self.targets_posterior:
             return None
-        return self.reward_mean() / self.beta - self.log_Z.double()
+        if self.kl_prior is not None:
+            return self.kl_prior
+        from posterior.diagnostics.tilt import kl_estimate, reward_shift
+
+        shift = reward_shift(self.rewards)
+        return kl_estimate(self.log_weights, self.rewards, self.beta, shift, self.log_Z.double() - shift / self.beta)
+
+    def distinct(self) -> list[int]:
+        """Distinct token sequences among each prompt's samples (resampling and MCMC repeat some)."""
+        from posterior.exact import sequence_keys
+
+        return [len(set(row)) for row in sequence_keys(self.tokens, self.lengths)]
 
     def summary(self) -> dict:
         """Per-prompt diagnostics as plain Python numbers (lists over prompts)."""
@@ -65,6 +82,7 @@ class SampleResult:
             "log_Z": None if self.log_Z is None else self.log_Z.tolist(),
             "kl": None if kl is None else kl.tolist(),
             "seconds": self.seconds,
+            "seed": self.seed,
         }
         out.update({k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in self.info.items() if k not in out})
         if self.prior.get("modified"):
@@ -72,20 +90,8 @@ class SampleResult:
         return out
 
     def format_summary(self) -> str:
-        s = self.summary()
-        lines = [f"method={s['method']} beta={s['beta']:g} n={s['n']} seconds={s['seconds']:.2f}"]
-        for p in range(self.num_prompts):
-            name = "<unconditional>" if self.prompts is None else repr(self.prompts[p])
-            parts = [f"reward_mean={s['reward_mean'][p]:.4f}", f"ess={s['ess'][p]:.1f}"]
-            if s["log_Z"] is not None:
-                parts.append(f"log_Z={s['log_Z'][p]:.4f}")
-            if s["kl"] is not None:
-                parts.append(f"KL(pi*||pi0)={s['kl'][p]:.4f}")
-            lines.append(f"  {name}: " + " ".join(parts))
-        for k, v in s.items():
-            if k not in {"method", "beta", "n", "reward_mean", "reward_max", "ess", "log_Z", "kl", "seconds"}:
-                lines.append(f"  {k}: {_fmt(v)}")
-        return "\n".join(lines)
+        """The diagnostics as text a person can read: one explained line per number."""
+        return format_summary(self)
 
     def to_pyro(self):
         """One ``pyro.distributions.Empirical`` per prompt over the continuations' token ids
@@ -108,15 +114,136 @@ class SampleResult:
         return to_pandas(self)
 
 
-def _fmt(v):
+# --------------------------------------------------------------------------------------------------
+# Text summary
+# --------------------------------------------------------------------------------------------------
+ESS_WARN = 0.1  # warn when the ESS is below this fraction of N
+R_HAT_WARN = 1.1  # warn when the split R-hat exceeds this
+
+# Per-step / per-chain arrays (P, K) in res.info: how to read the K axis.
+_SERIES = {  # key: (label, explanation, what the K axis counts)
+    "ess_per_step": ("ESS per step", "ESS after each step, before resampling", "steps"),
+    "log_Z_increments": ("log Z per step", "change of log Z at each step (they sum to log Z)", "steps"),
+    "reward_trace": ("reward trace", "mean reward over the chains after each step", "steps"),
+    "acceptance_rate_per_chain": ("chain accept.", "acceptance rate of each chain", "chains"),
+}
+_HIDDEN = {"ancestry", "chains", "acceptance_by_cut_bins"}  # bulky: in res.info, not in the text
+_PER_PROMPT = {  # (P,) entries of res.info: label and explanation
+    "acceptance_rate": ("acceptance", "fraction of proposals accepted"),
+    "acceptance_rate_independence": ("acceptance (indep.)", "of the independence moves"),
+    "acceptance_rate_suffix": ("acceptance (suffix)", "of the suffix moves"),
+    "draws": ("draws", "proposal draws made for the n accepted samples"),
+    "tv_estimate": ("TV(pi*, p_B)", "estimate: how far QRS's sampled p_B is from pi* (0 = exact)"),
+    "kl_estimate": ("KL(pi*||p_B)", "estimate, nats: how far QRS's sampled p_B is from pi* (0 = exact)"),
+    "log_bound": ("log B", "QRS bound on the log-weights (exact pi* where every weight is below it)"),
+    "r_hat": ("R-hat", "split R-hat of the reward traces (about 1 once the chains have mixed)"),
+    "mcmc_ess": ("MCMC ESS", "autocorrelation effective sample size of the kept reward traces"),
+}
+
+
+def _num(x: float, spec: str = ".4g") -> str:
+    if isinstance(x, float) and not math.isfinite(x):
+        return {math.inf: "+inf", -math.inf: "-inf"}.get(x, "NaN")
+    return format(x, spec)
+
+
+def _series(row: list, over: str) -> str:
+    vals = [float(v) for v in row]
+    finite = sorted(v for v in vals if math.isfinite(v))
+    if not vals:
+        return f"(no {over})"
+    if not finite:
+        return f"undefined over all {len(vals)} {over}"
+    med = finite[len(finite) // 2] if len(finite) % 2 else 0.5 * (finite[len(finite) // 2 - 1] + finite[len(finite) // 2])
+    last = "" if over == "chains" else f" / last {_num(vals[-1])}"
+    hi = f" / max {_num(finite[-1])}" if over == "chains" else ""
+    return f"min {_num(finite[0])} / median {_num(med)}{hi}{last} over {len(vals)} {over}"
+
+
+def format_summary(res) -> str:
+    """Text summary of a :class:`SampleResult` (see :meth:`SampleResult.format_summary`)."""
+    P, N = res.log_weights.shape
+    kl = res.kl()
+    rmean, distinct = res.reward_mean().tolist(), res.distinct()
+    seed = "" if res.seed is None else f", seed {res.seed}"
+    lines = [f"{res.method}: beta {res.beta:g}, {N} samples per prompt, {res.seconds:.2f} s{seed}"]
+    if res.prior.get("modified"):
+        p = res.prior
+        lines.append(f"  prior modified: temperature {p.get('temperature')}, top_k {p.get('top_k')}, top_p {p.get('top_p')} (pi0 is that distribution)")
+    info = {k: v for k, v in res.info.items() if k not in _HIDDEN}
+    width = 14
+    for p in range(P):
+        name = "<unconditional>" if res.prompts is None else repr(res.prompts[p])
+        lines.append(f"  prompt {name}")
+
+        def row(label, value, why=""):
+            lines.append(f"    {label:<{width}} {value}" + (f"   {why}" if why else ""))
+
+        if res.targets_posterior:
+            lw = res.log_weights[p]
+            live = lw[torch.isfinite(lw)]
+            uniform = bool(live.numel() and (live.max() - live.min()) < 1e-6)
+            row("reward mean", _num(rmean[p], "+.4f"), "weighted mean of r: the estimate of E_pi*[r]")
+            ess = float(res.ess[p])
+            why = "(uniform weights over the samples with finite reward)" if uniform else "(1 / sum of squared normalised weights)"
+            row("ESS", f"{ess:.1f} effective samples out of {N}", why)
+        else:
+            row("reward mean", _num(rmean[p], "+.4f"), f"mean r of the {N} outputs ({res.method} selects, it does not sample pi*)")
+            row("weights", "uniform", "every output counts once")
+        if res.log_Z is not None:
+            row("log Z", _num(float(res.log_Z[p]), ".4f"), "estimate of log E_pi0[exp(r/beta)], the log normaliser of pi*")
+        if kl is not None:
+            row("KL(pi*||pi0)", _num(float(kl[p]), ".4f") + " nats", "estimate of how far pi* moved from the prior")
+        if "kl_bound" in info:
+            row(f"KL({res.method}||pi0)", f"<= {info['kl_bound']:.4f} nats", "bound log k - (k-1)/k for k = best_of")
+        row("distinct", f"{distinct[p]} distinct of {N} samples")
+        for key, (label, why) in _PER_PROMPT.items():
+            v = info.get(key)
+            if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == P:
+                row(label, _num(v[p].item()), why)
+        for key, (label, what, over) in _SERIES.items():
+            v = info.get(key)
+            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == P:
+                row(label, _series(v[p].tolist(), over), what)
+        if isinstance(info.get("resampled"), torch.Tensor) and info["resampled"].dim() == 2:
+            r = info["resampled"][p]
+            row("resampled", f"at {int(r.sum())} of {r.numel()} steps")
+        if isinstance(info.get("acceptance_by_cut"), torch.Tensor):
+            cut = info["acceptance_by_cut"][p].tolist()
+            bins = res.info.get("acceptance_by_cut_bins", list(range(len(cut))))
+            row("by cut", ", ".join(f"{b}+: {_num(c, '.2f')}" for b, c in zip(bins, cut)), "acceptance of suffix moves by cut position")
+        for w in _warnings(res, p, distinct[p], info):
+            lines.append(f"    warning: {w}")
+    shown = set(_PER_PROMPT) | set(_SERIES) | {"resampled", "num_resampling", "acceptance_by_cut", "kl_bound"}
+    rest = {k: v for k, v in info.items() if k not in shown}
+    if rest:
+        lines.append("  options: " + ", ".join(f"{k}={_opt(v)}" for k, v in rest.items()))
+    return "\n".join(lines)
+
+
+def _opt(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"<tensor {'x'.join(map(str, v.shape))} in res.info>" if v.numel() > 8 else str(v.tolist())
     if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
-    if isinstance(v, list) and v and isinstance(v[0], list):  # per-chain / per-step arrays: shape only
-        shape = [len(v)]
-        while v and isinstance(v[0], list):
-            v = v[0]
-            shape.append(len(v))
-        return f"<array {'x'.join(map(str, shape))}>"
-    if isinstance(v, list) and v and isinstance(v[0], float):
-        return "[" + ", ".join(_fmt(x) for x in v[:8]) + (", ...]" if len(v) > 8 else "]")
-    return str(v)
+        return _num(v)
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _warnings(res, p: int, distinct: int, info: dict) -> list[str]:
+    N = res.log_weights.shape[1]
+    out = []
+    if res.targets_posterior and res.method != "mh" and float(res.ess[p]) < ESS_WARN * N:
+        out.append(
+            f"ESS {float(res.ess[p]):.1f} is below {ESS_WARN:.0%} of N={N}: a few samples carry the weight, so "
+            "estimates are noisy; use more samples, a larger beta or a better proposal"
+        )
+    r_hat = info.get("r_hat")
+    if isinstance(r_hat, torch.Tensor) and r_hat.dim() == 1 and float(r_hat[p]) > R_HAT_WARN:
+        out.append(f"R-hat {float(r_hat[p]):.3f} is above {R_HAT_WARN}: the chains have not mixed; run more steps")
+    resampled = info.get("resampled")
+    if isinstance(resampled, torch.Tensor) and resampled.dim() == 2 and bool(resampled[p].any()) and distinct < N:
+        out.append(
+            f"{distinct} distinct of {N} samples: resampling duplicated ancestors, so the sample is less diverse than N "
+            "suggests (the ESS counts weights, not distinct texts)"
+        )
+    return out

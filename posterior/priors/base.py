@@ -69,13 +69,19 @@ class Extension:
     token_log_probs: torch.Tensor  # (B, K) float32 log pi0 of each drawn token, 0 after lengths
 
 
-def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> tuple[float, int | None, float | None]:
+    """Check the sampling modifications (numpy / torch scalars accepted); return them as Python numbers."""
+    from posterior.errors import is_int, is_real
+
+    if not (is_real(temperature) and math.isfinite(float(temperature)) and float(temperature) > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if 1.0 / float(temperature) > torch.finfo(torch.float32).max:  # logits / temperature would be inf
+        raise ValueError(f"temperature={temperature!r} is too small: 1/temperature overflows float32")
+    if top_k is not None and (not is_int(top_k) or int(top_k) < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if top_p is not None and not (is_real(top_p) and 0 < float(top_p) <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+    return float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p)
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:

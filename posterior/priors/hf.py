@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from posterior.errors import check_device, check_hf_model
 from posterior.priors.base import DecodeState, StepwisePrior, process_logits, validate_sampling
 
 
@@ -57,7 +58,9 @@ class HFPrior(StepwisePrior):
         top_p: float | None = None,
         eos_token_ids: Sequence[int] | None = None,
     ):
-        validate_sampling(temperature, top_k, top_p)
+        temperature, top_k, top_p = validate_sampling(temperature, top_k, top_p)
+        check_hf_model(model, tokenizer)
+        device = check_device(device)
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
         self.model = model.eval()
@@ -104,6 +107,8 @@ class HFPrior(StepwisePrior):
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kw)
         except OSError as e:
             raise ValueError(f"cannot load a causal LM from {path!r} (local files only): {e}") from e
+        except (ValueError, KeyError) as e:  # e.g. an encoder or seq2seq config: no causal-LM class for it
+            raise ValueError(f"{path!r} is not a transformers causal LM checkpoint: {e}") from e
         return cls(model, tokenizer, device=device, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p)
 
     # --- properties ----------------------------------------------------------------------------

@@ -8,11 +8,19 @@ binomial count) Ẑ = exp(R/beta)·(A - 1)/(D - 1) is unbiased.
 QRS (Eikema, Kruszewski, Dance, Aziz & Dymetman 2022). For a proposal q, unnormalised target
 P(x) = pi0(x) exp(r(x)/beta), log-weight log w = log P - log q and a constant B = exp(log_bound),
 accept x ~ q with probability min(1, w/B). Accepted draws follow p_B(x) ∝ min(q(x)·B, P(x)), which
-tends to pi* as B grows (exactly pi* once B >= max w) while the acceptance rate AR = E_q[min(w,B)]/B
-falls. From the same draws, with Ẑ = mean w and Ẑ_B = mean min(w, B):
+tends to pi* as B grows (exactly pi* once B >= max w) while the acceptance rate falls. Its
+diagnostics (Ẑ, acceptance rate, TV and KL to pi*) come from every proposal draw
+(:func:`posterior.diagnostics.qrs.qrs_estimates`); its KL(pi*||pi0) is the importance estimate over
+those draws. The default bound is, per prompt, the largest log-weight of a pilot batch.
 
-    TV(pi*, p_B) ≈ 1/2 · mean |w/Ẑ - min(w,B)/Ẑ_B|
-    KL(pi* || p_B) ≈ mean (w/Ẑ) · [log(w / min(w,B)) + log(Ẑ_B / Ẑ)]
+Both work with reward differences ((r - R)/beta; (r - c)/beta + log pi0 - log q with c a reward of
+the prompt), so they stay exact at any beta whose R/beta (or c/beta) float64 can hold.
+
+Failing fast. Each draw's acceptance probability a_i is known, so after every batch the draws still
+needed are estimated from the accumulated a_i, optimistically (as if one more draw were accepted
+for sure, plus three standard errors; with every a_i = 0, the "rule of three" rate 3/D). When even
+that exceeds ``max_draws`` (default 1000·n per prompt) the sampler raises at once, instead of
+drawing for minutes towards a count it cannot reach.
 """
 
 from __future__ import annotations
@@ -22,64 +30,125 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from posterior.errors import DegenerateWeightsError
+from posterior.diagnostics.qrs import qrs_estimates
+from posterior.diagnostics.tilt import kl_estimate, relative_log_weights, reward_shift, scaled
+from posterior.diagnostics.weights import log_weight_stats
+from posterior.errors import DegenerateWeightsError, check_int, check_real
 from posterior.priors.base import Continuations, Prior
 from posterior.samplers.common import draw, make_result, prompt_name, uniform_log_weights
 from posterior.samplers.registry import register_sampler
 
+DRAWS_PER_SAMPLE = 1000  # default max_draws = DRAWS_PER_SAMPLE · n per prompt
 
-def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposal, batch_size, max_draws, log_accept, what):
-    """Draw batches from the proposal, accept each draw with probability exp(log_accept(draws)),
-    until every prompt has n acceptances. Returns the accepted samples and, per prompt, the
-    number of draws up to (and including) the n-th acceptance, plus every draw's log-weight."""
+
+def draws_needed(log_accept: torch.Tensor, accepted: int, n: int) -> tuple[float, float]:
+    """(point estimate, optimistic estimate) of the total draws for n acceptances of one prompt.
+
+    Parameters
+    ----------
+    log_accept : Tensor (D,)
+        log acceptance probability of every draw so far (-inf allowed).
+    accepted : int
+        Acceptances so far.
+    """
+    D = log_accept.numel()
+    left = n - accepted
+    if left <= 0:
+        return float(D), float(D)
+    top = float(log_accept.max()) if D else -math.inf
+    if not math.isfinite(top):  # no draw could have been accepted: only the rule of three
+        return math.inf, D + left * D / 3.0
+    u = torch.exp(log_accept.double() - top)  # (D,) a_i / max a
+    log_rate = top + math.log(float(u.sum())) - math.log(D)
+    log_rate_hi = top + math.log(float(u.sum()) + 1.0 + 3.0 * math.sqrt(float((u * u).sum()))) - math.log(D)
+    point = D + left * math.exp(min(-log_rate, 700.0))
+    optimistic = D + left * math.exp(min(-log_rate_hi, 700.0))
+    return point, optimistic
+
+
+def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposal, batch, max_draws, log_accept, what):
+    """Draw batches from the proposal, accept each draw with probability exp(log_accept(d, rows)),
+    until every prompt has n acceptances. ``rows`` are the prompt indices of the batch's rows.
+
+    Returns the accepted samples and, per prompt, the number of draws up to (and including) the
+    n-th acceptance, with the reward and log pi0 - log q (None for the prior) of every draw made
+    (the whole of the last batch included)."""
     P = 1 if prompts is None else len(prompts)
-    batch = batch_size or n
     accepted: list[list[tuple]] = [[] for _ in range(P)]  # (tokens, length, text, log_prior, reward)
     draws_used = [0] * P
-    all_log_w: list[list[torch.Tensor]] = [[] for _ in range(P)]
+    seen_rewards: list[list[torch.Tensor]] = [[] for _ in range(P)]
+    seen_ratio: list[list[torch.Tensor]] = [[] for _ in range(P)]
+    seen_accept: list[list[torch.Tensor]] = [[] for _ in range(P)]
     todo = list(range(P))
     bar = tqdm(total=P * n, desc=what, unit="sample", disable=not progress, leave=False)
-    while todo:
-        sub = None if prompts is None else [prompts[p] for p in todo]
-        d = draw(post, sub, batch, max_new_tokens, generator=generator, proposal=proposal)
-        log_acc = log_accept(d)  # (p, batch) float64
-        u = torch.rand(log_acc.shape, generator=generator, dtype=torch.float64, device=generator.device).cpu()
-        acc = torch.log(u) < log_acc
-        log_w = d.log_weights(post.beta)
-        still = []
-        for j, p in enumerate(todo):
-            all_log_w[p].append(log_w[j])
-            for i in range(batch):
-                draws_used[p] += 1
-                if acc[j, i]:
-                    accepted[p].append((d.cont.tokens[j, i], d.cont.lengths[j, i], d.cont.texts[j][i], d.log_prior[j, i], d.rewards[j, i]))
-                    bar.update(1)
-                    if len(accepted[p]) == n:
-                        break
-            if len(accepted[p]) < n:
-                if draws_used[p] >= max_draws:
-                    bar.close()
-                    raise DegenerateWeightsError(
-                        f"{what}: prompt {prompt_name(prompts, p)} accepted {len(accepted[p])} of {draws_used[p]} "
-                        f"draws, short of n={n} within max_draws={max_draws}; raise max_draws or the bound",
-                        rows=[p],
-                    )
-                still.append(p)
-        todo = still
-    bar.close()
-    # Draw batches are as wide as their longest draw: pad every accepted sequence to the widest.
-    width = max(int(a[1]) for acc_p in accepted for a in acc_p)
-    pad = post.prior.eos_token_ids[0]
-    tokens = torch.stack([
-        torch.stack([torch.nn.functional.pad(a[0][:width], (0, width - min(width, a[0].shape[0])), value=pad) for a in acc_p])
-        for acc_p in accepted
-    ])  # fmt: skip
+    try:
+        while todo:
+            sub = None if prompts is None else [prompts[p] for p in todo]
+            d = draw(post, sub, batch, max_new_tokens, generator=generator, proposal=proposal)
+            log_acc = log_accept(d, todo)  # (p, batch) float64
+            u = torch.rand(log_acc.shape, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+            acc = torch.log(u) < log_acc
+            ratio = d.log_ratio()
+            still = []
+            for j, p in enumerate(todo):
+                used = batch
+                for i in range(batch):
+                    if acc[j, i]:
+                        accepted[p].append((d.cont.tokens[j, i], d.cont.lengths[j, i], d.cont.texts[j][i], d.log_prior[j, i], d.rewards[j, i]))
+                        bar.update(1)
+                        if len(accepted[p]) == n:
+                            used = i + 1
+                            break
+                draws_used[p] += used
+                # Every draw of the batch is an iid proposal draw: all of them feed the estimates.
+                seen_rewards[p].append(d.rewards[j])
+                seen_ratio[p].append(None if ratio is None else ratio[j])
+                seen_accept[p].append(log_acc[j])
+                if len(accepted[p]) < n:
+                    _check_budget(what, prompts, p, torch.cat(seen_accept[p]), len(accepted[p]), n, max_draws)
+                    still.append(p)
+            todo = still
+    finally:
+        bar.close()
+    tokens = _pad_stack([[a[0] for a in acc_p] for acc_p in accepted], post.prior.eos_token_ids[0])
     lengths = torch.stack([torch.stack([a[1] for a in acc_p]) for acc_p in accepted])
     texts = [[a[2] for a in acc_p] for acc_p in accepted]
     log_prior = torch.stack([torch.stack([a[3] for a in acc_p]) for acc_p in accepted])
     rewards = torch.stack([torch.stack([a[4] for a in acc_p]) for acc_p in accepted])
     cont = Continuations(tokens, lengths, log_prior, texts)
-    return cont, log_prior, rewards, torch.tensor(draws_used), [torch.cat(w) for w in all_log_w]
+    all_rewards = [torch.cat(r) for r in seen_rewards]
+    all_ratio = [None if r[0] is None else torch.cat(r) for r in seen_ratio]
+    return cont, log_prior, rewards, torch.tensor(draws_used), all_rewards, all_ratio
+
+
+def _pad_stack(rows: list[list[torch.Tensor]], pad: int) -> torch.Tensor:
+    """Stack [P][n] token vectors of (possibly) different lengths, EOS-padded: (P, n, T)."""
+    T = max(t.numel() for row in rows for t in row)
+    out = torch.full((len(rows), len(rows[0]), T), pad, dtype=torch.long)
+    for p, row in enumerate(rows):
+        for i, t in enumerate(row):
+            out[p, i, : t.numel()] = t
+    return out
+
+
+def _check_budget(what, prompts, p, log_acc, accepted, n, max_draws):
+    D = log_acc.numel()
+    point, optimistic = draws_needed(log_acc, accepted, n)
+    if D >= max_draws or optimistic > max_draws:
+        rate = float(torch.exp(torch.logsumexp(log_acc, 0) - math.log(D))) if D else 0.0
+        about = "an unknown number of" if not math.isfinite(point) else f"about {point:.3g}"
+        raise DegenerateWeightsError(
+            f"{what}: prompt {prompt_name(prompts, p)} accepted {accepted} of {D} draws (mean acceptance "
+            f"probability {rate:.3g}), short of n={n}: it would need {about} draws (at least {optimistic:.3g} even "
+            f"optimistically), more than max_draws={max_draws}; raise max_draws, tighten the bound, or raise beta",
+            rows=[p],
+        )
+
+
+def _check_batching(n, batch_size, max_draws):
+    batch = n if batch_size is None else check_int("batch_size", batch_size, 1)
+    cap = DRAWS_PER_SAMPLE * n if max_draws is None else check_int("max_draws", max_draws, 1)
+    return batch, cap
 
 
 @register_sampler("rejection")
@@ -93,16 +162,22 @@ def rejection_sampling(
     progress: bool = False,
     reward_upper_bound: float | None = None,  # R >= r(x) for every x (required)
     batch_size: int | None = None,  # prior draws per prompt per round (default n)
-    max_draws: int = 100_000,  # per prompt, before giving up with an error
+    max_draws: int | None = None,  # per prompt, before giving up with an error (default 1000·n)
 ):
-    if reward_upper_bound is None or not math.isfinite(reward_upper_bound):
+    if reward_upper_bound is None:
         raise ValueError(
-            f"rejection sampling needs a finite reward_upper_bound >= every reward, got {reward_upper_bound!r} "
+            "rejection sampling needs a finite reward_upper_bound >= every reward, got None "
             "(e.g. 1.0 for Sentiment, 0.0 for Contains)"
         )
-    R = float(reward_upper_bound)
+    try:
+        R = check_real("reward_upper_bound", reward_upper_bound)
+    except ValueError as e:
+        raise ValueError(f"rejection sampling needs a finite reward_upper_bound >= every reward: {e}") from None
+    batch, cap = _check_batching(n, batch_size, max_draws)
+    P = 1 if prompts is None else len(prompts)
+    offset = scaled(torch.full((P,), R, dtype=torch.float64), post.beta, what="reward_upper_bound")  # R/beta
 
-    def log_accept(d):
+    def log_accept(d, rows):
         over = d.rewards > R
         if bool(over.any()):
             j, i = over.nonzero()[0].tolist()
@@ -112,16 +187,18 @@ def rejection_sampling(
             )
         return (d.rewards - R) / post.beta
 
-    cont, log_prior, rewards, draws, _ = _accept_until(
-        post, prompts, n, max_new_tokens, generator, progress, None, batch_size, max_draws, log_accept, "rejection"
+    cont, log_prior, rewards, draws, _, _ = _accept_until(
+        post, prompts, n, max_new_tokens, generator, progress, None, batch, cap, log_accept, "rejection"
     )
     rate = (n - 1) / (draws - 1).clamp(min=1).double() if n > 1 else n / draws.double()
+    log_weights = uniform_log_weights(*rewards.shape).double()
+    kl = kl_estimate(log_weights, rewards, post.beta, torch.full((P,), R, dtype=torch.float64), torch.log(rate))
     return make_result(
         post, "rejection", prompts, cont,
-        log_prior=log_prior, rewards=rewards, log_weights=uniform_log_weights(*rewards.shape),
-        log_Z=torch.log(rate) + R / post.beta,
-        info={"acceptance_rate": n / draws.double(), "draws": draws},
-    )
+        log_prior=log_prior, rewards=rewards, log_weights=log_weights, log_Z=torch.log(rate) + offset,
+        kl=kl, exact_scale=True,
+        info={"acceptance_rate": n / draws.double(), "draws": draws, "max_draws": cap},
+    )  # fmt: skip
 
 
 @register_sampler("qrs")
@@ -133,55 +210,65 @@ def quasi_rejection_sampling(
     max_new_tokens: int,
     generator,
     progress: bool = False,
-    log_bound: float | None = None,  # log B; default: the largest log-weight of a pilot batch
+    log_bound: float | None = None,  # log B; default: per prompt, the largest log-weight of a pilot batch
     proposal: Prior | None = None,  # default: the prior
     batch_size: int | None = None,  # proposal draws per prompt per round (default n)
-    max_draws: int = 100_000,
+    max_draws: int | None = None,  # per prompt, before giving up with an error (default 1000·n)
 ):
+    batch, cap = _check_batching(n, batch_size, max_draws)
+    P = 1 if prompts is None else len(prompts)
     if log_bound is None:
-        pilot = draw(post, prompts, batch_size or n, max_new_tokens, generator=generator, proposal=proposal)
-        lw = pilot.log_weights(post.beta)
-        if bool(torch.isneginf(lw).all()):
-            raise DegenerateWeightsError("qrs: every pilot draw has weight 0; pass log_bound or relax the reward")
-        log_bound = float(lw.max())
-    elif not math.isfinite(log_bound):
-        raise ValueError(f"log_bound must be finite, got {log_bound!r}")
+        pilot = draw(post, prompts, batch, max_new_tokens, generator=generator, proposal=proposal)
+        shift = reward_shift(pilot.rewards)  # (P,) c: weights are kept relative to exp(c/beta)
+        offset = scaled(shift, post.beta)
+        lw = pilot.relative_log_weights(post.beta, shift)  # (P, batch)
+        bound = lw.amax(-1)  # (P,) relative log B
+        for p in range(P):
+            if math.isinf(float(bound[p])) and float(bound[p]) < 0:
+                raise DegenerateWeightsError(
+                    f"qrs: every one of the {batch} pilot draws of prompt {prompt_name(prompts, p)} has weight 0; "
+                    "pass log_bound or relax the reward",
+                    rows=[p],
+                )
+            if not math.isfinite(float(bound[p])):
+                raise ValueError(
+                    f"qrs: the pilot bound of prompt {prompt_name(prompts, p)} is {float(bound[p])} (a draw with "
+                    "infinite weight: the proposal gives it probability 0 where the prior does not); pass a finite log_bound"
+                )
+    else:
+        L = check_real("log_bound", log_bound)
+        shift = torch.full((P,), post.beta * L, dtype=torch.float64)  # c = beta·log B, relative bound 0
+        offset = scaled(shift, post.beta, what="beta·log_bound")
+        bound = torch.zeros(P, dtype=torch.float64)
 
-    def log_accept(d):
-        return (d.log_weights(post.beta) - log_bound).clamp(max=0.0)  # log min(1, w/B)
+    def log_accept(d, rows):
+        idx = torch.tensor(rows)
+        lw = d.relative_log_weights(post.beta, shift[idx])  # (p, batch)
+        return (lw - bound[idx, None]).clamp(max=0.0)  # log min(1, w/B)
 
-    cont, log_prior, rewards, draws, log_w = _accept_until(
-        post, prompts, n, max_new_tokens, generator, progress, proposal, batch_size, max_draws, log_accept, "qrs"
+    cont, log_prior, rewards, draws, seen_r, seen_ratio = _accept_until(
+        post, prompts, n, max_new_tokens, generator, progress, proposal, batch, cap, log_accept, "qrs"
     )
-    est = [qrs_estimates(w, log_bound) for w in log_w]
+    est, kl, log_Z = [], torch.empty(P, dtype=torch.float64), torch.empty(P, dtype=torch.float64)
+    for p in range(P):
+        lw = relative_log_weights(seen_r[p], post.beta, shift[p], seen_ratio[p])  # (D,) every proposal draw
+        est.append(qrs_estimates(lw, float(bound[p])))
+        stats = log_weight_stats(lw)
+        kl[p] = kl_estimate(stats.log_weights, seen_r[p], post.beta, shift[p], stats.log_mean)
+        log_Z[p] = offset[p] + stats.log_mean
     return make_result(
         post, "qrs", prompts, cont,
-        log_prior=log_prior, rewards=rewards, log_weights=uniform_log_weights(*rewards.shape),
-        log_Z=torch.tensor([e["log_Z"] for e in est]),
+        log_prior=log_prior, rewards=rewards, log_weights=uniform_log_weights(*rewards.shape), log_Z=log_Z,
+        kl=kl, exact_scale=True,
         info={
-            "log_bound": log_bound,
-            "acceptance_rate": torch.tensor([e["acceptance_rate"] for e in est]),
-            "tv_estimate": torch.tensor([e["tv"] for e in est]),
-            "kl_estimate": torch.tensor([e["kl"] for e in est]),
+            "log_bound": offset + bound,
+            "acceptance_rate": torch.tensor([e["acceptance_rate"] for e in est], dtype=torch.float64),
+            "tv_estimate": torch.tensor([e["tv"] for e in est], dtype=torch.float64),
+            "kl_estimate": torch.tensor([e["kl"] for e in est], dtype=torch.float64),
             "draws": draws,
+            "max_draws": cap,
         },
-    )
+    )  # fmt: skip
 
 
-def qrs_estimates(log_w: torch.Tensor, log_bound: float) -> dict[str, float]:
-    """QRS diagnostics from proposal draws' log-weights (see the module docstring)."""
-    log_w = log_w.double()
-    N = log_w.shape[0]
-    log_m = torch.minimum(log_w, torch.tensor(log_bound, dtype=torch.float64))  # log min(w, B)
-    log_Z = torch.logsumexp(log_w, 0) - math.log(N)
-    log_ZB = torch.logsumexp(log_m, 0) - math.log(N)
-    p = torch.exp(log_w - log_Z)  # w / Ẑ
-    pB = torch.exp(log_m - log_ZB)  # min(w, B) / Ẑ_B
-    tv = 0.5 * (p - pB).abs().mean()
-    kl_terms = torch.where(p > 0, p * (log_w - log_m + log_ZB - log_Z), 0.0)
-    return {
-        "log_Z": float(log_Z),
-        "acceptance_rate": float(torch.exp(log_ZB - log_bound)),
-        "tv": float(tv),
-        "kl": float(kl_terms.mean()),
-    }
+__all__ = ["draws_needed", "qrs_estimates", "quasi_rejection_sampling", "rejection_sampling"]

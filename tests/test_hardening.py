@@ -240,7 +240,7 @@ def test_numpy_and_torch_scalars_are_accepted_where_ints_and_floats_are():
     for method, kw, kw_np in [
         ("is", {}, {}),
         ("bon", {"best_of": 2}, {"best_of": np.int64(2)}),
-        ("smc", {"top_k": 2, "ess_threshold": 0.5}, {"top_k": np.int32(2), "ess_threshold": np.float64(0.5)}),
+        ("smc", {"lookahead": 2, "ess_threshold": 0.5}, {"lookahead": np.int32(2), "ess_threshold": np.float64(0.5)}),
         ("rejection", {"reward_upper_bound": 3.0, "batch_size": 4}, {"reward_upper_bound": np.float64(3), "batch_size": torch.tensor(4)}),
         ("mh", {"steps": 4}, {"steps": np.int64(4)}),
     ]:

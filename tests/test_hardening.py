@@ -119,9 +119,6 @@ def test_constant_reward_gives_kl_zero_for_every_method_and_n(method, n, c, beta
     assert res.ess.item() == pytest.approx(n, rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="smc.py (lead's file): with the zero twist, particles that end early get "
-                   "exp(r/beta) before running ones, so resampling favours short sequences and log Z is biased; "
-                   "deferring every particle's terminal reward to the last step would give KL exactly 0")
 def test_constant_reward_gives_kl_zero_for_smc_without_a_twist():
     post = pst.Posterior(markov_prior(), const(1e6), beta=1e-3)
     res = post.sample(n=64, method="smc", max_new_tokens=T, seed=7)

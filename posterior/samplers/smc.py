@@ -7,7 +7,13 @@ targets are the prior tilted by a *twist* psi_t of the partial text (Naesseth, L
     gamma_t(x_1:t) = pi0(x_1:t) · exp(psi_t(x_1:t) / beta),     psi_0 = 0,
 
 and once a particle has ended (EOS, or max_new_tokens tokens) its potential is the TRUE reward:
-gamma(x) = pi0(x) · exp(r(x)/beta), so the last target is exactly the unnormalised pi*. The twist
+gamma(x) = pi0(x) · exp(r(x)/beta), so the last target is exactly the unnormalised pi*. Without a
+twist (psi = 0) the finite part of the reward is deferred: an ended particle's potential is 0 while
+others still run (-inf at once if r(x) = -inf, so dead ends still die and are resampled away), and
+every ended particle is reweighted by exp(r(x)/beta) after the last step. Both are valid sequences
+of targets (the last one is pi* either way, log Ẑ unbiased); deferring keeps particles that end
+early from crowding out running ones at resampling, and makes a constant reward exact (every
+weight equal, log Ẑ = c/beta, KL(pi*||pi0) = 0). The twist
 is the reward on the partial text when ``reward.accepts_prefixes`` (``twist="auto"``), else 0
 (bootstrap particle filter, Gordon et al. 1993), or any user function of partial texts. A twist
 may be -inf only on prefixes none of whose completions has a finite reward (a prefix check for a
@@ -182,13 +188,22 @@ class Targets:
     reward: Reward
     twist: Reward | None
 
+    @property
+    def defers_reward(self) -> bool:
+        """With no twist, an ended particle's finite reward is applied at the end of the run (see
+        the module docstring), so particles that end early are not favoured by resampling."""
+        return self.twist is None
+
     def potentials(self, texts: list[str], ended: list[bool]) -> torch.Tensor:
-        """r(text) where ended, psi(text) elsewhere: (len(texts),) float64, one call per function."""
+        """g of each (partial) text: psi(text) where running (0 without a twist) and, where ended,
+        r(text) — or, when the reward is deferred, 0 where r is finite and -inf where it is not.
+        (len(texts),) float64, one call per function."""
         out = torch.zeros(len(texts), dtype=torch.float64)
         if self.twist is self.reward or self.twist is None:
             idx = [i for i, e in enumerate(ended) if e or self.twist is not None]
             if idx:
-                out[idx] = self.reward([texts[i] for i in idx])
+                r = self.reward([texts[i] for i in idx])
+                out[idx] = torch.zeros_like(r).masked_fill(torch.isneginf(r), -math.inf) if self.defers_reward else r
             return out
         for fn, want in ((self.reward, True), (self.twist, False)):
             idx = [i for i, e in enumerate(ended) if e == want]
@@ -515,6 +530,26 @@ def smc_block_step(
     return replace(state, t=t + k, **new._asdict()), info
 
 
+def _apply_deferred_rewards(state: SMCState, infos: list[StepInfo], texts, reward: Reward, beta: float):
+    """The final reweighting of an untwisted run: every ended particle with finite weight gets
+    exp(r(x)/beta) (one batched reward call); psi becomes r. Its log Ẑ increment is added to the
+    last step's, so the increments still sum to log Ẑ."""
+    P, N = state.lengths.shape
+    alive = state.ended & ~torch.isneginf(state.log_weights)  # (P, N)
+    idx = alive.reshape(-1).nonzero().squeeze(1).tolist()
+    r = torch.full((P * N,), -math.inf, dtype=torch.float64)
+    if idx:
+        r[idx] = reward([texts[i // N][i % N] for i in idx])
+    r = r.view(P, N)
+    before = normalize_log_weights(state.log_weights).log_mean
+    log_weights = torch.where(alive, state.log_weights + r / beta, -math.inf)
+    after = normalize_log_weights(log_weights).log_mean
+    if infos:
+        last = infos[-1]
+        infos = infos[:-1] + [last._replace(log_Z_increment=last.log_Z_increment + (after - before))]
+    return replace(state, log_weights=log_weights, psi=torch.where(alive, r, state.psi)), infos
+
+
 # --------------------------------------------------------------------------------------------------
 # The sampler
 # --------------------------------------------------------------------------------------------------
@@ -595,11 +630,14 @@ def sequential_monte_carlo(
     bar.close()
 
     P = len(prompt_ids)
-    stats = normalize_prompts(state.log_weights, prompts, what="SMC weights")
-    rewards = torch.where(state.ended, state.psi, -math.inf)  # killed before ending: -inf
     T = max(1, int(state.lengths.max()))
     tokens = _widen(state.tokens.reshape(P * n, -1), T, prior.eos_token_ids[0])[:, :T].reshape(P, n, T)
-    cont = Continuations(tokens, state.lengths, state.log_prior.float(), prior.texts_of(tokens, state.lengths))
+    texts = prior.texts_of(tokens, state.lengths)
+    if targets.defers_reward:  # the last target pi0 · exp(r/beta): apply the finite rewards now
+        state, infos = _apply_deferred_rewards(state, infos, texts, post.reward, cfg.beta)
+    stats = normalize_prompts(state.log_weights, prompts, what="SMC weights")
+    rewards = torch.where(state.ended, state.psi, -math.inf)  # killed before ending: -inf
+    cont = Continuations(tokens, state.lengths, state.log_prior.float(), texts)
 
     def stack(xs, shape):  # per-step tensors -> (..., steps)
         return torch.stack(xs, -1) if xs else torch.zeros(shape)

@@ -7,7 +7,7 @@ draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward s
 from posterior import rewards
 from posterior.errors import DegenerateWeightsError
 from posterior.posterior import Posterior
-from posterior.priors import CallablePrior, HFPrior, Prior, load_default_prior
+from posterior.priors import CallablePrior, HFPrior, Prior, VLLMPrior, load_default_prior
 from posterior.results import SampleResult
 from posterior.rewards import RewardError
 from posterior.samplers import SAMPLERS, register_sampler
@@ -23,6 +23,7 @@ __all__ = [
     "RewardError",
     "SAMPLERS",
     "SampleResult",
+    "VLLMPrior",
     "load_default_prior",
     "register_sampler",
     "rewards",

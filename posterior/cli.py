@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--model", default=None, help="folder of a transformers causal LM (default: SmolLM2-135M-Instruct)")
     s.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    s.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="run the prior with transformers (hf) or serve it with vLLM (vllm; README: vLLM backend)")
     s.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     s.add_argument("--temperature", type=float, default=1.0, help="prior temperature (changes pi0)")
@@ -79,7 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, chat=args.chat, device=args.device)
     t0 = time.perf_counter()
     try:
-        if args.model is None:
+        if args.backend == "vllm":  # vLLM places the model itself: no --device, no GGUF
+            if args.device is not None or args.gguf_file is not None:
+                raise ValueError(f"--backend vllm takes neither --device nor --gguf-file, got {args.device!r}, {args.gguf_file!r}")
+            del sampling["device"]
+            if args.model is None:
+                prior = pst.load_default_prior(backend="vllm", **sampling)
+            else:
+                prior = pst.VLLMPrior.from_pretrained(args.model, **sampling)
+        elif args.model is None:
             prior = pst.load_default_prior(**sampling)
         else:
             prior = pst.HFPrior.from_pretrained(args.model, gguf_file=args.gguf_file, **sampling)

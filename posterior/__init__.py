@@ -6,6 +6,7 @@ draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward s
 
 from posterior import rewards
 from posterior.errors import DegenerateWeightsError
+from posterior.generate import GenerateOutput, generate
 from posterior.posterior import Posterior
 from posterior.priors import CallablePrior, HFPrior, Prior, VLLMPrior, load_default_prior
 from posterior.results import SampleResult
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CallablePrior",
     "DegenerateWeightsError",
+    "GenerateOutput",
     "HFPrior",
     "Posterior",
     "Prior",
@@ -24,6 +26,7 @@ __all__ = [
     "SAMPLERS",
     "SampleResult",
     "VLLMPrior",
+    "generate",
     "load_default_prior",
     "register_sampler",
     "rewards",

@@ -16,16 +16,12 @@ import time
 import torch
 
 
-def _reward(spec: str):
-    from posterior import rewards
+def _reward(spec: str, prior=None):
+    """The reward named by ``--reward`` (a registry lookup, ``posterior.rewards.from_spec``; bad
+    specs raise ValueError, which ``main`` reports). ``judge:QUESTION`` needs ``prior``."""
+    from posterior.rewards import from_spec
 
-    if spec == "sentiment":
-        return rewards.Sentiment()
-    if spec == "negative-sentiment":
-        return -1.0 * rewards.Sentiment()
-    if spec.startswith("contains:") and len(spec) > len("contains:"):
-        return rewards.Contains(spec[len("contains:"):])
-    raise SystemExit(f"posterior: unknown --reward {spec!r}; use sentiment, negative-sentiment or contains:WORD")
+    return from_spec(spec, prior=prior)
 
 
 def _option(text: str) -> tuple[str, object]:

@@ -37,8 +37,8 @@ def exact(post):
 VARIANTS = {
     "bootstrap": dict(proposal="bootstrap", twist=None),
     "twisted": dict(proposal="bootstrap", twist="auto"),
-    "tilted": dict(proposal="tilted", twist="auto", top_k=2),
-    "tilted-untwisted": dict(proposal="tilted", twist=None, top_k=2),
+    "tilted": dict(proposal="tilted", twist="auto", lookahead=2),
+    "tilted-untwisted": dict(proposal="tilted", twist=None, lookahead=2),
     "twisted-blocks": dict(proposal="bootstrap", twist="auto", block_size=2),
 }
 
@@ -130,14 +130,14 @@ def optimal_twist(prior, reward, beta, max_new_tokens):
 
 @pytest.mark.parametrize("scheme", ["systematic", "multinomial"])
 def test_optimal_twist_with_full_lookahead_has_zero_variance(post, scheme):
-    """With psi* and top_k = V, every incremental weight after the first is 1 and the first is Z:
+    """With psi* and lookahead = V, every incremental weight after the first is 1 and the first is Z:
     every particle carries weight Z exactly, log Ẑ = log Z for every seed, ESS = N (up to the
     float32 rounding of the tilted-sampling kernels, ~1e-7 per step)."""
     exact = exact_posterior(post.prior, post.reward, BETA, T)  # unconditional
     twist = optimal_twist(post.prior, post.reward, BETA, T)
     estimates = []
     for seed in range(3):
-        res = post.sample(n=32, method="smc", max_new_tokens=T, seed=seed, proposal="tilted", top_k=4, twist=twist,
+        res = post.sample(n=32, method="smc", max_new_tokens=T, seed=seed, proposal="tilted", lookahead=4, twist=twist,
                           ess_threshold=1.0, resampling=scheme)
         estimates.append(res.log_Z.item())
         # (exact_posterior sums the prior's float32 log-probabilities; the twist renormalises them in float64)
@@ -145,7 +145,7 @@ def test_optimal_twist_with_full_lookahead_has_zero_variance(post, scheme):
         assert torch.allclose(res.info["ess_per_step"], torch.tensor(32.0))
         assert torch.allclose(res.info["log_Z_increments"][0, 1:], torch.zeros(1, dtype=torch.float64), atol=1e-6)
     assert max(estimates) - min(estimates) < 1e-6  # no randomness left in the estimate
-    res = post.sample(n=4000, method="smc", max_new_tokens=T, seed=5, proposal="tilted", top_k=4, twist=twist, ess_threshold=0.0)
+    res = post.sample(n=4000, method="smc", max_new_tokens=T, seed=5, proposal="tilted", lookahead=4, twist=twist, ess_threshold=0.0)
     assert pooled_tv(res, exact) < tv_tolerance(exact.prob().values(), 4000)
 
 
@@ -253,9 +253,9 @@ def test_hard_constraint_matches_enumerated_posterior(variant):
     exact = exact_posterior(prior, reward, 1.0, Tc)
     opts = {
         "bootstrap": {},
-        "tilted": dict(proposal="tilted", top_k=3),
+        "tilted": dict(proposal="tilted", lookahead=3),
         "prefix-check": dict(twist=contains_bb_prefix_check(Tc)),
-        "prefix-check-tilted": dict(twist=contains_bb_prefix_check(Tc), proposal="tilted", top_k=3),
+        "prefix-check-tilted": dict(twist=contains_bb_prefix_check(Tc), proposal="tilted", lookahead=3),
     }[variant]
     res = post.sample(n=4000, method="smc", max_new_tokens=Tc, seed=4, **opts)
     alive = res.log_weights[0] > -math.inf
@@ -265,15 +265,15 @@ def test_hard_constraint_matches_enumerated_posterior(variant):
     assert abs(res.log_Z.item() - exact.log_Z) < 6 / math.sqrt(res.ess.item())
     if variant == "prefix-check":
         assert res.info["resampled"].any()  # particles that can no longer satisfy it die and are replaced
-    if variant == "prefix-check-tilted":  # with top_k = V the tilted proposal never proposes a dead end
+    if variant == "prefix-check-tilted":  # with lookahead = V the tilted proposal never proposes a dead end
         assert torch.isfinite(res.log_weights).all()
 
 
 def test_tilted_proposal_never_ends_a_sequence_that_violates_the_constraint():
-    """The ending token is proposed with its true reward: with top_k = V no particle dies."""
+    """The ending token is proposed with its true reward: with lookahead = V no particle dies."""
     prior, Tc = two_token_prior(), 4
     post = pst.Posterior(prior, pst.rewards.Contains("b"), beta=1.0)
-    res = post.sample(n=500, method="smc", max_new_tokens=Tc, seed=0, proposal="tilted", top_k=3, ess_threshold=0.0)
+    res = post.sample(n=500, method="smc", max_new_tokens=Tc, seed=0, proposal="tilted", lookahead=3, ess_threshold=0.0)
     assert all("b" in t for t in res.texts[0]) and torch.isfinite(res.log_weights).all()
     assert res.log_Z.item() == pytest.approx(exact_posterior(prior, post.reward, 1.0, Tc).log_Z, abs=0.05)
 
@@ -284,7 +284,7 @@ def test_all_particles_dead_raises_naming_step_and_prompt():
         post.sample(n=8, method="smc", max_new_tokens=3, prompts=["a", "aa"], seed=0)
     assert e.value.rows == [0, 1]
     # A twist that kills every particle at once raises at step 1.
-    for opts in ({}, dict(proposal="tilted", top_k=3)):  # tilted, top_k = V: q has no mass anywhere
+    for opts in ({}, dict(proposal="tilted", lookahead=3)):  # tilted, lookahead = V: q has no mass anywhere
         with pytest.raises(pst.DegenerateWeightsError, match=r"SMC step 1 .*<unconditional>"):
             post.sample(n=8, method="smc", max_new_tokens=3, seed=0, twist=lambda ts: [-math.inf] * len(ts), **opts)
 
@@ -293,7 +293,7 @@ def test_all_particles_dead_raises_naming_step_and_prompt():
     "bad, match",
     [
         (dict(proposal="greedy"), "'greedy'"),
-        (dict(top_k=0), "top_k.*0"),
+        (dict(lookahead=0), "lookahead.*0"),
         (dict(block_size=1.5), "block_size.*1.5"),
         (dict(ess_threshold=1.5), "ess_threshold.*1.5"),
         (dict(resampling="bogus"), "'bogus'"),
@@ -326,7 +326,7 @@ def test_hf_prior_resampling_reorders_the_cache(arch, proposal, one_thread):
     reward = pst.rewards.Callable(lambda ts: [float(t.count("e") + t.count("a")) for t in ts], accepts_prefixes=True)
     post = pst.Posterior(prior, reward, beta=0.3)
     prompts = ["hello there, how are you", "a"]
-    res = post.sample(n=6, method="smc", max_new_tokens=10, prompts=prompts, seed=0, proposal=proposal, top_k=4,
+    res = post.sample(n=6, method="smc", max_new_tokens=10, prompts=prompts, seed=0, proposal=proposal, lookahead=4,
                       ess_threshold=1.0)
     assert res.info["resampled"][:, :-1].all()  # every step but the last reordered the cache rows
     assert torch.allclose(torch.logsumexp(res.log_weights, -1), torch.zeros(2), atol=1e-5)
@@ -363,8 +363,8 @@ def test_default_model_contains_tilted_smc_finds_valid_samples_where_is_finds_al
     that favours prefixes already containing the word (the final target stays exactly pi*).
 
     " great" has prior probability ~4e-4 right after the prompt (outside the top 8), so with a mild
-    twist (-3) and top_k=8 one run of 32 particles finds it for some seeds only (0, 20, 3, 3 valid
-    for seeds 0-3); a twist of -6 with top_k=32 gave 16, 22, 21, 16 (the auto twist, 0 for
+    twist (-3) and lookahead=8 one run of 32 particles finds it for some seeds only (0, 20, 3, 3 valid
+    for seeds 0-3); a twist of -6 with lookahead=32 gave 16, 22, 21, 16 (the auto twist, 0 for
     Contains, gave none; IS 2 in all). The claim is checked summed over four seeds."""
     post = pst.Posterior(default_prior, pst.rewards.Contains("great"), beta=1.0)
 
@@ -375,7 +375,7 @@ def test_default_model_contains_tilted_smc_finds_valid_samples_where_is_finds_al
     for seed in range(4):
         try:
             smc = post.sample(n=32, method="smc", max_new_tokens=16, prompts=["The movie was"], seed=seed,
-                              proposal="tilted", top_k=32, twist=twist)
+                              proposal="tilted", lookahead=32, twist=twist)
             valid = torch.isfinite(smc.log_weights[0])
             assert all("great" in t for t, v in zip(smc.texts[0], valid.tolist()) if v)
             n_smc += int(valid.sum())

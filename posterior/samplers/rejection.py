@@ -67,7 +67,13 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
                 still.append(p)
         todo = still
     bar.close()
-    tokens = torch.stack([torch.stack([a[0] for a in acc_p]) for acc_p in accepted])
+    # Draw batches are as wide as their longest draw: pad every accepted sequence to the widest.
+    width = max(int(a[1]) for acc_p in accepted for a in acc_p)
+    pad = post.prior.eos_token_ids[0]
+    tokens = torch.stack([
+        torch.stack([torch.nn.functional.pad(a[0][:width], (0, width - min(width, a[0].shape[0])), value=pad) for a in acc_p])
+        for acc_p in accepted
+    ])  # fmt: skip
     lengths = torch.stack([torch.stack([a[1] for a in acc_p]) for acc_p in accepted])
     texts = [[a[2] for a in acc_p] for acc_p in accepted]
     log_prior = torch.stack([torch.stack([a[3] for a in acc_p]) for acc_p in accepted])

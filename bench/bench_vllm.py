@@ -11,7 +11,11 @@ medians and ratios to the plain sampling of the same backend:
     hf generate     model.generate(do_sample=True, num_return_sequences=N, min_new_tokens=T)
     hf is / hf smc  the same samplers over HFPrior (SMC token by token from the KV cache)
 
-    python bench/bench_vllm.py [--n 32] [--tokens 32] [--repeats 5] [--blocks 8,16] [--profile]
+    python bench/bench_vllm.py [--n 32] [--tokens 32] [--repeats 5] [--blocks 8,16] [--threads 1]
+                               [--kv-block-size 32] [--no-hf] [--profile]
+
+The vLLM CPU worker computes on one core (it reserves one for the frontend), so the HF rows run
+with one torch thread by default (``--threads``).
 
 ``--profile`` adds a breakdown of one SMC-over-vLLM run (engine calls vs the rest).
 
@@ -38,6 +42,8 @@ def main(argv=None) -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--no-hf", action="store_true", help="vLLM rows only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the HF rows (vLLM's CPU worker computes on one core, reserving one for the frontend)")
     parser.add_argument("--kv-block-size", type=int, default=None, help="vLLM KV-cache block size (default: VLLMPrior's)")
     parser.add_argument("--profile", action="store_true", help="time engine calls inside one SMC-over-vLLM run")
     args = parser.parse_args(argv)
@@ -49,6 +55,7 @@ def main(argv=None) -> None:
     from posterior.priors.vllm import VLLMPrior
 
     N, T = args.n, args.tokens
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     engine_kwargs = {} if args.kv_block_size is None else {"block_size": args.kv_block_size}
     owner = pst.load_default_prior(backend="vllm", **engine_kwargs)

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     s.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                    help="run the prior with transformers (hf) or serve it with vLLM (vllm; README: vLLM backend)")
+    s.add_argument("--engine-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="vllm.LLM option with --backend vllm, e.g. tensor_parallel_size=4 (repeatable)")
     s.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     s.add_argument("--temperature", type=float, default=1.0, help="prior temperature (changes pi0)")
@@ -81,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.device is not None or args.gguf_file is not None:
                 raise ValueError(f"--backend vllm takes neither --device nor --gguf-file, got {args.device!r}, {args.gguf_file!r}")
             del sampling["device"]
+            engine = dict(args.engine_option)
             if args.model is None:
-                prior = pst.load_default_prior(backend="vllm", **sampling)
+                prior = pst.load_default_prior(backend="vllm", **sampling, **engine)
             else:
-                prior = pst.VLLMPrior.from_pretrained(args.model, **sampling)
+                prior = pst.VLLMPrior.from_pretrained(args.model, **sampling, **engine)
+        elif args.engine_option:
+            raise ValueError(f"--engine-option {args.engine_option} needs --backend vllm")
         elif args.model is None:
             prior = pst.load_default_prior(**sampling)
         else:

@@ -279,12 +279,13 @@ def test_cli_sample_backend_vllm():
     # as a user runs it (its own process and engine)
     out = subprocess.run(
         [sys.executable, "-m", "posterior.cli", "sample", "The movie was", "--backend", "vllm", "-n", "4",
-         "--max-new-tokens", "6", "--json", "--no-prior"],
+         "--max-new-tokens", "6", "--json", "--no-prior", "--method", "smc", "--option", "block_size=3",
+         "--engine-option", "max_model_len=1024"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
-    assert len(lines) == 5 and lines[-1]["method"] == "is"
+    assert len(lines) == 5 and lines[-1]["method"] == "smc"
 
 
 ENGINE_EXIT_SCRIPT = textwrap.dedent(

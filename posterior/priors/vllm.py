@@ -163,6 +163,7 @@ class VLLMPrior(Prior):
         self._eos = tuple(eos)
         self._vocab_size = int(config.get_vocab_size())
         self._max_length = int(config.max_model_len)
+        self._model_name = str(config.model)
         self._vocab_key = None
         self._finalizer = weakref.finalize(self, _shutdown_engine, llm) if owns_engine else None
 
@@ -225,7 +226,7 @@ class VLLMPrior(Prior):
         return self._vocab_key
 
     def describe(self) -> dict:
-        return {**super().describe(), "model": self.llm.model_config.model, "backend": "vllm", "chat": self.chat}
+        return {**super().describe(), "model": self._model_name, "backend": "vllm", "chat": self.chat}
 
     # --- text ------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str] | None) -> list[list[int]]:

@@ -9,7 +9,7 @@ from posterior.compare import compare
 from posterior.errors import DegenerateWeightsError
 from posterior.generate import GenerateOutput, generate
 from posterior.posterior import Posterior
-from posterior.priors import CallablePrior, HFPrior, Prior, load_default_prior
+from posterior.priors import CallablePrior, HFPrior, Prior, VLLMPrior, load_default_prior
 from posterior.results import SampleResult
 from posterior.rewards import RewardError
 from posterior.samplers import SAMPLERS, register_sampler
@@ -26,6 +26,7 @@ __all__ = [
     "RewardError",
     "SAMPLERS",
     "SampleResult",
+    "VLLMPrior",
     "compare",
     "generate",
     "load_default_prior",

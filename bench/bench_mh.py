@@ -55,7 +55,7 @@ def mh_curve(post, counter, prompt, n, max_new_tokens, steps, seed):
     g = torch.Generator(device=prior.device).manual_seed(seed)
     ids = prior.encode_prompts([prompt])
     rows = [ids[0]] * n
-    cfg = mh.MHConfig(max_new_tokens=max_new_tokens, proposal="suffix")
+    cfg = mh.MHConfig(max_new_tokens=max_new_tokens, move="suffix")
     counter.take()
     state = mh.init(post, ids, n, max_new_tokens=max_new_tokens, generator=g)
     points = [(counter.tokens, float(state.rewards.mean()))]
@@ -98,7 +98,7 @@ def main():
     print(header)
     print("-" * len(header))
     for steps in [int(s) for s in args.steps.split(",")]:
-        res, tok, sec = run(post, counter, "mh", args.prompt, n, M, args.seed, steps=steps, proposal="suffix")
+        res, tok, sec = run(post, counter, "mh", args.prompt, n, M, args.seed, steps=steps, move="suffix")
         budget = tok
         rows = [("mh", f"n={n} steps={steps} acc={float(res.info['acceptance_rate'][0]):.2f}", res, tok, sec)]
         k = max(1, round(budget / (n * per_draw)))

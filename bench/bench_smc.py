@@ -81,7 +81,7 @@ def runners(prior, smc_prior, N: int, T: int, args):
         if seed is not None:
             g.manual_seed(seed)
         res = post.sample(n=N, method="smc", max_new_tokens=T, prompts=[args.prompt], generator=g,
-                          proposal=args.proposal, top_k=args.top_k)
+                          proposal=args.proposal, lookahead=args.lookahead)
         assert int(res.lengths.min()) == T
         return res
 
@@ -151,7 +151,7 @@ def peak_memory(method: str, N: int, T: int, args) -> dict:
 
 def _peak_memory_once(method: str, N: int, T: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--n", str(N), "--tokens", str(T),
-           "--device", args.device, "--proposal", args.proposal, "--top-k", str(args.top_k), "--beta", str(args.beta),
+           "--device", args.device, "--proposal", args.proposal, "--lookahead", str(args.lookahead), "--beta", str(args.beta),
            "--threads", str(args.threads), "--prompt", args.prompt]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -266,7 +266,7 @@ def main():
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--proposal", default="bootstrap", choices=["bootstrap", "tilted"])
-    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--lookahead", type=int, default=8)
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
     ap.add_argument("--memory-runs", type=int, default=3, help="subprocesses per method (median reported)")
     ap.add_argument("--profile", action="store_true", help="cProfile one SMC run per config")

@@ -49,7 +49,7 @@ def jit(fn: Callable) -> Callable:
     return triton.jit(fn) if HAS_TRITON else fn
 
 
-def block_size(n: int, *, max_block: int, what: str = "row length") -> int:
+def tile_size(n: int, *, max_block: int, what: str = "row length") -> int:
     """Tile size for a row of ``n`` elements: the next power of two >= n, capped at ``max_block``.
 
     Kernels loop over tiles, so ``n`` may exceed the tile; the limits are ``max_block`` itself

@@ -22,7 +22,7 @@ import torch
 
 from posterior.diagnostics.weights import WeightStats, log_weight_stats
 
-from ._common import block_size, check_float, jit, num_warps, on_device, tl
+from ._common import tile_size, check_float, jit, num_warps, on_device, tl
 
 # Largest tile: one tile covers the rows up to N = 4096 that samplers use; longer rows loop.
 MAX_BLOCK_N = 4096
@@ -101,7 +101,7 @@ def normalize_triton(log_weights: torch.Tensor, *, max_block: int = MAX_BLOCK_N)
     if log_weights.dim() == 0 or log_weights.shape[-1] == 0:
         raise ValueError(f"log_weights has shape {tuple(log_weights.shape)}; expected (..., N) with N >= 1")
     batch, n = log_weights.shape[:-1], log_weights.shape[-1]
-    block = block_size(n, max_block=max_block, what="N (particles)")
+    block = tile_size(n, max_block=max_block, what="N (particles)")
     x = log_weights.reshape(-1, n)  # (P, N)
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 
 from posterior.diagnostics.weights import normalize
-from posterior.samplers.resampling import RESAMPLERS, _uniform
+from .schemes import RESAMPLERS, _uniform
 
-from ._common import block_size, check_float, jit, num_warps, on_device, tl
+from ._common import tile_size, check_float, jit, num_warps, on_device, tl
 
 # Scheme -> kernel constant. Residual resampling has no kernel (its deterministic copies are a
 # different algorithm); the dispatcher runs its torch reference.
@@ -42,7 +42,7 @@ _OK, _DEGENERATE, _NON_FINITE = 0, 1, 2
 def resample_reference(
     log_weights: torch.Tensor, num_samples: int, scheme: str, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """The torch reference: ``posterior.samplers.resampling.RESAMPLERS[scheme]``. (..., M) int64."""
+    """The torch reference: ``posterior.kernels.schemes.RESAMPLERS[scheme]``. (..., M) int64."""
     if scheme not in RESAMPLERS:
         raise ValueError(f"unknown resampling scheme {scheme!r}; choose one of {sorted(RESAMPLERS)}")
     return RESAMPLERS[scheme](log_weights, num_samples, generator=generator)
@@ -169,8 +169,8 @@ def resample_triton(
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} must be a positive int")
     batch, n = log_weights.shape[:-1], log_weights.shape[-1]
-    block_n = block_size(n, max_block=max_block, what="N (particles)")
-    block_m = block_size(num_samples, max_block=MAX_BLOCK_M, what="num_samples")
+    block_n = tile_size(n, max_block=max_block, what="N (particles)")
+    block_m = tile_size(num_samples, max_block=MAX_BLOCK_M, what="num_samples")
     x = log_weights.reshape(-1, n)  # (P, N)
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import block_size, check_float, jit, num_warps, on_device, tl
+from ._common import tile_size, check_float, jit, num_warps, on_device, tl
 
 MAX_BLOCK_V = 4096
 MAX_BLOCK_K = 64
@@ -45,8 +45,8 @@ _OK, _DEGENERATE, _NON_FINITE = 0, 1, 2
 
 class TiltedSample(NamedTuple):
     tokens: torch.Tensor  # (B,) int64, drawn from q
-    log_q: torch.Tensor  # (B,) fp32, log q(token)
-    log_norm: torch.Tensor  # (B,) fp32, log sum_v p(v) exp(phi(v)/beta): the SMC incremental weight
+    log_q: torch.Tensor  # (B,) fp32 (float64 from the CPU backend), log q(token)
+    log_norm: torch.Tensor  # (B,) likewise, log sum_v p(v) exp(phi(v)/beta): the SMC incremental weight
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,6 +218,61 @@ def tilted_sample_reference(
     return TiltedSample(tokens, log_q.gather(1, tokens[:, None]).squeeze(-1), log_norm)
 
 
+def tilted_sample_cpu(
+    logits: torch.Tensor,
+    *,
+    potential: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    chunk: int = 4,
+) -> TiltedSample:
+    """The CPU backend: one uniform per row inverts a float64 CDF of q, ``chunk`` rows at a time.
+
+    Same law and outputs as :func:`tilted_sample_reference` (inputs validated the same way), but
+    ``torch.multinomial`` costs ~1.4 ms per row at V = 49k and the reference materialises several
+    (B, V) fp32 arrays; this is ~4x faster with about 3 · chunk · V float64 values of extra memory.
+    log_q and log_norm are computed and returned in float64 (the other backends return fp32).
+
+    Parameters are those of :func:`tilted_sample_reference`; ``chunk`` is rows per pass. The
+    generator draws B uniforms in row order.
+    """
+    mode, beta, temperature = check_tilted_inputs(logits, potential, candidates, beta, temperature)
+    b, v = logits.shape
+    if mode == "sparse":
+        _raise_for_rows(torch.zeros(b, dtype=torch.int32, device=logits.device), _bad_candidate_rows(candidates, v)[1])
+    u = torch.rand(b, 1, dtype=torch.float64, generator=generator, device=logits.device)  # (B, 1)
+    tokens = torch.empty(b, dtype=torch.long, device=logits.device)
+    log_q = torch.empty(b, dtype=torch.float64, device=logits.device)
+    log_norm = torch.empty(b, dtype=torch.float64, device=logits.device)
+    status = torch.zeros(b, dtype=torch.int32, device=logits.device)
+    for s in range(0, b, chunk):
+        rows = slice(s, s + chunk)
+        z = logits[rows].double()  # (c, V)
+        if temperature != 1.0:
+            z = z / temperature
+        log_z = torch.logsumexp(z, -1)  # (c,)
+        if mode == "dense":
+            y = z + potential[rows].double() / beta
+        elif mode == "sparse":
+            y = z.scatter_add(1, candidates[rows], potential[rows].double() / beta)
+        else:
+            y = z
+        log_y = torch.logsumexp(y, -1)  # (c,)
+        bad = y.isnan().any(-1) | y.isposinf().any(-1) | log_y.isnan() | log_y.isposinf()
+        dead = ~bad & log_y.isneginf()
+        status[rows] = torch.where(bad, _NON_FINITE, torch.where(dead, _DEGENERATE, _OK)).to(torch.int32)
+        if bool((bad | dead).any()):
+            continue
+        cdf = torch.cumsum((y - log_y[:, None]).exp_(), -1)  # (c, V)
+        tok = torch.searchsorted(cdf, u[rows] * cdf[:, -1:], right=True).squeeze(1).clamp_(max=v - 1)
+        tokens[rows], log_norm[rows] = tok, log_y - log_z
+        log_q[rows] = y.gather(1, tok[:, None]).squeeze(1) - log_y
+    _raise_for_rows(status, None)
+    return TiltedSample(tokens, log_q, log_norm)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Kernel.
 
@@ -378,7 +433,7 @@ def tilted_sample_triton(
     """
     mode, beta, temperature = check_tilted_inputs(logits, potential, candidates, beta, temperature)
     b, v = logits.shape
-    block_v = block_size(v, max_block=max_block, what="V (vocabulary)")
+    block_v = tile_size(v, max_block=max_block, what="V (vocabulary)")
     device = logits.device
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -394,7 +449,7 @@ def tilted_sample_triton(
         k = candidates.shape[1]
         cand = order.values.to(torch.int32)  # (B, k) ascending; V < 2**31 was checked
         pot = potential.gather(1, order.indices)  # (B, k) in the same order
-    block_k = block_size(max(k, 1), max_block=MAX_BLOCK_K, what="k (candidates)")
+    block_k = tile_size(max(k, 1), max_block=MAX_BLOCK_K, what="k (candidates)")
 
     seed_device = generator.device if generator is not None else device
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=seed_device, dtype=torch.int64).to(device)

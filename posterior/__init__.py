@@ -4,8 +4,10 @@ An aligned model is the explicit posterior pi*(x) ∝ pi0(x) · exp(r(x)/beta). 
 draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward statistics.
 """
 
-from posterior import rewards
+from posterior import rewards, train
+from posterior.compare import compare
 from posterior.errors import DegenerateWeightsError
+from posterior.generate import GenerateOutput, generate
 from posterior.posterior import Posterior
 from posterior.priors import CallablePrior, HFPrior, Prior, load_default_prior
 from posterior.results import SampleResult
@@ -17,13 +19,17 @@ __version__ = "0.1.0"
 __all__ = [
     "CallablePrior",
     "DegenerateWeightsError",
+    "GenerateOutput",
     "HFPrior",
     "Posterior",
     "Prior",
     "RewardError",
     "SAMPLERS",
     "SampleResult",
+    "compare",
+    "generate",
     "load_default_prior",
     "register_sampler",
     "rewards",
+    "train",
 ]

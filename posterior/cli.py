@@ -28,16 +28,12 @@ DESCRIPTION = (
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
 
-def _reward(spec: str):
-    from posterior import rewards
+def _reward(spec: str, prior=None):
+    """The reward named by ``--reward`` (a registry lookup, ``posterior.rewards.from_spec``; bad
+    specs raise ValueError, which ``main`` reports). ``judge:QUESTION`` needs ``prior``."""
+    from posterior.rewards import from_spec
 
-    if spec == "sentiment":
-        return rewards.Sentiment()
-    if spec == "negative-sentiment":
-        return -1.0 * rewards.Sentiment()
-    if spec.startswith("contains:") and len(spec) > len("contains:"):
-        return rewards.Contains(spec[len("contains:"):])
-    raise SystemExit(f"posterior: unknown --reward {spec!r}; use sentiment, negative-sentiment or contains:WORD")
+    return from_spec(spec, prior=prior)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -159,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show", type=int, default=5, help="samples to print per prompt (text output)")
     s.add_argument("--json", action="store_true", help="JSON lines: one per sample, then a summary")
     s.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    from posterior.compare import cli as compare_cli  # `posterior compare` (posterior/compare/cli.py)
+    from posterior.train import cli as train_cli  # `posterior train` (posterior/train/cli.py)
+
+    train_cli.add_parser(sub)
+    compare_cli.add_parser(sub)
     return parser
 
 
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "compare"):
+        return args.run(args)
     import posterior as pst
     from posterior.samplers.common import draw
 
@@ -257,7 +260,7 @@ def _main(argv) -> int:
             prior = pst.load_default_prior(**sampling)
         else:
             prior = pst.HFPrior.from_pretrained(args.model, gguf_file=args.gguf_file, **sampling)
-        post = pst.Posterior(prior, _reward(args.reward), beta=args.beta)
+        post = pst.Posterior(prior, _reward(args.reward, prior), beta=args.beta)
     except (ValueError, TypeError, ModuleNotFoundError, FileNotFoundError) as e:
         print(f"posterior: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -70,7 +70,8 @@ class Posterior:
             tokens[0, i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         lengths = torch.tensor([[len(s) for s in ids]])
         log_prior = self.prior.log_prob(prompt_ids, tokens, lengths)[0].double()
-        return log_prior + self.reward(texts) / self.beta
+        reward = self.reward.for_prompt("" if prompt is None else prompt, None)  # None: not one of a sampled list
+        return log_prior + reward(texts) / self.beta
 
     def sample(
         self,
@@ -98,6 +99,10 @@ class Posterior:
         if not isinstance(method, str):
             raise ValueError(f"method must be a str naming a sampler, got {method!r}")
         fn = get_sampler(method)
+        if self.reward.needs_prompts:  # it reads prompts: one run per prompt, see rewards/prompted.py
+            from posterior.rewards.prompted import per_prompt
+
+            fn = per_prompt(fn)
         known = sampler_options(method)
         unknown = sorted(set(options) - set(known))
         if unknown:

@@ -100,6 +100,19 @@ class SampleResult:
 
         return [Empirical(self.tokens[p], self.log_weights[p]) for p in range(self.num_prompts)]
 
+    def to_jsonl(self, path) -> int:
+        """One strict JSON object per sample (prompt, text, reward, log_weight, ...; null for a
+        non-finite number, named in "nonfinite") written to ``path``; see ``posterior.export``."""
+        from posterior.export import to_jsonl
+
+        return to_jsonl(self, path)
+
+    def to_pandas(self):
+        """One row per sample as a ``pandas.DataFrame`` (needs pandas); see ``posterior.export``."""
+        from posterior.export import to_pandas
+
+        return to_pandas(self)
+
 
 # --------------------------------------------------------------------------------------------------
 # Text summary

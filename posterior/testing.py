@@ -2,7 +2,8 @@
 
 ``tiny_hf_prior`` builds a randomly initialised transformers causal LM (GPT-2 or Llama) from a
 config with a character-level tokenizer made in memory. ``two_token_prior`` and ``markov_prior``
-are exact ``CallablePrior``s whose posteriors can be enumerated with :mod:`posterior.exact`.
+are exact ``CallablePrior``s whose posteriors can be enumerated with :mod:`posterior.exact`;
+``SequencePrior`` hides a prior's step-wise capability (a stand-in for a serving engine).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import string
 
 import torch
 
+from posterior.priors.base import Prior
 from posterior.priors.callable import CallablePrior
 
 CHARS = list(string.ascii_lowercase + " .,!?'")
@@ -75,3 +77,37 @@ def markov_prior(vocab=("a", "b", "c", "<eos>"), seed: int = 0) -> CallablePrior
         return table[last]
 
     return CallablePrior(list(vocab), next_logprobs)
+
+
+class SequencePrior(Prior):
+    """Only the sequence-level capability of ``inner`` (no decode state): how a serving engine
+    looks to the samplers. Used to test block SMC, MH and the other methods on such priors
+    exactly, with ``inner``'s enumerable posterior. ``calls`` counts continue_prefixes calls."""
+
+    def __init__(self, inner: Prior):
+        self.inner = inner
+        self.temperature, self.top_k, self.top_p = inner.temperature, inner.top_k, inner.top_p
+        self.calls = 0
+
+    vocab_size = property(lambda self: self.inner.vocab_size)
+    eos_token_ids = property(lambda self: self.inner.eos_token_ids)
+    max_length = property(lambda self: self.inner.max_length)
+
+    def encode_prompts(self, prompts):
+        return self.inner.encode_prompts(prompts)
+
+    def encode_text(self, text):
+        return self.inner.encode_text(text)
+
+    def decode(self, token_ids):
+        return self.inner.decode(token_ids)
+
+    def vocabulary_key(self):
+        return self.inner.vocabulary_key()
+
+    def continue_prefixes(self, prompt_ids, prefixes, max_tokens, *, generator=None):
+        self.calls += 1
+        return self.inner.continue_prefixes(prompt_ids, prefixes, max_tokens, generator=generator)
+
+    def token_log_probs(self, prompt_ids, tokens, lengths, *, grad=False):
+        return self.inner.token_log_probs(prompt_ids, tokens, lengths, grad=grad)

@@ -27,11 +27,11 @@ import torch  # noqa: E402
 import posterior.kernels as K  # noqa: E402
 from posterior.diagnostics.weights import log_weight_stats  # noqa: E402
 from posterior.errors import DegenerateWeightsError  # noqa: E402
-from posterior.kernels._common import INTERPRET, block_size  # noqa: E402
+from posterior.kernels._common import INTERPRET, tile_size  # noqa: E402
 from posterior.kernels.normalize import normalize_triton  # noqa: E402
 from posterior.kernels.resample import resample_triton  # noqa: E402
 from posterior.kernels.tilted import tilted_log_probs, tilted_sample_triton  # noqa: E402
-from posterior.samplers.resampling import _stratified_points, _uniform  # noqa: E402
+from posterior.kernels.schemes import _stratified_points, _uniform  # noqa: E402
 
 NEG_INF = float("-inf")
 DEVICE = "cuda" if (not INTERPRET and torch.cuda.is_available()) else "cpu"
@@ -58,16 +58,16 @@ def _log_weights(shape, dtype, seed, *, scale=3.0):
 # Block-size helper and dispatch.
 
 
-def test_block_size_is_a_capped_power_of_two_and_errors_name_the_value():
-    assert block_size(1, max_block=1024) == 16
-    assert block_size(1000, max_block=1024) == 1024
-    assert block_size(5000, max_block=1024) == 1024
+def test_tile_size_is_a_capped_power_of_two_and_errors_name_the_value():
+    assert tile_size(1, max_block=1024) == 16
+    assert tile_size(1000, max_block=1024) == 1024
+    assert tile_size(5000, max_block=1024) == 1024
     with pytest.raises(ValueError, match="max_block=1000"):
-        block_size(10, max_block=1000)
+        tile_size(10, max_block=1000)
     with pytest.raises(ValueError, match="max_block=32768"):
-        block_size(10, max_block=2**15)
+        tile_size(10, max_block=2**15)
     with pytest.raises(ValueError, match=r"V \(vocabulary\)=2147483648"):
-        block_size(2**31, max_block=1024, what="V (vocabulary)")
+        tile_size(2**31, max_block=1024, what="V (vocabulary)")
 
 
 def test_bad_backend_and_non_tensors_raise():
@@ -496,12 +496,51 @@ def test_tilted_kernel_draws_follow_q(kernels, mode):
     torch.testing.assert_close(out.log_q, log_q[0][out.tokens], atol=1e-5, rtol=0)
 
 
-def test_tilted_dispatch_auto_on_cpu_is_the_reference():
-    """On CPU tensors "auto" is the torch reference: same generator, same tokens as multinomial."""
+def test_tilted_dispatch_auto_on_cpu_is_the_cpu_backend_and_torch_is_the_reference():
+    """On CPU tensors "auto" is tilted_sample_cpu (float64 CDF inversion) and "torch" the literal
+    reference (multinomial): same generator, same tokens as each."""
     logits = torch.randn(5, 30)
     a = K.tilted_sample(logits, beta=2.0, generator=torch.Generator().manual_seed(8), backend="auto")
+    c = K.tilted_sample_cpu(logits, beta=2.0, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.tokens, c.tokens) and a.log_q.dtype == torch.float64
+    t = K.tilted_sample(logits, beta=2.0, generator=torch.Generator().manual_seed(8), backend="torch")
     b = K.tilted_sample_reference(logits, beta=2.0, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(t.tokens, b.tokens)
+
+
+def test_kernels_package_does_not_import_the_samplers():
+    """kernels/ is self-contained: no module of it imports posterior.samplers (the samplers import
+    the kernels, never the other way round)."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.startswith("posterior.samplers") for n in names), (path.name, names)
+
+
+def test_cpu_tilted_sampler_agrees_with_the_kernels_reference_and_draws_from_q():
+    """tilted_sample_cpu (the CPU backend of tilted_sample) has the semantics of the reference: the same log q and
+    log_norm as the reference's materialised q, and token frequencies that match q (4 sigma)."""
+    g = torch.Generator().manual_seed(1)
+    V, beta, n = 9, 0.5, 20_000
+    logp = torch.log_softmax(torch.randn(1, V, generator=g), -1).expand(n, V)
+    cand = torch.tensor([[0, 3, 7]]).expand(n, 3)
+    pot = torch.tensor([[1.0, -math.inf, -0.5]]).expand(n, 3)
+    s = K.tilted_sample_cpu(logp, potential=pot, candidates=cand, beta=beta, generator=g)
+    ref_log_q, ref_log_norm = K.tilted_log_probs(logp[:2], potential=pot[:2], candidates=cand[:2], beta=beta)
+    q = ref_log_q[0].double().exp()
+    assert torch.allclose(s.log_q, ref_log_q[0].double()[s.tokens], atol=1e-5)
+    assert torch.allclose(s.log_norm, ref_log_norm[0].double().expand(n), atol=1e-5)
+    assert (s.tokens != 3).all()  # phi = -inf: never proposed
+    freq = torch.bincount(s.tokens, minlength=V).double() / n
+    assert torch.all((freq - q).abs() <= 4 * (q * (1 - q) / n).sqrt() + 1e-12)
+    boot = K.tilted_sample_cpu(logp, generator=torch.Generator().manual_seed(2))  # no potential: q = pi0
+    assert torch.allclose(boot.log_norm, torch.zeros(n, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(boot.log_q, logp[0].double()[boot.tokens], atol=1e-6)
 
 
 def test_bench_script_smoke(kernels, capsys):

@@ -9,7 +9,8 @@ import torch
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
-from posterior.priors.base import Prior
+from posterior.priors.base import StepwisePrior
+from posterior.diagnostics.mcmc import reward_trace_diagnostics
 from posterior.samplers import mh
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
 
@@ -130,7 +131,7 @@ def _check_scored(prior, prompt_ids, tokens, lengths, token_logprobs):
 def test_propose_suffix_keeps_prefix_and_cuts_uniformly():
     prior = markov_prior(("a", "b", "<eos>"))
     _, prompt_ids, rows, state = _state(prior, n=3000, M=4, prompts=["a", "ba"])
-    cfg = mh.MHConfig(max_new_tokens=4, proposal="suffix")
+    cfg = mh.MHConfig(max_new_tokens=4, move="suffix")
     prop = mh.propose(prior, rows, state, config=cfg, generator=gen(1))
     P, N, M = state.tokens.shape
     assert prop.tokens.shape == (P, N, M) and prop.cut.shape == (P, N)
@@ -156,7 +157,7 @@ def test_propose_suffix_keeps_prefix_and_cuts_uniformly():
 def test_propose_independence_is_a_fresh_prior_draw():
     prior = markov_prior(("a", "b", "<eos>"))
     _, prompt_ids, rows, state = _state(prior, n=50, M=4)
-    prop = mh.propose(prior, rows, state, config=mh.MHConfig(max_new_tokens=4, proposal="independence"), generator=gen(2))
+    prop = mh.propose(prior, rows, state, config=mh.MHConfig(max_new_tokens=4, move="independence"), generator=gen(2))
     assert bool(prop.independence.all()) and bool((prop.cut == 0).all())
     torch.testing.assert_close(prop.log_q_forward, prop.token_logprobs.double().sum(-1))
     torch.testing.assert_close(prop.log_q_reverse, state.log_prior)
@@ -167,7 +168,7 @@ def test_propose_mixture_picks_independence_with_mixture_weight():
     prior = two_token_prior()
     _, _, rows, state = _state(prior, n=4000, M=3)
     w = 0.3
-    prop = mh.propose(prior, rows, state, config=mh.MHConfig(max_new_tokens=3, proposal="mixture", mixture_weight=w), generator=gen(4))
+    prop = mh.propose(prior, rows, state, config=mh.MHConfig(max_new_tokens=3, move="mixture", mixture_weight=w), generator=gen(4))
     f = float(prop.independence.double().mean())
     assert abs(f - w) < 3 * math.sqrt(w * (1 - w) / 4000)
     assert bool((prop.cut[prop.independence] == 0).all())
@@ -175,7 +176,7 @@ def test_propose_mixture_picks_independence_with_mixture_weight():
 
 def test_mh_config_validates():
     with pytest.raises(ValueError, match="'gibbs'"):
-        mh.MHConfig(max_new_tokens=3, proposal="gibbs")
+        mh.MHConfig(max_new_tokens=3, move="gibbs")
     with pytest.raises(ValueError, match="1.5"):
         mh.MHConfig(max_new_tokens=3, mixture_weight=1.5)
 
@@ -267,7 +268,7 @@ def test_mh_final_states_match_enumerated_posterior(proposal):
     beta, M, n, prompts = 1.0, 3, 1000, ["a", "b"]
     post = pst.Posterior(prior, reward, beta=beta)
     # 30 steps: the enumerated kernels of this problem are within 2e-5 (TV) of pi* by then
-    res = post.sample(n=n, method="mh", max_new_tokens=M, prompts=prompts, seed=11, proposal=proposal, steps=30)
+    res = post.sample(n=n, method="mh", max_new_tokens=M, prompts=prompts, seed=11, move=proposal, steps=30)
     assert res.targets_posterior and res.log_Z is None
     assert torch.allclose(res.ess, torch.full((2,), float(n)))
     keys = sequence_keys(res.tokens, res.lengths)
@@ -307,7 +308,7 @@ def test_return_chains_and_samples_all():
     post = pst.Posterior(prior, count_a, beta=1.0)
     n, steps = 6, 9
     res = post.sample(n=n, method="mh", max_new_tokens=4, prompts=["a", "b"], seed=5, steps=steps, burn_in=3, thin=2,
-                      return_chains=True, samples="all", proposal="mixture")
+                      return_chains=True, samples="all", move="mixture")
     ch = res.info["chains"]
     assert ch.tokens.shape == (steps + 1, 2, n, 4) and ch.accepted.shape == (steps, 2, n)
     assert ch.kept == (5, 7, 9)  # after burn-in, every 2nd counted back from the last
@@ -339,13 +340,13 @@ def test_reward_trace_diagnostics():
     g = gen(0)
     iid = torch.randn(2, 8, 50, generator=g, dtype=torch.float64)
     iid[1, :, 10] = -math.inf
-    r_hat, ess = mh.reward_trace_diagnostics(iid)
+    r_hat, ess = reward_trace_diagnostics(iid)
     assert abs(float(r_hat[0]) - 1.0) < 0.05 and 200 < float(ess[0]) < 800
     assert math.isnan(float(r_hat[1])) and math.isnan(float(ess[1]))
     stuck = torch.randn(1, 4, 40, generator=g, dtype=torch.float64) + torch.arange(4.0)[None, :, None] * 5
-    r_hat, ess = mh.reward_trace_diagnostics(stuck)
+    r_hat, ess = reward_trace_diagnostics(stuck)
     assert float(r_hat[0]) > 2.0  # chains that disagree are flagged
-    r_hat, ess = mh.reward_trace_diagnostics(iid[:, :, :3])
+    r_hat, ess = reward_trace_diagnostics(iid[:, :, :3])
     assert math.isnan(float(r_hat[0])) and math.isfinite(float(ess[0]))  # split R-hat needs >= 4 samples
 
 
@@ -361,7 +362,7 @@ def test_reward_trace_diagnostics():
         ({"init_texts": "ab"}, "init_texts.*str"),
         ({"init_texts": [["a", "b", 3]]}, r"init_texts\[0\]\[2\].*int"),
         ({"init_texts": [["a", "b", "aaaaaa"]]}, "aaaaaa.*max_new_tokens=3"),
-        ({"proposal": "gibbs"}, "gibbs"),
+        ({"move": "gibbs"}, "gibbs"),
         ({"mixture_weight": -0.1}, "-0.1"),
         ({"samples": "some"}, "some"),
     ],
@@ -395,7 +396,7 @@ def test_hf_truncate_and_merge_match_a_fresh_encode(arch):
     tokens = torch.stack(toks, 1)  # (B, T)
     for keep in (torch.tensor([0, 1, 2, 3, 5, 6]), torch.zeros(B, dtype=torch.long), torch.full((B,), T)):
         cut = prior.truncate(state, rows, tokens, keep)
-        fresh = Prior.truncate(prior, None, rows, tokens, keep)  # the default: encode the prefixes afresh
+        fresh = StepwisePrior.truncate(prior, None, rows, tokens, keep)  # the default: encode the prefixes afresh
         assert torch.equal(cut.lengths, keep)
         torch.testing.assert_close(cut.logprobs, fresh.logprobs, atol=1e-4, rtol=0)
         # positions stay right when decoding continues from the truncated cache
@@ -412,7 +413,7 @@ def test_hf_truncate_and_merge_match_a_fresh_encode(arch):
         torch.testing.assert_close(prior.extend(merged, tok).logprobs, ref, atol=1e-4, rtol=0)
     # the input state is unchanged by truncate / merge_rows: truncating it again still works
     again = prior.truncate(state, rows, tokens, torch.full((B,), 2))
-    torch.testing.assert_close(again.logprobs, Prior.truncate(prior, None, rows, tokens, torch.full((B,), 2)).logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(again.logprobs, StepwisePrior.truncate(prior, None, rows, tokens, torch.full((B,), 2)).logprobs, atol=1e-4, rtol=0)
 
 
 def test_hf_truncate_unconditional_prompt():
@@ -431,7 +432,7 @@ def test_hf_chains_track_the_prior_log_prob(arch):
     post = pst.Posterior(prior, lambda ts: [float(t.count("e")) for t in ts], beta=0.5)
     prompts = ["the cat sat on", "a"]
     res = post.sample(n=4, method="mh", max_new_tokens=10, prompts=prompts, seed=0, steps=4, return_chains=True,
-                      proposal="mixture")
+                      move="mixture")
     ref = prior.log_prob(prior.encode_prompts(prompts), res.tokens, res.lengths)
     torch.testing.assert_close(res.log_prior.double(), ref.double(), atol=1e-4, rtol=0)
     ch = res.info["chains"]

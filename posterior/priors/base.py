@@ -1,21 +1,29 @@
-"""The prior pi0: a causal model over token sequences, used through explicit decode state.
+"""The prior pi0: a causal model over token sequences, used by capability.
 
-A prior exposes next-token log-probabilities over an incrementally extended batch of rows:
+*Sequence-level* (:class:`Prior`, every prior, a serving engine included): sample continuations
+of prompts, continue given token prefixes by up to k tokens (stopping at EOS) with each token's
+log-probability, and score given continuations (``token_log_probs`` / ``log_prob``, optionally
+keeping gradients for training). No state crosses the interface.
+
+*Step-wise* (:class:`StepwisePrior`: ``HFPrior``, ``CallablePrior``): next-token distributions over
+an incrementally extended batch of rows, through explicit decode state:
 
     state = prior.start(prompt_ids, copies=N)   # (P·N) rows, N copies of each prompt; state.logprobs (B, V)
-    state = prior.extend(state, tokens)         # append one token per row (B,); new state.logprobs
-    state = prior.select(state, index)          # keep / reorder rows (resampling, dropping finished rows)
+    state = prior.extend(state, tokens)         # append one token per row (B,); consumes state
+    state = prior.select(state, index)          # keep / reorder rows (a new state; the input stays intact)
 
-Samplers never touch a model directly. ``HFPrior`` keeps a KV cache in the state, so ``extend``
-costs one decoding step and ``select`` is a gather on the cache; ``CallablePrior`` keeps the prefix.
+Samplers ask for the capability they need (SMC's token-level tilted proposal needs step-wise
+priors; block SMC, MH, IS, rejection and best-of-n need only sequences) and never touch a model
+directly. ``HFPrior`` keeps a KV cache in the state, so ``extend`` costs one decoding step;
+``CallablePrior`` keeps the prefix.
 
 The support is what the prior's own generation produces: a continuation ends at the first EOS or
 after ``max_new_tokens`` tokens (EOS counted), and
 
     log pi0(x | prompt) = sum_t log p(x_t | prompt, x_<t).
 
-Sampling modifications (temperature, top-k, top-p) are part of the prior: ``next_logprobs`` returns
-the modified distribution, so sampling and scoring always agree, and ``describe()`` says so.
+Sampling modifications (temperature, top-k, top-p) are part of the prior: sampling and scoring both
+use the modified distribution, and ``describe()`` says so.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -50,6 +58,15 @@ class Continuations:
     lengths: torch.Tensor  # (P, N) int64
     log_prob: torch.Tensor  # (P, N) float32
     texts: list[list[str]]  # [P][N], EOS excluded
+
+
+@dataclass(frozen=True)
+class Extension:
+    """Up to K new tokens for each of B rows (:meth:`Prior.continue_prefixes`)."""
+
+    tokens: torch.Tensor  # (B, K) int64, padded with eos_token_ids[0] after each row's length
+    lengths: torch.Tensor  # (B,) int64 tokens drawn, the EOS included when one was drawn
+    token_log_probs: torch.Tensor  # (B, K) float32 log pi0 of each drawn token, 0 after lengths
 
 
 def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> tuple[float, int | None, float | None]:
@@ -84,8 +101,19 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, 
     return torch.log_softmax(logits, dim=-1)
 
 
+def request_seeds(generator: torch.Generator | None, count: int) -> list[int]:
+    """``count`` per-request seeds drawn from ``generator``, for backends that seed each request
+    (vLLM): the same generator state gives the same seeds, hence the same samples."""
+    return torch.randint(0, 2**62, (count,), generator=generator, device="cpu" if generator is None else generator.device).tolist()
+
+
 class Prior(abc.ABC):
-    """Base class of priors. Subclasses implement the decode-state methods and text handling."""
+    """Sequence-level capability, which every prior has: sample continuations of prompts, continue
+    given prefixes by up to k tokens, and score given continuations (optionally with gradients).
+
+    No decode state crosses the interface: every call takes token ids and returns tensors the
+    caller owns. Backends that keep caches (a serving engine's prefix cache) keep them inside.
+    """
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -119,25 +147,157 @@ class Prior(abc.ABC):
         """Token ids of a continuation text (no EOS), for scoring given texts."""
 
     @abc.abstractmethod
+    def continue_prefixes(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        prefixes: Sequence[Sequence[int]],
+        max_tokens: int | Sequence[int],
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Extension:
+        """Continue row b, ``prompt_ids[b] + prefixes[b]``, by up to ``max_tokens[b]`` (>= 1) tokens
+        drawn from the prior, stopping after an EOS token. Rows are independent draws.
+
+        Returns
+        -------
+        Extension
+            tokens (B, K) EOS-padded, lengths (B,), token_log_probs (B, K) (0 after each length).
+        """
+
+    @abc.abstractmethod
+    def token_log_probs(
+        self, prompt_ids: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor, *, grad: bool = False
+    ) -> torch.Tensor:
+        """log pi0(x_t | prompt, x_<t) of given continuations.
+
+        Parameters
+        ----------
+        prompt_ids : list of P token-id lists
+        tokens : LongTensor (P, N, T)
+        lengths : LongTensor (P, N)
+        grad : bool
+            Keep the autograd graph (training a policy); priors that cannot raise NotImplementedError.
+
+        Returns
+        -------
+        Tensor (P, N, T) float32, 0 at t >= lengths; on the prior's device when ``grad``, else CPU.
+        """
+
+    # --- provided ----------------------------------------------------------------------------
+    def log_prob(
+        self, prompt_ids: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor, *, grad: bool = False
+    ) -> torch.Tensor:
+        """log pi0 of given continuations: tokens (P, N, T), lengths (P, N) -> (P, N)."""
+        return self.token_log_probs(prompt_ids, tokens, lengths, grad=grad).sum(-1)
+
+    def sample(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        max_new_tokens: int,
+        *,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Continuations:
+        """Draw ``n`` continuations of each prompt (rows prompt-major)."""
+        self.check_lengths(prompt_ids, max_new_tokens)
+        rows = [list(p) for p in prompt_ids for _ in range(n)]
+        ext = self.continue_prefixes(rows, [[] for _ in rows], max_new_tokens, generator=generator)
+        return continuations(self, ext, len(prompt_ids), n)
+
+    def close(self) -> None:
+        """Release what the prior holds outside this process (engines); a no-op by default."""
+
+    def vocabulary_key(self) -> Any:
+        """Something equal for two priors exactly when their token ids mean the same strings."""
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def describe(self) -> dict:
+        """How the prior is defined (sampling modifications included), for results and logs."""
+        return {
+            "prior": type(self).__name__,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "modified": self.temperature != 1.0 or self.top_k is not None or self.top_p is not None,
+        }
+
+    def check_lengths(self, prompt_ids: list[list[int]], max_new_tokens: int, prompts=None) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        limit = self.max_length
+        if limit is None:
+            return
+        for i, ids in enumerate(prompt_ids):
+            if len(ids) + max_new_tokens > limit:
+                name = repr(prompts[i][:60]) if prompts else f"#{i}"
+                raise ValueError(
+                    f"prompt {name} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
+                    f"exceeds the model's context of {limit} tokens"
+                )
+
+    def texts_of(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[list[str]]:
+        """Decode (P, N, T) tokens to texts, dropping the EOS and the padding after it."""
+        eos = set(self.eos_token_ids)
+        out = []
+        for row_t, row_l in zip(tokens.tolist(), lengths.tolist()):
+            out.append([self.decode([i for i in seq[:L] if i not in eos]) for seq, L in zip(row_t, row_l)])
+        return out
+
+
+def continuations(prior: Prior, ext: Extension, P: int, n: int) -> Continuations:
+    """P·n rows of an Extension (prompt-major) as (P, n, ...) Continuations with texts."""
+    tokens = ext.tokens.reshape(P, n, -1).cpu()
+    lengths = ext.lengths.reshape(P, n).cpu()
+    log_prob = ext.token_log_probs.double().sum(-1).reshape(P, n).float().cpu()
+    return Continuations(tokens, lengths, log_prob, prior.texts_of(tokens, lengths))
+
+
+def _budgets(max_tokens, B: int) -> torch.Tensor:
+    budget = torch.as_tensor(max_tokens, dtype=torch.long).cpu()
+    budget = budget.expand(B).clone() if budget.dim() == 0 else budget
+    if budget.shape != (B,):
+        raise ValueError(f"max_tokens must be an int or one per row ({B}), got shape {tuple(budget.shape)}")
+    if B and int(budget.min()) < 1:
+        raise ValueError(f"max_tokens must be >= 1 for every row, got {budget.tolist()}")
+    return budget
+
+
+class StepwisePrior(Prior):
+    """Step-wise capability (``HFPrior``, ``CallablePrior``): next-token distributions over a batch
+    of rows that can be extended and reordered, through explicit decode state:
+
+        state = prior.start(prompt_ids, copies=N)   # (P·N) rows; state.logprobs (B, V)
+        state = prior.extend(state, tokens)         # append one token per row (B,); consumes state
+        state = prior.select(state, index)          # rows ``index`` as a new state; state intact
+        state = prior.reorder(state, index)         # like select, but consumes state (in place)
+
+    Ownership: ``extend`` and ``reorder`` consume their input state (a KV cache may be updated in
+    place; do not use the old state again); ``select``, ``truncate`` and ``merge_rows`` leave their
+    inputs intact and return new states. The sequence-level methods run on one decode loop,
+    :func:`decode_rows`.
+    """
+
+    @abc.abstractmethod
     def start(self, prompt_ids: list[list[int]], *, copies: int = 1) -> DecodeState:
         """Rows for ``copies`` copies of each prompt, prompt-major: row p·copies + i."""
 
     @abc.abstractmethod
     def extend(self, state: DecodeState, tokens: torch.Tensor) -> DecodeState:
-        """Append ``tokens`` (B,) to every row."""
+        """Append ``tokens`` (B,) to every row (``state`` is consumed)."""
 
     @abc.abstractmethod
     def select(self, state: DecodeState, index: torch.Tensor) -> DecodeState:
-        """Rows ``index`` (B',) of ``state``, in that order (duplicates allowed)."""
+        """Rows ``index`` (B',) of ``state``, in that order (duplicates allowed); ``state`` intact."""
 
     def reorder(self, state: DecodeState, index: torch.Tensor) -> DecodeState:
         """Like :meth:`select`, but ``state`` is consumed (as by :meth:`extend`), so a prior with a
         KV cache may gather it layer by layer instead of holding two copies (SMC resampling)."""
         return self.select(state, index)
-
-    def vocabulary_key(self) -> Any:
-        """Something equal for two priors exactly when their token ids mean the same strings."""
-        return None
 
     # --- prefix states (MCMC suffix proposals) -------------------------------------------------
     def truncate(
@@ -188,119 +348,120 @@ class Prior(abc.ABC):
     def reuses_prefix_cache(self) -> bool:
         """True when ``truncate`` reuses a state's cache and ``merge_rows`` is implemented."""
         cls = type(self)
-        return cls.truncate is not Prior.truncate and cls.merge_rows is not Prior.merge_rows
+        return cls.truncate is not StepwisePrior.truncate and cls.merge_rows is not StepwisePrior.merge_rows
 
-    # --- shared behaviour ----------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
+    # --- the sequence-level capability on top of decode states ----------------------------------
+    def continue_prefixes(self, prompt_ids, prefixes, max_tokens, *, generator=None) -> Extension:
+        B = len(prompt_ids)
+        if len(prefixes) != B:
+            raise ValueError(f"continue_prefixes needs one prefix per prompt row, got {len(prefixes)} for {B}")
+        budget = _budgets(max_tokens, B)
+        state = self.start([list(p) + list(x) for p, x in zip(prompt_ids, prefixes)], copies=1)
+        return decode_rows(self, state, budget, generator=generator).extension
 
-    def describe(self) -> dict:
-        """How the prior is defined (sampling modifications included), for results and logs."""
-        return {
-            "prior": type(self).__name__,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "modified": self.temperature != 1.0 or self.top_k is not None or self.top_p is not None,
-        }
+    def sample(self, prompt_ids, n, max_new_tokens, *, generator=None, progress=False) -> Continuations:
+        """One batched decode over all P·n rows; the prompt is encoded once and copied."""
+        self.check_lengths(prompt_ids, max_new_tokens)
+        state = self.start(prompt_ids, copies=n)
+        budget = torch.full((len(prompt_ids) * n,), max_new_tokens, dtype=torch.long)
+        ext = decode_rows(self, state, budget, generator=generator, progress=progress).extension
+        return continuations(self, ext, len(prompt_ids), n)
 
-    def check_lengths(self, prompt_ids: list[list[int]], max_new_tokens: int, prompts=None) -> None:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        limit = self.max_length
-        if limit is None:
-            return
-        for i, ids in enumerate(prompt_ids):
-            if len(ids) + max_new_tokens > limit:
-                name = repr(prompts[i][:60]) if prompts else f"#{i}"
-                raise ValueError(
-                    f"prompt {name} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
-                    f"exceeds the model's context of {limit} tokens"
-                )
-
-    def sample(
-        self,
-        prompt_ids: list[list[int]],
-        n: int,
-        max_new_tokens: int,
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Continuations:
-        """Draw ``n`` continuations of each prompt: one batched decode over all P·n rows."""
-        return sample_continuations(self, prompt_ids, n, max_new_tokens, generator=generator, progress=progress)
-
-    def log_prob(self, prompt_ids: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """log pi0 of given continuations: tokens (P, N, T), lengths (P, N) -> (P, N).
-
-        The default teacher-forces through ``start``/``extend``; ``HFPrior`` uses one forward pass.
-        """
+    def token_log_probs(self, prompt_ids, tokens, lengths, *, grad=False) -> torch.Tensor:
+        """Teacher forcing through ``start``/``extend`` (``HFPrior`` uses one forward pass)."""
         P, N, T = tokens.shape
+        B = P * N
         state = self.start(prompt_ids, copies=N)
-        flat, flat_len = tokens.reshape(P * N, T).to(self.device), lengths.reshape(P * N).to(self.device)
-        total = torch.zeros(P * N, device=self.device)
-        steps = int(flat_len.max().item()) if flat_len.numel() else 0
-        for t in range(steps):
-            tok = flat[:, t]
-            total += torch.where(t < flat_len, state.logprobs.gather(1, tok[:, None]).squeeze(1), 0.0)
-            if t + 1 < steps:
-                state = self.extend(state, tok)
-        return total.reshape(P, N).cpu()
-
-    def texts_of(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[list[str]]:
-        """Decode (P, N, T) tokens to texts, dropping the EOS and the padding after it."""
-        eos = set(self.eos_token_ids)
-        out = []
-        for row_t, row_l in zip(tokens.tolist(), lengths.tolist()):
-            out.append([self.decode([i for i in seq[:L] if i not in eos]) for seq, L in zip(row_t, row_l)])
-        return out
+        flat = tokens.reshape(B, T).to(self.device)
+        forced = decode_rows(self, state, lengths.reshape(B), forced=flat, generator=None)
+        out = torch.zeros(B, T, device=self.device)
+        width = forced.extension.token_log_probs.shape[1]
+        out[:, :width] = forced.extension.token_log_probs.to(self.device)
+        return out.view(P, N, T) if grad else out.view(P, N, T).cpu()
 
 
-def sample_continuations(
-    prior: Prior,
-    prompt_ids: list[list[int]],
-    n: int,
-    max_new_tokens: int,
+class Decoded(NamedTuple):
+    extension: Extension  # new tokens of every row
+    state: DecodeState | None  # with ``keep_state``: all B rows, having consumed all but the last new token
+
+
+def decode_rows(
+    prior: StepwisePrior,
+    state: DecodeState,
+    budget: torch.Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None,
+    forced: torch.Tensor | None = None,
+    keep_state: bool = False,
     progress: bool = False,
-) -> Continuations:
-    """Ancestral sampling from the prior, one batched step per token over all rows.
+) -> Decoded:
+    """The one decode loop: continue every row of ``state`` by up to ``budget[b]`` tokens, stopping
+    after EOS; one batched ``extend`` per token over the rows still running.
 
-    Finished rows are dropped from the decode batch (``prior.select``) once at most half the
-    rows are still running, so long tails do not pay for finished sequences.
+    Tokens are drawn from ``state.logprobs`` by :func:`posterior.kernels.tilted_sample` (no
+    potential: q = pi0), or read from ``forced`` (B, >= max budget) (teacher forcing: ``budget``
+    is then each row's length). Finished rows leave the decode batch (``prior.select``) once at
+    most half are running. With ``keep_state`` the parked states are merged back
+    (``prior.merge_rows``) into one state of all B rows. ``state`` is consumed.
+
+    Memory grows with the steps actually run, not with the budget: a budget far beyond where
+    sequences end allocates nothing up front.
     """
-    prior.check_lengths(prompt_ids, max_new_tokens)
-    P = len(prompt_ids)
-    B = P * n
-    device = prior.device
-    eos = torch.tensor(prior.eos_token_ids, device=device)
-    pad = prior.eos_token_ids[0]
-    tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
-    log_prob = torch.zeros(B, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    from posterior.kernels import tilted_sample
 
-    state = prior.start(prompt_ids, copies=n)
-    rows = torch.arange(B, device=device)  # which output row each state row is
-    alive = torch.ones(B, dtype=torch.bool, device=device)  # (b,) not yet ended
-    bar = tqdm(total=max_new_tokens, desc="decoding", unit="tok", disable=not progress, leave=False)
-    for t in range(max_new_tokens):
+    dev = prior.device
+    B = budget.shape[0]
+    budget = budget.to(dev)
+    eos = torch.tensor(prior.eos_token_ids, device=dev)
+    pad = prior.eos_token_ids[0]
+    steps = int(budget.max()) if B else 0
+    cols_tok: list[torch.Tensor] = []  # per step (B,) token of every output row (pad when done)
+    cols_lp: list[torch.Tensor] = []  # per step (B,) its log-probability (0 when done)
+    lengths = torch.zeros(B, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)  # output row of each decode row
+    alive = budget > 0  # (b,) still drawing
+    parked: list[tuple[DecodeState, torch.Tensor]] = []
+    bar = tqdm(total=steps, desc="decoding", unit="tok", disable=not progress, leave=False)
+    for t in range(steps):
         bar.update(1)
         lp = state.logprobs  # (b, V)
-        tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)  # (b,)
+        if forced is None:
+            tok = tilted_sample(lp, generator=generator).tokens.to(dev)  # (b,)
+        else:
+            tok = forced[rows, t].to(dev)
         tok = torch.where(alive, tok, pad)
-        live_rows = rows[alive]
-        tokens[live_rows, t] = tok[alive]
-        log_prob[live_rows] += lp[alive].gather(1, tok[alive, None]).squeeze(1)
-        lengths[live_rows] = t + 1
-        alive = alive & ~torch.isin(tok, eos)
-        if t + 1 == max_new_tokens or not bool(alive.any()):
+        step_lp = torch.where(alive, lp.gather(1, tok[:, None]).squeeze(1), 0.0)  # (b,)
+        col_t = torch.full((B,), pad, dtype=torch.long, device=dev)
+        col_l = torch.zeros(B, dtype=step_lp.dtype, device=dev)
+        col_t[rows], col_l[rows] = tok, step_lp
+        cols_tok.append(col_t)
+        cols_lp.append(col_l)
+        lengths[rows[alive]] = t + 1
+        alive = alive & ~torch.isin(tok, eos) & (t + 1 < budget[rows])
+        if not bool(alive.any()):
             break
         if alive.sum() * 2 <= alive.numel():  # compact: drop finished rows from the batch
-            keep = alive.nonzero().squeeze(1)
-            state, rows, tok, alive = prior.select(state, keep), rows[keep], tok[keep], alive[keep]
+            idx = alive.nonzero().squeeze(1)
+            if keep_state:
+                parked.append((state, idx))
+                state = prior.select(state, idx)
+            else:
+                state = prior.reorder(state, idx)
+            rows, tok, alive = rows[idx], tok[idx], alive[idx]
         state = prior.extend(state, tok)
     bar.close()
-    tokens, lengths, log_prob = tokens.reshape(P, n, -1).cpu(), lengths.reshape(P, n).cpu(), log_prob.reshape(P, n).cpu()
-    return Continuations(tokens, lengths, log_prob, prior.texts_of(tokens, lengths))
+    final = None
+    if keep_state:
+        for parent, idx in reversed(parked):  # put the continuing rows back among their parents'
+            b = parent.lengths.shape[0]
+            inv = torch.zeros(b, dtype=torch.long, device=dev)
+            inv[idx] = torch.arange(idx.numel(), device=dev)
+            take = torch.zeros(b, dtype=torch.bool, device=dev)
+            take[idx] = True
+            state = prior.merge_rows(take, prior.select(state, inv), parent)
+        final = state
+    if cols_tok:
+        tokens, token_lp = torch.stack(cols_tok, 1), torch.stack(cols_lp, 1).float()  # (B, K)
+    else:
+        tokens, token_lp = torch.full((B, 0), pad, dtype=torch.long, device=dev), torch.zeros(B, 0, device=dev)
+    return Decoded(Extension(tokens, lengths, token_lp), final)

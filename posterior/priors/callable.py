@@ -11,12 +11,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from posterior.priors.base import DecodeState, Prior, process_logits, validate_sampling
+from posterior.priors.base import DecodeState, StepwisePrior, process_logits, validate_sampling
 
 NextLogprobs = Callable[[torch.Tensor], torch.Tensor]
 
 
-class CallablePrior(Prior):
+class CallablePrior(StepwisePrior):
     """A prior defined by ``next_logprobs(prefix_ids: LongTensor[B, T]) -> Tensor[B, V]``.
 
     Parameters

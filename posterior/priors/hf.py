@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from posterior.errors import check_device, check_hf_model
-from posterior.priors.base import DecodeState, Prior, process_logits, validate_sampling
+from posterior.priors.base import DecodeState, StepwisePrior, process_logits, validate_sampling
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class _HFCache:
     next_position: torch.Tensor  # (B,) position id of the next token
 
 
-class HFPrior(Prior):
+class HFPrior(StepwisePrior):
     """A transformers causal language model as the prior.
 
     Parameters
@@ -77,7 +77,12 @@ class HFPrior(Prior):
         if not eos:
             raise ValueError("the tokenizer and generation config define no EOS token id")
         self._eos = tuple(eos)
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # A peft model's forward takes **kwargs: read the argument names from the wrapped model.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(inner.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated)
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._vocab_key = None
 
     @classmethod
@@ -161,18 +166,19 @@ class HFPrior(Prior):
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     # --- model calls -----------------------------------------------------------------------------
-    def _forward(self, input_ids, attention_mask, position_ids, past=None, last_only=True):
+    def _forward(self, input_ids, attention_mask, position_ids, past=None, last_only=True, grad=False):
         kw = {"logits_to_keep": 1} if (last_only and self._logits_to_keep) else {}
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past,
-                use_cache=True,
-                **kw,
-            )
+        if past is not None:
+            kw[self._cache_arg] = past
+        with torch.inference_mode(not grad):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=not grad, **kw)
         return out
+
+    @staticmethod
+    def _cache_of(out):
+        """The KV cache a forward pass returned (``cache`` in newer transformers, else ``past_key_values``)."""
+        cache = out.get("cache") if hasattr(out, "get") else None
+        return cache if cache is not None else out.past_key_values
 
     def _left_pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         L = max(len(p) for p in prompt_ids)
@@ -190,7 +196,7 @@ class HFPrior(Prior):
         state = DecodeState(
             self._logprobs(out.logits[:, -1]),
             torch.zeros(len(prompt_ids), dtype=torch.long, device=self.device),
-            _HFCache(out.past_key_values, mask, pos[:, -1] + 1),
+            _HFCache(self._cache_of(out), mask, pos[:, -1] + 1),
         )
         if copies == 1:
             return state
@@ -201,7 +207,7 @@ class HFPrior(Prior):
         B = tokens.shape[0]
         mask = torch.cat([c.attention_mask, torch.ones(B, 1, dtype=c.attention_mask.dtype, device=self.device)], dim=1)
         out = self._forward(tokens.view(B, 1).to(self.device), mask, c.next_position.view(B, 1), past=c.past)
-        return DecodeState(self._logprobs(out.logits[:, -1]), state.lengths + 1, _HFCache(out.past_key_values, mask, c.next_position + 1))
+        return DecodeState(self._logprobs(out.logits[:, -1]), state.lengths + 1, _HFCache(self._cache_of(out), mask, c.next_position + 1))
 
     def select(self, state, index):
         c: _HFCache = state.cache
@@ -278,7 +284,7 @@ class HFPrior(Prior):
         refeed = torch.where(keep > 0, tok.gather(1, (keep - 1).clamp(min=0)[:, None]).squeeze(1), last_prompt)  # (B,)
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)  # (B, width + 1)
         out = self._forward(refeed.view(B, 1), mask, n_slots.view(B, 1), past=past)
-        return DecodeState(self._logprobs(out.logits[:, -1]), keep, _HFCache(out.past_key_values, mask, n_slots + 1))
+        return DecodeState(self._logprobs(out.logits[:, -1]), keep, _HFCache(self._cache_of(out), mask, n_slots + 1))
 
     def merge_rows(self, take, a, b):
         """Row i of ``a`` where ``take[i]`` else of ``b``, as one new compact cache (inputs unchanged).
@@ -301,14 +307,12 @@ class HFPrior(Prior):
             (torch.where(sel, la.keys, lb.keys), torch.where(sel, la.values, lb.values))
             for la, lb in zip(pa.layers, pb.layers)
         ]
-        from transformers import DynamicCache
-
         t1 = take[:, None]
         return DecodeState(
             torch.where(t1, a.logprobs, b.logprobs),
             torch.where(take, a.lengths, b.lengths),
             _HFCache(
-                DynamicCache(ddp_cache_data=data, config=self.model.config),
+                cache_from_tensors(data, self.model.config),
                 ma + mb,
                 torch.where(take, ca.next_position, cb.next_position),
             ),
@@ -318,11 +322,13 @@ class HFPrior(Prior):
         return process_logits(logits[:, : self.vocab_size], self.temperature, self.top_k, self.top_p)
 
     # --- scoring ---------------------------------------------------------------------------------
-    def log_prob(self, prompt_ids, tokens, lengths, *, max_chunk_elements: int = 1 << 27):
-        """log pi0 of given continuations in one teacher-forced forward pass per chunk of rows.
+    def token_log_probs(self, prompt_ids, tokens, lengths, *, grad: bool = False, max_chunk_elements: int = 1 << 27):
+        """Per-token log pi0 of given continuations in one teacher-forced forward pass per chunk.
 
-        tokens (P, N, T), lengths (P, N) -> (P, N). Rows are chunked so that the (rows, T, V)
-        logits stay under ``max_chunk_elements`` floats.
+        tokens (P, N, T), lengths (P, N) -> (P, N, T), 0 at t >= length. Rows are chunked so that
+        the (rows, T, V) logits stay under ``max_chunk_elements`` floats. ``grad=True`` runs the
+        model with autograd (no KV cache; a policy being trained) and returns a tensor on the
+        model's device that carries the graph.
         """
         P, N, T = tokens.shape
         ids, mask = self._left_pad(prompt_ids)  # (P, L)
@@ -332,37 +338,54 @@ class HFPrior(Prior):
         prompt_row = torch.arange(P, device=self.device).repeat_interleave(N)
         cont_mask = (torch.arange(T, device=self.device) < flat_len[:, None]).long()  # (B, T)
         chunk = max(1, max_chunk_elements // max(1, T * self.vocab_size))
-        out = torch.empty(P * N, device=self.device)
+        parts = []
         for s in range(0, P * N, chunk):
             rows = slice(s, s + chunk)
             x = torch.cat([ids[prompt_row[rows]], flat[rows]], dim=1)  # (b, L+T)
             m = torch.cat([mask[prompt_row[rows]], cont_mask[rows]], dim=1)
             pos = (m.cumsum(-1) - 1).clamp(min=0)
-            logits = self._forward(x, m, pos, last_only=False).logits[:, L - 1 : L + T - 1]  # (b, T, V)
+            logits = self._forward(x, m, pos, last_only=False, grad=grad).logits[:, L - 1 : L + T - 1]  # (b, T, V)
             lp = self._logprobs(logits.reshape(-1, logits.shape[-1])).view(x.shape[0], T, -1)
             tok_lp = lp.gather(-1, flat[rows, :, None]).squeeze(-1)  # (b, T)
-            out[rows] = torch.where(cont_mask[rows].bool(), tok_lp, 0.0).sum(-1)
-        return out.view(P, N).cpu()
+            parts.append(torch.where(cont_mask[rows].bool(), tok_lp, 0.0))
+        out = torch.cat(parts).view(P, N, T) if parts else torch.zeros(P, N, T, device=self.device)
+        return out if grad else out.cpu()
+
+
+def cache_from_tensors(data, config=None):
+    """A ``DynamicCache`` holding the given (keys, values) per layer, built through the public
+    ``Cache.update`` (no private constructors)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i, (k, v) in enumerate(data):
+        cache.update(k, v, i)
+    return cache
 
 
 def gather_cache(past, index: torch.Tensor, config=None):
     """A new cache holding rows ``index`` of ``past`` (which is left untouched)."""
-    from transformers import DynamicCache
-
-    if isinstance(past, DynamicCache) and hasattr(past, "layers"):
+    if _slot_gatherable(past):
         data = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in past.layers]
-        return DynamicCache(ddp_cache_data=data, config=config)
-    if isinstance(past, tuple):  # legacy tuple-of-tuples caches
-        return tuple(tuple(t.index_select(0, index) for t in layer) for layer in past)
+        return cache_from_tensors(data, config)
+    if hasattr(past, "reorder_cache"):  # other caches (sliding windows, ...): copy, then the public reorder
+        import copy
+
+        past = copy.deepcopy(past)
+        past.reorder_cache(index)
+        return past
     raise TypeError(f"cannot gather rows of a {type(past).__name__} cache")
 
 
 def _slot_gatherable(past) -> bool:
-    """Whether ``_gather_slots`` can move this cache's slots: full-attention dynamic layers only."""
+    """Whether this cache's slots can be moved freely: a ``DynamicCache`` of full-attention layers
+    (no sliding windows), read through its public ``layers[i].keys`` / ``.values``."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
-    return isinstance(past, DynamicCache) and hasattr(past, "layers") and all(type(layer) is DynamicLayer for layer in past.layers)
+    if not isinstance(past, DynamicCache) or not hasattr(past, "layers"):
+        return False
+    sliding = getattr(past, "is_sliding", [False])
+    return not any(sliding) and all(hasattr(layer, "keys") and layer.keys is not None for layer in past.layers)
 
 
 def _gather_slots(past, retain: torch.Tensor, width: int, config=None):
@@ -372,8 +395,6 @@ def _gather_slots(past, retain: torch.Tensor, width: int, config=None):
     Exact for caches whose slots carry explicit positions (keys are stored after the position
     embedding / rotary step), which is how ``HFPrior`` calls the model; ``past`` is left untouched.
     """
-    from transformers import DynamicCache
-
     B = retain.shape[0]
     count = retain.sum(-1)  # (B,)
     if bool((count > width).any()):
@@ -389,4 +410,4 @@ def _gather_slots(past, retain: torch.Tensor, width: int, config=None):
         return t.gather(2, index[:, None, :, None].expand(B, t.shape[1], width, t.shape[-1]))
 
     data = [(pick(layer.keys), pick(layer.values)) for layer in past.layers]
-    return DynamicCache(ddp_cache_data=data, config=config), mask
+    return cache_from_tensors(data, config), mask

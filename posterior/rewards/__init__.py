@@ -1,5 +1,7 @@
 """Rewards: ``Sentiment`` (VADER), ``Contains`` (hard constraint), ``Callable`` (user function),
-and weighted sums of them (``0.5 * Sentiment() + Contains("great")``)."""
+weighted sums of them (``0.5 * Sentiment() + Contains("great")``), TRL reward functions
+(``from_trl``), model-based rewards (``Classifier``, ``Similarity``, ``LMJudge``) and rewards by
+name (``from_spec("contains:great")``, ``register_reward``)."""
 
 from posterior.rewards.base import (
     Callable,
@@ -10,5 +12,26 @@ from posterior.rewards.base import (
     WeightedSum,
     as_reward,
 )
+from posterior.rewards.classifier import Classifier
+from posterior.rewards.judge import LMJudge
+from posterior.rewards.registry import REWARDS, from_spec, register_reward
+from posterior.rewards.similarity import Similarity
+from posterior.rewards.trl import TRLReward, from_trl
 
-__all__ = ["Callable", "Contains", "Reward", "RewardError", "Sentiment", "WeightedSum", "as_reward"]
+__all__ = [
+    "Callable",
+    "Classifier",
+    "Contains",
+    "LMJudge",
+    "REWARDS",
+    "Reward",
+    "RewardError",
+    "Sentiment",
+    "Similarity",
+    "TRLReward",
+    "WeightedSum",
+    "as_reward",
+    "from_spec",
+    "from_trl",
+    "register_reward",
+]

@@ -23,6 +23,9 @@ class Reward(abc.ABC):
 
     #: True when the reward is meaningful on partial texts (SMC may then use it as a twist).
     accepts_prefixes: bool = False
+    #: True when the reward reads each text's prompt: samplers then score it through
+    #: ``for_prompt(prompt, index)``, one prompt at a time (see ``posterior.rewards.prompted``).
+    needs_prompts: bool = False
 
     @abc.abstractmethod
     def score(self, texts: list[str]): ...
@@ -30,6 +33,12 @@ class Reward(abc.ABC):
     @property
     def name(self) -> str:
         return repr(self)
+
+    def for_prompt(self, prompt: str, index: int | None) -> "Reward":
+        """This reward on continuations of ``prompt`` ("" when unconditional), as a reward of texts
+        alone. ``index`` is the prompt's position in the sampled list (None outside a sampling run,
+        e.g. ``Posterior.log_density``). A reward that does not read prompts returns itself."""
+        return self
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """Validated rewards of ``texts``: float64 tensor (len(texts),)."""
@@ -95,6 +104,10 @@ class WeightedSum(Reward):
                 raise ValueError(f"a negative weight {w} on {r.name}, which can be -inf, would give +inf rewards")
         self.terms = terms
         self.accepts_prefixes = all(r.accepts_prefixes for _, r in terms)
+        self.needs_prompts = any(r.needs_prompts for _, r in terms)
+
+    def for_prompt(self, prompt, index):
+        return WeightedSum([(w, r.for_prompt(prompt, index)) for w, r in self.terms]) if self.needs_prompts else self
 
     def score(self, texts):
         return sum(w * r(texts) for w, r in self.terms)

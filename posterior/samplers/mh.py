@@ -6,7 +6,7 @@ accept with probability (Metropolis et al. 1953; Hastings 1970)
 
     alpha(x, y) = min(1, [pi*(y) q(x | y)] / [pi*(x) q(y | x)]).
 
-Proposals (``proposal=``):
+Moves (``move=``):
 
 * ``"independence"``: y ~ pi0, a fresh prior draw. q(y | x) = pi0(y), so the prior terms cancel:
 
@@ -71,7 +71,9 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from posterior.priors.base import Continuations, DecodeState, Prior
+from posterior.diagnostics.mcmc import finite_mean, reward_trace_diagnostics
+from posterior.priors.base import Continuations, DecodeState, Extension, Prior, StepwisePrior, decode_rows
+from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts
 from posterior.samplers.registry import register_sampler
 
@@ -125,12 +127,12 @@ class MHConfig:
     """What one MH step does."""
 
     max_new_tokens: int  # M: longest continuation, EOS counted
-    proposal: str = "suffix"  # "independence" | "suffix" | "mixture"
+    move: str = "suffix"  # "independence" | "suffix" | "mixture"
     mixture_weight: float = 0.5  # probability of an independence step under "mixture"
 
     def __post_init__(self):
-        if self.proposal not in PROPOSALS:
-            raise ValueError(f"proposal must be one of {sorted(PROPOSALS)}, got {self.proposal!r}")
+        if self.move not in MOVES:
+            raise ValueError(f"move must be one of {sorted(MOVES)}, got {self.move!r}")
         w = self.mixture_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0.0 <= w <= 1.0):
             raise ValueError(f"mixture_weight must be a number in [0, 1], got {w!r}")
@@ -168,7 +170,7 @@ def _choose_mixture(lengths, mixture_weight, generator):
 
 
 #: name -> fn(lengths (P, N), mixture_weight, generator) -> (cut (P, N), independence (P, N) bool)
-PROPOSALS: dict[str, Callable] = {
+MOVES: dict[str, Callable] = {
     "independence": _choose_independence,
     "suffix": _choose_suffix,
     "mixture": _choose_mixture,
@@ -244,14 +246,12 @@ def propose(
         With the move's forward / reverse log densities, for :func:`log_acceptance_ratio`.
     """
     P, N, M = state.tokens.shape
-    cut, independence = PROPOSALS[config.proposal](state.lengths, config.mixture_weight, generator)  # (P, N)
+    cut, independence = MOVES[config.move](state.lengths, config.mixture_weight, generator)  # (P, N)
     flat_cut = cut.reshape(P * N)
-    tokens = state.tokens.reshape(P * N, M)
-    start = prior.truncate(state.decode, prompt_rows, tokens, flat_cut)
-    y_tokens, y_lengths, y_lps, y_decode = _generate(
-        prior, start, tokens, state.token_logprobs.reshape(P * N, M), flat_cut,
-        generator=generator, keep_state=state.decode is not None,
-    )
+    y_tokens, y_lengths, y_lps, y_decode = _regenerate(
+        prior, state.decode, prompt_rows, state.tokens.reshape(P * N, M), state.token_logprobs.reshape(P * N, M),
+        flat_cut, generator=generator,
+    )  # fmt: skip
     y_tokens, y_lengths, y_lps = y_tokens.view(P, N, M), y_lengths.view(P, N), y_lps.view(P, N, M)
     fwd, rev = proposal_log_densities(state.token_logprobs, state.lengths, y_lps, y_lengths, cut, independence)
     return Proposal(y_tokens, y_lengths, y_lps, y_decode, cut, independence, fwd, rev)
@@ -339,19 +339,25 @@ def init(
     P, M = len(prompt_ids), max_new_tokens
     B = P * n
     pad = prior.eos_token_ids[0]
-    start = prior.start(prompt_ids, copies=n)
-    tokens = torch.full((B, M), pad, dtype=torch.long)
-    lps = torch.zeros(B, M)
-    forced = None
-    if init_tokens is not None:
-        forced = (init_tokens.reshape(B, M), init_lengths.reshape(B))
-    tokens, lengths, lps, decode = _generate(
-        prior, start, tokens, lps, torch.zeros(B, dtype=torch.long), generator=generator,
-        keep_state=prior.reuses_prefix_cache, forced=forced,
-    )
-    tokens, lengths, lps = tokens.view(P, n, M), lengths.view(P, n), lps.view(P, n, M)
+    decode = None
+    if init_tokens is not None and not isinstance(prior, StepwisePrior):  # score the given texts
+        tokens, lengths = init_tokens, init_lengths
+        lps = prior.token_log_probs(prompt_ids, tokens, lengths).float()
+    elif isinstance(prior, StepwisePrior):  # one decode (or teacher-forced) pass, keeping the KV cache
+        forced = None if init_tokens is None else init_tokens.reshape(B, M)
+        budget = torch.full((B,), M) if init_tokens is None else init_lengths.reshape(B)
+        dec = decode_rows(prior, prior.start(prompt_ids, copies=n), budget, generator=generator,
+                          forced=forced, keep_state=prior.reuses_prefix_cache)
+        ext, decode = dec.extension, dec.state
+        tokens, lengths, lps = _place(torch.full((B, M), pad), torch.zeros(B, M), torch.zeros(B, dtype=torch.long), ext, pad)
+        tokens, lengths, lps = tokens.view(P, n, M), lengths.view(P, n), lps.view(P, n, M)
+    else:  # sequence-level prior: n fresh draws per prompt, with per-token log-probabilities
+        rows = [p for p in prompt_ids for _ in range(n)]
+        ext = prior.continue_prefixes(rows, [[] for _ in rows], M, generator=generator)
+        tokens, lengths, lps = _place(torch.full((B, M), pad), torch.zeros(B, M), torch.zeros(B, dtype=torch.long), ext, pad)
+        tokens, lengths, lps = tokens.view(P, n, M), lengths.view(P, n), lps.view(P, n, M)
     texts = prior.texts_of(tokens, lengths)
-    return MHState(tokens, lengths, lps, post.rewards(texts), texts, decode)
+    return MHState(tokens, lengths, lps.float(), post.rewards(texts), texts, decode)
 
 
 def step(
@@ -372,118 +378,48 @@ def step(
     return merge(prior, accepted, proposed, state), StepInfo(accepted, prop.cut, prop.independence, log_ratio)
 
 
-def _generate(
-    prior: Prior,
-    state: DecodeState,
-    tokens: torch.Tensor,
-    token_logprobs: torch.Tensor,
-    keep: torch.Tensor,
-    *,
-    generator: torch.Generator,
-    keep_state: bool,
-    forced: tuple[torch.Tensor, torch.Tensor] | None = None,
-):
-    """Continue every row from its first ``keep`` tokens to EOS or M tokens, one batched step per token.
-
-    ``state`` rows have consumed prompt + tokens[:, :keep]. Tokens are sampled from the prior, or
-    read from ``forced = (tokens (B, M), lengths (B,))`` (teacher forcing). As in
-    ``sample_continuations``, finished rows leave the decode batch once at most half are running;
-    with ``keep_state`` the parked states are merged back (``Prior.merge_rows``) into a state of
-    all B rows that consumed prompt + y_<L-1 at least.
-
-    Returns tokens (B, M), lengths (B,), token log-probs (B, M) (all on the CPU) and the decode
-    state (or None).
-    """
+def _place(tokens: torch.Tensor, token_logprobs: torch.Tensor, keep: torch.Tensor, ext: Extension, pad: int):
+    """Rows ``tokens[b, :keep[b]]`` followed by ``ext``'s new tokens: tokens (B, M), lengths (B,),
+    token log-probs (B, M), all on the CPU (new tokens past M are an error of the caller)."""
     B, M = tokens.shape
-    dev = prior.device
-    pad = prior.eos_token_ids[0]
-    eos = torch.tensor(prior.eos_token_ids, device=dev)
-    keep = keep.to(dev)
-    regen = torch.arange(M, device=dev)[None, :] >= keep[:, None]  # (B, M)
-    tokens = torch.where(regen, pad, tokens.to(dev))
-    lps = torch.where(regen, 0.0, token_logprobs.to(dev))
-    lengths = keep.clone()
-    end = torch.full((B,), M, device=dev) if forced is None else forced[1].to(dev)  # (B,) last position + 1
-    forced_tokens = None if forced is None else forced[0].to(dev)
+    K = ext.tokens.shape[1]
+    keep = keep.cpu()
+    new_tok, new_len, new_lp = ext.tokens.cpu(), ext.lengths.cpu(), ext.token_log_probs.detach().float().cpu()
+    before = torch.arange(M)[None, :] < keep[:, None]  # (B, M) positions kept from x
+    y = torch.where(before, tokens.cpu(), pad)
+    lps = torch.where(before, token_logprobs.cpu().float(), 0.0)
+    j = torch.arange(K)[None, :]  # (1, K)
+    valid = j < new_len[:, None]  # (B, K)
+    rows = torch.arange(B)[:, None].expand(B, K)
+    pos = keep[:, None] + j  # (B, K) destination positions
+    y[rows[valid], pos[valid]] = new_tok[valid]
+    lps[rows[valid], pos[valid]] = new_lp[valid]
+    return y, keep + new_len, lps
 
-    rows = torch.arange(B, device=dev)  # output row of each decode row
-    pos = keep.clone()  # (b,) position each decode row writes next
-    alive = pos < end  # (b,)
-    parked: list[tuple[DecodeState, torch.Tensor]] = []
-    while bool(alive.any()):
-        lp = state.logprobs  # (b, V)
-        if forced_tokens is None:
-            tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)  # (b,)
-        else:
-            tok = forced_tokens[rows, pos.clamp(max=M - 1)]
-        tok = torch.where(alive, tok, pad)
-        r, p = rows[alive], pos[alive]
-        tokens[r, p] = tok[alive]
-        lps[r, p] = lp[alive].gather(1, tok[alive, None]).squeeze(1)
-        lengths[r] = p + 1
-        alive = alive & ~torch.isin(tok, eos) & (pos + 1 < end[rows])
-        if not bool(alive.any()):
-            break
-        if alive.sum() * 2 <= alive.numel():  # compact: drop finished rows from the batch
-            idx = alive.nonzero().squeeze(1)
-            if keep_state:
-                parked.append((state, idx))
-            state, rows, tok, alive, pos = prior.select(state, idx), rows[idx], tok[idx], alive[idx], pos[idx]
-        state = prior.extend(state, tok)
-        pos = pos + 1
-    final = None
-    if keep_state:
-        for parent, idx in reversed(parked):  # put the continuing rows back among their parents'
-            b = parent.lengths.shape[0]
-            inv = torch.zeros(b, dtype=torch.long, device=dev)
-            inv[idx] = torch.arange(idx.numel(), device=dev)
-            take = torch.zeros(b, dtype=torch.bool, device=dev)
-            take[idx] = True
-            state = prior.merge_rows(take, prior.select(state, inv), parent)
-        final = state
-    return tokens.cpu(), lengths.cpu(), lps.float().cpu(), final
+
+def _regenerate(prior: Prior, decode, prompt_rows, tokens, token_logprobs, keep, *, generator):
+    """Keep ``tokens[b, :keep[b]]`` and regenerate the rest of every row from the prior, to EOS or
+    M tokens. A step-wise prior continues from ``decode``'s KV cache (``truncate``) and, when it
+    reuses prefix caches, returns the new rows' decode state; any other prior is asked for the
+    suffixes with ``continue_prefixes``. Returns tokens (B, M), lengths (B,), token log-probs
+    (B, M) and the decode state (or None)."""
+    B, M = tokens.shape
+    pad = prior.eos_token_ids[0]
+    budget = M - keep.cpu()  # (B,) >= 1: cuts are < L <= M
+    if isinstance(prior, StepwisePrior):
+        start = prior.truncate(decode, prompt_rows, tokens, keep)
+        dec = decode_rows(prior, start, budget, generator=generator, keep_state=decode is not None)
+        ext, final = dec.extension, dec.state
+    else:
+        prefixes = [row[:k] for row, k in zip(tokens.tolist(), keep.tolist())]
+        ext, final = prior.continue_prefixes(prompt_rows, prefixes, budget.tolist(), generator=generator), None
+    y, lengths, lps = _place(tokens, token_logprobs, keep, ext, pad)
+    return y, lengths, lps, final
 
 
 # --------------------------------------------------------------------------------------------------
 # Diagnostics
 # --------------------------------------------------------------------------------------------------
-
-
-def reward_trace_diagnostics(trace: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split R-hat and MCMC effective sample size of reward traces, per prompt.
-
-    Parameters
-    ----------
-    trace : Tensor (P, N, K)
-        Rewards of N chains at K kept steps.
-
-    Returns
-    -------
-    r_hat, mcmc_ess : Tensor (P,) float64
-        NaN for a prompt whose trace has a non-finite reward, is constant, or is too short
-        (split R-hat needs K >= 4, the ESS K >= 2).
-    """
-    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
-
-    P, K = trace.shape[0], trace.shape[-1]
-    r_hat = torch.full((P,), math.nan, dtype=torch.float64)
-    ess = torch.full((P,), math.nan, dtype=torch.float64)
-    for p in range(P):
-        x = trace[p].double()  # (N, K)
-        if not bool(torch.isfinite(x).all()) or float(x.var(unbiased=False)) == 0.0:
-            continue
-        if K >= 4:
-            r_hat[p] = split_gelman_rubin(x, chain_dim=0, sample_dim=1)
-        if K >= 2:
-            ess[p] = effective_sample_size(x, chain_dim=0, sample_dim=1)
-    return r_hat, ess
-
-
-def _finite_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
-    finite = torch.isfinite(x)
-    s = torch.where(finite, x, 0.0).sum(dim)
-    c = finite.sum(dim)
-    return torch.where(c > 0, s / c.clamp(min=1), math.nan)
 
 
 def _rate(hits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -552,12 +488,13 @@ def metropolis_hastings(
     max_new_tokens: int,
     generator,
     progress: bool = False,
-    proposal: str = "suffix",  # "suffix" | "independence" | "mixture"
-    mixture_weight: float = 0.5,  # probability of an independence step under proposal="mixture"
+    move: str = "suffix",  # "suffix" | "independence" | "mixture"
+    mixture_weight: float = 0.5,  # probability of an independence step under move="mixture"
     steps: int = 16,  # MH steps per chain
     burn_in: int | None = None,  # steps discarded before the kept trace; None: steps // 2
     thin: int = 1,  # keep every thin-th state after burn-in, counted back from the last
     init_texts: Sequence[Sequence[str]] | None = None,  # [P][n] starting texts; None: prior draws
+    callback: Callable | None = None,  # fn(StepReport) after every step (UIs, logs)
     return_chains: bool = False,  # res.info["chains"]: every state of every chain (MHChains)
     samples: str = "final",  # "final": the n final states; "all": every kept state (n · kept)
 ):
@@ -571,9 +508,11 @@ def metropolis_hastings(
     _check_int("thin", thin, 1)
     if samples not in ("final", "all"):
         raise ValueError(f"samples must be 'final' or 'all', got {samples!r}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable, got {callback!r}")
     if not isinstance(return_chains, bool):
         raise ValueError(f"return_chains must be a bool, got {return_chains!r}")
-    config = MHConfig(max_new_tokens=max_new_tokens, proposal=proposal, mixture_weight=mixture_weight)
+    config = MHConfig(max_new_tokens=max_new_tokens, move=move, mixture_weight=mixture_weight)
 
     prior = post.prior
     prompt_ids = prior.encode_prompts(prompts)
@@ -598,6 +537,9 @@ def metropolis_hastings(
             history.append(state._replace(decode=None))
         if s in kept and samples == "all":
             kept_states.append(state._replace(decode=None))
+        if callback is not None:
+            P_, N_ = state.lengths.shape
+            callback(StepReport(s, 0, state.texts, torch.full((P_, N_), -math.log(N_)), torch.full((P_,), float(N_))))
 
     # --- diagnostics -------------------------------------------------------------------------------
     acc = torch.stack([i.accepted for i in infos]).double()  # (S, P, N)
@@ -606,7 +548,7 @@ def metropolis_hastings(
     trace = torch.stack(rewards, dim=-1)  # (P, N, S + 1)
     r_hat, mcmc_ess = reward_trace_diagnostics(trace[..., list(kept)])
     info = {
-        "proposal": proposal,
+        "move": move,
         "steps": steps,
         "burn_in": burn_in,
         "thin": thin,
@@ -614,7 +556,7 @@ def metropolis_hastings(
         "acceptance_rate": acc.mean((0, 2)),  # (P,)
         "acceptance_rate_per_chain": acc.mean(0),  # (P, N)
     }
-    if proposal != "independence":
+    if move != "independence":
         nbins = min(8, M)
         bin_of = cuts * nbins // M  # (S, P, N)
         suffix_moves = ~indep
@@ -626,13 +568,13 @@ def metropolis_hastings(
             counts[:, b] = sel.sum((0, 2))
         info["acceptance_by_cut"] = _rate(hits, counts)  # (P, bins); NaN where no move had such a cut
         info["acceptance_by_cut_bins"] = [-(-b * M // nbins) for b in range(nbins)]  # first cut index of each bin
-    if proposal == "mixture":
+    if move == "mixture":
         info["mixture_weight"] = float(mixture_weight)
         info["acceptance_rate_independence"] = _rate((acc * indep).sum((0, 2)), indep.double().sum((0, 2)))
         info["acceptance_rate_suffix"] = _rate((acc * ~indep).sum((0, 2)), (~indep).double().sum((0, 2)))
     info["r_hat"] = r_hat
     info["mcmc_ess"] = mcmc_ess
-    info["reward_trace"] = _finite_mean(trace, 1)  # (P, S + 1) mean finite reward over chains
+    info["reward_trace"] = finite_mean(trace, 1)  # (P, S + 1) mean finite reward over chains
     if return_chains:
         info["chains"] = MHChains(
             tokens=torch.stack([h.tokens for h in history]),

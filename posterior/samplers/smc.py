@@ -7,13 +7,26 @@ targets are the prior tilted by a *twist* psi_t of the partial text (Naesseth, L
     gamma_t(x_1:t) = pi0(x_1:t) · exp(psi_t(x_1:t) / beta),     psi_0 = 0,
 
 and once a particle has ended (EOS, or max_new_tokens tokens) its potential is the TRUE reward:
-gamma(x) = pi0(x) · exp(r(x)/beta), so the last target is exactly the unnormalised pi*. The twist
+gamma(x) = pi0(x) · exp(r(x)/beta), so the last target is exactly the unnormalised pi*. Without a
+twist (psi = 0) the finite part of the reward is deferred: an ended particle's potential is 0 while
+others still run (-inf at once if r(x) = -inf, so dead ends still die and are resampled away), and
+every ended particle is reweighted by exp(r(x)/beta) after the last step. Both are valid sequences
+of targets (the last one is pi* either way, log Ẑ unbiased); deferring keeps particles that end
+early from crowding out running ones at resampling, and makes a constant reward exact (every
+weight equal, log Ẑ = c/beta, KL(pi*||pi0) = 0). The twist
 is the reward on the partial text when ``reward.accepts_prefixes`` (``twist="auto"``), else 0
 (bootstrap particle filter, Gordon et al. 1993), or any user function of partial texts. A twist
 may be -inf only on prefixes none of whose completions has a finite reward (a prefix check for a
 hard constraint); such particles die at once (weight 0) and are resampled away.
-With ``block_size=B`` the twist is only re-evaluated every B tokens (it is carried in between), so
-weights change every B tokens and when a particle ends, and resampling is checked every B tokens.
+
+Blocks. With ``block_size=B`` weights change and resampling is checked every B tokens (and a
+particle that ends inside a block gets its true reward there). On a *sequence-level* prior (a
+serving engine: no next-token distributions) each block is one ``prior.continue_prefixes`` call
+that extends every running particle by up to B tokens from pi0 (the bootstrap proposal), so the
+block's incremental log-weight is (g(x_1:t+B) - psi_t(x_1:t)) / beta: the final target is still
+exactly pi* and log Ẑ still unbiased (a bootstrap filter on the coarser time grid t = 0, B, 2B, ...).
+On a *step-wise* prior particles are extended one token per step from the KV cache and the twist
+is re-evaluated every B tokens (carried in between): the same targets, without re-encoding prefixes.
 
 Incremental weights. With g(x_1:t) the potential of the new prefix (psi_t, or r if it ended) and
 Delta = g(x_1:t) - psi_{t-1}(x_1:t-1), a proposal q(x_t | x_1:t-1) gets
@@ -21,7 +34,8 @@ Delta = g(x_1:t) - psi_{t-1}(x_1:t-1), a proposal q(x_t | x_1:t-1) gets
     w_t = gamma_t(x_1:t) / (gamma_{t-1}(x_1:t-1) q(x_t | x_1:t-1)) = pi0(x_t | .) exp(Delta/beta) / q(x_t | .).
 
 * ``proposal="bootstrap"``: q = pi0, so log w_t = Delta / beta.
-* ``proposal="tilted"``: for each particle let C be the top-k next tokens under pi0 and
+* ``proposal="tilted"`` (step-wise priors): for each particle let C be the ``lookahead`` most
+  likely next tokens under pi0 and
   phi(v) = Delta(v) for v in C (one batched reward/twist call on the k decoded texts), phi(v) = 0
   for v outside C (their Delta is *not* computed up front; taking 0 keeps q > 0 wherever pi0 > 0).
   Propose from q(v) = pi0(v) exp(phi(v)/beta) / L, L = sum_v pi0(v) exp(phi(v)/beta). Then
@@ -31,7 +45,7 @@ Delta = g(x_1:t) - psi_{t-1}(x_1:t-1), a proposal q(x_t | x_1:t-1) gets
   i.e. log w_t = log L when v is in C (where phi = Delta) and log L + Delta(v)/beta when v is not,
   for which the twist (or reward) of the sampled non-candidate is evaluated after sampling.
   E_q[w_t] = sum_v pi0(v) exp(Delta(v)/beta) exactly, as the bootstrap increment's mean. With
-  top_k >= V this is the locally optimal proposal; with the optimal twist
+  lookahead >= V this is the locally optimal proposal; with the optimal twist
   psi_t = beta log E_pi0[exp(r/beta) | x_1:t] every weight is then Z (zero variance).
   (Lew et al. 2023, "Sequential Monte Carlo steering of large language models using probabilistic
   programs", propose with such one-step look-ahead potentials.)
@@ -58,12 +72,9 @@ finite twist that favours prefixes satisfying it, e.g. ``twist=lambda ts: [0.0 i
 all die raises :class:`~posterior.errors.DegenerateWeightsError` naming the step and the prompt.
 
 Per-step numerics go through ``posterior.kernels``: ``normalize_log_weights`` gives ESS and
-log-mean-exp, ``resample`` draws ancestors, and on CUDA ``tilted_sample`` draws every token (q = pi0
-for the bootstrap). On the CPU, tokens are drawn by :func:`sample_tilted_cpu` instead, with the
-same semantics: the kernels' torch reference uses ``torch.multinomial``, which costs ~1.4 ms per
-row at V = 49k (more than the model's decode step at N = 64) and materialises five (B, V) float32
-arrays; inverting a float64 CDF in chunks of rows is ~4x faster and bounded in memory. Weights are
-accumulated in float64; the CUDA kernel's log L carries float32 rounding (~1e-7 relative).
+log-mean-exp, ``resample`` draws ancestors, and ``tilted_sample`` draws every token (q = pi0 for the
+bootstrap): the Triton kernel on CUDA (its log L carries float32 rounding, ~1e-7 relative), the
+float64 CDF inversion ``tilted_sample_cpu`` on the CPU. Weights are accumulated in float64.
 """
 
 from __future__ import annotations
@@ -78,70 +89,22 @@ from tqdm.auto import tqdm
 
 from posterior.errors import DegenerateWeightsError
 from posterior.kernels import TiltedSample, normalize_log_weights, resample, tilted_sample
-from posterior.priors.base import Continuations, DecodeState, Prior
+from posterior.priors.base import Continuations, DecodeState, Prior, StepwisePrior
 from posterior.rewards.base import Callable as CallableReward
 from posterior.rewards.base import Reward
+from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts, prompt_name
 from posterior.samplers.registry import register_sampler
-from posterior.samplers.resampling import RESAMPLERS
+from posterior.kernels.schemes import RESAMPLERS
 
 
 # --------------------------------------------------------------------------------------------------
 # Pure numerics
 # --------------------------------------------------------------------------------------------------
-def sample_tilted_cpu(
-    logprobs: torch.Tensor,
-    *,
-    potential: torch.Tensor | None = None,
-    candidates: torch.Tensor | None = None,
-    beta: float = 1.0,
-    generator: torch.Generator | None = None,
-    chunk: int = 4,
-) -> TiltedSample:
-    """``posterior.kernels.tilted_sample`` at temperature 1 on the CPU, by inverting a float64 CDF.
-
-    Parameters
-    ----------
-    logprobs : Tensor (B, V)
-        log pi0 of the next token (normalised up to float32 rounding; renormalised here).
-    potential, candidates : Tensor (B, k), optional
-        phi on the distinct token ids ``candidates``, 0 elsewhere (-inf forbids a token). Every
-        row must keep some mass (the caller removes rows whose q is zero).
-    beta : float > 0
-    generator : torch.Generator, optional
-        One uniform per row, in row order.
-    chunk : int
-        Rows per pass: peak extra memory is about 3 · chunk · V float64 values.
-
-    Returns
-    -------
-    TiltedSample
-        tokens (B,) int64, log_q (B,) float64 = log q(token), log_norm (B,) float64 =
-        log sum_v pi0(v) exp(phi(v)/beta).
-    """
-    B, V = logprobs.shape
-    u = torch.rand(B, 1, dtype=torch.float64, generator=generator)  # (B, 1)
-    tokens = torch.empty(B, dtype=torch.long)
-    log_q = torch.empty(B, dtype=torch.float64)
-    log_norm = torch.empty(B, dtype=torch.float64)
-    for s in range(0, B, chunk):
-        rows = slice(s, s + chunk)
-        z = logprobs[rows].double()  # (c, V)
-        log_z = torch.logsumexp(z, -1)  # (c,) ~0: float32 rounding of the prior's normalisation
-        y = z if potential is None else z.scatter_add(1, candidates[rows], potential[rows].double() / beta)
-        log_y = torch.logsumexp(y, -1)  # (c,)
-        cdf = torch.cumsum((y - log_y[:, None]).exp_(), -1)  # (c, V)
-        tok = torch.searchsorted(cdf, u[rows] * cdf[:, -1:], right=True).squeeze(1).clamp_(max=V - 1)
-        tokens[rows], log_norm[rows] = tok, log_y - log_z
-        log_q[rows] = y.gather(1, tok[:, None]).squeeze(1) - log_y
-    return TiltedSample(tokens, log_q, log_norm)
-
-
 def draw_tokens(logprobs, *, potential=None, candidates=None, beta=1.0, generator=None) -> TiltedSample:
-    """The kernel on CUDA, :func:`sample_tilted_cpu` elsewhere (same law, same outputs)."""
-    if logprobs.is_cuda:
-        return tilted_sample(logprobs, potential=potential, candidates=candidates, beta=beta, generator=generator)
-    return sample_tilted_cpu(logprobs, potential=potential, candidates=candidates, beta=beta, generator=generator)
+    """One token per row from q ∝ pi0 exp(phi/beta) through ``posterior.kernels.tilted_sample``
+    (Triton on CUDA, the float64 CDF inversion on the CPU)."""
+    return tilted_sample(logprobs, potential=potential, candidates=candidates, beta=beta, generator=generator)
 
 
 def tilted_log_weight(log_norm: torch.Tensor, delta: torch.Tensor, phi: torch.Tensor, beta: float) -> torch.Tensor:
@@ -196,8 +159,8 @@ class SMCConfig:
     beta: float
     num_particles: int
     max_new_tokens: int
-    proposal: str = "bootstrap"  # "bootstrap" (q = pi0) | "tilted" (top-k look-ahead)
-    top_k: int = 8  # candidates scored per particle and step by the tilted proposal
+    proposal: str = "bootstrap"  # "bootstrap" (q = pi0) | "tilted" (look-ahead over the top tokens)
+    lookahead: int = 8  # candidates scored per particle and step by the tilted proposal
     block_size: int = 1  # tokens between twist evaluations / resampling checks
     ess_threshold: float = 0.5  # resample a prompt when ESS < ess_threshold · N
     resampling: str = "systematic"  # a name in posterior.samplers.resampling.RESAMPLERS
@@ -205,8 +168,8 @@ class SMCConfig:
     def __post_init__(self):
         if self.proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {sorted(PROPOSALS)}, got {self.proposal!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {self.top_k!r}")
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 1:
+            raise ValueError(f"lookahead must be a positive int, got {self.lookahead!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
         thr = self.ess_threshold
@@ -225,13 +188,22 @@ class Targets:
     reward: Reward
     twist: Reward | None
 
+    @property
+    def defers_reward(self) -> bool:
+        """With no twist, an ended particle's finite reward is applied at the end of the run (see
+        the module docstring), so particles that end early are not favoured by resampling."""
+        return self.twist is None
+
     def potentials(self, texts: list[str], ended: list[bool]) -> torch.Tensor:
-        """r(text) where ended, psi(text) elsewhere: (len(texts),) float64, one call per function."""
+        """g of each (partial) text: psi(text) where running (0 without a twist) and, where ended,
+        r(text) — or, when the reward is deferred, 0 where r is finite and -inf where it is not.
+        (len(texts),) float64, one call per function."""
         out = torch.zeros(len(texts), dtype=torch.float64)
         if self.twist is self.reward or self.twist is None:
             idx = [i for i, e in enumerate(ended) if e or self.twist is not None]
             if idx:
-                out[idx] = self.reward([texts[i] for i in idx])
+                r = self.reward([texts[i] for i in idx])
+                out[idx] = torch.zeros_like(r).masked_fill(torch.isneginf(r), -math.inf) if self.defers_reward else r
             return out
         for fn, want in ((self.reward, True), (self.twist, False)):
             idx = [i for i, e in enumerate(ended) if e == want]
@@ -242,18 +214,18 @@ class Targets:
 
 @dataclass(frozen=True)
 class SMCState:
-    """Particles of P prompts, N each, after ``t`` steps. Tensors are CPU; ``decode`` holds the
+    """Particles of P prompts, N each, after ``t`` tokens. Tensors are CPU; ``decode`` holds the
     prior's rows (KV cache) of the particles still running, row r being particle ``row_particle[r]``
     (flat index p·N + i); rows of ended particles are dropped at the next ``reorder``."""
 
     t: int
-    tokens: torch.Tensor  # (P, N, T) int64, EOS-padded
+    tokens: torch.Tensor  # (P, N, W) int64, EOS-padded; W >= t grows with the run
     lengths: torch.Tensor  # (P, N) int64
     log_prior: torch.Tensor  # (P, N) float64 log pi0(x_1:t)
     log_weights: torch.Tensor  # (P, N) float64 unnormalised; log-mean-exp = running log Ẑ
     psi: torch.Tensor  # (P, N) float64 potential of the current prefix (r(x) once ended)
     ended: torch.Tensor  # (P, N) bool: reached EOS or max_new_tokens
-    decode: DecodeState  # (b, V) rows of the prior
+    decode: DecodeState | None  # (b, V) rows of a step-wise prior; None on sequence-level priors
     row_particle: torch.Tensor  # (b,) int64 flat particle index of each decode row
 
     @property
@@ -276,18 +248,21 @@ class Proposal(NamedTuple):
 
 
 def smc_init(prior: Prior, prompt_ids: list[list[int]], cfg: SMCConfig) -> SMCState:
-    """N copies of every prompt's decode state (prompt encoded once), weights 1, psi_0 = 0."""
-    P, N, T = len(prompt_ids), cfg.num_particles, cfg.max_new_tokens
+    """N particles per prompt with weights 1 and psi_0 = 0; on a step-wise prior, N copies of every
+    prompt's decode state (prompt encoded once), on a sequence-level prior no decode state. Token
+    storage grows with the steps run (no (P, N, max_new_tokens) allocation up front)."""
+    P, N = len(prompt_ids), cfg.num_particles
     zeros = torch.zeros(P, N, dtype=torch.float64)
+    stepwise = isinstance(prior, StepwisePrior)
     return SMCState(
         t=0,
-        tokens=torch.full((P, N, T), prior.eos_token_ids[0], dtype=torch.long),
+        tokens=torch.full((P, N, 0), prior.eos_token_ids[0], dtype=torch.long),
         lengths=torch.zeros(P, N, dtype=torch.long),
         log_prior=zeros,
         log_weights=zeros,
         psi=zeros,
         ended=torch.zeros(P, N, dtype=torch.bool),
-        decode=prior.start(prompt_ids, copies=N),
+        decode=prior.start(prompt_ids, copies=N) if stepwise else None,
         row_particle=torch.arange(P * N),
     )
 
@@ -330,7 +305,7 @@ def propose_tilted(targets, cfg, logprobs, prefixes, psi_prev, *, boundary: bool
     eos_ids = targets.prior.eos_token_ids
     eos = torch.tensor(eos_ids)
     m, V = logprobs.shape
-    k = min(cfg.top_k, V)
+    k = min(cfg.lookahead, V)
     last = len(prefixes[0]) + 1 == cfg.max_new_tokens if prefixes else False
     top = logprobs.topk(k, dim=-1)
     cand, top_lp = top.indices.cpu(), top.values.double().cpu()  # (m, k)
@@ -382,7 +357,7 @@ PROPOSALS: dict[str, Callable[..., Proposal]] = {"bootstrap": propose_bootstrap,
 
 
 # --------------------------------------------------------------------------------------------------
-# One step: propose + reweight, then (per prompt) resample and reorder the decode rows
+# One step: propose + reweight, then (per prompt) resample
 # --------------------------------------------------------------------------------------------------
 def _take(x: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
     """Gather (P, N, ...) particles by (P, N) ancestor indices."""
@@ -390,16 +365,66 @@ def _take(x: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx)
 
 
+def _widen(tokens: torch.Tensor, width: int, pad: int) -> torch.Tensor:
+    """(B, W) token storage at least ``width`` wide (doubling, so growth costs O(total) copies)."""
+    if tokens.shape[1] >= width:
+        return tokens.clone()
+    extra = max(width, 2 * tokens.shape[1]) - tokens.shape[1]
+    return torch.cat([tokens, torch.full((tokens.shape[0], extra), pad, dtype=tokens.dtype)], 1)
+
+
+class Particles(NamedTuple):
+    """The (P, N, ...) particle fields an SMC step rewrites."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    log_prior: torch.Tensor
+    log_weights: torch.Tensor
+    psi: torch.Tensor
+    ended: torch.Tensor
+
+
+def reweight_and_resample(
+    before: torch.Tensor, new: Particles, cfg: SMCConfig, *, boundary: bool, generator, prompts, where: str
+) -> tuple[Particles, torch.Tensor, StepInfo]:
+    """After reweighting: diagnostics, dead prompts, then resampling where the ESS is low.
+
+    ``before`` (P,) is the running log Ẑ before the step. Returns the (resampled) particles, which
+    of them still run (P, N), and the step's info. Raises DegenerateWeightsError naming ``where``
+    and the prompts whose particles all have weight 0.
+    """
+    P, N = new.lengths.shape
+    stats = normalize_log_weights(new.log_weights)
+    if bool(stats.degenerate.any()):
+        bad = stats.degenerate.nonzero().squeeze(1).tolist()
+        raise DegenerateWeightsError(
+            f"SMC {where}: every one of the {N} particles of prompt(s) "
+            f"{', '.join(prompt_name(prompts, p) for p in bad)} has weight 0 (log-weight -inf: the "
+            "reward or the twist is -inf on all of them); use more particles, the tilted proposal, or relax the constraint",
+            rows=bad,
+        )
+    still = ~new.ended & ~torch.isneginf(new.log_weights)  # (P, N) running after this step
+    decide = resample_decision(stats.ess, still.any(-1), N, cfg.ess_threshold) if boundary else torch.zeros(P, dtype=torch.bool)
+    ancestors, log_weights = resample_weights(new.log_weights, decide, cfg.resampling, generator=generator)
+    out = new._replace(log_weights=log_weights)
+    if bool(decide.any()):
+        out = Particles(*(x if name == "log_weights" else _take(x, ancestors) for name, x in zip(Particles._fields, out)))
+        still = _take(still, ancestors)
+    return out, still, StepInfo(stats.ess, decide, ancestors, stats.log_mean - before)
+
+
 def smc_step(
     state: SMCState, cfg: SMCConfig, targets: Targets, *, generator: torch.Generator | None, prompts=None
 ) -> tuple[SMCState, StepInfo]:
-    """Extend every running particle by one token, reweight, resample where the ESS is low.
+    """Token step on a step-wise prior: extend every running particle by one token, reweight,
+    resample where the ESS is low (checked every ``block_size`` tokens).
 
     ``state.decode`` is consumed (``prior.extend`` / ``prior.reorder`` may reuse its KV cache).
     Raises DegenerateWeightsError when every particle of a prompt has weight 0 after this step.
     """
     prior, t = targets.prior, state.t
-    P, N, T = state.tokens.shape
+    P, N = state.lengths.shape
+    T = cfg.max_new_tokens
 
     def flat(x):  # (P, N, ...) -> (P·N, ...)
         return x.reshape(P * N, *x.shape[2:])
@@ -419,52 +444,110 @@ def smc_step(
     eos = torch.tensor(prior.eos_token_ids)
     tok_lp = logprobs.gather(1, prop.tokens.to(prior.device)[:, None]).squeeze(1).double().cpu()  # (m,)
     ended_now = torch.isin(prop.tokens, eos) | (t + 1 == T)  # (m,)
-    tokens, lengths = flat(state.tokens).clone(), flat(state.lengths).clone()
+    tokens, lengths = _widen(flat(state.tokens), t + 1, prior.eos_token_ids[0]), flat(state.lengths).clone()
     tokens[pid, t] = prop.tokens
     lengths[pid] = t + 1
-    log_prior = flat(state.log_prior).index_add(0, pid, tok_lp)
-    log_weights = flat(state.log_weights).index_add(0, pid, prop.log_increment)
-    psi = flat(state.psi).index_copy(0, pid, prop.potential)
-    ended = flat(state.ended).index_copy(0, pid, ended_now)
-    tokens, lengths, log_prior, log_weights, psi, ended = (
-        x.view(P, N, *x.shape[1:]) for x in (tokens, lengths, log_prior, log_weights, psi, ended)
-    )  # back to (P, N, ...)
-
-    # Reweighting is done: diagnostics, dead prompts, then the resampling decision.
+    new = Particles(
+        tokens.view(P, N, -1),
+        lengths.view(P, N),
+        flat(state.log_prior).index_add(0, pid, tok_lp).view(P, N),
+        flat(state.log_weights).index_add(0, pid, prop.log_increment).view(P, N),
+        flat(state.psi).index_copy(0, pid, prop.potential).view(P, N),
+        flat(state.ended).index_copy(0, pid, ended_now).view(P, N),
+    )
     before = normalize_log_weights(state.log_weights).log_mean  # (P,)
-    stats = normalize_log_weights(log_weights)
-    if bool(stats.degenerate.any()):
-        bad = stats.degenerate.nonzero().squeeze(1).tolist()
-        raise DegenerateWeightsError(
-            f"SMC step {t + 1} (token {t + 1} of max_new_tokens={T}): every one of the {N} particles of "
-            f"prompt(s) {', '.join(prompt_name(prompts, p) for p in bad)} has weight 0 (log-weight -inf: the "
-            "reward or the twist is -inf on all of them); use more particles, the tilted proposal, or relax the constraint",
-            rows=bad,
-        )
-    still = ~ended & ~torch.isneginf(log_weights)  # (P, N) running after this step
-    decide = resample_decision(stats.ess, still.any(-1), N, cfg.ess_threshold) if boundary else torch.zeros(P, dtype=torch.bool)
-    ancestors, log_weights = resample_weights(log_weights, decide, cfg.resampling, generator=generator)
-    if bool(decide.any()):
-        tokens, lengths, log_prior, psi, ended = (_take(x, ancestors) for x in (tokens, lengths, log_prior, psi, ended))
-        still = _take(still, ancestors)
+    new, still, info = reweight_and_resample(
+        before, new, cfg, boundary=boundary, generator=generator, prompts=prompts,
+        where=f"step {t + 1} (token {t + 1} of max_new_tokens={T})",
+    )  # fmt: skip
 
     # Decode rows: one reorder when resampling changes them or when ended rows are half the batch.
-    src = (ancestors + torch.arange(P)[:, None] * N).reshape(-1)  # (P·N,) flat ancestor of each particle
+    src = (info.ancestors + torch.arange(P)[:, None] * N).reshape(-1)  # (P·N,) flat ancestor of each particle
     keep = flat(still).nonzero().squeeze(1)  # (m',) particles decoded next
     decode, row_particle = state.decode, state.row_particle
-    if keep.numel() and (bool(decide.any()) or 2 * keep.numel() <= row_particle.numel()):
+    if keep.numel() and (bool(info.resampled.any()) or 2 * keep.numel() <= row_particle.numel()):
         row_of = torch.full((P * N,), -1, dtype=torch.long)
         row_of[row_particle] = torch.arange(row_particle.numel())
         decode = prior.reorder(decode, row_of[src[keep]].to(prior.device))  # consumes the old rows
         row_particle = keep
     if keep.numel():
-        feed = flat(tokens)[row_particle, t]  # ended rows left in the batch get their (EOS) token
+        feed = flat(new.tokens)[row_particle, t]  # ended rows left in the batch get their (EOS) token
         decode = prior.extend(decode, feed.to(prior.device))
-    new = replace(
-        state, t=t + 1, tokens=tokens, lengths=lengths, log_prior=log_prior, log_weights=log_weights,
-        psi=psi, ended=ended, decode=decode, row_particle=row_particle,
+    return replace(state, t=t + 1, decode=decode, row_particle=row_particle, **new._asdict()), info
+
+
+def smc_block_step(
+    state: SMCState, cfg: SMCConfig, targets: Targets, *, prompt_rows: list[list[int]], generator, prompts=None
+) -> tuple[SMCState, StepInfo]:
+    """Block step on any prior (sequence level): extend every running particle by up to
+    ``block_size`` tokens with ``prior.continue_prefixes`` (the bootstrap proposal q = pi0, so the
+    incremental log-weight is (g(x_1:t+B) - psi_t) / beta), then reweight and resample.
+
+    ``prompt_rows`` holds the prompt of each flat particle (P·N lists). Running particles all have
+    length ``state.t``; one that draws EOS inside the block ends there with its true reward.
+    """
+    prior, t = targets.prior, state.t
+    P, N = state.lengths.shape
+    T = cfg.max_new_tokens
+    k = min(cfg.block_size, T - t)
+    pad = prior.eos_token_ids[0]
+    eos = torch.tensor(prior.eos_token_ids)
+
+    def flat(x):
+        return x.reshape(P * N, *x.shape[2:])
+
+    pid = flat(state.running).nonzero().squeeze(1)  # (m,)
+    ids = pid.tolist()
+    prefixes = flat(state.tokens)[pid, :t].tolist()
+    ext = prior.continue_prefixes([prompt_rows[i] for i in ids], prefixes, k, generator=generator)
+    new_tok, new_len = ext.tokens.cpu(), ext.lengths.cpu()  # (m, K), (m,)
+    tokens, lengths = _widen(flat(state.tokens), t + k, pad), flat(state.lengths).clone()
+    tokens[pid, t : t + new_tok.shape[1]] = new_tok
+    lengths[pid] = t + new_len
+    last = new_tok.gather(1, (new_len - 1).clamp(min=0)[:, None]).squeeze(1)  # (m,)
+    ended_now = torch.isin(last, eos) | (t + new_len >= T)  # (m,)
+    psi_prev = flat(state.psi)[pid]  # (m,)
+    need = ended_now | (targets.twist is not None)
+    g = psi_prev.clone()
+    idx = need.nonzero().squeeze(1).tolist()
+    if idx:
+        rows = tokens[pid[idx]].tolist()
+        texts = [prior.decode([v for v in row[: t + int(new_len[j])] if v not in set(prior.eos_token_ids)]) for row, j in zip(rows, idx)]
+        g[idx] = targets.potentials(texts, ended_now[idx].tolist())
+    new = Particles(
+        tokens.view(P, N, -1),
+        lengths.view(P, N),
+        flat(state.log_prior).index_add(0, pid, ext.token_log_probs.double().sum(-1).cpu()).view(P, N),
+        flat(state.log_weights).index_add(0, pid, (g - psi_prev) / cfg.beta).view(P, N),
+        flat(state.psi).index_copy(0, pid, g).view(P, N),
+        flat(state.ended).index_copy(0, pid, ended_now).view(P, N),
+    )
+    before = normalize_log_weights(state.log_weights).log_mean  # (P,)
+    new, _, info = reweight_and_resample(
+        before, new, cfg, boundary=True, generator=generator, prompts=prompts,
+        where=f"block ending at token {t + k} of max_new_tokens={T}",
     )  # fmt: skip
-    return new, StepInfo(stats.ess, decide, ancestors, stats.log_mean - before)
+    return replace(state, t=t + k, **new._asdict()), info
+
+
+def _apply_deferred_rewards(state: SMCState, infos: list[StepInfo], texts, reward: Reward, beta: float):
+    """The final reweighting of an untwisted run: every ended particle with finite weight gets
+    exp(r(x)/beta) (one batched reward call); psi becomes r. Its log Ẑ increment is added to the
+    last step's, so the increments still sum to log Ẑ."""
+    P, N = state.lengths.shape
+    alive = state.ended & ~torch.isneginf(state.log_weights)  # (P, N)
+    idx = alive.reshape(-1).nonzero().squeeze(1).tolist()
+    r = torch.full((P * N,), -math.inf, dtype=torch.float64)
+    if idx:
+        r[idx] = reward([texts[i // N][i % N] for i in idx])
+    r = r.view(P, N)
+    before = normalize_log_weights(state.log_weights).log_mean
+    log_weights = torch.where(alive, state.log_weights + r / beta, -math.inf)
+    after = normalize_log_weights(log_weights).log_mean
+    if infos:
+        last = infos[-1]
+        infos = infos[:-1] + [last._replace(log_Z_increment=last.log_Z_increment + (after - before))]
+    return replace(state, log_weights=log_weights, psi=torch.where(alive, r, state.psi)), infos
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,10 +579,11 @@ def sequential_monte_carlo(
     ess_threshold: float = 0.5,  # resample a prompt when its ESS < ess_threshold · n (1: always, 0: never)
     resampling: str = "systematic",  # multinomial | stratified | systematic | residual
     twist="auto",  # "auto" (reward if it accepts prefixes, else 0) | None | Reward | fn(texts)
-    proposal: str = "bootstrap",  # "bootstrap" (the prior) | "tilted" (top-k look-ahead)
-    top_k: int = 8,  # candidates per particle and step scored by the tilted proposal
-    block_size: int = 1,  # tokens between twist evaluations and resampling checks
+    proposal: str = "bootstrap",  # "bootstrap" (the prior) | "tilted" (look-ahead; step-wise priors)
+    lookahead: int = 8,  # candidates per particle and step scored by the tilted proposal
+    block_size: int = 1,  # tokens between reweighting / resampling (sequence-level priors: per call)
     return_ancestry: bool = False,  # res.info["ancestry"] (P, n, steps)
+    callback: Callable | None = None,  # fn(StepReport) after every step (UIs, logs)
 ):
     """Twisted SMC over tokens (see the module docstring for the targets and weights).
 
@@ -513,28 +597,47 @@ def sequential_monte_carlo(
     """
     prior = post.prior
     cfg = SMCConfig(
-        beta=post.beta, num_particles=n, max_new_tokens=max_new_tokens, proposal=proposal, top_k=top_k,
+        beta=post.beta, num_particles=n, max_new_tokens=max_new_tokens, proposal=proposal, lookahead=lookahead,
         block_size=block_size, ess_threshold=ess_threshold, resampling=resampling,
     )  # fmt: skip
+    stepwise = isinstance(prior, StepwisePrior)
+    if proposal == "tilted" and not stepwise:
+        raise ValueError(
+            f"proposal='tilted' needs next-token distributions (a step-wise prior: HFPrior, CallablePrior); "
+            f"{type(prior).__name__} gives sequences only: use proposal='bootstrap' with block_size=B"
+        )
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable, got {callback!r}")
     targets = Targets(prior, post.reward, resolve_twist(post, twist))
     prompt_ids = prior.encode_prompts(prompts)
     prior.check_lengths(prompt_ids, max_new_tokens, prompts)
+    prompt_rows = [p for p in prompt_ids for _ in range(n)]
 
     state = smc_init(prior, prompt_ids, cfg)
     infos: list[StepInfo] = []
     bar = tqdm(total=max_new_tokens, desc="smc", unit="tok", disable=not progress, leave=False)
     while state.t < max_new_tokens and bool(state.running.any()):
-        state, info = smc_step(state, cfg, targets, generator=generator, prompts=prompts)
+        t0 = state.t
+        if stepwise:
+            state, info = smc_step(state, cfg, targets, generator=generator, prompts=prompts)
+        else:
+            state, info = smc_block_step(state, cfg, targets, prompt_rows=prompt_rows, generator=generator, prompts=prompts)
         infos.append(info)
-        bar.update(1)
+        bar.update(state.t - t0)
+        if callback is not None:
+            stats = normalize_log_weights(state.log_weights)
+            callback(StepReport(len(infos), state.t, prior.texts_of(state.tokens, state.lengths), stats.log_weights, stats.ess))
     bar.close()
 
     P = len(prompt_ids)
+    T = max(1, int(state.lengths.max()))
+    tokens = _widen(state.tokens.reshape(P * n, -1), T, prior.eos_token_ids[0])[:, :T].reshape(P, n, T)
+    texts = prior.texts_of(tokens, state.lengths)
+    if targets.defers_reward:  # the last target pi0 · exp(r/beta): apply the finite rewards now
+        state, infos = _apply_deferred_rewards(state, infos, texts, post.reward, cfg.beta)
     stats = normalize_prompts(state.log_weights, prompts, what="SMC weights")
     rewards = torch.where(state.ended, state.psi, -math.inf)  # killed before ending: -inf
-    T = max(1, int(state.lengths.max()))
-    tokens = state.tokens[..., :T]
-    cont = Continuations(tokens, state.lengths, state.log_prior.float(), prior.texts_of(tokens, state.lengths))
+    cont = Continuations(tokens, state.lengths, state.log_prior.float(), texts)
 
     def stack(xs, shape):  # per-step tensors -> (..., steps)
         return torch.stack(xs, -1) if xs else torch.zeros(shape)
@@ -543,6 +646,7 @@ def sequential_monte_carlo(
         "proposal": proposal,
         "twist": "none" if targets.twist is None else targets.twist.name,
         "resampling": resampling,
+        "block_size": block_size,
         "ess_per_step": stack([i.ess.float() for i in infos], (P, 0)),
         "resampled": stack([i.resampled for i in infos], (P, 0)).bool(),
         "log_Z_increments": stack([i.log_Z_increment for i in infos], (P, 0)).double(),

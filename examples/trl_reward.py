@@ -1,0 +1,28 @@
+"""A reward function written for TRL's GRPOTrainer, used unchanged as the posterior's reward.
+
+    python examples/trl_reward.py
+"""
+
+import math
+
+import posterior as pst
+
+
+def reward_len(completions, **kwargs):  # from TRL's GRPO documentation, verbatim
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+def mentions(completions, keyword, **kwargs):  # a dataset column ("keyword") arrives as a kwarg
+    return [1.0 if k in c.lower() else 0.0 for c, k in zip(completions, keyword)]
+
+
+prior = pst.load_default_prior()
+prompts = ["Write a short title for a cooking blog:", "Name a city in France:"]
+reward = pst.rewards.from_trl(reward_len) + pst.rewards.from_trl(mentions, keyword=["food", "paris"])
+out = pst.generate(prior.model, prior.tokenizer, prompts, reward=reward, beta=5.0, method="smc", n=4, max_new_tokens=10)
+res = out.result
+for p, prompt in enumerate(prompts):
+    print(f"=== {prompt!r}")
+    for text, r, lw in zip(res.texts[p], res.rewards[p].tolist(), res.log_weights[p].tolist()):
+        print(f"  [r={r:+.1f} w={math.exp(lw):.2f}] {text!r} ({len(text)} chars)")
+print(res.info["runs"])  # a reward that reads prompts is sampled one prompt at a time

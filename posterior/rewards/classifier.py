@@ -1,0 +1,129 @@
+"""A transformers sequence classifier as the reward: r(x) = log p(label | x) or its logit.
+
+With ``output="log_prob"``, pi*(x) ∝ pi0(x) p(label | x)^(1/beta): at beta = 1 this is the
+Bayesian posterior of the prior given the classifier's evidence (Korbak et al. 2022). The
+classifier runs on its own device in batches; only local files are read.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from posterior.rewards.base import Reward
+
+OUTPUTS = ("log_prob", "logit")
+
+
+class Classifier(Reward):
+    """Score texts with a transformers sequence classifier (``AutoModelForSequenceClassification``).
+
+    Parameters
+    ----------
+    model_or_path : str, os.PathLike or transformers model
+        A folder on disk (loaded with ``local_files_only=True``) or a loaded model.
+    label : str or int
+        The class whose score is the reward: a name from ``config.id2label`` or an index.
+    output : "log_prob" | "logit"
+        "log_prob": log softmax of the logits at ``label`` (log sigmoid for a one-logit model),
+        <= 0. "logit": the raw logit.
+    tokenizer : optional
+        Needed when ``model_or_path`` is a model; loaded from the folder otherwise.
+    batch_size : int
+        Texts per forward pass.
+    device : optional
+        Where to run the classifier (default: where the model is; cpu when loaded from disk).
+    max_length : int, optional
+        Tokens per text; longer texts are scored on their first ``max_length`` tokens (stated, not
+        silent: the default is the model's own limit, so only texts it cannot read are cut).
+    accepts_prefixes : bool
+        Declare the classifier meaningful on partial texts (SMC then uses it as a twist).
+    """
+
+    def __init__(self, model_or_path, *, label, output: str = "log_prob", tokenizer=None, batch_size: int = 32,
+                 device=None, max_length: int | None = None, accepts_prefixes: bool = False):
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(model_or_path, (str, os.PathLike)):
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            path = os.fspath(model_or_path)
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+                tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot load a sequence classifier from {path!r} (local files only): {e}") from e
+            self._source = path
+        else:
+            model = model_or_path
+            if tokenizer is None:
+                raise ValueError("Classifier of a loaded model needs tokenizer=")
+            self._source = getattr(model.config, "name_or_path", None) or type(model).__name__
+        if device is not None:
+            model = model.to(device)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.output, self.batch_size, self.accepts_prefixes = output, batch_size, bool(accepts_prefixes)
+        self.label_index = self._resolve_label(label)
+        self.label = model.config.id2label.get(self.label_index, str(self.label_index))
+        if max_length is None:
+            limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+            limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+            max_length = min(limits) if limits else None
+        self.max_length = max_length
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            raise ValueError(
+                "the classifier's tokenizer has no pad token, so texts cannot be batched; set tokenizer.pad_token "
+                "(e.g. to tokenizer.eos_token) and model.config.pad_token_id"
+            )
+
+    def _resolve_label(self, label) -> int:
+        cfg = self.model.config
+        num = int(cfg.num_labels)
+        names = {str(v): int(k) for k, v in cfg.id2label.items()}
+        if isinstance(label, bool):
+            raise ValueError(f"label must be a class name or index, got {label!r}")
+        if isinstance(label, int):
+            if not 0 <= label < num:
+                raise ValueError(f"label index {label} is out of range for a classifier with {num} labels {sorted(names, key=names.get)}")
+            return label
+        if isinstance(label, str):
+            if label in names:
+                return names[label]
+            if label.isdigit() and int(label) < num:  # "1" from a command line
+                return int(label)
+            raise ValueError(f"label {label!r} is not one of the classifier's labels {sorted(names, key=names.get)}")
+        raise ValueError(f"label must be a class name or index, got {type(label).__name__}: {label!r}")
+
+    def __repr__(self):
+        return f"Classifier({self._source!r}, label={self.label!r}, output={self.output!r})"
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def logits(self, texts: list[str]) -> torch.Tensor:
+        """Classifier logits of ``texts``: (len(texts), num_labels) float32 on the CPU."""
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[s : s + self.batch_size], padding=True, truncation=self.max_length is not None,
+                max_length=self.max_length, return_tensors="pt",
+            )  # fmt: skip
+            empty = (enc["attention_mask"].sum(-1) == 0).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"text {texts[s + empty[0]]!r} encodes to no tokens for the classifier")
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            with torch.inference_mode():
+                out.append(self.model(**enc).logits.float().cpu())  # (b, C)
+        return torch.cat(out)
+
+    def score(self, texts):
+        logits = self.logits(texts).double()  # (B, C)
+        if self.output == "logit":
+            return logits[:, self.label_index]
+        if logits.shape[-1] == 1:  # one logit: a binary classifier, p(label) = sigmoid(logit)
+            return torch.nn.functional.logsigmoid(logits[:, 0])
+        return torch.log_softmax(logits, dim=-1)[:, self.label_index]

@@ -1,0 +1,30 @@
+"""Amortised approximators of pi*(x) ∝ pi0(x) exp(r(x)/beta): trainable policies and one loop.
+
+    policy = pst.train.policy_from(prior, lora_rank=8)          # q = pi0 at the start
+    run = pst.train.fit(post, policy, objective="dpg", steps=200, batch_size=8, lr=1e-3,
+                        max_new_tokens=16, checkpoint_dir="runs/dpg")
+    post.sample(method="is", proposal=policy)                   # how close q is to pi*
+
+Objectives (:mod:`posterior.train.objectives`): "reverse_kl" / "rl" (KL-regularised RL, RLOO),
+"forward_kl" / "dpg" (DPG), "js" and "tv" (f-DPG), "distill" (max. likelihood on SMC samples of pi*),
+"reward" (no KL: collapses). ``trl_reward(post)`` gives TRL trainers the same target.
+"""
+
+from posterior.train.loop import TrainRun, fit
+from posterior.train.objectives import ALIASES, OBJECTIVES, get_objective
+from posterior.train.policy import HFPolicy, Policy, TabularPolicy, load_policy, policy_from
+from posterior.train.trl import trl_reward
+
+__all__ = [
+    "ALIASES",
+    "OBJECTIVES",
+    "HFPolicy",
+    "Policy",
+    "TabularPolicy",
+    "TrainRun",
+    "fit",
+    "get_objective",
+    "load_policy",
+    "policy_from",
+    "trl_reward",
+]

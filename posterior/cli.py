@@ -3,7 +3,7 @@
 Prints posterior samples next to plain prior samples of the same prompt, with rewards and the
 diagnostics (log Z, ESS, KL(pi*||pi0)); ``--json`` prints one JSON object per sample and then one
 summary object per run instead (strict JSON: a non-finite number is null, its reason under
-"null_reasons"). Progress goes to stderr, one line per stage (and per 10% of a long stage when
+"nonfinite"). Progress goes to stderr, one line per stage (and per 10% of a long stage when
 stderr is not a terminal). Exit codes: 0 done, 2 bad input or a failed sampler, 130 interrupted.
 """
 
@@ -341,7 +341,7 @@ def _json_line(obj: dict) -> None:
     reasons: dict[str, str] = {}
     clean = _strict(obj, "", reasons)
     if reasons:
-        clean["null_reasons"] = reasons
+        clean["nonfinite"] = reasons
     line = json.dumps(clean, allow_nan=False, default=str) + "\n"
     blocked = hasattr(signal, "pthread_sigmask")
     if blocked:

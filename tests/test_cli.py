@@ -35,11 +35,28 @@ def strict_loads(line: str):
     return json.loads(line, parse_constant=bad)
 
 
+def _default_sigint():
+    # A shell's background job starts with SIGINT ignored, and children inherit that; Python only
+    # installs its KeyboardInterrupt handler when SIGINT is not ignored at start-up.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args):
     """The command as a subprocess (stdout and stderr pipes: not terminals)."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "posterior.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, preexec_fn=_default_sigint)
+
+
+@pytest.fixture
+def reaped():
+    """Processes started by a test, killed if the test leaves them running (no orphans)."""
+    procs = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
 
 
 def wait_for(proc, text: str, timeout: float = 120.0) -> str:
@@ -76,7 +93,7 @@ def test_json_is_strict_with_null_and_the_reason_for_infinite_values(model_dir, 
     assert dead, "the test needs samples without an 'e'"
     for s in dead:
         assert s["log_weight"] is None
-        assert s["null_reasons"]["reward"].startswith("-inf") and s["null_reasons"]["log_weight"].startswith("-inf")
+        assert s["nonfinite"]["reward"].startswith("-inf") and s["nonfinite"]["log_weight"].startswith("-inf")
     assert all(s["reward"] == 0.0 for s in lines[:-1] if s["reward"] is not None)
     assert lines[-1]["prior_reward_neg_inf"][0] > 0
 
@@ -159,9 +176,10 @@ def test_help_shows_defaults_every_method_option_and_reward_names(capsys):
     assert "``" not in text and ":func:" not in text and ":class:" not in text
 
 
-def test_progress_goes_to_stderr_line_by_line_when_it_is_not_a_terminal(model_dir):
+def test_progress_goes_to_stderr_line_by_line_when_it_is_not_a_terminal(model_dir, reaped):
     proc = cli("sample", "hello", "--model", model_dir, "-n", "2", "--max-new-tokens", "4", "--method", "mh",
                "--option", "steps=12", "--no-prior")
+    reaped.append(proc)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     lines = [l for l in err.splitlines() if l.startswith("posterior: ")]
@@ -180,9 +198,10 @@ def _sigint_after(proc, marker: str, delay: float) -> tuple[str, str, float]:
     return out, seen + err, time.monotonic() - t0
 
 
-def test_sigint_during_sampling_exits_130_at_once_with_one_line_and_no_traceback(model_dir):
+def test_sigint_during_sampling_exits_130_at_once_with_one_line_and_no_traceback(model_dir, reaped):
     proc = cli("sample", "hello", "--model", model_dir, "-n", "2", "--max-new-tokens", "6", "--method", "mh",
                "--option", "steps=1000000", "--json")
+    reaped.append(proc)
     out, err, waited = _sigint_after(proc, "sampling:", 1.0)
     assert proc.returncode == 130
     assert waited < 5.0  # well under a second here; slack for a loaded machine
@@ -191,11 +210,12 @@ def test_sigint_during_sampling_exits_130_at_once_with_one_line_and_no_traceback
     assert out == ""
 
 
-def test_sigint_while_json_is_printed_leaves_only_whole_lines(model_dir):
+def test_sigint_while_json_is_printed_leaves_only_whole_lines(model_dir, reaped):
     """The child fills the stdout pipe (we do not read it) and blocks in a write; SIGINT then
     arrives mid-output. Every line that comes out must still be one whole JSON object."""
     proc = cli("sample", "hello", "--model", model_dir, "-n", "3000", "--max-new-tokens", "3", "--method", "is",
                "--json", "--no-prior", "--quiet")
+    reaped.append(proc)
     ready, _, _ = select.select([proc.stdout], [], [], 120)  # output has begun
     assert ready and proc.poll() is None
     time.sleep(1.0)  # 3000 lines are ~5 pipe buffers: the child is now blocked in a write

@@ -234,6 +234,12 @@ def test_hf_and_vllm_priors_are_proposals_for_each_other(vprior, hprior):
         # same weights, so log pi0 - log q ~ 0 and the weights are softmax(r / beta)
         want = torch.log_softmax(res.rewards.double() / 0.5, -1)
         assert (res.log_weights.double() - want).abs().max() < 10 * TOL, (prior, proposal)
+        assert res.info["proposal_support"].startswith("full"), res.info["proposal_support"]
+    # a truncated sequence-level proposal: its support cannot be checked token by token, and says so
+    post = pst.Posterior(hprior, pst.rewards.Sentiment(), beta=0.5)
+    res = post.sample(n=4, method="is", max_new_tokens=6, prompts=PROMPTS[:1], seed=0,
+                      proposal=VLLMPrior(vprior.llm, top_k=40))
+    assert res.info["proposal_support"].startswith("not checked (VLLMPrior gives sequences only")
 
 
 @needs_engine

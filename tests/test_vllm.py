@@ -220,6 +220,12 @@ def test_continue_prefixes_respects_budgets_and_eos(vprior, hprior):
         assert all(t == pad for t in seq[L:]) and ext.token_log_probs[b, L:].abs().sum() == 0
         assert torch.isfinite(ext.token_log_probs[b, :L]).all() and (ext.token_log_probs[b, :L] <= 0).all()
     assert ended >= 2, "fewer than 2 rows ended with EOS (seed 6): the EOS path is untested"
+    # The 8 copies of one prompt are independent draws, each row with its own tokens' log-probs
+    # (as HF scores them).
+    copies = ext.tokens[4:12]
+    assert len({tuple(row[: int(L)].tolist()) for row, L in zip(copies, ext.lengths[4:12])}) > 1
+    hf = hprior.token_log_probs([chat], copies[None], ext.lengths[None, 4:12])[0]
+    assert (hf - ext.token_log_probs[4:12]).abs().max() < 1e-3
     with pytest.raises(ValueError, match="max_tokens"):
         vprior.continue_prefixes(rows[:2], prefixes[:2], [3, 0])
     with pytest.raises(ValueError, match="context"):

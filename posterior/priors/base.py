@@ -257,7 +257,8 @@ def continuations(prior: Prior, ext: Extension, P: int, n: int) -> Continuations
     return Continuations(tokens, lengths, log_prob, prior.texts_of(tokens, lengths))
 
 
-def _budgets(max_tokens, B: int) -> torch.Tensor:
+def budgets_per_row(max_tokens, B: int) -> torch.Tensor:
+    """``max_tokens`` (an int or one per row) as B budgets, each >= 1 (errors name the value)."""
     budget = torch.as_tensor(max_tokens, dtype=torch.long).cpu()
     budget = budget.expand(B).clone() if budget.dim() == 0 else budget
     if budget.shape != (B,):
@@ -355,7 +356,7 @@ class StepwisePrior(Prior):
         B = len(prompt_ids)
         if len(prefixes) != B:
             raise ValueError(f"continue_prefixes needs one prefix per prompt row, got {len(prefixes)} for {B}")
-        budget = _budgets(max_tokens, B)
+        budget = budgets_per_row(max_tokens, B)
         state = self.start([list(p) + list(x) for p, x in zip(prompt_ids, prefixes)], copies=1)
         return decode_rows(self, state, budget, generator=generator).extension
 

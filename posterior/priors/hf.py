@@ -9,7 +9,6 @@ rows) into a new cache and leaves the old one intact. Position ids are passed ex
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -18,6 +17,7 @@ import torch
 
 from posterior.errors import check_device, check_hf_model
 from posterior.priors.base import DecodeState, StepwisePrior, process_logits, validate_sampling
+from posterior.priors.text import TokenizerText, eos_ids
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class _HFCache:
     next_position: torch.Tensor  # (B,) position id of the next token
 
 
-class HFPrior(StepwisePrior):
+class HFPrior(TokenizerText, StepwisePrior):
     """A transformers causal language model as the prior.
 
     Parameters
@@ -69,21 +69,13 @@ class HFPrior(StepwisePrior):
         if self.chat and getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("chat=True but the tokenizer has no chat template")
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
-        eos = [int(i) for i in eos_token_ids] if eos_token_ids is not None else []
-        for src in [] if eos_token_ids is not None else (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-            for i in [src] if isinstance(src, int) else (src or []):
-                if i not in eos:
-                    eos.append(int(i))
-        if not eos:
-            raise ValueError("the tokenizer and generation config define no EOS token id")
-        self._eos = tuple(eos)
+        self._eos = eos_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None), eos_token_ids)
         # A peft model's forward takes **kwargs: read the argument names from the wrapped model.
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(inner.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated)
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._vocab_key = None
 
     @classmethod
     def from_pretrained(
@@ -132,38 +124,8 @@ class HFPrior(StepwisePrior):
                 return int(getattr(cfg, name))
         return None
 
-    def vocabulary_key(self):
-        if self._vocab_key is None:
-            items = sorted(self.tokenizer.get_vocab().items())
-            self._vocab_key = hashlib.sha256(repr(items).encode()).hexdigest()
-        return self._vocab_key
-
     def describe(self) -> dict:
         return {**super().describe(), "model": getattr(self.model.config, "name_or_path", None) or type(self.model).__name__, "chat": self.chat}
-
-    # --- text ------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str] | None) -> list[list[int]]:
-        if prompts is None:  # unconditional: start from BOS (or EOS, as GPT-2 does)
-            start = self.tokenizer.bos_token_id
-            return [[start if start is not None else self._eos[0]]]
-        out = []
-        for p in prompts:
-            if self.chat:
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
-                )["input_ids"]
-            else:
-                ids = self.tokenizer(p, add_special_tokens=True)["input_ids"]
-            if len(ids) == 0:
-                raise ValueError(f"prompt {p!r} encodes to no tokens")
-            out.append(list(ids))
-        return out
-
-    def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def decode(self, token_ids) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     # --- model calls -----------------------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, past=None, last_only=True, grad=False):

@@ -34,7 +34,6 @@ caller's. ``import posterior`` never imports vllm; this module imports it on fir
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from typing import Any, Sequence
 
@@ -44,11 +43,12 @@ from posterior.priors.base import (
     Continuations,
     Extension,
     Prior,
-    _budgets,
+    budgets_per_row,
     continuations,
     request_seeds,
     validate_sampling,
 )
+from posterior.priors.text import TokenizerText, eos_ids
 
 GiB = 1 << 30
 SHUTDOWN_GRACE_S = 60.0  # seconds the engine processes get to exit before they are killed
@@ -100,7 +100,7 @@ def _shutdown_engine(llm) -> None:
         core.shutdown(timeout=SHUTDOWN_GRACE_S)
 
 
-class VLLMPrior(Prior):
+class VLLMPrior(TokenizerText, Prior):
     """A vLLM engine as the prior (sequence-level: sample, continue prefixes, score).
 
     Parameters
@@ -151,20 +151,11 @@ class VLLMPrior(Prior):
                 f"with logprobs_mode='processed_logprobs' (it has {mode!r}: sampled-token log-probs would be "
                 "those of the unmodified model, not of the distribution sampled from)"
             )
-        eos: list[int] = [int(i) for i in eos_token_ids] if eos_token_ids is not None else []
-        if eos_token_ids is None:
-            generation_eos = config.try_get_generation_config().get("eos_token_id")
-            for src in (self.tokenizer.eos_token_id, generation_eos):
-                for i in [src] if isinstance(src, int) else (src or []):
-                    if int(i) not in eos:
-                        eos.append(int(i))
-        if not eos:
-            raise ValueError("the tokenizer and generation config define no EOS token id")
-        self._eos = tuple(eos)
+        generation_eos = None if eos_token_ids is not None else config.try_get_generation_config().get("eos_token_id")
+        self._eos = eos_ids(self.tokenizer, generation_eos, eos_token_ids)  # as HFPrior: same ids for the same model
         self._vocab_size = int(config.get_vocab_size())
         self._max_length = int(config.max_model_len)
         self._model_name = str(config.model)
-        self._vocab_key = None
         self._finalizer = weakref.finalize(self, _shutdown_engine, llm) if owns_engine else None
 
     @classmethod
@@ -217,40 +208,8 @@ class VLLMPrior(Prior):
         """The engine's context (``max_model_len``): prompt + continuation tokens."""
         return self._max_length
 
-    def vocabulary_key(self):
-        # The same key as HFPrior's for the same tokenizer, so HF and vLLM priors can be proposal
-        # and prior for each other.
-        if self._vocab_key is None:
-            items = sorted(self.tokenizer.get_vocab().items())
-            self._vocab_key = hashlib.sha256(repr(items).encode()).hexdigest()
-        return self._vocab_key
-
     def describe(self) -> dict:
         return {**super().describe(), "model": self._model_name, "backend": "vllm", "chat": self.chat}
-
-    # --- text ------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str] | None) -> list[list[int]]:
-        if prompts is None:  # unconditional: start from BOS (or EOS, as GPT-2 does)
-            start = self.tokenizer.bos_token_id
-            return [[start if start is not None else self._eos[0]]]
-        out = []
-        for p in prompts:
-            if self.chat:
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
-                )["input_ids"]
-            else:
-                ids = self.tokenizer(p, add_special_tokens=True)["input_ids"]
-            if len(ids) == 0:
-                raise ValueError(f"prompt {p!r} encodes to no tokens")
-            out.append(list(ids))
-        return out
-
-    def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def decode(self, token_ids) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     # --- engine calls ----------------------------------------------------------------------------
     def _engine(self):
@@ -300,7 +259,7 @@ class VLLMPrior(Prior):
         B = len(prompt_ids)
         if len(prefixes) != B:
             raise ValueError(f"continue_prefixes needs one prefix per prompt row, got {len(prefixes)} for {B}")
-        budget = _budgets(max_tokens, B).tolist()
+        budget = budgets_per_row(max_tokens, B).tolist()
         rows = [list(p) + list(x) for p, x in zip(prompt_ids, prefixes)]
         for b, (row, k) in enumerate(zip(rows, budget)):
             if not row:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from posterior.priors.base import DecodeState, Prior, StepwisePrior, _budgets, decode_rows
+from posterior.priors.base import DecodeState, Prior, StepwisePrior, budgets_per_row, decode_rows
 from posterior.priors.callable import CallablePrior
 from posterior.priors.hf import HFPrior
 
@@ -328,7 +328,7 @@ class TabularPolicy(StepwisePrior, Policy):
         B = len(prompt_ids)
         if len(prefixes) != B:
             raise ValueError(f"continue_prefixes needs one prefix per prompt row, got {len(prefixes)} for {B}")
-        budget = _budgets(max_tokens, B)
+        budget = budgets_per_row(max_tokens, B)
         state = self._state([(self._prompt_key(p), tuple(int(v) for v in x)) for p, x in zip(prompt_ids, prefixes)])
         return decode_rows(self, state, budget, generator=generator).extension
 

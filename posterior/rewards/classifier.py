@@ -12,6 +12,7 @@ import os
 import torch
 
 from posterior.rewards.base import Reward
+from posterior.rewards.encoding import encoded_batches
 
 OUTPUTS = ("log_prob", "logit")
 
@@ -107,15 +108,8 @@ class Classifier(Reward):
     def logits(self, texts: list[str]) -> torch.Tensor:
         """Classifier logits of ``texts``: (len(texts), num_labels) float32 on the CPU."""
         out = []
-        for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[s : s + self.batch_size], padding=True, truncation=self.max_length is not None,
-                max_length=self.max_length, return_tensors="pt",
-            )  # fmt: skip
-            empty = (enc["attention_mask"].sum(-1) == 0).nonzero().flatten().tolist()
-            if empty:
-                raise ValueError(f"text {texts[s + empty[0]]!r} encodes to no tokens for the classifier")
-            enc = {k: v.to(self.device) for k, v in enc.items()}
+        for enc in encoded_batches(self.tokenizer, texts, batch_size=self.batch_size, max_length=self.max_length,
+                                   device=self.device, what="classifier"):
             with torch.inference_mode():
                 out.append(self.model(**enc).logits.float().cpu())  # (b, C)
         return torch.cat(out)

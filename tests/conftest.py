@@ -35,4 +35,15 @@ def tv_to_exact(res, exact, prompt: int = 0, weighted: bool = True) -> float:
     return total_variation(empirical(keys, res.log_weights[prompt] if weighted else None), exact.prob())
 
 
-__all__ = ["base3_reward", "exact_posterior", "tv_tolerance", "tv_to_exact", "torch"]
+def pooled_tv(res, exact) -> float:
+    """TV between the exact posterior and the average of the P prompts' weighted empiricals
+    (independent SMC runs when every prompt is the same)."""
+    keys = sequence_keys(res.tokens, res.lengths)
+    pooled: dict = {}
+    for p, ks in enumerate(keys):
+        for k, w in empirical(ks, res.log_weights[p]).items():
+            pooled[k] = pooled.get(k, 0.0) + w / len(keys)
+    return total_variation(pooled, exact.prob())
+
+
+__all__ = ["base3_reward", "pooled_tv", "exact_posterior", "tv_tolerance", "tv_to_exact", "torch"]

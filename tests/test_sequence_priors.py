@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tv_tolerance
+from conftest import pooled_tv, tv_tolerance
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
@@ -26,15 +26,6 @@ def posts(beta=BETA):
     reward = pst.rewards.Callable(score, accepts_prefixes=True)
     inner = markov_prior()
     return pst.Posterior(SequencePrior(inner), reward, beta=beta), exact_posterior(inner, reward, beta, T, prompt="a")
-
-
-def pooled_tv(res, exact) -> float:
-    keys = sequence_keys(res.tokens, res.lengths)
-    pooled: dict = {}
-    for p, ks in enumerate(keys):
-        for k, w in empirical(ks, res.log_weights[p]).items():
-            pooled[k] = pooled.get(k, 0.0) + w / len(keys)
-    return total_variation(pooled, exact.prob())
 
 
 def test_sequence_prior_is_not_stepwise():

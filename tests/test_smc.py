@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tv_tolerance
+from conftest import pooled_tv, tv_tolerance
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
@@ -40,17 +40,6 @@ VARIANTS = {
     "tilted-untwisted": dict(proposal="tilted", twist=None, lookahead=2),
     "twisted-blocks": dict(proposal="bootstrap", twist="auto", block_size=2),
 }
-
-
-def pooled_tv(res, exact) -> float:
-    """TV between the exact posterior and the average of the P prompts' weighted empiricals
-    (independent SMC runs when every prompt is the same)."""
-    keys = sequence_keys(res.tokens, res.lengths)
-    pooled: dict = {}
-    for p, ks in enumerate(keys):
-        for k, w in empirical(ks, res.log_weights[p]).items():
-            pooled[k] = pooled.get(k, 0.0) + w / len(keys)
-    return total_variation(pooled, exact.prob())
 
 
 # --------------------------------------------------------------------------------------------------

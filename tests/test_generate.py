@@ -201,18 +201,6 @@ def test_a_vllm_llm_is_wrapped_as_vllm_prior(tiny, monkeypatch):
     assert out.result.texts == ref.result.texts
 
 
-def test_real_vllm_llm():
-    vllm = pytest.importorskip("vllm")
-    pytest.importorskip("posterior.priors.vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a GPU")
-    from posterior.priors.default import _converted, default_gguf_path
-
-    llm = vllm.LLM(str(_converted(default_gguf_path())), gpu_memory_utilization=0.3)
-    out = pst.generate(llm, None, ["The movie was"], reward=pst.rewards.Sentiment(), beta=0.5, n=4, max_new_tokens=8)
-    assert out.sequences.shape[0] == 4 and out.result.prior["prior"] == "VLLMPrior"
-
-
 # --------------------------------------------------------------------------------------------------
 # TRL reward functions through generate / Posterior.sample
 # --------------------------------------------------------------------------------------------------

@@ -233,6 +233,19 @@ def test_continue_prefixes_respects_budgets_and_eos(vprior, hprior):
 
 
 @needs_engine
+def test_generate_takes_a_vllm_llm(vprior):
+    """pst.generate(llm, None, ...) serves the prior with the engine: the same texts as
+    Posterior(VLLMPrior(llm)).sample for the same seed, rows shaped like model.generate's."""
+    reward = pst.rewards.Sentiment()
+    out = pst.generate(vprior.llm, None, ["The movie was"], reward=reward, beta=0.5, method="smc", n=4,
+                       max_new_tokens=8, block_size=4)
+    ref = pst.Posterior(VLLMPrior(vprior.llm), reward, beta=0.5).sample(
+        n=4, method="smc", max_new_tokens=8, prompts=["The movie was"], seed=0, block_size=4)
+    assert out.result.prior["prior"] == "VLLMPrior" and out.result.texts == ref.texts
+    assert out.sequences.shape[0] == 4
+
+
+@needs_engine
 def test_hf_and_vllm_priors_are_proposals_for_each_other(vprior, hprior):
     for prior, proposal in [(hprior, vprior), (vprior, hprior)]:
         post = pst.Posterior(prior, pst.rewards.Sentiment(), beta=0.5)

@@ -24,6 +24,18 @@ def distinct_reward():
     return Callable(base3_reward, name="base3")
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama causal LM saved to a folder, for --model on the command line."""
+    from posterior.testing import tiny_hf_prior
+
+    path = tmp_path_factory.mktemp("tiny")
+    prior = tiny_hf_prior("llama")
+    prior.model.save_pretrained(path)
+    prior.tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def tv_tolerance(probs, n_eff: float, factor: float = 3.0) -> float:
     """A bound on TV(empirical, exact) for n_eff iid-equivalent draws: ``factor`` × the sum of
     per-atom standard deviations / 2 (E[TV] is about 0.8 × that sum / 2)."""

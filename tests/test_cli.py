@@ -12,18 +12,8 @@ import time
 import pytest
 
 from posterior.cli import main
-from posterior.testing import tiny_hf_prior
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    prior = tiny_hf_prior("llama")
-    prior.model.save_pretrained(path)
-    prior.tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def strict_loads(line: str):

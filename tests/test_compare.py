@@ -12,7 +12,7 @@ from posterior.cli import main
 from posterior.compare import ROW_KEYS, ComparisonReport, compare, distinct_n
 from posterior.compare.frontier import default_betas, estimated_frontier, exact_frontier
 from posterior.exact import exact_posterior
-from posterior.testing import markov_prior, tiny_hf_prior
+from posterior.testing import markov_prior
 
 BETA = 0.5
 M = 3
@@ -148,15 +148,6 @@ def test_compare_input_errors(toy):
 
 
 # --- command line ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    prior = tiny_hf_prior("llama")
-    prior.model.save_pretrained(path)
-    prior.tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_cli_train_then_compare(model_dir, tmp_path, capsys):
     ckpt = tmp_path / "run"
     args = ["train", "hello", "--model", model_dir, "--reward", "contains:a", "--beta", "1", "--objective", "dpg",

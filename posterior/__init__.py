@@ -4,7 +4,7 @@ An aligned model is the explicit posterior pi*(x) ∝ pi0(x) · exp(r(x)/beta). 
 draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward statistics.
 """
 
-from posterior import rewards, train
+from posterior import rewards, train, twists
 from posterior.compare import compare
 from posterior.errors import DegenerateWeightsError
 from posterior.generate import GenerateOutput, generate
@@ -33,4 +33,5 @@ __all__ = [
     "register_sampler",
     "rewards",
     "train",
+    "twists",
 ]

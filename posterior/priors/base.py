@@ -37,6 +37,17 @@ import torch
 from tqdm.auto import tqdm
 
 
+# --- capabilities ---------------------------------------------------------------------------------
+# Samplers and training ask a prior for a capability (``prior.has(NEXT_TOKEN)``), never for a class.
+CONTINUE = "continue"  # continue_prefixes / sample / token_log_probs: every prior (sequence level)
+NEXT_TOKEN = "next_token"  # start / extend / select / reorder over decode states (StepwisePrior)
+GRAD = "grad"  # token_log_probs(..., grad=True) keeps the autograd graph (trainable policies)
+HIDDEN_STATES = "hidden_states"  # start(..., hidden=True) fills DecodeState.hidden, and
+#   hidden_states(prompt_ids, tokens, lengths, *, grad=False) -> (P, N, T, H): the hidden state
+#   after the prompt and x_1:t for t = 0..T-1 (the states that predict x_1..x_T)
+PREFIX_CACHE = "prefix_cache"  # truncate reuses a state's cache and merge_rows is implemented
+
+
 @dataclass(frozen=True)
 class DecodeState:
     """Rows being decoded. ``logprobs`` is the next-token distribution of every row."""
@@ -44,6 +55,10 @@ class DecodeState:
     logprobs: torch.Tensor  # (B, V) float32, log-normalised
     lengths: torch.Tensor  # (B,) tokens generated so far
     cache: Any = field(repr=False)  # prior-specific (KV cache, prefixes, ...)
+    # (B, H) the last layer's hidden state after each row's last token (the one that gives
+    # ``logprobs``), or None. Priors with the HIDDEN_STATES capability fill it when the state was
+    # started with ``start(..., hidden=True)`` and keep filling it through extend/select/reorder.
+    hidden: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,15 @@ class Prior(abc.ABC):
         """
 
     # --- provided ----------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this prior can do (the constants at the top of this module); subclasses extend it."""
+        return frozenset({CONTINUE})
+
+    def has(self, capability: str) -> bool:
+        """``prior.has(NEXT_TOKEN)``: samplers and training ask for capabilities, never classes."""
+        return capability in self.capabilities
+
     def log_prob(
         self, prompt_ids: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor, *, grad: bool = False
     ) -> torch.Tensor:
@@ -344,6 +368,11 @@ class StepwisePrior(Prior):
         in ``truncate`` implement it; this default raises ``NotImplementedError``.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement merge_rows")
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        extra = {NEXT_TOKEN} | ({PREFIX_CACHE} if self.reuses_prefix_cache else set())
+        return super().capabilities | extra
 
     @property
     def reuses_prefix_cache(self) -> bool:

@@ -6,6 +6,7 @@ draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward s
 
 from posterior import rewards, train, twists
 from posterior.compare import compare
+from posterior.diagnostics.bounds import Bounds, bounds
 from posterior.errors import DegenerateWeightsError
 from posterior.generate import GenerateOutput, generate
 from posterior.posterior import Posterior
@@ -17,6 +18,7 @@ from posterior.samplers import SAMPLERS, register_sampler
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bounds",
     "CallablePrior",
     "DegenerateWeightsError",
     "GenerateOutput",
@@ -27,6 +29,7 @@ __all__ = [
     "SAMPLERS",
     "SampleResult",
     "VLLMPrior",
+    "bounds",
     "compare",
     "generate",
     "load_default_prior",

@@ -26,6 +26,9 @@ class Reward(abc.ABC):
     #: True when the reward reads each text's prompt: samplers then score it through
     #: ``for_prompt(prompt, index)``, one prompt at a time (see ``posterior.rewards.prompted``).
     needs_prompts: bool = False
+    #: R >= r(x) for every text, or None when unknown. Rejection sampling with this R gives exact
+    #: samples of pi* (``pst.bounds`` uses it for the upper side of its brackets).
+    upper_bound: float | None = None
 
     @abc.abstractmethod
     def score(self, texts: list[str]): ...
@@ -105,6 +108,9 @@ class WeightedSum(Reward):
         self.terms = terms
         self.accepts_prefixes = all(r.accepts_prefixes for _, r in terms)
         self.needs_prompts = any(r.needs_prompts for _, r in terms)
+        # sum_k w_k R_k bounds r when every weight is positive and every term has a bound
+        bounded = all(w > 0 and r.upper_bound is not None for w, r in terms)
+        self.upper_bound = sum(w * r.upper_bound for w, r in terms) if bounded else None
 
     def for_prompt(self, prompt, index):
         return WeightedSum([(w, r.for_prompt(prompt, index)) for w, r in self.terms]) if self.needs_prompts else self
@@ -120,6 +126,7 @@ class Sentiment(Reward):
     """VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014); lexicon ships with vaderSentiment."""
 
     accepts_prefixes = True
+    upper_bound = 1.0
 
     def __init__(self):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -137,6 +144,7 @@ class Contains(Reward):
     """Hard constraint: 0 if ``substring`` occurs in the text, -inf otherwise."""
 
     can_be_neg_inf = True
+    upper_bound = 0.0
 
     def __init__(self, substring: str, *, case_sensitive: bool = True):
         if not isinstance(substring, str) or not substring:
@@ -156,10 +164,15 @@ class Callable(Reward):
 
     can_be_neg_inf = True
 
-    def __init__(self, fn: _Fn[[list[str]], object], *, name: str | None = None, accepts_prefixes: bool = False):
+    def __init__(
+        self, fn: _Fn[[list[str]], object], *, name: str | None = None, accepts_prefixes: bool = False, upper_bound: float | None = None
+    ):
         if not callable(fn):
             raise ValueError(f"Callable reward needs a callable, got {fn!r}")
+        if upper_bound is not None and not (isinstance(upper_bound, (int, float)) and math.isfinite(upper_bound)):
+            raise ValueError(f"upper_bound must be a finite number or None, got {upper_bound!r}")
         self.fn, self._name, self.accepts_prefixes = fn, name, accepts_prefixes
+        self.upper_bound = None if upper_bound is None else float(upper_bound)
 
     def score(self, texts):
         return self.fn(texts)

@@ -1,0 +1,345 @@
+"""Two-sided bounds on log Z and the KLs: bidirectional Monte Carlo.
+
+Every unbiased estimator Ẑ of Z = sum_x pi0(x) exp(r(x)/beta) (IS, SMC) gives, by Jensen,
+
+    E[log Ẑ] <= log Z                                                      (the lower side)
+
+and the same estimator run *conditionally* on one exact sample x* ~ pi* gives the upper side
+(Grosse, Ghahramani & Adams 2015, "Sandwiching the marginal likelihood using bidirectional Monte
+Carlo"; Zhao, Brekelmans, Makhzani & Grosse 2024 for twisted SMC over language models):
+
+    E[1/Ẑ_cond] = 1/Z   so   E[log Ẑ_cond] >= log Z.                       (the upper side)
+
+For importance sampling with proposal q the conditional run is the n-draw estimator with one draw
+replaced by x*: Ẑ_cond = (1/n) sum_i w(x_i), x_1 = x* ~ pi*, x_2..n ~ q, w = pi0 e^{r/beta}/q. Since
+pi*(x_1) = w(x_1) q(x_1) / Z and Ẑ is symmetric in its draws,
+
+    E[1/Ẑ_cond] = E_{q^n}[ w(x_1) / (Z Ẑ) ] = (1/Z) E_{q^n}[ (1/n) sum_i w(x_i) / Ẑ ] = 1/Z.
+
+For SMC it is conditional SMC (particle Gibbs' kernel) with x* as the retained reference particle.
+Both sides are means over ``repeats`` independent runs, reported with their standard errors; the
+gap between them shrinks as n grows and is ~0 when the proposal is pi* itself.
+
+Brackets on the KLs follow from log pi*(x) = log pi0(x) + r(x)/beta - log Z:
+
+    KL(pi*||pi0) = E_pi*[r]/beta - log Z                   in [m/beta - U, m/beta - L]
+    KL(q||pi*)   = E_q[log q - log pi0 - r/beta] + log Z    in [a + L, a + U]
+    KL(pi*||q)   = E_pi*[log pi0 + r/beta - log q] - log Z  in [b - U, b - L]
+
+with L, U the two sides, m and b means over the exact samples and a a mean over q's own draws.
+Each side is an estimate of a bound, not a bound, so every bracket end is moved outwards by ``z``
+standard errors of what it is made of (default 3): the bracket then holds the exact value unless
+an estimate is more than z standard errors off.
+
+Exact samples come from rejection sampling with the reward's upper bound R (``Reward.upper_bound``:
+1 for Sentiment, 0 for constraints): it costs about exp(R/beta)/Z prior draws per sample, which is
+reported. Where no bound is known and no ``exact_samples`` are given, only the lower side exists
+and the result says so.
+
+Numerics: brackets are formed relative to a reference reward c per prompt (log Z - c/beta), so
+they stay exact wherever the samplers' own log Ẑ does; beyond |c/beta| = 1e12 float64 cannot
+resolve the subtraction and ``bounds`` refuses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from posterior.results import SampleResult
+
+MAX_SCALE = 1e12  # |c/beta| beyond which log Z - c/beta cannot be resolved in float64
+
+
+def mean_se(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard error of the mean over the last axis (float64; se 0 with one value)."""
+    x = x.double()
+    K = x.shape[-1]
+    se = x.std(-1, correction=1) / math.sqrt(K) if K > 1 else torch.zeros(x.shape[:-1], dtype=torch.float64)
+    return x.mean(-1), se
+
+
+def log_mean_exp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return torch.logsumexp(x.double(), dim) - math.log(x.shape[dim])
+
+
+def bracket(low: torch.Tensor, low_se: torch.Tensor, high: torch.Tensor, high_se: torch.Tensor, z: float) -> torch.Tensor:
+    """(P, 2): [low - z·low_se, high + z·high_se]."""
+    return torch.stack([low - z * low_se, high + z * high_se], -1)
+
+
+@dataclass
+class Bounds:
+    """Two-sided estimates of log Z and brackets on the KLs, per prompt (see the module docstring).
+
+    Every (P, 2) bracket is [low, high]; None where it cannot be formed (no exact samples: only
+    the lower side of log Z; no policy: no policy KLs)."""
+
+    method: str
+    n: int
+    repeats: int
+    z: float  # bracket ends moved outwards by z standard errors
+    log_Z_lower: torch.Tensor  # (P,) float64 mean over repeats of log Ẑ: E <= log Z
+    log_Z_lower_se: torch.Tensor  # (P,)
+    log_Z_upper: torch.Tensor | None  # (P,) float64 mean over repeats of conditional log Ẑ: E >= log Z
+    log_Z_upper_se: torch.Tensor | None
+    kl_prior: torch.Tensor | None  # (P, 2) bracket on KL(pi*||pi0)
+    kl_target_forward: torch.Tensor | None = None  # (P, 2) bracket on KL(pi*||q), with a policy
+    kl_target_reverse: torch.Tensor | None = None  # (P, 2) bracket on KL(q||pi*), with a policy
+    reward_mean: torch.Tensor | None = None  # (P,) E_pi*[r] from the exact samples
+    reward_mean_se: torch.Tensor | None = None
+    exact_draws_per_sample: torch.Tensor | None = None  # (P,) prior draws per exact sample (rejection)
+    exact_source: str = "none"  # "rejection (R=...)", "given", or why there are none
+    seconds: float = float("nan")
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gap(self) -> torch.Tensor | None:
+        """(P,) log_Z_upper - log_Z_lower: how far the two sides are from touching."""
+        return None if self.log_Z_upper is None else self.log_Z_upper - self.log_Z_lower
+
+    def rows(self) -> list[dict]:
+        """One dict per prompt, plain floats (None where undefined), for JSON and tables."""
+
+        def f(x, p, j=None):
+            if x is None:
+                return None
+            v = float(x[p] if j is None else x[p, j])
+            return v if math.isfinite(v) else None
+
+        out = []
+        for p in range(self.log_Z_lower.shape[0]):
+            out.append({
+                "log_Z_lower": f(self.log_Z_lower, p), "log_Z_lower_se": f(self.log_Z_lower_se, p),
+                "log_Z_upper": f(self.log_Z_upper, p), "log_Z_upper_se": f(self.log_Z_upper_se, p),
+                "kl_prior": [f(self.kl_prior, p, 0), f(self.kl_prior, p, 1)] if self.kl_prior is not None else None,
+                "kl_target_forward": None if self.kl_target_forward is None else [f(self.kl_target_forward, p, 0), f(self.kl_target_forward, p, 1)],
+                "kl_target_reverse": None if self.kl_target_reverse is None else [f(self.kl_target_reverse, p, 0), f(self.kl_target_reverse, p, 1)],
+                "exact_draws_per_sample": f(self.exact_draws_per_sample, p),
+            })  # fmt: skip
+        return out
+
+    def format_summary(self) -> str:
+        lines = [
+            f"bounds ({self.method}, n={self.n}, {self.repeats} repeats; brackets at ±{self.z:g} standard errors; "
+            f"exact samples: {self.exact_source}; {self.seconds:.1f} s)"
+        ]
+        for p, row in enumerate(self.rows()):
+
+            def num(v):
+                return "n/a" if v is None else f"{v:.4g}"
+
+            def br(b):
+                return "n/a" if b is None else f"[{num(b[0])}, {num(b[1])}]"
+
+            up = "none (no exact samples)" if row["log_Z_upper"] is None else f"{num(row['log_Z_upper'])} ± {num(row['log_Z_upper_se'])}"
+            lines.append(
+                f"  prompt {p}: log Z lower estimate {num(row['log_Z_lower'])} ± {num(row['log_Z_lower_se'])}, "
+                f"upper estimate {up}"
+            )
+            lines.append(f"    KL(pi*||pi0) in {br(row['kl_prior'])}")
+            if row["kl_target_forward"] is not None or row["kl_target_reverse"] is not None:
+                lines.append(f"    KL(pi*||q) in {br(row['kl_target_forward'])}, KL(q||pi*) in {br(row['kl_target_reverse'])}")
+            if row["exact_draws_per_sample"] is not None:
+                lines.append(f"    exact samples cost {num(row['exact_draws_per_sample'])} prior draws each (rejection)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _exact_samples(post, prompts, repeats, max_new_tokens, generator, exact_samples, reward_upper_bound):
+    """(result or None, R or None, source text): exact samples of pi*, at least ``repeats`` per prompt."""
+    from posterior.errors import check_real
+
+    P = 1 if prompts is None else len(prompts)
+    if exact_samples is not None:
+        if not isinstance(exact_samples, SampleResult) or not exact_samples.targets_posterior:
+            raise ValueError(f"exact_samples must be a SampleResult of exact samples of pi* (e.g. method='rejection'), got {exact_samples!r:.80}")
+        if exact_samples.method not in ("rejection",) and not exact_samples.info.get("exact", False):
+            raise ValueError(
+                f"exact_samples come from method {exact_samples.method!r}, whose samples are not exact draws of pi*; "
+                "use method='rejection', or mark a result of exact samples with info['exact'] = True"
+            )
+        if tuple(exact_samples.log_weights.shape) < (P, repeats) or exact_samples.log_weights.shape[0] != P:
+            raise ValueError(
+                f"exact_samples has shape {tuple(exact_samples.log_weights.shape)}; bounds needs {P} prompt(s) with "
+                f"at least repeats={repeats} samples each"
+            )
+        return exact_samples, None, "given"
+    R = reward_upper_bound if reward_upper_bound is not None else post.reward.upper_bound
+    if R is None:
+        return None, None, (
+            f"none: reward {post.reward.name} declares no upper bound (pass reward_upper_bound= or exact_samples=), "
+            "so only the lower side of log Z is estimated"
+        )
+    R = check_real("reward_upper_bound", R)
+    res = post.sample(
+        n=repeats, method="rejection", max_new_tokens=max_new_tokens, prompts=prompts, generator=generator, reward_upper_bound=R
+    )
+    return res, R, f"rejection (R={R:g})"
+
+
+def _check_scale(c: torch.Tensor, beta: float) -> None:
+    big = (c / beta).abs() > MAX_SCALE
+    if bool(big.any()):
+        p = int(big.nonzero()[0])
+        raise ValueError(
+            f"bounds: reward {float(c[p]):.6g} at beta={beta!r} gives |r/beta| = {abs(float(c[p]) / beta):.3g} > {MAX_SCALE:g}, "
+            "beyond which float64 cannot resolve log Z - r/beta; use a larger beta or rescale the reward"
+        )
+
+
+def bounds(
+    post,
+    *,
+    n: int,
+    repeats: int,
+    max_new_tokens: int,
+    prompts: Sequence[str] | str | None = None,
+    method: str = "smc",
+    exact_samples: SampleResult | None = None,
+    policy=None,
+    seed: int = 0,
+    z: float = 3.0,  # bracket ends moved outwards by z standard errors
+    reward_upper_bound: float | None = None,  # default: post.reward.upper_bound
+    **options,  # the sampler's options (SMC: twist, proposal, block_size, ess_threshold, ...)
+) -> Bounds:
+    """Two-sided estimates of log Z per prompt and the KL brackets they imply (module docstring).
+
+    Parameters
+    ----------
+    post : Posterior
+    n : int
+        Samples (IS) or particles (SMC) per run.
+    repeats : int >= 2
+        Independent runs of each side (and exact samples per prompt); standard errors are over them.
+    method : "smc" | "is"
+        The estimator whose two sides are formed.
+    exact_samples : SampleResult, optional
+        Exact samples of pi* (at least ``repeats`` per prompt); default: rejection sampling with the
+        reward's upper bound.
+    policy : Prior, optional
+        A model q over the same tokens: brackets on KL(pi*||q) and KL(q||pi*) too.
+
+    Returns
+    -------
+    Bounds
+    """
+    from posterior.errors import check_int, check_real
+    from posterior.posterior import Posterior, _check_prompts, _check_seed
+    from posterior.priors.base import Prior
+    from posterior.samplers.common import check_proposal, draw
+
+    if not isinstance(post, Posterior):
+        raise ValueError(f"bounds needs a posterior.Posterior, got {type(post).__name__}")
+    n = check_int("n", n, 1)
+    repeats = check_int("repeats", repeats, 2)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    z = check_real("z", z)
+    if z < 0:
+        raise ValueError(f"z must be >= 0, got {z!r}")
+    if method not in METHODS:
+        raise ValueError(f"bounds: method must be one of {sorted(METHODS)}, got {method!r}")
+    if method == "is" and options:
+        raise TypeError(f"bounds with method='is' takes no sampler options, got {sorted(options)}")
+    if policy is not None:
+        if not isinstance(policy, Prior):
+            raise ValueError(f"policy must be a posterior prior (a trained policy), got {type(policy).__name__}")
+        check_proposal(post.prior, policy)
+    prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
+    generator = torch.Generator(device=post.prior.device)
+    generator.manual_seed(_check_seed(seed))
+    beta = post.beta
+    t0 = time.perf_counter()
+    notes: list[str] = []
+
+    ex, R, source = _exact_samples(post, prompts, repeats, max_new_tokens, generator, exact_samples, reward_upper_bound)
+    lower, lower_rewards = METHODS[method].lower(post, prompts, n, repeats, max_new_tokens, generator, options)
+    # reference reward c per prompt: the bound where there is one, else the largest finite reward seen
+    seen = lower_rewards if ex is None else torch.cat([lower_rewards, ex.rewards.double()], -1)
+    seen = torch.where(torch.isfinite(seen), seen, -math.inf)
+    c = torch.full((seen.shape[0],), float(R), dtype=torch.float64) if R is not None else seen.max(-1).values
+    c = torch.where(torch.isfinite(c), c, 0.0)
+    _check_scale(c, beta)
+    L, L_se = mean_se(lower(c))  # (P,) log Ẑ - c/beta, over the K runs
+
+    U = U_se = kl_prior = fwd = rev = m = m_se = cost = None
+    if ex is not None:
+        ref = _first(ex, repeats)
+        upper = METHODS[method].upper(post, prompts, n, repeats, max_new_tokens, generator, options, ref)
+        U, U_se = mean_se(upper(c))
+        m, m_se = mean_se(ex.rewards.double())
+        rel = (m - c) / beta
+        kl_prior = bracket(rel - U, torch.hypot(m_se / beta, U_se), rel - L, torch.hypot(m_se / beta, L_se), z)
+        if "draws" in ex.info:
+            cost = ex.info["draws"].double() / ex.rewards.shape[1]
+    else:
+        notes.append(source)
+    if policy is not None:
+        d = draw(post, prompts, n * repeats, max_new_tokens, generator=generator, proposal=policy)
+        a, a_se = mean_se(d.log_q.double() - d.log_prior.double() - (d.rewards - c[:, None]) / beta)
+        if U is None:  # one side only: KL(q||pi*) >= a + L in expectation
+            rev = bracket(a + L, torch.hypot(a_se, L_se), torch.full_like(a, math.inf), torch.zeros_like(a), z)
+            notes.append("KL(q||pi*) has a lower end only, KL(pi*||q) none: no exact samples")
+        else:
+            rev = bracket(a + L, torch.hypot(a_se, L_se), a + U, torch.hypot(a_se, U_se), z)
+            log_q = policy.log_prob(policy.encode_prompts(prompts), ex.tokens, ex.lengths).double()
+            b, b_se = mean_se(ex.log_prior.double() + (ex.rewards.double() - c[:, None]) / beta - log_q)
+            fwd = bracket(b - U, torch.hypot(b_se, U_se), b - L, torch.hypot(b_se, L_se), z)
+    notes.append("each side is an estimate of a bound (mean over repeats), not a certain bound: see the standard errors")
+    return Bounds(
+        method=method, n=n, repeats=repeats, z=z,
+        log_Z_lower=L + c / beta, log_Z_lower_se=L_se,
+        log_Z_upper=None if U is None else U + c / beta, log_Z_upper_se=U_se,
+        kl_prior=kl_prior, kl_target_forward=fwd, kl_target_reverse=rev, reward_mean=m, reward_mean_se=m_se,
+        exact_draws_per_sample=cost, exact_source=source, seconds=time.perf_counter() - t0, notes=notes,
+    )  # fmt: skip
+
+
+def _first(res: SampleResult, k: int) -> SampleResult:
+    """The first k samples of each prompt of a result (the references of the k upper runs)."""
+    from dataclasses import replace
+
+    T = int(res.lengths[:, :k].max())
+    return replace(
+        res, texts=[row[:k] for row in res.texts], tokens=res.tokens[:, :k, :T], lengths=res.lengths[:, :k],
+        log_weights=res.log_weights[:, :k], rewards=res.rewards[:, :k], log_prior=res.log_prior[:, :k],
+    )  # fmt: skip
+
+
+# --- the estimators' two sides -------------------------------------------------------------------
+# Each side returns ``rel(c) -> (P, K)``: the K runs' log Ẑ - c/beta for a reference reward c (P,),
+# so that IS forms (r - c)/beta before exponentiating and stays exact at any scale.
+class _IS:
+    """Importance sampling from the prior: w = exp(r/beta)."""
+
+    @staticmethod
+    def lower(post, prompts, n, K, T, generator, options):
+        from posterior.samplers.common import draw
+
+        r = draw(post, prompts, n * K, T, generator=generator).rewards.double()  # (P, K·n)
+
+        def rel(c):
+            return log_mean_exp((r.view(r.shape[0], K, n) - c[:, None, None]) / post.beta)
+
+        return rel, r
+
+    @staticmethod
+    def upper(post, prompts, n, K, T, generator, options, ref: SampleResult):
+        from posterior.samplers.common import draw
+
+        r_star = ref.rewards.double()[..., None]  # (P, K, 1): one exact sample per run
+        if n > 1:
+            r = draw(post, prompts, (n - 1) * K, T, generator=generator).rewards.double()
+            r_star = torch.cat([r_star, r.view(r_star.shape[0], K, n - 1)], -1)  # (P, K, n)
+
+        def rel(c):
+            return log_mean_exp((r_star - c[:, None, None]) / post.beta)
+
+        return rel
+
+
+METHODS = {"is": _IS}

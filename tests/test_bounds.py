@@ -1,0 +1,99 @@
+"""Two-sided bounds (bidirectional Monte Carlo) against enumerated posteriors."""
+
+import math
+
+import pytest
+import torch
+
+import posterior as pst
+from posterior.exact import exact_posterior
+from posterior.testing import markov_prior, two_token_prior
+
+T = 3
+
+
+def count_a(texts):
+    return [float(t.count("a")) for t in texts]
+
+
+def reward(upper_bound=float(T)):
+    return pst.rewards.Callable(count_a, name="count_a", upper_bound=upper_bound)
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+@pytest.mark.parametrize("prior", [two_token_prior(), markov_prior(seed=3)], ids=["two_token", "markov"])
+def test_is_sides_bracket_the_exact_log_Z_over_seeds(prior, beta):
+    post = pst.Posterior(prior, reward(), beta=beta)
+    exact = exact_posterior(prior, post.reward, beta, T)
+    b = pst.bounds(post, n=4, repeats=400, max_new_tokens=T, method="is", seed=1)
+    lo, up = b.log_Z_lower.item(), b.log_Z_upper.item()
+    # E[lower] <= log Z <= E[upper], each within 3 standard errors
+    assert lo - 3 * b.log_Z_lower_se.item() <= exact.log_Z <= up + 3 * b.log_Z_upper_se.item()
+    # the sides are genuinely on their sides here (n = 4 is far from the limit)
+    assert lo < exact.log_Z < up
+    assert b.kl_prior[0, 0].item() <= exact.kl <= b.kl_prior[0, 1].item()
+
+
+def test_is_gap_shrinks_as_n_grows():
+    post = pst.Posterior(markov_prior(seed=3), reward(), beta=0.5)
+    gaps = [pst.bounds(post, n=n, repeats=100, max_new_tokens=T, method="is", seed=2).gap.item() for n in (2, 16, 128)]
+    assert gaps[0] > gaps[1] > gaps[2] > 0
+    assert gaps[2] < 0.1 * gaps[0]
+
+
+def test_a_constant_reward_closes_the_bracket_exactly():
+    """q = pi0 = pi*: every weight equals exp(c/beta), both sides are log Z = c/beta exactly."""
+    post = pst.Posterior(two_token_prior(), pst.rewards.Callable(lambda ts: [1.0] * len(ts), upper_bound=1.0), beta=0.25)
+    b = pst.bounds(post, n=3, repeats=5, max_new_tokens=T, method="is", seed=0)
+    assert b.log_Z_lower.item() == pytest.approx(4.0, abs=1e-12)
+    assert b.log_Z_upper.item() == pytest.approx(4.0, abs=1e-12)
+    assert b.kl_prior[0].tolist() == pytest.approx([0.0, 0.0], abs=1e-12)
+
+
+def test_policy_kl_brackets_contain_the_exact_kls():
+    prior = markov_prior(seed=3)
+    post = pst.Posterior(prior, reward(), beta=0.5)
+    exact = exact_posterior(prior, post.reward, 0.5, T)
+    q = markov_prior(seed=7)  # another model over the same tokens
+    exact_q = exact_posterior(q, pst.rewards.Callable(lambda ts: [0.0] * len(ts)), 1.0, T)  # q's own distribution
+    lq = dict(zip(exact_q.sequences, exact_q.log_prior.tolist()))
+    lp = dict(zip(exact.sequences, exact.log_posterior.tolist()))
+    kl_fwd = sum(math.exp(lp[s]) * (lp[s] - lq[s]) for s in lp)
+    kl_rev = sum(math.exp(lq[s]) * (lq[s] - lp[s]) for s in lq)
+    b = pst.bounds(post, n=8, repeats=200, max_new_tokens=T, method="is", policy=q, seed=4)
+    assert b.kl_target_forward[0, 0].item() <= kl_fwd <= b.kl_target_forward[0, 1].item()
+    assert b.kl_target_reverse[0, 0].item() <= kl_rev <= b.kl_target_reverse[0, 1].item()
+    assert b.kl_prior[0, 0].item() <= exact.kl <= b.kl_prior[0, 1].item()
+
+
+def test_without_an_upper_bound_only_the_lower_side_is_given_and_said():
+    post = pst.Posterior(two_token_prior(), pst.rewards.Callable(count_a), beta=0.5)
+    b = pst.bounds(post, n=4, repeats=4, max_new_tokens=T, method="is")
+    assert b.log_Z_upper is None and b.kl_prior is None
+    assert "declares no upper bound" in b.format_summary()
+
+
+def test_rejection_cost_is_reported_per_exact_sample():
+    post = pst.Posterior(two_token_prior(), reward(), beta=0.5)
+    b = pst.bounds(post, n=2, repeats=50, max_new_tokens=T, method="is", seed=0)
+    # acceptance probability is Z exp(-R/beta): draws per sample about exp(R/beta)/Z
+    expected = math.exp(T / 0.5 - exact_posterior(post.prior, post.reward, 0.5, T).log_Z)
+    assert b.exact_draws_per_sample.item() == pytest.approx(expected, rel=0.35)
+    assert "prior draws each" in b.format_summary()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"repeats": 1}, "repeats"),
+        ({"n": 0}, "n"),
+        ({"method": "bon"}, "method"),
+        ({"z": -1.0}, "z"),
+        ({"policy": 3}, "policy"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(kw, match):
+    post = pst.Posterior(two_token_prior(), reward(), beta=0.5)
+    args = {"n": 2, "repeats": 2, "max_new_tokens": T, "method": "is", **kw}
+    with pytest.raises(ValueError, match=match):
+        pst.bounds(post, **args)

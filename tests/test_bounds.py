@@ -97,3 +97,45 @@ def test_bad_arguments_are_refused_naming_them(kw, match):
     args = {"n": 2, "repeats": 2, "max_new_tokens": T, "method": "is", **kw}
     with pytest.raises(ValueError, match=match):
         pst.bounds(post, **args)
+
+
+def test_compare_with_bounds_brackets_every_row_and_contains_the_exact_values(tmp_path):
+    from posterior.train.policy import policy_from
+
+    prior = markov_prior(seed=3)
+    post = pst.Posterior(prior, reward(), beta=0.5)
+    exact = exact_posterior(prior, post.reward, 0.5, T)
+    policy = policy_from(prior, max_new_tokens=T)  # tabular, at pi0: its KLs are exact by enumeration
+    rep = pst.compare(post, methods=["is", "bon", "rejection"], policies={"q": policy}, n=16, max_new_tokens=T,
+                      seed=0, bounds=True, bounds_repeats=64)  # fmt: skip
+    is_row, bon, rej, q = (rep.row(k) for k in ("is", "bon", "rejection", "q"))
+    for row in (is_row, rej):
+        lo, hi = row["kl_prior_bracket"]
+        assert lo <= exact.kl <= hi
+        assert row["log_Z_bracket"][0] <= exact.log_Z <= row["log_Z_bracket"][1]
+    assert rej["bracket_from"] == "is"
+    assert bon["kl_prior_bracket"] == [0.0, bon["kl_prior"]]
+    lo, hi = q["kl_target_forward_bracket"]
+    assert lo <= q["kl_target_forward"] <= hi  # q's row is exact (enumerable), the bracket estimated
+    lo, hi = q["kl_target_reverse_bracket"]
+    assert lo <= q["kl_target_reverse"] <= hi
+    beta, U = rep.bound_line
+    assert beta == 0.5 and U >= exact.log_Z
+    assert not any(r.get("flag", "").startswith("above") for r in rep.rows)
+    text = rep.format_table()
+    assert "brackets [low, high]" in text and "KL(pi*|q)" in text
+    assert rep.plot(tmp_path / "f.png").stat().st_size > 10_000
+
+
+def test_a_point_above_the_bound_line_is_flagged_not_drawn_as_better_than_optimal():
+    from posterior.compare.report import _flag_rows
+
+    rows = [
+        {"name": "ok", "kl_prior": 1.0, "reward_mean": 0.5, "reward_mean_se": 0.01, "bracket_z": 3.0,
+         "kl_prior_bracket": [0.5, 1.5], "estimates": ["reward_mean", "kl_prior"]},
+        {"name": "bad", "kl_prior": 0.2, "reward_mean": 2.0, "reward_mean_se": 0.01, "bracket_z": 3.0,
+         "kl_prior_bracket": [0.1, 0.3], "estimates": ["reward_mean", "kl_prior"]},
+    ]  # fmt: skip
+    _flag_rows(rows, [], False, (0.5, 1.0), [])  # reward <= 0.5 (KL + 1)
+    assert "flag" not in rows[0]
+    assert rows[1]["flag"].startswith("above the bound line")

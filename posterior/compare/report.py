@@ -20,6 +20,17 @@ Every row is measured on the same prompts, with the same number of decoded seque
 On an enumerable prior (a ``CallablePrior`` whose support has at most ``exact_limit`` sequences)
 the policy rows and the frontier are exact (computed by enumeration), and each row's
 ``estimates`` lists the fields that are estimates.
+
+Brackets (``bounds=True``, :mod:`posterior.diagnostics.bounds`). One rejection run gives exact
+samples of pi*, shared by every row. IS and SMC rows get their own two-sided estimates of log Z
+and the bracket they imply on KL(pi*‖pi0) (``log_Z_bracket``, ``kl_prior_bracket``); other rows
+that target pi* get the IS bracket; best-of-k gets [0, its bound]; policies get brackets on
+KL(pi*‖q) and KL(q‖pi*) and KL(q‖pi0) ± z standard errors. The upper side also bounds the frontier:
+for every q, E_q[r] <= beta·(KL(q‖pi0) + log Z) (the frontier's tangent at pi*), so with log Z's
+upper end U this *bound line* lies above every achievable point. A row whose point is above it,
+even at the generous ends of its brackets, is flagged (``flag``): its estimates are wrong, not
+better than optimal; a row above the estimated frontier curve but under the line is flagged as
+within the band.
 """
 
 from __future__ import annotations
@@ -59,6 +70,44 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+BRACKET_KEYS = ("kl_prior_bracket", "kl_target_forward_bracket", "kl_target_reverse_bracket", "log_Z_bracket")
+BRACKET_LABELS = ("KL(.|pi0)", "KL(pi*|q)", "KL(q|pi*)", "log Z")
+
+
+def _fmt_bracket(b) -> str:
+    def one(v):
+        return "inf" if v == math.inf else ("-inf" if v == -math.inf else f"{v:.4g}")
+
+    return f"[{one(b[0])}, {one(b[1])}]"
+
+
+def _row_xs(rows) -> list[float]:
+    return [r["kl_prior_bracket"][1] if r.get("kl_prior_bracket") else r["kl_prior"] for r in rows
+            if isinstance(r.get("kl_prior"), float) and math.isfinite(r["kl_prior"])
+            and (not r.get("kl_prior_bracket") or math.isfinite(r["kl_prior_bracket"][1]))]  # fmt: skip
+
+
+def _interp(pts: list[FrontierPoint], x: float) -> float:
+    """The frontier curve's reward at KL x (linear between points sorted by KL; flat beyond them)."""
+    if x <= pts[0].kl_prior:
+        return pts[0].reward_mean
+    for a, b in zip(pts, pts[1:]):
+        if x <= b.kl_prior:
+            t = 0.0 if b.kl_prior == a.kl_prior else (x - a.kl_prior) / (b.kl_prior - a.kl_prior)
+            return a.reward_mean + t * (b.reward_mean - a.reward_mean)
+    return pts[-1].reward_mean
+
+
+def _weighted_se(log_weights: torch.Tensor, values: torch.Tensor) -> float:
+    """Standard error of the prompts' mean of self-normalised means sum w̄ v (delta method:
+    Var ≈ sum w̄² (v - mean)² per prompt), 0-weight entries ignored."""
+    w = log_weights.double().exp()
+    v = torch.where(w > 0, values.double(), 0.0)
+    m = (w * v).sum(-1, keepdim=True)
+    var = (w.square() * (v - m).square()).sum(-1)  # (P,)
+    return float(var.sum().sqrt() / var.shape[0])
+
+
 def _num(x):
     if x is None:
         return None
@@ -79,6 +128,7 @@ class ComparisonReport:
     frontier: list[FrontierPoint]
     frontier_exact: bool
     notes: list[str] = field(default_factory=list)
+    bound_line: tuple[float, float] | None = None  # (beta, log Z upper end): reward <= beta (KL + U)
 
     def row(self, name: str) -> dict:
         for r in self.rows:
@@ -93,6 +143,7 @@ class ComparisonReport:
             "rows": [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows],
             "frontier": [{**p._asdict(), "beta": _num(p.beta), "reward_mean": _num(p.reward_mean)} for p in self.frontier],
             "frontier_exact": self.frontier_exact, "notes": self.notes,
+            "bound_line": None if self.bound_line is None else {"beta": self.bound_line[0], "log_Z_upper": self.bound_line[1]},
         }  # fmt: skip
 
     def format_table(self) -> str:
@@ -113,6 +164,13 @@ class ComparisonReport:
                 f"{f(r['kl_target_reverse'], 10)}{f(r['log_Z'])}{f(r.get('ess'), 7)}{f(r['distinct_2'], 8)}{f(r['seconds'], 8)}"
                 f"{f(r['forward_tokens'], 8)}  est: {','.join(r['estimates']) or 'none'}"
             )
+        bracketed = [r for r in self.rows if any(r.get(k) is not None for k in BRACKET_KEYS)]
+        if bracketed:
+            lines.append("brackets [low, high] (each end an estimate of a bound, moved out by its standard errors):")
+            for r in bracketed:
+                parts = [f"{label} {_fmt_bracket(r.get(k))}" for k, label in zip(BRACKET_KEYS, BRACKET_LABELS) if r.get(k) is not None]
+                flag = f"  <- {r['flag']}" if r.get("flag") else ""
+                lines.append(f"  {r['name']:<12} " + "  ".join(parts) + flag)
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -136,6 +194,16 @@ class ComparisonReport:
         if at_beta:
             ax.plot([at_beta[0].kl_prior], [at_beta[0].reward_mean], "*", color="0.3", markersize=12,
                     label=f"pi* at beta={self.beta:g}")  # fmt: skip
+        if self.bound_line is not None and not self.frontier_exact:  # reward <= beta (KL + U) for every q
+            b, U = self.bound_line
+            xs = [0.0] + [p.kl_prior for p in pts] + [max([p.kl_prior for p in pts] + _row_xs(self.rows)) * 1.1 + 0.1]
+            xs = sorted(set(x for x in xs if math.isfinite(x)))
+            top = [b * (x + U) for x in xs]
+            ax.plot(xs, top, ":", color="0.45", label=f"bound line: reward <= {b:g}·(KL + {U:.3g})")
+            curve = [_interp(pts, x) for x in xs]
+            ax.fill_between(xs, curve, top, color="0.85", alpha=0.6, label="frontier band (estimate .. bound line)")
+            lo = min([p.reward_mean for p in pts] + [r["reward_mean"] for r in self.rows if isinstance(r["reward_mean"], float)])
+            ax.set_ylim(bottom=lo - 0.05 * abs(lo) - 0.05, top=max(max(curve), max(r["reward_mean"] or lo for r in self.rows)) + 0.15)
         markers = {"sampler": "o", "policy": "s"}
         for i, r in enumerate(self.rows):
             x, y = r["kl_prior"], r["reward_mean"]
@@ -143,9 +211,17 @@ class ComparisonReport:
                 continue
             est = [e for e in ("kl_prior", "reward_mean") if e in r["estimates"]]
             kind = " (KL bound)" if r.get("kl_prior_kind") == "bound" else (" (est.)" if est else " (exact)")
+            if r.get("flag"):
+                kind += " [" + r["flag"].split(":")[0] + "]"
             color = f"C{i % 10}"
             ax.plot([x], [y], markers.get(r["kind"], "o"), color=color, markersize=8,
                     markerfacecolor="none" if est else color, label=f"{r['name']}{kind}")  # fmt: skip
+            xb = r.get("kl_prior_bracket")
+            yse = r.get("reward_mean_se") if "reward_mean" in r["estimates"] else None
+            if xb is not None or yse is not None:
+                xerr = None if xb is None else [[max(0.0, x - xb[0])], [max(0.0, xb[1] - x)]]
+                yerr = None if yse is None else [[r["bracket_z"] * yse], [r["bracket_z"] * yse]]
+                ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="none", ecolor=color, elinewidth=1, capsize=3)
         ax.set_xlabel("KL(· ‖ pi0)  [nats]")
         ax.set_ylabel("mean reward")
         ax.set_title(title or f"reward vs KL to the prior: {self.reward}, beta={self.beta:g}, n={self.n}")
@@ -179,6 +255,7 @@ def _sampler_row(post, method, *, n, max_new_tokens, prompts, seed, options, gen
         outputs = max(1, n // k)  # n decoded sequences in all, as the other methods
     res = post.sample(n=outputs, method=method, max_new_tokens=max_new_tokens, prompts=prompts, seed=seed, **opts)
     row = {"name": method, "kind": "sampler", "reward_mean": float(res.reward_mean().mean()),
+           "reward_mean_se": _weighted_se(res.log_weights, res.rewards), "targets_posterior": res.targets_posterior,
            "kl_target_forward": None, "kl_target_reverse": None, "seconds": float(res.seconds),
            "estimates": ["reward_mean"]}  # fmt: skip
     kl = res.kl()
@@ -205,6 +282,14 @@ def _sampler_row(post, method, *, n, max_new_tokens, prompts, seed, options, gen
         row["forward_tokens"] = lengths
     row["options"] = {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool))}
     return row
+
+
+def _plain_se(x: torch.Tensor) -> float | None:
+    """Standard error of the prompts' mean of per-prompt means of (P, N) values."""
+    x = x.double()
+    if x.shape[1] < 2 or not bool(torch.isfinite(x).all()):
+        return None
+    return float(x.var(-1, correction=1).div(x.shape[1]).sum().sqrt() / x.shape[0])
 
 
 def _enumerable(prior, policy, max_new_tokens, prompts, limit) -> bool:
@@ -267,6 +352,7 @@ def _policy_row(post, name, policy, *, n, max_new_tokens, prompts, generator, ex
         "seconds": seconds, "forward_tokens": int(cont.lengths.sum()),
         "ess": float(stats.ess.mean()),
         "estimates": ["reward_mean", "kl_prior", "kl_target_forward", "kl_target_reverse", "log_Z"],
+        "reward_mean_se": _plain_se(r), "kl_prior_se": _plain_se(log_q - log_pi0),
     }  # fmt: skip
     if exact:
         row.update(_exact_policy_values(post, policy, max_new_tokens, prompts))
@@ -287,6 +373,9 @@ def compare(
     frontier_betas: Sequence[float] | None = None,  # default: default_betas(post.beta)
     frontier_n: int | None = None,  # prior draws per prompt for an estimated frontier (default max(4n, 64))
     exact_limit: int = 20_000,  # largest support enumerated for exact policy values and frontier
+    bounds: bool = False,  # two-sided brackets for every row and the bound line (module doc)
+    bounds_repeats: int = 8,  # independent runs of each side (and exact samples per prompt)
+    bounds_z: float = 3.0,  # bracket ends moved outwards by this many standard errors
 ) -> ComparisonReport:
     """Compare samplers of ``post`` and trained policies on the same prompts; see the module doc.
 
@@ -341,13 +430,100 @@ def compare(
         notes.append(f"frontier estimated by reweighting {m} prior draws per prompt (KL at most log {m} = {math.log(m):.2f})")
     if any(r.get("kl_prior_kind") == "bound" for r in rows):
         notes.append("best-of-k KL(.||pi0) is the bound log k - (k-1)/k")
+    bound_line = None
+    if bounds:
+        bound_line = _attach_brackets(rows, post, policies, n=n, max_new_tokens=max_new_tokens, prompts=prompts, seed=seed,
+                                      method_options=method_options, repeats=bounds_repeats, z=bounds_z, notes=notes)  # fmt: skip
+        _flag_rows(rows, frontier, frontier_exact, bound_line, notes)
     for r in rows:
         for k in ROW_KEYS:
             r.setdefault(k, None)
     return ComparisonReport(
         beta=post.beta, reward=post.reward.name, prompts=prompts, n=n, max_new_tokens=max_new_tokens, rows=rows,
-        frontier=frontier, frontier_exact=frontier_exact, notes=notes,
+        frontier=frontier, frontier_exact=frontier_exact, notes=notes, bound_line=bound_line,
     )  # fmt: skip
+
+
+def _mean_bracket(b: torch.Tensor | None) -> list[float] | None:
+    """(P, 2) per-prompt brackets -> the bracket of the prompts' mean."""
+    return None if b is None else [float(b[:, 0].mean()), float(b[:, 1].mean())]
+
+
+def _attach_brackets(rows, post, policies, *, n, max_new_tokens, prompts, seed, method_options, repeats, z, notes):
+    """Brackets on every row (module doc); returns the bound line (beta, U) or None."""
+    from posterior.diagnostics import bounds as B
+    from posterior.errors import check_int, check_real
+
+    repeats = check_int("bounds_repeats", repeats, 2)
+    z = check_real("bounds_z", z)
+    R = post.reward.upper_bound
+    exact = None
+    if R is not None:
+        exact = post.sample(n=repeats, method="rejection", max_new_tokens=max_new_tokens, prompts=prompts,
+                            seed=derive_seed(seed, "compare exact samples"), reward_upper_bound=R)  # fmt: skip
+        cost = float(exact.info["draws"].double().mean() / repeats)
+        notes.append(f"brackets: {repeats} exact samples of pi* per prompt by rejection (R={R:g}), {cost:.3g} prior draws each")
+    else:
+        notes.append(f"brackets: reward {post.reward.name} declares no upper bound: lower sides of log Z only, no KL(pi*||.) brackets")
+    cache: dict[str, B.Bounds] = {}
+
+    def run(method, **kw):
+        key = method + repr(sorted(kw.items(), key=lambda kv: kv[0]))
+        if key not in cache:
+            cache[key] = B.bounds(post, n=n, repeats=repeats, max_new_tokens=max_new_tokens, prompts=prompts,
+                                  method=method, exact_samples=exact, seed=derive_seed(seed, f"bounds {method}"), z=z, **kw)  # fmt: skip
+        return cache[key]
+
+    uppers = []
+    for r in rows:
+        r["bracket_z"] = z
+        if r["kind"] == "sampler":
+            if r.get("kl_prior_kind") == "bound":  # best-of-k: KL in [0, log k - (k-1)/k] exactly
+                r["kl_prior_bracket"] = [0.0, r["kl_prior"]]
+                continue
+            if not r.get("targets_posterior", True):
+                continue
+            own = r["name"] in B.METHODS
+            opts = {k: v for k, v in method_options.get(r["name"], {}).items()} if r["name"] == "smc" else {}
+            b = run(r["name"], **opts) if own else run("is")
+            r["bracket_from"] = r["name"] if own else "is"
+            lower = (b.log_Z_lower - z * b.log_Z_lower_se).mean()
+            upper = None if b.log_Z_upper is None else (b.log_Z_upper + z * b.log_Z_upper_se).mean()
+            r["log_Z_bracket"] = [float(lower), math.inf if upper is None else float(upper)]
+            r["kl_prior_bracket"] = _mean_bracket(b.kl_prior)
+            if upper is not None:
+                uppers.append(float(upper))
+        else:
+            b = run("is", policy=policies[r["name"]])
+            r["bracket_from"] = "is"
+            r["kl_target_forward_bracket"] = _mean_bracket(b.kl_target_forward)
+            r["kl_target_reverse_bracket"] = _mean_bracket(b.kl_target_reverse)
+            se = r.get("kl_prior_se") if r["estimates"] else 0.0
+            if se is not None:
+                r["kl_prior_bracket"] = [r["kl_prior"] - z * se, r["kl_prior"] + z * se]
+            if b.log_Z_upper is not None:
+                uppers.append(float((b.log_Z_upper + z * b.log_Z_upper_se).mean()))
+    return (post.beta, min(uppers)) if uppers else None
+
+
+def _flag_rows(rows, frontier, frontier_exact, bound_line, notes):
+    """Flag rows whose point is impossible for the true values (above the bound line or, when it is
+    exact, above the frontier) even at the generous ends of their brackets."""
+    pts = sorted((p for p in frontier if math.isfinite(p.kl_prior) and math.isfinite(p.reward_mean)), key=lambda p: p.kl_prior)
+    for r in rows:
+        x, y = r.get("kl_prior"), r.get("reward_mean")
+        if not (isinstance(x, float) and isinstance(y, float) and math.isfinite(x) and math.isfinite(y)):
+            continue
+        x_hi = r["kl_prior_bracket"][1] if r.get("kl_prior_bracket") else x
+        y_lo = y - r["bracket_z"] * (r.get("reward_mean_se") or 0.0) if "reward_mean" in r["estimates"] else y
+        if bound_line is not None and y_lo > bound_line[0] * (x_hi + bound_line[1]) + 1e-12:
+            r["flag"] = "above the bound line: its estimates are off (no distribution reaches that point)"
+        elif pts and frontier_exact and y_lo > _interp(pts, x_hi) + 1e-9:
+            r["flag"] = "above the exact frontier: its estimates are off"
+        elif pts and not frontier_exact and y > _interp(pts, x):
+            r["flag"] = "in the band: above the estimated frontier curve, under the bound line"
+    if any(r.get("flag", "").startswith("above") for r in rows):
+        notes.append("flagged rows lie where no distribution can: read their numbers as estimation error")
 
 
 def save_json(report: ComparisonReport, path: str | Path) -> Path:

@@ -160,10 +160,12 @@ def rejection_sampling(
     max_new_tokens: int,
     generator,
     progress: bool = False,
-    reward_upper_bound: float | None = None,  # R >= r(x) for every x (required)
+    reward_upper_bound: float | None = None,  # R >= r(x) for every x (default: the reward's upper_bound)
     batch_size: int | None = None,  # prior draws per prompt per round (default n)
     max_draws: int | None = None,  # per prompt, before giving up with an error (default 1000·n)
 ):
+    if reward_upper_bound is None:
+        reward_upper_bound = post.reward.upper_bound
     if reward_upper_bound is None:
         raise ValueError(
             "rejection sampling needs a finite reward_upper_bound >= every reward, got None "

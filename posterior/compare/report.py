@@ -217,7 +217,7 @@ class ComparisonReport:
             ax.plot([x], [y], markers.get(r["kind"], "o"), color=color, markersize=8,
                     markerfacecolor="none" if est else color, label=f"{r['name']}{kind}")  # fmt: skip
             xb = r.get("kl_prior_bracket")
-            yse = r.get("reward_mean_se") if "reward_mean" in r["estimates"] else None
+            yse = r.get("reward_mean_se") if "reward_mean" in r["estimates"] and "bracket_z" in r else None
             if xb is not None or yse is not None:
                 xerr = None if xb is None else [[max(0.0, x - xb[0])], [max(0.0, xb[1] - x)]]
                 yerr = None if yse is None else [[r["bracket_z"] * yse], [r["bracket_z"] * yse]]

@@ -139,3 +139,20 @@ def test_a_point_above_the_bound_line_is_flagged_not_drawn_as_better_than_optima
     _flag_rows(rows, [], False, (0.5, 1.0), [])  # reward <= 0.5 (KL + 1)
     assert "flag" not in rows[0]
     assert rows[1]["flag"].startswith("above the bound line")
+
+
+def test_cli_compare_with_bounds_prints_brackets(model_dir, capsys):
+    import json
+
+    from posterior.cli import main
+
+    code = main(["compare", "hello", "--model", model_dir, "--reward", "sentiment", "--beta", "1", "--methods", "is,bon",
+                 "-n", "4", "--max-new-tokens", "4", "--option", "bon.best_of=2", "--bounds", "--bounds-repeats", "3",
+                 "--json", "--quiet"])  # fmt: skip
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    is_row = rows[0]
+    lo, hi = is_row["kl_prior_bracket"]
+    assert lo <= hi and is_row["log_Z_bracket"][0] <= is_row["log_Z_bracket"][1]
+    assert rows[-1]["bound_line"]["beta"] == 1.0
+    assert any("exact samples of pi*" in n for n in rows[-1]["notes"])

@@ -41,6 +41,9 @@ def add_parser(subparsers):
     p.add_argument("--option", type=_method_option, action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method option, e.g. bon.best_of=4 or smc.ess_threshold=0.5 (repeatable)")
     p.add_argument("--plot", default=None, help="write the reward-KL frontier PNG here")
+    p.add_argument("--bounds", action="store_true",
+                   help="two-sided brackets beside every row (exact samples by rejection; see pst.bounds)")
+    p.add_argument("--bounds-repeats", type=int, default=8, help="independent runs of each side of a bracket")
     options.add_output_options(p)
     options.add_model_options(p)
     return p
@@ -54,6 +57,7 @@ def check(args) -> tuple[list[str], dict, dict]:
     options.check_model(args, command="posterior compare")
     options.check_posterior(args)
     check_int("n", args.n, 2)
+    check_int("--bounds-repeats", args.bounds_repeats, 2)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods and not args.policy:
         raise ValueError(f"--methods {args.methods!r} names no method (and no --policy is given): "
@@ -97,7 +101,8 @@ def run(args) -> int:
                             f"max_new_tokens={args.max_new_tokens}")  # fmt: skip
         try:
             rep = pst.compare(post, methods=methods, policies=policies, n=args.n, max_new_tokens=args.max_new_tokens,
-                              prompts=args.prompts or None, seed=args.seed, method_options=method_options)  # fmt: skip
+                              prompts=args.prompts or None, seed=args.seed, method_options=method_options,
+                              bounds=args.bounds, bounds_repeats=args.bounds_repeats)  # fmt: skip
         except TypeError as e:  # a sampler's option of the wrong kind
             raise ValueError(str(e)) from e
     # The comparison exists: print it before the plot, which may still fail.

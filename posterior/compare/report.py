@@ -108,6 +108,15 @@ def _weighted_se(log_weights: torch.Tensor, values: torch.Tensor) -> float:
     return float(var.sum().sqrt() / var.shape[0])
 
 
+def _json_value(v):
+    """Floats through :func:`_num` (non-finite ones as strings), brackets element by element."""
+    if isinstance(v, float):
+        return _num(v)
+    if isinstance(v, list) and v and all(isinstance(x, float) for x in v):
+        return [_num(x) for x in v]
+    return v
+
+
 def _num(x):
     if x is None:
         return None
@@ -140,7 +149,7 @@ class ComparisonReport:
         return {
             "beta": self.beta, "reward": self.reward, "prompts": self.prompts, "n": self.n,
             "max_new_tokens": self.max_new_tokens,
-            "rows": [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows],
+            "rows": [{k: _json_value(v) for k, v in r.items()} for r in self.rows],
             "frontier": [{**p._asdict(), "beta": _num(p.beta), "reward_mean": _num(p.reward_mean)} for p in self.frontier],
             "frontier_exact": self.frontier_exact, "notes": self.notes,
             "bound_line": None if self.bound_line is None else {"beta": self.bound_line[0], "log_Z_upper": self.bound_line[1]},

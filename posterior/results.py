@@ -138,6 +138,7 @@ _PER_PROMPT = {  # (P,) entries of res.info: label and explanation
     "log_bound": ("log B", "QRS bound on the log-weights (exact pi* where every weight is below it)"),
     "r_hat": ("R-hat", "split R-hat of the reward traces (about 1 once the chains have mixed)"),
     "mcmc_ess": ("MCMC ESS", "autocorrelation effective sample size of the kept reward traces"),
+    "moved": ("moved", "fraction of particle Gibbs sweeps that picked a new trajectory (its acceptance rate)"),
 }
 
 

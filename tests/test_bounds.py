@@ -156,3 +156,31 @@ def test_cli_compare_with_bounds_prints_brackets(model_dir, capsys):
     assert lo <= hi and is_row["log_Z_bracket"][0] <= is_row["log_Z_bracket"][1]
     assert rows[-1]["bound_line"]["beta"] == 1.0
     assert any("exact samples of pi*" in n for n in rows[-1]["notes"])
+
+
+@pytest.mark.parametrize("twist", ["auto", None], ids=["twisted", "untwisted"])
+def test_smc_sides_bracket_the_exact_log_Z(twist):
+    prior = markov_prior(seed=3)
+    post = pst.Posterior(prior, pst.rewards.Callable(count_a, accepts_prefixes=True, upper_bound=float(T)), beta=0.5)
+    exact = exact_posterior(prior, post.reward, 0.5, T)
+    b = pst.bounds(post, n=4, repeats=150, max_new_tokens=T, method="smc", seed=1, twist=twist)
+    assert b.log_Z_lower.item() - 3 * b.log_Z_lower_se.item() <= exact.log_Z
+    assert exact.log_Z <= b.log_Z_upper.item() + 3 * b.log_Z_upper_se.item()
+    assert b.log_Z_lower.item() < b.log_Z_upper.item()
+    assert b.kl_prior[0, 0].item() <= exact.kl <= b.kl_prior[0, 1].item()
+
+
+def test_smc_gap_closes_with_the_optimal_twist():
+    """With psi* and the tilted proposal every weight, the reference's included, is Z: both sides
+    equal log Z in every run (to the float32 precision of the toy's log-probabilities)."""
+    from test_twists import OptimalDenseTwist, score
+
+    prior = markov_prior()
+    reward = pst.rewards.Callable(score, accepts_prefixes=True, upper_bound=4.0)
+    post = pst.Posterior(prior, reward, beta=2.0)  # rejection at R = 4 accepts often enough
+    exact = exact_posterior(prior, reward, 2.0, 4)
+    twist = OptimalDenseTwist(prior, reward, 2.0, 4)
+    b = pst.bounds(post, n=4, repeats=3, max_new_tokens=4, method="smc", seed=0, twist=twist, proposal="tilted")
+    assert b.log_Z_lower.item() == pytest.approx(exact.log_Z, abs=1e-6)
+    assert b.log_Z_upper.item() == pytest.approx(exact.log_Z, abs=1e-6)
+    assert abs(b.gap.item()) < 1e-6

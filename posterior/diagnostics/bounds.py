@@ -342,4 +342,48 @@ class _IS:
         return rel
 
 
-METHODS = {"is": _IS}
+class _SMC:
+    """SMC (any twist, proposal, block size): its own log Ẑ below; conditional SMC above, with
+    the exact sample as the retained reference particle (the engine's ``reference`` hook), which
+    needs multinomial resampling (the engine's conditional scheme). Both sides use the same
+    resampling so that they bracket the same estimator."""
+
+    @staticmethod
+    def _options(options):
+        opts = dict(options)
+        if opts.setdefault("resampling", "multinomial") != "multinomial":
+            raise ValueError(
+                f"bounds with method='smc' resamples multinomially (conditional SMC has no {opts['resampling']!r} "
+                "version here); drop the resampling option"
+            )
+        return opts
+
+    @staticmethod
+    def lower(post, prompts, n, K, T, generator, options):
+        opts = _SMC._options(options)
+        runs = [post.sample(n=n, method="smc", max_new_tokens=T, prompts=prompts, generator=generator, **opts) for _ in range(K)]
+        log_Z = torch.stack([r.log_Z for r in runs], -1)  # (P, K) absolute: the sampler's own
+        rewards = torch.cat([r.rewards.double() for r in runs], -1)
+
+        def rel(c):
+            return log_Z - c[:, None] / post.beta
+
+        return rel, rewards
+
+    @staticmethod
+    def upper(post, prompts, n, K, T, generator, options, ref: SampleResult):
+        opts = _SMC._options(options)
+        log_Z = []
+        for k in range(K):
+            reference = (ref.tokens[:, k], ref.lengths[:, k])  # (P, T'), (P,): one exact sample per prompt
+            res = post.sample(n=n, method="smc", max_new_tokens=T, prompts=prompts, generator=generator, reference=reference, **opts)
+            log_Z.append(res.log_Z)
+        log_Z = torch.stack(log_Z, -1)
+
+        def rel(c):
+            return log_Z - c[:, None] / post.beta
+
+        return rel
+
+
+METHODS = {"is": _IS, "smc": _SMC}

@@ -1,0 +1,102 @@
+"""Particle Gibbs chains against enumerated posteriors (the kernel leaves pi* invariant)."""
+
+import math
+
+import pytest
+import torch
+
+import posterior as pst
+from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
+from posterior.samplers import smc_model
+from posterior.testing import SequencePrior, markov_prior
+
+from conftest import tv_tolerance
+
+T = 3
+BETA = 0.5
+
+
+def count_a(texts):
+    return [float(t.count("a")) for t in texts]
+
+
+def pooled_chains_tv(res, exact) -> float:
+    keys = [k for row in sequence_keys(res.tokens, res.lengths) for k in row]
+    return total_variation(empirical(keys), exact.prob())
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+@pytest.mark.parametrize("twist", ["auto", None], ids=["twisted", "untwisted"])
+@pytest.mark.parametrize("sequence_level", [False, True], ids=["stepwise", "sequence"])
+def test_chains_match_the_enumerated_posterior(block_size, twist, sequence_level):
+    toy = markov_prior(seed=3)
+    prior = SequencePrior(toy) if sequence_level else toy
+    reward = pst.rewards.Callable(count_a, accepts_prefixes=True)
+    post = pst.Posterior(prior, reward, beta=BETA)
+    exact = exact_posterior(toy, reward, BETA, T)
+    n = 600
+    res = post.sample(n=n, method="pgibbs", max_new_tokens=T, seed=7, particles=4, steps=6, twist=twist, block_size=block_size)
+    assert res.log_Z is None and res.log_weights.shape == (1, n)
+    # n independent chains: their final states are n draws of pi* after burn-in
+    assert pooled_chains_tv(res, exact) < tv_tolerance(exact.prob().values(), n)
+    assert 0.0 < float(res.info["moved"][0]) <= 1.0
+
+
+def test_tilted_proposal_and_several_prompts():
+    prior = markov_prior(vocab=("a", "b", "c", "<eos>"), seed=5)
+    reward = pst.rewards.Callable(count_a, accepts_prefixes=True)
+    post = pst.Posterior(prior, reward, beta=BETA)
+    exact = exact_posterior(prior, reward, BETA, T, "b")
+    res = post.sample(n=600, method="pgibbs", max_new_tokens=T, prompts=["b", "c"], seed=3, particles=3, steps=6, proposal="tilted")
+    keys = sequence_keys(res.tokens, res.lengths)[0]
+    assert total_variation(empirical(keys), exact.prob()) < tv_tolerance(exact.prob().values(), 600)
+    assert res.info["r_hat"].shape == (2,) and res.info["mcmc_ess"].shape == (2,)
+
+
+def test_a_reference_weighted_by_its_whole_trajectory_breaks_exactness(monkeypatch):
+    """its_hub#54: the reference weighted by its full trajectory's twist while the free particles
+    carry their prefixes'. The same test as above must catch it (so it can fail)."""
+    toy = markov_prior(seed=3)
+    reward = pst.rewards.Callable(lambda ts: [3.0 * t.count("a") for t in ts], accepts_prefixes=True)
+    post = pst.Posterior(toy, reward, beta=BETA)
+    exact = exact_posterior(toy, reward, BETA, T)
+    propose = smc_model.TokenModel.propose
+
+    def broken(self, state, rows, *, forced, generator):
+        move = propose(self, state, rows, forced=forced, generator=generator)
+        if forced is None or not bool(forced.rows.any()):
+            return move
+        # the reference's potential: the twist of its WHOLE trajectory, not of its prefix
+        ref = state.carry  # unused; the reference tokens are what forced holds from here on
+        full = reference_texts[0]
+        r = reward([full])[0].item()
+        pot = move.potential.clone()
+        inc = move.log_increment.clone()
+        sel = forced.rows & ~move.ended
+        inc[sel] = inc[sel] + (r - pot[sel]) / BETA
+        pot[sel] = r
+        return move._replace(potential=pot, log_increment=inc)
+
+    reference_texts = [""]
+    from posterior.samplers import pgibbs as pg
+
+    sweep = pg.sweep
+
+    def tracking_sweep(model_of, rows, cfg, reference, **kw):
+        if reference is not None:
+            reference_texts[0] = toy.decode([v for v in reference.tokens[0, : int(reference.lengths[0])].tolist() if v not in toy.eos_token_ids])
+        return sweep(model_of, rows, cfg, reference, **kw)
+
+    monkeypatch.setattr(smc_model.TokenModel, "propose", broken)
+    monkeypatch.setattr(pg, "sweep", tracking_sweep)
+    n = 600
+    res = post.sample(n=n, method="pgibbs", max_new_tokens=T, seed=7, particles=2, steps=6, ess_threshold=1.0)
+    tv = pooled_chains_tv(res, exact)
+    assert tv > tv_tolerance(exact.prob().values(), n)
+
+
+def test_bad_options_are_refused_naming_them():
+    post = pst.Posterior(markov_prior(), pst.rewards.Callable(count_a), beta=BETA)
+    for kw, match in [({"particles": 0}, "particles"), ({"steps": 0}, "steps"), ({"steps": 4, "burn_in": 4}, "burn_in")]:
+        with pytest.raises(ValueError, match=match):
+            post.sample(n=2, method="pgibbs", max_new_tokens=T, **kw)

@@ -29,7 +29,8 @@ Brackets on the KLs follow from log pi*(x) = log pi0(x) + r(x)/beta - log Z:
 with L, U the two sides, m and b means over the exact samples and a a mean over q's own draws.
 Each side is an estimate of a bound, not a bound, so every bracket end is moved outwards by ``z``
 standard errors of what it is made of (default 3): the bracket then holds the exact value unless
-an estimate is more than z standard errors off.
+an estimate is more than z standard errors off. A low end below 0 is raised to 0 (a KL is never
+negative).
 
 Exact samples come from rejection sampling with the reward's upper bound R (``Reward.upper_bound``:
 1 for Sentiment, 0 for constraints): it costs about exp(R/beta)/Z prior draws per sample, which is
@@ -68,8 +69,8 @@ def log_mean_exp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def bracket(low: torch.Tensor, low_se: torch.Tensor, high: torch.Tensor, high_se: torch.Tensor, z: float) -> torch.Tensor:
-    """(P, 2): [low - z·low_se, high + z·high_se]."""
-    return torch.stack([low - z * low_se, high + z * high_se], -1)
+    """(P, 2) bracket on a KL: [max(0, low - z·low_se), high + z·high_se] (a KL is never negative)."""
+    return torch.stack([(low - z * low_se).clamp(min=0.0), high + z * high_se], -1)
 
 
 @dataclass

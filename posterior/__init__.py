@@ -6,7 +6,7 @@ draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward s
 
 from posterior import rewards, train
 from posterior.compare import compare
-from posterior.errors import DegenerateWeightsError
+from posterior.errors import CheckpointError, DegenerateWeightsError
 from posterior.generate import GenerateOutput, generate
 from posterior.posterior import Posterior
 from posterior.priors import CallablePrior, HFPrior, Prior, VLLMPrior, load_default_prior
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallablePrior",
+    "CheckpointError",
     "DegenerateWeightsError",
     "GenerateOutput",
     "HFPrior",

@@ -24,6 +24,16 @@ class DegenerateWeightsError(ValueError):
         self.rows = list(rows or [])
 
 
+class CheckpointError(ValueError):
+    """Saved training state that cannot be used: a missing, empty, truncated, garbage or foreign
+    checkpoint or policy file, or a path of the wrong kind. The message is one line naming the
+    path and what is wrong (the CLI prints it and exits 2); ``path`` is that path."""
+
+    def __init__(self, message: str, path=None):
+        super().__init__(message)
+        self.path = path
+
+
 def _unwrap(value):
     """A one-element torch tensor as its Python scalar; anything else unchanged."""
     import torch
@@ -115,4 +125,4 @@ def check_hf_model(model, tokenizer) -> None:
         raise ValueError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}: {str(tokenizer)[:80]!r}")
 
 
-__all__ = ["DegenerateWeightsError", "as_plain", "check_device", "check_hf_model", "check_int", "check_real", "is_int", "is_real"]
+__all__ = ["CheckpointError", "DegenerateWeightsError", "as_plain", "check_device", "check_hf_model", "check_int", "check_real", "is_int", "is_real"]

@@ -124,12 +124,14 @@ def load_file(path: Path, what: str = "checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # foreign objects (classes, code) the tensors-only loader refuses
-        raise CheckpointError(f"{what} {path} is not a posterior {what}: it holds objects other than tensors ({_first_line(e)})", path) from None
+        # (torch's own text suggests weights_only=False, i.e. running code from the file: not repeated)
+        raise CheckpointError(f"{what} {path} is not a posterior {what}: it holds objects other than tensors and plain data", path) from None
     except (OSError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError) as e:
-        raise CheckpointError(f"{what} {path} is truncated or not a torch file ({type(e).__name__}: {_first_line(e)})", path) from None
+        raise CheckpointError(f"{what} {path} is truncated or not a torch file ({type(e).__name__}: {first_line(e)})", path) from None
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """An exception's first line (at most 160 characters): a one-line error a user can read."""
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:160]
 

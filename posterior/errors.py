@@ -1,15 +1,13 @@
-"""Errors raised for bad input, and the checks at the boundary that raise them.
+"""Errors raised for bad input, and the device / model checks that raise them.
 
-Every error is a ``ValueError`` (or subclass) that names the bad value. The checks accept what
-Python code passes for a number in practice: Python ints and floats, numpy scalars (``np.int64``,
-``np.float32``, ...) and one-element torch tensors of an integer / floating dtype; ``bool`` is
-never a number here (``n=True`` is a mistake, not 1).
+Every error is a ``ValueError`` (or subclass) that names the bad value. The argument checks
+(numbers, probabilities, seeds, choices) live in :mod:`posterior.validate`; their old names are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
+from posterior.validate import as_plain, check_int, check_real, is_int, is_real  # noqa: F401 (re-exported)
 
 
 class DegenerateWeightsError(ValueError):
@@ -32,64 +30,6 @@ class CheckpointError(ValueError):
     def __init__(self, message: str, path=None):
         super().__init__(message)
         self.path = path
-
-
-def _unwrap(value):
-    """A one-element torch tensor as its Python scalar; anything else unchanged."""
-    import torch
-
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
-        if value.dtype == torch.bool:
-            return bool(value.item())
-        return value.item()
-    return value
-
-
-def is_int(value) -> bool:
-    """An integer that is not a bool (numpy and one-element torch integers included)."""
-    value = _unwrap(value)
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
-
-
-def is_real(value) -> bool:
-    """A real number that is not a bool (numpy and one-element torch numbers included)."""
-    value = _unwrap(value)
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
-
-
-def check_int(name: str, value, minimum: int | None = None) -> int:
-    """``value`` as a Python int, or ``ValueError`` naming ``name`` and the value."""
-    what = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
-    if not is_int(value) or (minimum is not None and int(_unwrap(value)) < minimum):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(_unwrap(value))
-
-
-def check_real(name: str, value, *, positive: bool = False, finite: bool = True) -> float:
-    """``value`` as a Python float, or ``ValueError`` naming ``name`` and the value."""
-    ok = is_real(value)
-    out = float(_unwrap(value)) if ok else math.nan
-    if not ok or math.isnan(out) or (finite and not math.isfinite(out)) or (positive and out <= 0):
-        kind = "a finite number" if finite else "a number"
-        raise ValueError(f"{name} must be {kind}{' > 0' if positive else ''}, got {value!r}")
-    return out
-
-
-def as_plain(value):
-    """numpy / one-element torch scalars as Python int, float or bool; other values unchanged
-    (so method options given as ``np.int64(8)`` reach every sampler as ``8``)."""
-    v = _unwrap(value)
-    if type(v).__name__ == "bool_":
-        return bool(v)
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, numbers.Integral) and not isinstance(v, int):
-        return int(v)
-    if isinstance(v, numbers.Real) and not isinstance(v, float) and not isinstance(v, int):
-        return float(v)
-    if v is not value and isinstance(v, (int, float)):  # a torch scalar unwrapped
-        return v
-    return value
 
 
 def check_device(device):

@@ -23,9 +23,9 @@ from typing import Sequence
 import torch
 
 from posterior.diagnostics.tilt import reward_shift, scaled
-from posterior.errors import check_real
 from posterior.priors.base import Prior
 from posterior.rewards.base import as_reward
+from posterior.validate import check_real
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from posterior.diagnostics.weights import log_weight_stats
 from posterior.posterior import Posterior, _check_prompts
 from posterior.samplers.common import check_proposal
 from posterior.samplers.registry import sampler_options
+from posterior.validate import check_int
 
 ROW_KEYS = ("name", "kind", "reward_mean", "kl_prior", "kl_target_forward", "kl_target_reverse", "log_Z",
             "distinct_2", "seconds", "forward_tokens")  # fmt: skip
@@ -304,10 +305,8 @@ def compare(
     """
     if not isinstance(post, Posterior):
         raise ValueError(f"post must be a posterior.Posterior, got {type(post).__name__}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int >= 2, got {n!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    n = check_int("n", n, 2)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     methods = list(methods)
     policies = dict(policies or {})
     method_options = dict(method_options or {})

@@ -13,6 +13,7 @@ import torch
 
 from posterior.rewards.base import Reward
 from posterior.rewards.encoding import encoded_batches
+from posterior.validate import check_int
 
 OUTPUTS = ("log_prob", "logit")
 
@@ -46,8 +47,7 @@ class Classifier(Reward):
                  device=None, max_length: int | None = None, accepts_prefixes: bool = False):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         if isinstance(model_or_path, (str, os.PathLike)):
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

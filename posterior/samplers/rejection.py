@@ -45,10 +45,11 @@ from tqdm.auto import tqdm
 from posterior.diagnostics.qrs import qrs_estimates
 from posterior.diagnostics.tilt import kl_estimate, relative_log_weights, reward_shift, scaled
 from posterior.diagnostics.weights import log_weight_stats
-from posterior.errors import DegenerateWeightsError, check_int, check_real
+from posterior.errors import DegenerateWeightsError
 from posterior.priors.base import Continuations, Prior
 from posterior.samplers.common import draw, make_result, prompt_name, uniform_log_weights
 from posterior.samplers.registry import register_sampler
+from posterior.validate import check_int, check_real
 
 DRAWS_PER_SAMPLE = 1000  # default max_draws = DRAWS_PER_SAMPLE · n per prompt
 

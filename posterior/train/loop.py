@@ -64,6 +64,7 @@ from posterior.samplers.common import check_proposal
 from posterior.train import checkpoint as ckpt
 from posterior.train.objectives import get_objective
 from posterior.train.policy import Policy
+from posterior.validate import SEED_MAX, check_bool, check_choice, check_int, check_real, check_seed
 
 FORMAT = 1  # checkpoint payload version
 RANK_SEED_STRIDE = 1_000_003
@@ -90,11 +91,6 @@ class TrainRun:
     @property
     def final(self) -> dict:
         return self.metrics[-1] if self.metrics else {}
-
-
-def _positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _num(x):
@@ -176,18 +172,16 @@ def fit(
         raise ValueError(f"policy must come from posterior.train.policy_from, got {type(policy).__name__}")
     check_proposal(post.prior, policy)
     obj = get_objective(objective)
-    _positive_int("steps", steps)
-    _positive_int("batch_size", batch_size, 2 if obj.on_policy else 1)
-    _positive_int("max_new_tokens", max_new_tokens)
-    _positive_int("checkpoint_every", checkpoint_every)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
-    if distill_method not in ("smc", "is"):
-        raise ValueError(f"distill_method must be 'smc' or 'is', got {distill_method!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    # numpy / torch scalars as Posterior.sample takes them; negative seeds refused as there
+    steps = check_int("steps", steps, 1)
+    batch_size = check_int("batch_size", batch_size, 2 if obj.on_policy else 1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
+    lr = check_real("lr", lr, positive=True)
+    max_grad_norm = None if max_grad_norm is None else check_real("max_grad_norm", max_grad_norm, positive=True)
+    distill_method = check_choice("distill_method", distill_method, ("smc", "is"))
+    distill_resample = check_bool("distill_resample", distill_resample)
+    seed = check_seed("seed", seed)
     prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
     allow_changes = _check_allow_changes(allow_changes)
     if checkpoint_dir is not None:
@@ -209,7 +203,7 @@ def fit(
     if accelerator is not None:
         optimizer = accelerator.prepare_optimizer(optimizer)
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed + RANK_SEED_STRIDE * rank)
+    generator.manual_seed((seed + RANK_SEED_STRIDE * rank) % (SEED_MAX + 1))  # wraps: seeds go up to 2**64 - 1
     log_Z = torch.zeros(P, dtype=torch.float64)  # running log Ẑ per prompt (meaningless while count == 0)
     count = torch.zeros(P, dtype=torch.float64)  # samples behind it
 

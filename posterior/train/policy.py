@@ -34,6 +34,7 @@ from posterior.priors.base import DecodeState, Prior, StepwisePrior, budgets_per
 from posterior.priors.callable import CallablePrior
 from posterior.priors.hf import HFPrior
 from posterior.train.checkpoint import first_line, load_file
+from posterior.validate import check_int, check_optional_int
 
 TABULAR_FILE = "tabular_policy.pt"
 MAX_TABLE_ENTRIES = 50_000_000  # logits in a tabular policy (prompts x prefixes x vocab)
@@ -221,8 +222,7 @@ class TabularPolicy(StepwisePrior, Policy):
     """
 
     def __init__(self, prior: CallablePrior, max_new_tokens: int, *, prompts: Sequence[str] | None = None):
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"a tabular policy needs max_new_tokens, a positive int; got {max_new_tokens!r}")
+        max_new_tokens = check_int("a tabular policy's max_new_tokens", max_new_tokens, 1)
         self.base = prior
         self.max_new_tokens = max_new_tokens
         self.prompts = None if prompts is None else list(prompts)
@@ -444,15 +444,13 @@ def policy_from(
     """
     if isinstance(prior, Policy):
         raise ValueError(f"prior is already a trainable policy ({type(prior).__name__}); pass the original prior")
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
+    max_new_tokens = check_optional_int("max_new_tokens", max_new_tokens, 1)
     if isinstance(prior, HFPrior):
         if prompts is not None:
             raise ValueError("prompts= applies to tabular policies (CallablePrior) only; an HF policy covers every prompt")
         if lora_rank is None:
             return _full_policy(prior, max_new_tokens)
-        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
-            raise ValueError(f"lora_rank must be a positive int or None (full copy), got {lora_rank!r}")
+        lora_rank = check_int("lora_rank", lora_rank, 1)
         return _lora_policy(prior, lora_rank, alpha=lora_alpha, target_modules=target_modules,
                             max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     if isinstance(prior, CallablePrior):

@@ -52,6 +52,22 @@ def check_device(device):
     return dev
 
 
+def bidirectional_encoder(config) -> str | None:
+    """Why a transformers config is not a causal LM (None if it is one): encoder families (BERT,
+    RoBERTa, ...) carry ``is_decoder=False``; AutoModelForCausalLM still loads them as an "LM head"
+    that attends both ways and keeps no KV cache."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "is_decoder", True) is False:
+        kind = getattr(text, "model_type", type(text).__name__)
+        return (
+            f"{kind!r} is a bidirectional encoder (config.is_decoder=False), not a left-to-right language model; "
+            "use a decoder-only model (GPT-2, Llama, SmolLM2, ...)"
+        )
+    if getattr(text, "is_encoder_decoder", False):
+        return f"{getattr(text, 'model_type', type(text).__name__)!r} is an encoder-decoder model; use a decoder-only model"
+    return None
+
+
 def check_hf_model(model, tokenizer) -> None:
     """``HFPrior(model, tokenizer)`` takes a loaded causal LM and its tokenizer, in that order."""
     import torch
@@ -61,8 +77,10 @@ def check_hf_model(model, tokenizer) -> None:
             "model must be a loaded transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(path)), "
             f"got {type(model).__name__}: {str(model)[:80]!r}; to load from a folder use HFPrior.from_pretrained(path)"
         )
+    if not_causal := bidirectional_encoder(model.config):
+        raise ValueError(f"model {type(model).__name__} is not a causal LM: {not_causal}")
     if not (callable(getattr(tokenizer, "decode", None)) and callable(getattr(tokenizer, "get_vocab", None))):
         raise ValueError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}: {str(tokenizer)[:80]!r}")
 
 
-__all__ = ["CheckpointError", "DegenerateWeightsError", "as_plain", "check_device", "check_hf_model", "check_int", "check_real", "is_int", "is_real"]
+__all__ = ["CheckpointError", "DegenerateWeightsError", "bidirectional_encoder", "as_plain", "check_device", "check_hf_model", "check_int", "check_real", "is_int", "is_real"]

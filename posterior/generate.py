@@ -263,6 +263,7 @@ def _id_prompts(prior: Prior, ids: torch.Tensor, mask, pad: int):
     if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty LongTensor (P, L), got {ids.dtype} {tuple(ids.shape)}")
     ids = ids.long().cpu()
+    implied = mask is None
     if mask is None:  # model.generate's rule: pad tokens mark padding unless pad is also EOS
         mask = ids != pad if pad not in prior.eos_token_ids and bool((ids == pad).any()) else torch.ones_like(ids)
     mask = torch.as_tensor(mask).cpu()
@@ -270,7 +271,18 @@ def _id_prompts(prior: Prior, ids: torch.Tensor, mask, pad: int):
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids shape {tuple(ids.shape)}")
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"attention_mask must hold 0 and 1, got values {sorted(set(mask.unique().tolist()))}")
-    rows = [ids[i][mask[i].bool()].tolist() for i in range(ids.shape[0])]
+    on = mask.bool()
+    ones_before = on.long().cumsum(-1) > 0  # (P, L) a prompt token at or before this position
+    ones_after = on.flip(-1).long().cumsum(-1).flip(-1) > 0  # (P, L) ... at or after it
+    inside = ~on & ones_before & ones_after  # (P, L) a 0 between prompt tokens: not padding
+    if bool(inside.any()):
+        i, j = inside.nonzero()[0].tolist()
+        raise ValueError(
+            f"input row #{i}: attention_mask has a 0 at position {j}, between prompt tokens; only padding (at the "
+            "left, or the right) may be masked, since a masked prompt token would be dropped from the prompt"
+            + (" (no attention_mask was given: positions equal to pad_token_id count as padding)" if implied else "")
+        )
+    rows = [ids[i][on[i]].tolist() for i in range(ids.shape[0])]
     for i, r in enumerate(rows):
         if not r:
             raise ValueError(f"input row #{i} has no tokens under its attention mask")

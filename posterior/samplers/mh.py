@@ -71,7 +71,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from posterior.diagnostics.mcmc import finite_mean, reward_trace_diagnostics
+from posterior.diagnostics.mcmc import finite_mean, reward_trace_diagnostics, too_short
 from posterior.priors.base import Continuations, DecodeState, Extension, Prior, StepwisePrior, decode_rows
 from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts
@@ -565,6 +565,8 @@ def metropolis_hastings(
         info["acceptance_rate_suffix"] = _rate((acc * ~indep).sum((0, 2)), (~indep).double().sum((0, 2)))
     info["r_hat"] = r_hat
     info["mcmc_ess"] = mcmc_ess
+    for key, why in too_short(len(kept), steps=steps, burn_in=burn_in, thin=thin).items():
+        info[key], info[f"{key}_note"] = None, why  # undefined for every prompt: say why, not NaN
     info["reward_trace"] = finite_mean(trace, 1)  # (P, S + 1) mean finite reward over chains
     if return_chains:
         info["chains"] = MHChains(

@@ -89,9 +89,12 @@ def check_real(
     bad = bad or (minimum is not None and out < minimum) or (maximum is not None and out > maximum)
     if bad:
         kind = "a finite number" if finite else "a number"
-        bounds = [" > 0" if positive else ""]
-        bounds += [f" >= {minimum:g}" if minimum is not None else "", f" <= {maximum:g}" if maximum is not None else ""]
-        raise ValueError(f"{name} must be {kind}{''.join(bounds)}, got {value!r}")
+        if minimum is not None and maximum is not None:
+            bounds = f" in [{minimum:g}, {maximum:g}]"
+        else:
+            bounds = " > 0" if positive else ""
+            bounds += f" >= {minimum:g}" if minimum is not None else f" <= {maximum:g}" if maximum is not None else ""
+        raise ValueError(f"{name} must be {kind}{bounds}, got {value!r}")
     return out
 
 

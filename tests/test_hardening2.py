@@ -226,3 +226,135 @@ def test_damaged_training_state_load_policy_on_missing_empty_or_damaged_folders(
     _damage(saved / "adapter_model.safetensors", "garbage")
     with pytest.raises(CheckpointError, match="cannot be loaded"):
         load_policy(hf, saved)
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Consistency: one validator module; errors before work, naming the value
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [np.int64(3), np.int32(3), torch.tensor(3), 3])
+def test_consistency_one_validator_module_accepts_numpy_and_torch_scalars_and_refuses_bools(value):
+    from posterior.validate import check_int, check_prob, check_real, check_seed
+
+    assert check_int("k", value, 1) == 3 and type(check_int("k", value, 1)) is int
+    assert check_real("x", value, positive=True) == 3.0 and check_seed("seed", value) == 3
+    for bad in (True, np.bool_(True), torch.tensor(True)):
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            check_int("k", bad, 1)
+        with pytest.raises(ValueError, match="x must be a finite number"):
+            check_real("x", bad)
+    assert check_prob("w", np.float32(0.25)) == 0.25
+    with pytest.raises(ValueError, match=r"w must be a finite number in \[0, 1\], got 1.5"):
+        check_prob("w", 1.5)
+
+
+def test_consistency_one_validator_module_fit_takes_numpy_scalars_and_refuses_negative_seeds_as_sample_does():
+    """fit refused np.int64 steps that Posterior.sample accepts for n, and took seed=-1 that sample refuses."""
+    prior = two_token_prior()
+    post = pst.Posterior(prior, count_a(), beta=np.float64(1.0))
+    run = fit(post, policy_from(prior, max_new_tokens=T), objective="dpg", steps=np.int64(2), batch_size=np.int32(4),
+              lr=np.float32(0.1), max_new_tokens=torch.tensor(T), seed=np.uint64(2**64 - 1))  # fmt: skip
+    assert len(run.metrics) == 2 and run.config["batch_size"] == 4 and type(run.config["lr"]) is float
+    for seed in (-1, 2**64, True):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+            post.sample(n=2, max_new_tokens=T, seed=seed)
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+            fit(post, policy_from(prior, max_new_tokens=T), objective="dpg", steps=1, batch_size=4, lr=0.1,
+                max_new_tokens=T, seed=seed)  # fmt: skip
+
+
+def test_consistency_one_validator_module_compare_refuses_empty_methods_non_policies_and_best_of_above_n():
+    """methods=[] gave an empty table; policies={'x': 3} an AttributeError; best_of=8 with n=4
+    silently decoded 8 sequences per prompt where every other row decoded 4."""
+    post = pst.Posterior(two_token_prior(), count_a(), beta=1.0)
+    with pytest.raises(ValueError, match="nothing to compare"):
+        pst.compare(post, methods=[], n=4, max_new_tokens=T)
+    with pytest.raises(ValueError, match=r"policies\['x'\] must be a policy .*got int"):
+        pst.compare(post, methods=["is"], policies={"x": 3}, n=4, max_new_tokens=T)
+    with pytest.raises(ValueError, match=r"method 'bon': best_of=8 exceeds n=4"):
+        pst.compare(post, methods=["is", "bon"], n=4, max_new_tokens=T, method_options={"bon": {"best_of": 8}})
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        pst.compare(post, methods=["is", "nope"], n=4, max_new_tokens=T)
+    rep = pst.compare(post, methods="is", n=4, max_new_tokens=T)  # one name, not the letters of it
+    assert [r["name"] for r in rep.rows] == ["is"]
+
+
+def test_consistency_one_validator_module_generate_refuses_a_zero_inside_the_attention_mask():
+    """A 0 between prompt tokens silently dropped that token from the prompt."""
+    prior = tiny_hf_prior("llama")
+    model, tok = prior.model, prior.tokenizer
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    with pytest.raises(ValueError, match=r"input row #1: attention_mask has a 0 at position 2, between prompt tokens"):
+        pst.generate(model, tok, ids, attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]]), reward=count_a(),
+                     beta=0.5, max_new_tokens=2)  # fmt: skip
+    out = pst.generate(model, tok, ids, attention_mask=torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), reward=count_a(),
+                       beta=0.5, n=2, max_new_tokens=2)  # left padding is still padding  # fmt: skip
+    assert out.sequences.shape[0] == 4
+
+
+def test_consistency_one_validator_module_bert_folder_is_not_a_causal_lm(tmp_path):
+    """An encoder folder loaded as a cache-less BertLMHeadModel and failed mid-sampling with
+    "cannot gather rows of a NoneType cache"."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from posterior.priors.hf import HFPrior
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForMaskedLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is not a causal LM: 'bert' is a bidirectional encoder"):
+        HFPrior.from_pretrained(str(tmp_path))
+
+
+def test_consistency_one_validator_module_classifier_refuses_a_folder_without_a_classification_head(tmp_path):
+    """Classifier(<a causal LM folder>) scored with a randomly initialised head."""
+    from posterior.rewards import Classifier
+
+    prior = tiny_hf_prior("llama")
+    prior.model.save_pretrained(tmp_path)
+    prior.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is not a sequence classifier checkpoint: its classification head \['score"):
+        Classifier(str(tmp_path), label=0)
+
+
+def test_consistency_one_validator_module_mh_summary_says_why_r_hat_is_undefined():
+    """One kept state per chain printed a bare NaN for R-hat."""
+    post = pst.Posterior(two_token_prior(), count_a(), beta=1.0)
+    res = post.sample(n=4, method="mh", max_new_tokens=T, seed=0, steps=2, burn_in=1)
+    assert res.info["r_hat"] is None and "split R-hat needs >= 4 kept states per chain; this run kept 1" in res.info["r_hat_note"]
+    text = res.format_summary()
+    assert "NaN" not in text and "R-hat          undefined   split R-hat needs >= 4 kept states per chain" in text
+    assert res.summary()["r_hat"] is None
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. The default model cache is verified against the record written with it
+# --------------------------------------------------------------------------------------------------
+def test_default_model_cache_prefilled_or_altered_is_refused(tmp_path, monkeypatch):
+    """A cache folder pre-filled by someone else was loaded without a check."""
+    from posterior.priors import default as D
+
+    monkeypatch.setenv("POSTERIOR_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    # a folder at the cache path with weights and a done.json but no record (an old or foreign cache)
+    st = gguf.stat()
+    key = D.hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{D.CACHE_FORMAT}".encode()).hexdigest()[:16]
+    folder = D.cache_dir() / f"{gguf.stem}-{key}"
+    folder.mkdir(parents=True)
+    weights = folder / D.WEIGHTS
+    weights.write_bytes(np.random.default_rng(0).bytes(3 << 20))
+    (folder / "done.json").write_text('{"gguf": "x", "size": 1}')
+    with pytest.raises(CheckpointError, match="has no integrity record"):
+        D._converted(gguf)  # never reaches the conversion
+    # with its record, it verifies; any change to the weights or the GGUF file is refused
+    D.write_record(folder, gguf, D.sha256_file(gguf))
+    assert D._converted(gguf) == folder
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1  # inside the header MiB (the tensor index)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"does not match its record: model.safetensors differs"):
+        D._converted(gguf)
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match=r"model.safetensors has \d+ bytes, \d+ were written"):
+        D._converted(gguf)
+    with pytest.raises(CheckpointError, match="made from another GGUF file"):
+        D.verify_cache(folder, "0" * 64)

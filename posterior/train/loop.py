@@ -287,6 +287,12 @@ def fit(
         bar.close()
         if mfile is not None:
             mfile.close()
+    if not bool(torch.isfinite(log_Z).all()):  # DPG took every step without a sample of positive weight
+        p = int((~torch.isfinite(log_Z)).nonzero()[0])
+        raise ValueError(
+            f"{obj.name}: by step {steps} no sample of prompt {p} has had positive posterior weight (every reward -inf), "
+            "so nothing was trained; increase batch_size or steps, or relax the constraint"
+        )
     return TrainRun(
         objective=obj.name, steps=steps, metrics=metrics, log_Z=log_Z, resumed_from=start if start else None,
         seconds=time.perf_counter() - t0, checkpoint_dir=directory, metrics_path=mpath, config=config,
@@ -387,24 +393,32 @@ def _on_policy_step(post, policy, obj, prompt_ids, q_ids, N, max_new_tokens, gen
     log_w = log_pi0 + rewards / beta - lq  # (P, N) log pi0 e^{r/beta} / q
     stats = log_weight_stats(log_w)
     log_Z, count = _update_log_Z(log_Z, count, stats.log_mean + math.log(N), N)
-    if not bool(torch.isfinite(log_Z).all()):
-        # Every objective needs some sample with pi* > 0: f-DPG for log Z, DPG for its weights
-        # (with none, its step has no gradient and every KL metric is NaN).
-        p = int((~torch.isfinite(log_Z)).nonzero()[0])
-        raise ValueError(
-            f"{obj.name}, step {step}: no sample of prompt {p} has had positive posterior weight yet (every reward "
-            "-inf), so there is nothing to fit and log Z has no estimate; increase batch_size or relax the constraint"
+    undefined = ~torch.isfinite(log_Z)  # (P,) prompts none of whose samples has had pi* > 0 yet
+    if bool(undefined.any()):
+        p = int(undefined.nonzero()[0])
+        if obj.uses_log_Z:  # f-DPG cannot take a step without log Z
+            raise ValueError(
+                f"{obj.name}, step {step}: no sample of prompt {p} has had positive posterior weight yet (every reward "
+                "-inf), so log Z has no estimate; increase batch_size or relax the constraint"
+            )
+        # DPG: such a prompt gives no gradient (c = 0) until a sample satisfies the constraint, which
+        # a rare constraint needs a few steps for; fit raises at the end if none ever does.
+        warnings.warn(
+            f"{obj.name}: no sample of some prompt has had positive posterior weight yet (every reward -inf): it gives "
+            "no gradient and no KL / log Z estimate until one does",
+            stacklevel=3,
         )
     dev = log_q.device
     loss, info = obj.loss(log_q, log_pi0.to(dev), rewards.to(dev), beta, log_Z=log_Z.to(dev) if obj.uses_log_Z else None)
     w = stats.log_weights.exp()  # (P, N) normalised
     fwd = torch.where(w > 0, w * log_w, torch.zeros((), dtype=torch.float64)).sum(-1) - log_Z  # (P,)
     rev = (-log_w).mean(-1) + log_Z
+    est = (lambda x: None) if bool(undefined.any()) else (lambda x: _num(_mean(x)))  # noqa: E731 (undefined: None, not "nan")
     row = {
         "loss": float(loss.detach()), "samples": "policy", "reward_mean": _num(_mean(rewards)),
-        "kl_prior": _num(_mean(lq - log_pi0)), "kl_target_forward": _num(_mean(fwd)), "kl_target_reverse": _num(_mean(rev)),
-        "ess": _num(_mean(stats.ess)), "log_Z": _num(_mean(log_Z)), "log_Z_batch": _num(_mean(stats.log_mean)),
-        "pseudo_reward_mean": _num(_mean(info.pseudo_reward.cpu())),
+        "kl_prior": _num(_mean(lq - log_pi0)), "kl_target_forward": est(fwd), "kl_target_reverse": est(rev),
+        "ess": est(stats.ess), "log_Z": est(log_Z), "log_Z_batch": _num(_mean(stats.log_mean)),
+        "pseudo_reward_mean": est(info.pseudo_reward.cpu()),
         "zero_weight_prompts": int(stats.degenerate.sum()),  # prompts whose batch has no sample with pi* > 0
     }  # fmt: skip
     return loss, row, log_Z, count

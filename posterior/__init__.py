@@ -7,7 +7,7 @@ draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward s
 from posterior import rewards, train, twists
 from posterior.compare import compare
 from posterior.diagnostics.bounds import Bounds, bounds
-from posterior.errors import DegenerateWeightsError
+from posterior.errors import CheckpointError, DegenerateWeightsError
 from posterior.generate import GenerateOutput, generate
 from posterior.posterior import Posterior
 from posterior.priors import CallablePrior, HFPrior, Prior, VLLMPrior, load_default_prior
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Bounds",
     "CallablePrior",
+    "CheckpointError",
     "DegenerateWeightsError",
     "GenerateOutput",
     "HFPrior",

@@ -1,15 +1,13 @@
-"""Errors raised for bad input, and the checks at the boundary that raise them.
+"""Errors raised for bad input, and the device / model checks that raise them.
 
-Every error is a ``ValueError`` (or subclass) that names the bad value. The checks accept what
-Python code passes for a number in practice: Python ints and floats, numpy scalars (``np.int64``,
-``np.float32``, ...) and one-element torch tensors of an integer / floating dtype; ``bool`` is
-never a number here (``n=True`` is a mistake, not 1).
+Every error is a ``ValueError`` (or subclass) that names the bad value. The argument checks
+(numbers, probabilities, seeds, choices) live in :mod:`posterior.validate`; their old names are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
+from posterior.validate import as_plain, check_int, check_real, is_int, is_real  # noqa: F401 (re-exported)
 
 
 class DegenerateWeightsError(ValueError):
@@ -24,62 +22,14 @@ class DegenerateWeightsError(ValueError):
         self.rows = list(rows or [])
 
 
-def _unwrap(value):
-    """A one-element torch tensor as its Python scalar; anything else unchanged."""
-    import torch
+class CheckpointError(ValueError):
+    """Saved training state that cannot be used: a missing, empty, truncated, garbage or foreign
+    checkpoint or policy file, or a path of the wrong kind. The message is one line naming the
+    path and what is wrong (the CLI prints it and exits 2); ``path`` is that path."""
 
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
-        if value.dtype == torch.bool:
-            return bool(value.item())
-        return value.item()
-    return value
-
-
-def is_int(value) -> bool:
-    """An integer that is not a bool (numpy and one-element torch integers included)."""
-    value = _unwrap(value)
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
-
-
-def is_real(value) -> bool:
-    """A real number that is not a bool (numpy and one-element torch numbers included)."""
-    value = _unwrap(value)
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
-
-
-def check_int(name: str, value, minimum: int | None = None) -> int:
-    """``value`` as a Python int, or ``ValueError`` naming ``name`` and the value."""
-    what = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
-    if not is_int(value) or (minimum is not None and int(_unwrap(value)) < minimum):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(_unwrap(value))
-
-
-def check_real(name: str, value, *, positive: bool = False, finite: bool = True) -> float:
-    """``value`` as a Python float, or ``ValueError`` naming ``name`` and the value."""
-    ok = is_real(value)
-    out = float(_unwrap(value)) if ok else math.nan
-    if not ok or math.isnan(out) or (finite and not math.isfinite(out)) or (positive and out <= 0):
-        kind = "a finite number" if finite else "a number"
-        raise ValueError(f"{name} must be {kind}{' > 0' if positive else ''}, got {value!r}")
-    return out
-
-
-def as_plain(value):
-    """numpy / one-element torch scalars as Python int, float or bool; other values unchanged
-    (so method options given as ``np.int64(8)`` reach every sampler as ``8``)."""
-    v = _unwrap(value)
-    if type(v).__name__ == "bool_":
-        return bool(v)
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, numbers.Integral) and not isinstance(v, int):
-        return int(v)
-    if isinstance(v, numbers.Real) and not isinstance(v, float) and not isinstance(v, int):
-        return float(v)
-    if v is not value and isinstance(v, (int, float)):  # a torch scalar unwrapped
-        return v
-    return value
+    def __init__(self, message: str, path=None):
+        super().__init__(message)
+        self.path = path
 
 
 def check_device(device):
@@ -102,6 +52,22 @@ def check_device(device):
     return dev
 
 
+def bidirectional_encoder(config) -> str | None:
+    """Why a transformers config is not a causal LM (None if it is one): encoder families (BERT,
+    RoBERTa, ...) carry ``is_decoder=False``; AutoModelForCausalLM still loads them as an "LM head"
+    that attends both ways and keeps no KV cache."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "is_decoder", True) is False:
+        kind = getattr(text, "model_type", type(text).__name__)
+        return (
+            f"{kind!r} is a bidirectional encoder (config.is_decoder=False), not a left-to-right language model; "
+            "use a decoder-only model (GPT-2, Llama, SmolLM2, ...)"
+        )
+    if getattr(text, "is_encoder_decoder", False):
+        return f"{getattr(text, 'model_type', type(text).__name__)!r} is an encoder-decoder model; use a decoder-only model"
+    return None
+
+
 def check_hf_model(model, tokenizer) -> None:
     """``HFPrior(model, tokenizer)`` takes a loaded causal LM and its tokenizer, in that order."""
     import torch
@@ -111,8 +77,10 @@ def check_hf_model(model, tokenizer) -> None:
             "model must be a loaded transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(path)), "
             f"got {type(model).__name__}: {str(model)[:80]!r}; to load from a folder use HFPrior.from_pretrained(path)"
         )
+    if not_causal := bidirectional_encoder(model.config):
+        raise ValueError(f"model {type(model).__name__} is not a causal LM: {not_causal}")
     if not (callable(getattr(tokenizer, "decode", None)) and callable(getattr(tokenizer, "get_vocab", None))):
         raise ValueError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}: {str(tokenizer)[:80]!r}")
 
 
-__all__ = ["DegenerateWeightsError", "as_plain", "check_device", "check_hf_model", "check_int", "check_real", "is_int", "is_real"]
+__all__ = ["CheckpointError", "DegenerateWeightsError", "bidirectional_encoder", "as_plain", "check_device", "check_hf_model", "check_int", "check_real", "is_int", "is_real"]

@@ -5,6 +5,12 @@ For a prior whose support (sequences ending at EOS or after ``max_new_tokens`` t
     log Z   = logsumexp_x [log pi0(x) + r(x)/beta]
     pi*(x)  = exp(log pi0(x) + r(x)/beta - log Z)
 
+Both are formed from reward differences, as in :mod:`posterior.diagnostics.tilt`: with c the
+largest finite reward, l(x) = log pi0(x) + (r(x) - c)/beta, log pi*(x) = l(x) - logsumexp l and
+log Z = c/beta + logsumexp l. Forming r/beta first would round log pi0 away once |r/beta| outgrows
+float64's resolution (beta = 1e-17 gave a pi* summing to 13); the differences are exact at every
+beta, and only log Z needs c/beta, which raises a ``ValueError`` where it overflows float64.
+
 This is the ground truth every sampler is tested against. Sequences are keyed by their token
 tuple (EOS included when present), since distinct token sequences may share a text.
 """
@@ -16,8 +22,10 @@ from typing import Sequence
 
 import torch
 
+from posterior.diagnostics.tilt import reward_shift, scaled
 from posterior.priors.base import Prior
 from posterior.rewards.base import as_reward
+from posterior.validate import check_real
 
 
 @dataclass(frozen=True)
@@ -78,15 +86,18 @@ def enumerate_continuations(
 
 def exact_posterior(prior: Prior, reward, beta: float, max_new_tokens: int, prompt: str | None = None) -> ExactPosterior:
     """Enumerate the posterior pi*(x) ∝ pi0(x) exp(r(x)/beta) of ``prompt``'s continuations."""
+    beta = check_real("beta", beta, positive=True)
     seqs, log_prior = enumerate_continuations(prior, max_new_tokens, prompt)
     eos = set(prior.eos_token_ids)
     texts = [prior.decode([i for i in s if i not in eos]) for s in seqs]
     rewards = as_reward(reward)(texts)
-    log_joint = log_prior + rewards / beta
-    log_Z = torch.logsumexp(log_joint, 0)
-    if torch.isneginf(log_Z):
+    shift = reward_shift(rewards)  # c, the largest finite reward (a 0-dim tensor)
+    log_joint = log_prior + (rewards - shift) / beta  # (S,) log pi0 + (r - c)/beta: exact at any beta
+    log_Z_rel = torch.logsumexp(log_joint, 0)
+    if torch.isneginf(log_Z_rel):
         raise ValueError("the posterior is empty: every continuation has reward -inf")
-    return ExactPosterior(seqs, texts, log_prior, rewards, log_joint - log_Z, float(log_Z))
+    log_Z = scaled(shift, beta, what="the largest reward") + log_Z_rel
+    return ExactPosterior(seqs, texts, log_prior, rewards, log_joint - log_Z_rel, float(log_Z))
 
 
 def sequence_keys(tokens: torch.Tensor, lengths: torch.Tensor) -> list[list[tuple[int, ...]]]:

@@ -24,6 +24,7 @@ from posterior.priors.base import Prior
 from posterior.results import SampleResult
 from posterior.samplers.registry import sampler_options
 from posterior.samplers.resampling import get_resampler
+from posterior.validate import check_int, check_optional_int, check_seed
 
 #: model.generate keywords pst.generate understands (everything else is a method option or an error).
 GENERATION_KWARGS = (
@@ -136,8 +137,7 @@ def generate(
     n = _check_n(n, num_return_sequences)
     if do_sample is False:
         raise ValueError("do_sample=False is greedy decoding, not a distribution; pst.generate samples pi*")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = check_seed("seed", seed)
     method_opts = dict(method_options or {})
     clash = sorted(set(method_opts) & set(options))
     if clash:
@@ -168,9 +168,8 @@ def generate(
 
 # --------------------------------------------------------------------------------------------------
 def _check_n(n, num_return_sequences) -> int:
-    for name, v in (("n", n), ("num_return_sequences", num_return_sequences)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    n = check_optional_int("n", n, 1)
+    num_return_sequences = check_optional_int("num_return_sequences", num_return_sequences, 1)
     if n is not None and num_return_sequences is not None and n != num_return_sequences:
         raise ValueError(f"n={n} and num_return_sequences={num_return_sequences} disagree (one is an alias of the other)")
     return n if n is not None else num_return_sequences if num_return_sequences is not None else 4
@@ -218,9 +217,7 @@ def _modifications(temperature, top_k, top_p) -> dict:
 
 def _pad_id(pad_token_id, tokenizer, prior) -> int:
     if pad_token_id is not None:
-        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
-            raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
-        return pad_token_id
+        return check_int("pad_token_id", pad_token_id, 0)
     tok_pad = getattr(tokenizer, "pad_token_id", None)
     return int(tok_pad) if tok_pad is not None else int(prior.eos_token_ids[0])
 
@@ -266,6 +263,7 @@ def _id_prompts(prior: Prior, ids: torch.Tensor, mask, pad: int):
     if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty LongTensor (P, L), got {ids.dtype} {tuple(ids.shape)}")
     ids = ids.long().cpu()
+    implied = mask is None
     if mask is None:  # model.generate's rule: pad tokens mark padding unless pad is also EOS
         mask = ids != pad if pad not in prior.eos_token_ids and bool((ids == pad).any()) else torch.ones_like(ids)
     mask = torch.as_tensor(mask).cpu()
@@ -273,7 +271,18 @@ def _id_prompts(prior: Prior, ids: torch.Tensor, mask, pad: int):
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids shape {tuple(ids.shape)}")
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"attention_mask must hold 0 and 1, got values {sorted(set(mask.unique().tolist()))}")
-    rows = [ids[i][mask[i].bool()].tolist() for i in range(ids.shape[0])]
+    on = mask.bool()
+    ones_before = on.long().cumsum(-1) > 0  # (P, L) a prompt token at or before this position
+    ones_after = on.flip(-1).long().cumsum(-1).flip(-1) > 0  # (P, L) ... at or after it
+    inside = ~on & ones_before & ones_after  # (P, L) a 0 between prompt tokens: not padding
+    if bool(inside.any()):
+        i, j = inside.nonzero()[0].tolist()
+        raise ValueError(
+            f"input row #{i}: attention_mask has a 0 at position {j}, between prompt tokens; only padding (at the "
+            "left, or the right) may be masked, since a masked prompt token would be dropped from the prompt"
+            + (" (no attention_mask was given: positions equal to pad_token_id count as padding)" if implied else "")
+        )
+    rows = [ids[i][on[i]].tolist() for i in range(ids.shape[0])]
     for i, r in enumerate(rows):
         if not r:
             raise ValueError(f"input row #{i} has no tokens under its attention mask")

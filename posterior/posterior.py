@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-from posterior.errors import as_plain, check_int, check_real
 from posterior.priors.base import Prior
 from posterior.results import SampleResult
 from posterior.rewards.base import Reward, RewardError, as_reward
 from posterior.samplers.registry import get_sampler, sampler_options
+from posterior.validate import as_plain, check_int, check_real, check_seed
 
 
 class Posterior:
@@ -127,13 +127,7 @@ class Posterior:
 
 def _check_seed(seed) -> int:
     """A seed is an int in [0, 2**64) (numpy / torch integers accepted)."""
-    try:
-        seed = check_int("seed", seed, 0)
-    except ValueError:
-        raise ValueError(f"seed must be an int in [0, 2**64) or None (fresh entropy), got {seed!r}") from None
-    if seed >= 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64) or None (fresh entropy), got {seed!r}")
-    return seed
+    return check_seed("seed", seed, or_none=True)
 
 
 def _check_generator(generator, device: torch.device) -> None:

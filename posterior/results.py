@@ -142,6 +142,13 @@ _PER_PROMPT = {  # (P,) entries of res.info: label and explanation
 }
 
 
+#: Why an MCMC trace diagnostic of one prompt is NaN when its run kept enough states.
+_TRACE_KEYS = {
+    "r_hat": "undefined: the kept reward trace is constant or has a non-finite reward",
+    "mcmc_ess": "undefined: the kept reward trace is constant or has a non-finite reward",
+}
+
+
 def _num(x: float, spec: str = ".4g") -> str:
     if isinstance(x, float) and not math.isfinite(x):
         return {math.inf: "+inf", -math.inf: "-inf"}.get(x, "NaN")
@@ -200,8 +207,11 @@ def format_summary(res) -> str:
         row("distinct", f"{distinct[p]} distinct of {N} samples")
         for key, (label, why) in _PER_PROMPT.items():
             v = info.get(key)
-            if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == P:
-                row(label, _num(v[p].item()), why)
+            if v is None and f"{key}_note" in info:  # undefined for this run, e.g. R-hat of 1 kept state
+                row(label, "undefined", info[f"{key}_note"])
+            elif isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == P:
+                undefined = key in _TRACE_KEYS and math.isnan(v[p].item())
+                row(label, "undefined" if undefined else _num(v[p].item()), _TRACE_KEYS[key] if undefined else why)
         for key, (label, what, over) in _SERIES.items():
             v = info.get(key)
             if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == P:
@@ -216,6 +226,7 @@ def format_summary(res) -> str:
         for w in _warnings(res, p, distinct[p], info):
             lines.append(f"    warning: {w}")
     shown = set(_PER_PROMPT) | set(_SERIES) | {"resampled", "num_resampling", "acceptance_by_cut", "kl_bound"}
+    shown |= {f"{k}_note" for k in _PER_PROMPT}
     rest = {k: v for k, v in info.items() if k not in shown}
     if rest:
         lines.append("  options: " + ", ".join(f"{k}={_opt(v)}" for k, v in rest.items()))

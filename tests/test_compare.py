@@ -150,7 +150,8 @@ def test_compare_input_errors(toy):
 # --- command line ------------------------------------------------------------------------------
 def test_cli_train_then_compare(model_dir, tmp_path, capsys):
     ckpt = tmp_path / "run"
-    args = ["train", "hello", "--model", model_dir, "--reward", "contains:a", "--beta", "1", "--objective", "dpg",
+    # sentiment, the reward compared below (contains:a was met by none of the 12 draws: DPG trained nothing)
+    args = ["train", "hello", "--model", model_dir, "--reward", "sentiment", "--beta", "1", "--objective", "dpg",
             "--steps", "3", "--batch-size", "4", "--max-new-tokens", "5", "--lora-rank", "2",
             "--checkpoint-dir", str(ckpt), "--json"]  # fmt: skip
     assert main(args) == 0

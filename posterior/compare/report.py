@@ -47,9 +47,11 @@ import torch
 from posterior.compare.frontier import FrontierPoint, default_betas, estimated_frontier, exact_frontier
 from posterior.diagnostics.weights import log_weight_stats
 from posterior.posterior import Posterior, _check_prompts
+from posterior.priors.base import Prior
 from posterior.seeds import derive_seed
 from posterior.samplers.common import check_proposal
-from posterior.samplers.registry import sampler_options
+from posterior.samplers.registry import get_sampler, sampler_options
+from posterior.validate import check_int, check_seed
 
 ROW_KEYS = ("name", "kind", "reward_mean", "kl_prior", "kl_target_forward", "kl_target_reverse", "log_Z",
             "distinct_2", "seconds", "forward_tokens")  # fmt: skip
@@ -256,12 +258,20 @@ def _resampled_distinct(res, generator, eos) -> float | None:
     return _mean(vals)
 
 
+def _best_of(method: str, options: dict) -> int | None:
+    """k of a best-of-k method (its option or default), None for other methods."""
+    if "best_of" not in sampler_options(method):
+        return None
+    return check_int(f"{method} best_of", options.get("best_of", sampler_options(method)["best_of"]), 1)
+
+
 def _sampler_row(post, method, *, n, max_new_tokens, prompts, seed, options, generator) -> dict:
     opts = dict(options)
     outputs = n
-    if "best_of" in sampler_options(method):
-        k = opts.setdefault("best_of", sampler_options(method)["best_of"])
-        outputs = max(1, n // k)  # n decoded sequences in all, as the other methods
+    k = _best_of(method, opts)
+    if k is not None:
+        opts["best_of"] = k
+        outputs = n // k  # n decoded sequences in all (up to n mod k), as the other methods; k <= n checked
     res = post.sample(n=outputs, method=method, max_new_tokens=max_new_tokens, prompts=prompts, seed=seed, **opts)
     row = {"name": method, "kind": "sampler", "reward_mean": float(res.reward_mean().mean()),
            "reward_mean_se": _weighted_se(res.log_weights, res.rewards), "targets_posterior": res.targets_posterior,
@@ -403,16 +413,39 @@ def compare(
     """
     if not isinstance(post, Posterior):
         raise ValueError(f"post must be a posterior.Posterior, got {type(post).__name__}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int >= 2, got {n!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    methods = list(methods)
+    n = check_int("n", n, 2)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    seed = check_seed("seed", seed)
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    for m in methods:
+        if not isinstance(m, str):
+            raise ValueError(f"methods must be sampler names (str), got {m!r} in {methods!r}")
+        get_sampler(m)  # an unknown name fails here, before anything samples
+    if policies is not None and not isinstance(policies, dict):
+        raise ValueError(f"policies must be a dict name -> policy, got {type(policies).__name__}: {policies!r}")
     policies = dict(policies or {})
+    for name, policy in policies.items():
+        if not isinstance(policy, Prior):
+            raise ValueError(
+                f"policies[{name!r}] must be a policy (a posterior prior, e.g. from pst.train.policy_from), "
+                f"got {type(policy).__name__}: {str(policy)[:60]!r}"
+            )
+        check_proposal(post.prior, policy)
+    if not methods and not policies:
+        raise ValueError("nothing to compare: methods is empty and no policies are given (e.g. methods=['is', 'smc'])")
+    if method_options is not None and not isinstance(method_options, dict):
+        raise ValueError(f"method_options must be a dict method -> options, got {method_options!r}")
     method_options = dict(method_options or {})
     unknown = sorted(set(method_options) - set(methods))
     if unknown:
         raise ValueError(f"method_options for {unknown}, which are not in methods {methods}")
+    for m in methods:  # a best-of-k row is n // k outputs of k draws each: k > n would decode more than n
+        k = _best_of(m, method_options.get(m, {}))
+        if k is not None and k > n:
+            raise ValueError(
+                f"method {m!r}: best_of={k} exceeds n={n}; compare decodes n sequences per prompt with every method "
+                f"(n // best_of outputs of best_of draws each), so use best_of <= n or a larger n"
+            )
     names = methods + list(policies)
     if len(set(names)) != len(names):
         raise ValueError(f"row names must be unique; methods and policies give {names}")

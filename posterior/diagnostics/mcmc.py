@@ -39,6 +39,17 @@ def reward_trace_diagnostics(trace: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return r_hat, ess
 
 
+#: Kept states per chain each diagnostic needs: split R-hat halves every chain (2 states per half).
+MIN_KEPT = {"r_hat": 4, "mcmc_ess": 2}
+
+
+def too_short(K: int, *, steps: int, burn_in: int, thin: int) -> dict[str, str]:
+    """``{key: reason}`` for the diagnostics a trace of K kept states per chain cannot give."""
+    kept = f"this run kept {K} (steps={steps}, burn_in={burn_in}, thin={thin}): lower burn_in or thin, or raise steps"
+    names = {"r_hat": "split R-hat", "mcmc_ess": "the MCMC ESS"}
+    return {k: f"{names[k]} needs >= {m} kept states per chain; {kept}" for k, m in MIN_KEPT.items() if K < m}
+
+
 def finite_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
     finite = torch.isfinite(x)
     s = torch.where(finite, x, 0.0).sum(dim)

@@ -36,6 +36,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from posterior.validate import check_int, is_int, is_real
+
 
 # --- capabilities ---------------------------------------------------------------------------------
 # Samplers and training ask a prior for a capability (``prior.has(NEXT_TOKEN)``), never for a class.
@@ -86,8 +88,6 @@ class Extension:
 
 def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> tuple[float, int | None, float | None]:
     """Check the sampling modifications (numpy / torch scalars accepted); return them as Python numbers."""
-    from posterior.errors import is_int, is_real
-
     if not (is_real(temperature) and math.isfinite(float(temperature)) and float(temperature) > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if 1.0 / float(temperature) > torch.finfo(torch.float32).max:  # logits / temperature would be inf
@@ -257,8 +257,7 @@ class Prior(abc.ABC):
         }
 
     def check_lengths(self, prompt_ids: list[list[int]], max_new_tokens: int, prompts=None) -> None:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, 1)
         limit = self.max_length
         if limit is None:
             return

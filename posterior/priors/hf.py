@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from posterior.errors import check_device, check_hf_model
+from posterior.errors import bidirectional_encoder, check_device, check_hf_model
 from posterior.priors.base import GRAD, DecodeState, StepwisePrior, process_logits, validate_sampling
 from posterior.priors.text import TokenizerText, eos_ids
 
@@ -94,6 +94,15 @@ class HFPrior(TokenizerText, StepwisePrior):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kw = {"gguf_file": gguf_file} if gguf_file else {}
+        if not gguf_file:  # an encoder folder (BERT) loads as a cache-less "LM head": refuse it before the weights
+            from transformers import AutoConfig
+
+            try:
+                config = AutoConfig.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"cannot load a causal LM from {path!r} (local files only): {e}") from e
+            if not_causal := bidirectional_encoder(config):
+                raise ValueError(f"{path!r} is not a causal LM: {not_causal}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kw)

@@ -49,6 +49,7 @@ from posterior.priors.base import (
     validate_sampling,
 )
 from posterior.priors.text import TokenizerText, eos_ids
+from posterior.validate import check_int
 
 GiB = 1 << 30
 SHUTDOWN_GRACE_S = 60.0  # seconds the engine processes get to exit before they are killed
@@ -285,8 +286,7 @@ class VLLMPrior(TokenizerText, Prior):
         progress: bool = False,
     ) -> Continuations:
         """``n`` draws per prompt: one request per prompt with ``SamplingParams(n=n)``."""
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        n = check_int("n", n, 1)
         self.check_lengths(prompt_ids, max_new_tokens)
         for i, p in enumerate(prompt_ids):
             if not p:

@@ -13,8 +13,16 @@ import torch
 
 from posterior.rewards.base import Reward
 from posterior.rewards.encoding import encoded_batches
+from posterior.validate import check_int
 
 OUTPUTS = ("log_prob", "logit")
+
+
+def _head_prefixes(model) -> tuple[str, ...]:
+    """Parameter-name prefixes of the classification head: every top-level module of the model but
+    the base model (``classifier``, ``score``, ``pre_classifier``, ...)."""
+    base = getattr(model, "base_model_prefix", None)
+    return tuple(name for name, _ in model.named_children() if name != base)
 
 
 class Classifier(Reward):
@@ -46,17 +54,29 @@ class Classifier(Reward):
                  device=None, max_length: int | None = None, accepts_prefixes: bool = False):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         if isinstance(model_or_path, (str, os.PathLike)):
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             path = os.fspath(model_or_path)
             try:
-                model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, local_files_only=True, output_loading_info=True
+                )
                 tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot load a sequence classifier from {path!r} (local files only): {e}") from e
+            # A folder without a trained head (a causal LM, a bare encoder) still loads, with the head
+            # initialised at random: its "scores" would be noise. transformers lists such weights as missing.
+            head = _head_prefixes(model)
+            missing = [k for k in info.get("missing_keys", []) if any(k == h or k.startswith(h + ".") for h in head)]
+            if missing:
+                shown = missing[:4]
+                raise ValueError(
+                    f"{path!r} is not a sequence classifier checkpoint: its classification head {shown} is not in the "
+                    "folder, so it would be initialised at random; use a folder saved from "
+                    "AutoModelForSequenceClassification (a fine-tuned classifier)"
+                )
             self._source = path
         else:
             model = model_or_path

@@ -16,6 +16,7 @@ import torch
 
 from posterior.priors.base import Prior
 from posterior.rewards.base import Reward, RewardError
+from posterior.validate import check_int
 
 TEMPLATE = 'Text: "{text}"\nQuestion: {question}\nAnswer (Yes or No):'
 
@@ -50,8 +51,7 @@ class LMJudge(Reward):
             raise ValueError(f"LMJudge needs a non-empty question, got {question!r}")
         if "{text}" not in template or "{question}" not in template:
             raise ValueError(f"template must contain {{text}} and {{question}}, got {template!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         self.prior, self.question, self.template = prior, question, template
         self.yes, self.no, self.normalize, self.batch_size = yes, no, bool(normalize), batch_size
         self.accepts_prefixes = bool(accepts_prefixes)

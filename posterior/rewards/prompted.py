@@ -20,6 +20,7 @@ import functools
 
 import torch
 
+from posterior.errors import DegenerateWeightsError
 from posterior.results import SampleResult
 
 #: Padding of per-step info arrays after a prompt's last step, where NaN would be wrong:
@@ -38,7 +39,11 @@ def per_prompt(sampler):
         for i, prompt in enumerate(names):
             bound = copy.copy(post)  # a shallow copy: same prior and beta, the reward bound to one prompt
             bound.reward = post.reward.for_prompt(prompt, i)
-            results.append(sampler(bound, None if prompts is None else [prompt], **kw))
+            try:
+                results.append(sampler(bound, None if prompts is None else [prompt], **kw))
+            except DegenerateWeightsError as e:
+                # the run saw one prompt, its row 0: report the row in the caller's prompt list
+                raise DegenerateWeightsError(f"{e} (prompt index {i})", rows=[i] if e.rows else []) from e
         return results[0] if len(results) == 1 else stack_results(results, pad_token=post.prior.eos_token_ids[0])
 
     return run

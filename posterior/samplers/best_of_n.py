@@ -17,9 +17,10 @@ import math
 
 import torch
 
-from posterior.errors import DegenerateWeightsError, check_int
+from posterior.errors import DegenerateWeightsError
 from posterior.samplers.common import draw, make_result, prompt_name, select, uniform_log_weights
 from posterior.samplers.registry import register_sampler
+from posterior.validate import check_int
 
 
 def _groups(method: str, post, prompts, n: int, best_of, max_new_tokens: int, generator, progress):

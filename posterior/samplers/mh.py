@@ -71,11 +71,12 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from posterior.diagnostics.mcmc import finite_mean, reward_trace_diagnostics
+from posterior.diagnostics.mcmc import finite_mean, reward_trace_diagnostics, too_short
 from posterior.priors.base import NEXT_TOKEN, PREFIX_CACHE, Continuations, DecodeState, Extension, Prior, decode_rows
 from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts
 from posterior.samplers.registry import register_sampler
+from posterior.validate import check_bool, check_choice, check_int, check_prob
 
 # --------------------------------------------------------------------------------------------------
 # State
@@ -133,11 +134,8 @@ class MHConfig:
     def __post_init__(self):
         if self.move not in MOVES:
             raise ValueError(f"move must be one of {sorted(MOVES)}, got {self.move!r}")
-        w = self.mixture_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0.0 <= w <= 1.0):
-            raise ValueError(f"mixture_weight must be a number in [0, 1], got {w!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        check_prob("mixture_weight", self.mixture_weight)
+        check_int("max_new_tokens", self.max_new_tokens, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,11 +447,6 @@ class MHChains:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
 def _init_tokens(prior: Prior, init_texts, P: int, n: int, M: int):
     """[P][n] texts -> tokens (P, n, M), lengths (P, n); EOS appended when the text is shorter than M."""
     shape_ok = isinstance(init_texts, (list, tuple)) and len(init_texts) == P and all(
@@ -499,19 +492,17 @@ def metropolis_hastings(
     samples: str = "final",  # "final": the n final states; "all": every kept state (n · kept)
 ):
     """Metropolis–Hastings chains over continuations; see the module docstring."""
-    _check_int("steps", steps, 1)
+    steps = check_int("steps", steps, 1)
     if burn_in is None:
         burn_in = steps // 2
-    _check_int("burn_in", burn_in, 0)
+    burn_in = check_int("burn_in", burn_in, 0)
     if burn_in >= steps:
         raise ValueError(f"burn_in must be < steps={steps}, got {burn_in!r}")
-    _check_int("thin", thin, 1)
-    if samples not in ("final", "all"):
-        raise ValueError(f"samples must be 'final' or 'all', got {samples!r}")
+    thin = check_int("thin", thin, 1)
+    check_choice("samples", samples, ("final", "all"))
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {callback!r}")
-    if not isinstance(return_chains, bool):
-        raise ValueError(f"return_chains must be a bool, got {return_chains!r}")
+    check_bool("return_chains", return_chains)
     config = MHConfig(max_new_tokens=max_new_tokens, move=move, mixture_weight=mixture_weight)
 
     prior = post.prior
@@ -574,6 +565,8 @@ def metropolis_hastings(
         info["acceptance_rate_suffix"] = _rate((acc * ~indep).sum((0, 2)), (~indep).double().sum((0, 2)))
     info["r_hat"] = r_hat
     info["mcmc_ess"] = mcmc_ess
+    for key, why in too_short(len(kept), steps=steps, burn_in=burn_in, thin=thin).items():
+        info[key], info[f"{key}_note"] = None, why  # undefined for every prompt: say why, not NaN
     info["reward_trace"] = finite_mean(trace, 1)  # (P, S + 1) mean finite reward over chains
     if return_chains:
         info["chains"] = MHChains(

@@ -5,16 +5,41 @@ fsyncs it, and renames it into place with ``os.replace`` (atomic on POSIX), so a
 moment leaves either the previous checkpoint or the new one, never a torn file. The last
 ``KEEP`` checkpoints of each rank are kept; the run resumes from the latest step that every rank
 has (ranks are at most one checkpoint apart, since they synchronise at every optimiser step).
+A file damaged afterwards (truncated, emptied, overwritten, or not a checkpoint at all) raises
+:class:`~posterior.errors.CheckpointError` naming it; the loop then falls back to the previous one.
+
+Run identity. A checkpoint records what defines its run (``fit``'s config), so that resuming
+into a directory of another run is refused instead of mixing both. The prior and reward enter
+by name and a content fingerprint, cheap and deterministic:
+
+* prior: a model's parameters and buffers (names, shapes, dtypes, a strided sample of up to
+  4096 values per tensor and each tensor's sum, 6 significant digits); a ``CallablePrior``'s
+  vocabulary and its next-token log-probabilities after the empty prefix and after each single
+  token (rounded to 1e-4). It detects other weights or another next-token function; it cannot
+  detect a change that leaves every sampled value and every tensor sum (to 6 digits) unchanged,
+  nor, for a callable prior, a change that shows only after two or more tokens. Other priors
+  (vLLM) enter by their description and vocabulary only.
+* reward: its name (a ``Callable`` reward: the function's module and qualified name) and its
+  values on a fixed probe of texts (:data:`PROBE_TEXTS` and the prior's first tokens; for a reward
+  that reads prompts, bound to each of the first 4 prompts), rounded to 9 significant digits. It
+  detects another function or scale wherever the probe texts differ; it cannot detect rewards
+  that agree on every probe text, and a reward that is random (a sampled judge) would differ on
+  every call: pass ``allow_changes=("reward",)`` to resume such a run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
+
+from posterior.errors import CheckpointError
 
 KEEP = 2
 _NAME = re.compile(r"^checkpoint-rank(\d+)-step(\d{8})\.pt$")
@@ -80,8 +105,55 @@ def latest_step(directory: Path, world_size: int) -> int | None:
     return max(common) if common else None
 
 
+PAYLOAD_KEYS = ("format", "step", "config", "trainable", "optimizer", "generator", "log_Z", "count")
+
+
+def load_file(path: Path, what: str = "checkpoint"):
+    """``torch.load`` (tensors only, no code) of one file, or :class:`CheckpointError` naming it.
+
+    A missing, empty, truncated or garbage file raises torch's OSError / EOFError / RuntimeError /
+    UnpicklingError, whose text even suggests ``weights_only=False`` (loading code from a file a
+    user did not write): none of that reaches the user."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist", path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} is not a file", path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # foreign objects (classes, code) the tensors-only loader refuses
+        # (torch's own text suggests weights_only=False, i.e. running code from the file: not repeated)
+        raise CheckpointError(f"{what} {path} is not a posterior {what}: it holds objects other than tensors and plain data", path) from None
+    except (OSError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError) as e:
+        raise CheckpointError(f"{what} {path} is truncated or not a torch file ({type(e).__name__}: {first_line(e)})", path) from None
+
+
+def first_line(e: Exception) -> str:
+    """An exception's first line (at most 160 characters): a one-line error a user can read."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:160]
+
+
 def load_checkpoint(directory: Path, rank: int, step: int) -> dict:
-    return torch.load(checkpoint_path(directory, rank, step), map_location="cpu", weights_only=True)
+    """One rank's checkpoint payload, or :class:`CheckpointError` if the file is damaged or foreign."""
+    path = checkpoint_path(directory, rank, step)
+    state = load_file(path)
+    if not isinstance(state, dict) or not all(k in state for k in PAYLOAD_KEYS):
+        have = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"checkpoint {path} is not a posterior training checkpoint (it holds {have})", path)
+    return state
+
+
+def check_directory(directory: Path) -> None:
+    """``checkpoint_dir`` must be a folder (or not exist yet): a file there is an error, not a crash."""
+    directory = Path(directory)
+    for parent in (directory, *directory.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"checkpoint_dir {directory} cannot be a folder: {parent} is a file", directory)
+            return
 
 
 def remove_temporaries(directory: Path, rank: int = 0) -> None:
@@ -112,3 +184,92 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
 def rewrite_metrics(path: Path, rows: list[dict]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in rows).encode()
     atomic_write_bytes(Path(path), lambda f: f.write(text))
+
+
+# --------------------------------------------------------------------------------------------
+# Run identity: content fingerprints of the prior and the reward (module docstring)
+# --------------------------------------------------------------------------------------------
+PROBE_TEXTS = (
+    "", " ", "a", "b", "ab", "the", "0", "yes", "no", "Hello, world!", "This is great.", "This is terrible.",
+    "I love it", "I hate it",
+)  # fmt: skip
+PROBE_TOKENS = 16  # also probe the texts of the prior's first tokens
+PROBE_PROMPTS = 4  # a reward that reads prompts is probed bound to its first prompts
+TENSOR_SAMPLE = 4096  # values sampled per tensor
+
+
+def _digest(parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def tensors_digest(named_tensors) -> str:
+    """Names, shapes, dtypes, a strided sample and the sum of each tensor (see the module docstring)."""
+
+    def parts():
+        for name, t in named_tensors:
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // TENSOR_SAMPLE)
+            sample = flat[::step].to("cpu", torch.float64)
+            yield (name, tuple(t.shape), str(t.dtype))
+            yield sample.numpy().tobytes()
+            yield f"{float(flat.double().sum()):.6g}"  # every value counts; 6 digits: threads may reorder the sum
+
+    return _digest(parts())
+
+
+def prior_fingerprint(prior) -> dict:
+    """Name, description and a content fingerprint of a prior (JSON-safe)."""
+    from posterior.priors.callable import CallablePrior
+
+    desc = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in prior.describe().items()}
+    model = getattr(prior, "model", None)
+    if isinstance(model, torch.nn.Module):
+        content = "weights " + tensors_digest(list(model.state_dict().items()))
+    elif isinstance(prior, CallablePrior):
+        eos = set(prior.eos_token_ids)
+        probes = [[]] + [[v] for v in range(prior.vocab_size) if v not in eos][:PROBE_TOKENS]
+        with torch.no_grad():
+            lp = prior.start(probes, copies=1).logprobs.double()  # (B, V)
+        rounded = torch.round(lp.clamp(min=-1e6) * 1e4).long()  # -inf as -1e6: a token the prior forbids
+        content = "next_logprobs " + _digest([tuple(prior.vocab), rounded.numpy().tobytes()])
+    else:
+        content = "vocabulary " + _digest([prior.vocabulary_key()])
+    return {"name": desc.pop("model", None) or type(prior).__name__, "describe": json.dumps(desc, sort_keys=True), "fingerprint": content}
+
+
+def reward_name(reward) -> str:
+    from posterior.rewards.base import Callable
+
+    if isinstance(reward, Callable):
+        fn = reward.fn
+        qual = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+        return f"{reward.name} [{qual}]"
+    return reward.name
+
+
+def reward_fingerprint(reward, prior, prompts) -> dict:
+    """Name and a fingerprint of the reward's values on :data:`PROBE_TEXTS` (JSON-safe)."""
+    eos = set(prior.eos_token_ids)
+    texts = list(PROBE_TEXTS) + [prior.decode([v]) for v in range(prior.vocab_size) if v not in eos][:PROBE_TOKENS]
+    if reward.needs_prompts:
+        bound = [reward.for_prompt(p or "", i) for i, p in enumerate((prompts or [None])[:PROBE_PROMPTS])]
+    else:
+        bound = [reward]
+    parts = []
+    for r in bound:
+        try:
+            parts.append(tuple(f"{v:.9g}" for v in r(texts).tolist()))
+        except Exception as e:  # a reward that refuses a probe text still has a fingerprint: which error
+            parts.append(f"raised {type(e).__name__}")
+    return {"name": reward_name(reward), "fingerprint": _digest(parts)}
+
+
+def policy_fingerprint(policy) -> dict:
+    """The policy's kind and the names and shapes of its trainable tensors (LoRA rank, table size)."""
+    kind = policy.describe().get("policy", type(policy).__name__)
+    shapes = [tuple(p.shape) for p in policy.trainable_parameters()]  # shapes only: no copy of the weights
+    return {"kind": kind, "trainable": _digest(shapes)}

@@ -25,6 +25,16 @@ weights or logit table), the optimiser state, the torch.Generator state, the ste
 log Z. Calling ``fit`` again with the same directory continues from the latest checkpoint and, on
 the CPU, ends bit-for-bit where an uninterrupted run ends (the same draws, in the same order).
 
+A checkpoint belongs to one run: it records what defines it (``TrainRun.config``: the prior's and
+the reward's names and content fingerprints, see :mod:`posterior.train.checkpoint`; beta, prompts,
+objective, the policy's kind and trainable shapes, batch_size, lr, max_new_tokens, seed and the
+other settings), and resuming with anything different is refused with one message naming each
+field (checkpoint -> now). ``allow_changes=("lr", ...)`` accepts a deliberate change of the named
+fields. ``steps`` is not part of the identity: it may grow (or shrink to no fewer than the steps
+already done) freely. A damaged latest checkpoint (truncated, emptied, foreign) is skipped for the
+previous good one with a warning; with none left, a :class:`~posterior.errors.CheckpointError`
+names the files.
+
 Scale. Under ``accelerate launch`` (WORLD_SIZE > 1) the loop builds an ``accelerate.Accelerator``
 itself (or takes ``accelerator=``): the policy is placed on its device, the optimiser is prepared,
 an HF policy's training forward goes through DDP so gradients are averaged across processes, and
@@ -39,6 +49,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,12 +58,14 @@ import torch
 from tqdm.auto import tqdm
 
 from posterior.diagnostics.weights import log_weight_stats
+from posterior.errors import CheckpointError
 from posterior.posterior import Posterior, _check_prompts
 from posterior.samplers.common import check_proposal
 from posterior.seeds import derive_seed
 from posterior.train import checkpoint as ckpt
 from posterior.train.objectives import get_objective
 from posterior.train.policy import Policy
+from posterior.validate import check_bool, check_choice, check_int, check_real, check_seed
 
 FORMAT = 1  # checkpoint payload version
 
@@ -78,11 +91,6 @@ class TrainRun:
     @property
     def final(self) -> dict:
         return self.metrics[-1] if self.metrics else {}
-
-
-def _positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _num(x):
@@ -123,6 +131,7 @@ def fit(
     distill_resample: bool = False,  # distill on a multinomial resample (True) or on weighted samples
     sampler_options: dict | None = None,  # options of distill_method, e.g. {"ess_threshold": 0.5}
     accelerator=None,  # an accelerate.Accelerator; default: one under `accelerate launch`, else none
+    allow_changes: Sequence[str] = (),  # config fields a resumed run may change on purpose, e.g. ("lr",)
 ) -> TrainRun:
     """Train ``policy`` towards ``post``'s pi* in place; see the module docstring.
 
@@ -147,7 +156,11 @@ def fit(
     seed : int
         Seeds the one torch.Generator every draw uses.
     checkpoint_dir : path or None
-        Checkpoints and metrics.jsonl; an existing run there is resumed.
+        Checkpoints and metrics.jsonl; an existing run there is resumed (only the same run: see
+        the module docstring).
+    allow_changes : sequence of str
+        Fields of ``TrainRun.config`` (e.g. "lr", "batch_size", "reward") that may differ from the
+        checkpoint's when resuming; "steps" is always allowed.
 
     Returns
     -------
@@ -159,19 +172,20 @@ def fit(
         raise ValueError(f"policy must come from posterior.train.policy_from, got {type(policy).__name__}")
     check_proposal(post.prior, policy)
     obj = get_objective(objective)
-    _positive_int("steps", steps)
-    _positive_int("batch_size", batch_size, 2 if obj.on_policy else 1)
-    _positive_int("max_new_tokens", max_new_tokens)
-    _positive_int("checkpoint_every", checkpoint_every)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
-    if distill_method not in ("smc", "is"):
-        raise ValueError(f"distill_method must be 'smc' or 'is', got {distill_method!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    # numpy / torch scalars as Posterior.sample takes them; negative seeds refused as there
+    steps = check_int("steps", steps, 1)
+    batch_size = check_int("batch_size", batch_size, 2 if obj.on_policy else 1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
+    lr = check_real("lr", lr, positive=True)
+    max_grad_norm = None if max_grad_norm is None else check_real("max_grad_norm", max_grad_norm, positive=True)
+    distill_method = check_choice("distill_method", distill_method, ("smc", "is"))
+    distill_resample = check_bool("distill_resample", distill_resample)
+    seed = check_seed("seed", seed)
     prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
+    allow_changes = _check_allow_changes(allow_changes)
+    if checkpoint_dir is not None:
+        ckpt.check_directory(Path(checkpoint_dir))
     prior = post.prior
     prompt_ids = prior.encode_prompts(prompts)
     prior.check_lengths(prompt_ids, max_new_tokens, prompts)
@@ -199,16 +213,18 @@ def fit(
         "distill_method": distill_method, "distill_resample": distill_resample,
         "sampler_options": json.dumps(sampler_options or {}, sort_keys=True, default=str),
     }  # fmt: skip
+    if checkpoint_dir is not None:  # what the run is, by content (cheap: see posterior.train.checkpoint)
+        config.update(prior=ckpt.prior_fingerprint(prior), reward=ckpt.reward_fingerprint(post.reward, prior, prompts),
+                      policy=ckpt.policy_fingerprint(policy))  # fmt: skip
     directory = None if checkpoint_dir is None else Path(checkpoint_dir)
     mpath = Path(metrics_path) if metrics_path is not None else (directory / "metrics.jsonl" if directory else None)
     start, metrics = 0, []
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
         ckpt.remove_temporaries(directory, rank)
-        found = ckpt.latest_step(directory, world)
-        if found is not None:
-            state = ckpt.load_checkpoint(directory, rank, found)
-            _check_config(state, config, directory)
+        state = _load_latest(directory, rank, world)
+        if state is not None:
+            _check_config(state, config, directory, allow_changes)
             if state["step"] > steps:
                 raise ValueError(f"{directory} holds a checkpoint at step {state['step']}, beyond steps={steps}")
             policy.load_trainable_state(state["trainable"])
@@ -239,7 +255,7 @@ def fit(
             ts = time.perf_counter()
             if obj.on_policy:
                 loss, row, log_Z, count = _on_policy_step(
-                    post, policy, obj, prompt_ids, q_ids, batch_size, max_new_tokens, generator, log_Z, count
+                    post, policy, obj, prompt_ids, q_ids, batch_size, max_new_tokens, generator, log_Z, count, step=step + 1
                 )
             else:
                 loss, row, log_Z, count = _distill_step(
@@ -271,21 +287,87 @@ def fit(
         bar.close()
         if mfile is not None:
             mfile.close()
+    if not bool(torch.isfinite(log_Z).all()):  # DPG took every step without a sample of positive weight
+        p = int((~torch.isfinite(log_Z)).nonzero()[0])
+        raise ValueError(
+            f"{obj.name}: by step {steps} no sample of prompt {p} has had positive posterior weight (every reward -inf), "
+            "so nothing was trained; increase batch_size or steps, or relax the constraint"
+        )
     return TrainRun(
         objective=obj.name, steps=steps, metrics=metrics, log_Z=log_Z, resumed_from=start if start else None,
         seconds=time.perf_counter() - t0, checkpoint_dir=directory, metrics_path=mpath, config=config,
     )  # fmt: skip
 
 
-def _check_config(state: dict, config: dict, directory: Path) -> None:
+def _load_latest(directory: Path, rank: int, world: int) -> dict | None:
+    """The latest checkpoint every rank has that loads; a damaged later one is skipped with a
+    warning. None when there is none; CheckpointError when every one is damaged."""
+    found = ckpt.steps_of(directory)
+    common = set.intersection(*(set(found.get(r, [])) for r in range(world))) if found else set()
+    errors = []
+    for step in sorted(common, reverse=True):
+        try:
+            state = ckpt.load_checkpoint(directory, rank, step)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            warnings.warn(f"{'; '.join(errors)}: resuming from the previous checkpoint, step {step}", stacklevel=3)
+        return state
+    if errors:
+        raise CheckpointError(f"no usable checkpoint in {directory}: {'; '.join(errors)}", directory)
+    return None
+
+
+def _check_allow_changes(allow_changes) -> tuple[str, ...]:
+    if isinstance(allow_changes, str):
+        allow_changes = (allow_changes,)
+    try:
+        names = tuple(allow_changes)
+    except TypeError:
+        raise ValueError(f"allow_changes must be a sequence of config field names, got {allow_changes!r}") from None
+    known = set(CONFIG_FIELDS) | {"steps"}
+    bad = [n for n in names if not isinstance(n, str) or n.split(".")[0] not in known]
+    if bad:
+        raise ValueError(f"allow_changes names unknown field(s) {bad}; choose from {sorted(known)}")
+    return names
+
+
+# The fields of a run's identity (``TrainRun.config``); nested ones (prior, reward, policy) are
+# compared field by field ("reward.fingerprint").
+CONFIG_FIELDS = (
+    "objective", "batch_size", "lr", "max_new_tokens", "prompts", "seed", "beta", "max_grad_norm", "world_size",
+    "distill_method", "distill_resample", "sampler_options", "prior", "reward", "policy",
+)  # fmt: skip
+
+
+def _flat(config: dict) -> dict:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+_MISSING = "<not recorded>"
+
+
+def _check_config(state: dict, config: dict, directory: Path, allow_changes: Sequence[str] = ()) -> None:
+    """Refuse to resume a checkpoint of another run: one message naming every field that differs."""
     if state.get("format") != FORMAT:
-        raise ValueError(f"{directory}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
-    old = state["config"]
-    diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        raise CheckpointError(f"{directory}: checkpoint format {state.get('format')!r}, expected {FORMAT}", directory)
+    old, new = _flat(state["config"]), _flat(config)
+    allowed = lambda k: k in allow_changes or k.split(".")[0] in allow_changes  # noqa: E731
+    diff = [(k, old.get(k, _MISSING), v) for k, v in new.items() if old.get(k, _MISSING) != v and not allowed(k)]
     if diff:
+        fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff)
+        names = tuple(dict.fromkeys(k.split(".")[0] for k, _, _ in diff))
         raise ValueError(
-            f"{directory} holds a run with other settings, {diff} (checkpoint, now); use another checkpoint_dir "
-            "or the same settings (only steps may change)"
+            f"{directory} holds a checkpoint of a run with other settings (checkpoint -> now): {fields}. Use another "
+            f"checkpoint_dir, the same settings, or fit(..., allow_changes={names!r}) to change them on purpose "
+            "(steps may always change)"
         )
 
 
@@ -300,7 +382,7 @@ def _mean(x: torch.Tensor) -> float:
     return float(x.double().mean())
 
 
-def _on_policy_step(post, policy, obj, prompt_ids, q_ids, N, max_new_tokens, generator, log_Z, count):
+def _on_policy_step(post, policy, obj, prompt_ids, q_ids, N, max_new_tokens, generator, log_Z, count, *, step=None):
     prior, beta = post.prior, post.beta
     with torch.no_grad():
         cont = policy.sample(q_ids, N, max_new_tokens, generator=generator)
@@ -311,22 +393,32 @@ def _on_policy_step(post, policy, obj, prompt_ids, q_ids, N, max_new_tokens, gen
     log_w = log_pi0 + rewards / beta - lq  # (P, N) log pi0 e^{r/beta} / q
     stats = log_weight_stats(log_w)
     log_Z, count = _update_log_Z(log_Z, count, stats.log_mean + math.log(N), N)
-    if obj.uses_log_Z and not bool(torch.isfinite(log_Z).all()):
-        p = int((~torch.isfinite(log_Z)).nonzero()[0])
-        raise ValueError(
-            f"{obj.name}: no sample of prompt {p} has had positive posterior weight yet (every reward -inf), "
-            "so log Z has no estimate; increase batch_size or relax the constraint"
+    undefined = ~torch.isfinite(log_Z)  # (P,) prompts none of whose samples has had pi* > 0 yet
+    if bool(undefined.any()):
+        p = int(undefined.nonzero()[0])
+        if obj.uses_log_Z:  # f-DPG cannot take a step without log Z
+            raise ValueError(
+                f"{obj.name}, step {step}: no sample of prompt {p} has had positive posterior weight yet (every reward "
+                "-inf), so log Z has no estimate; increase batch_size or relax the constraint"
+            )
+        # DPG: such a prompt gives no gradient (c = 0) until a sample satisfies the constraint, which
+        # a rare constraint needs a few steps for; fit raises at the end if none ever does.
+        warnings.warn(
+            f"{obj.name}: no sample of some prompt has had positive posterior weight yet (every reward -inf): it gives "
+            "no gradient and no KL / log Z estimate until one does",
+            stacklevel=3,
         )
     dev = log_q.device
     loss, info = obj.loss(log_q, log_pi0.to(dev), rewards.to(dev), beta, log_Z=log_Z.to(dev) if obj.uses_log_Z else None)
     w = stats.log_weights.exp()  # (P, N) normalised
     fwd = torch.where(w > 0, w * log_w, torch.zeros((), dtype=torch.float64)).sum(-1) - log_Z  # (P,)
     rev = (-log_w).mean(-1) + log_Z
+    est = (lambda x: None) if bool(undefined.any()) else (lambda x: _num(_mean(x)))  # noqa: E731 (undefined: None, not "nan")
     row = {
         "loss": float(loss.detach()), "samples": "policy", "reward_mean": _num(_mean(rewards)),
-        "kl_prior": _num(_mean(lq - log_pi0)), "kl_target_forward": _num(_mean(fwd)), "kl_target_reverse": _num(_mean(rev)),
-        "ess": _num(_mean(stats.ess)), "log_Z": _num(_mean(log_Z)), "log_Z_batch": _num(_mean(stats.log_mean)),
-        "pseudo_reward_mean": _num(_mean(info.pseudo_reward.cpu())),
+        "kl_prior": _num(_mean(lq - log_pi0)), "kl_target_forward": est(fwd), "kl_target_reverse": est(rev),
+        "ess": est(stats.ess), "log_Z": est(log_Z), "log_Z_batch": _num(_mean(stats.log_mean)),
+        "pseudo_reward_mean": est(info.pseudo_reward.cpu()),
         "zero_weight_prompts": int(stats.degenerate.sum()),  # prompts whose batch has no sample with pi* > 0
     }  # fmt: skip
     return loss, row, log_Z, count

@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from posterior.validate import check_real
+
 
 class LossInfo(NamedTuple):
     """What a loss computed besides its value (all detached)."""
@@ -54,8 +56,7 @@ def _check(log_q: torch.Tensor, log_pi0: torch.Tensor, rewards: torch.Tensor, be
             f"log_q, log_pi0 and rewards must share a (P, N) shape; got {tuple(log_q.shape)}, "
             f"{tuple(log_pi0.shape)}, {tuple(rewards.shape)}"
         )
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    check_real("beta", beta, positive=True)
     for name, x in (("log_q", log_q), ("log_pi0", log_pi0), ("rewards", rewards)):
         if bool(torch.isnan(x).any() | torch.isposinf(x).any()):
             raise ValueError(f"{name} has NaN or +inf at {tuple(torch.nonzero(torch.isnan(x) | torch.isposinf(x))[0].tolist())}")

@@ -29,9 +29,12 @@ from pathlib import Path
 
 import torch
 
+from posterior.errors import CheckpointError
 from posterior.priors.base import GRAD, DecodeState, Prior, StepwisePrior, budgets_per_row, decode_rows
 from posterior.priors.callable import CallablePrior
 from posterior.priors.hf import HFPrior
+from posterior.train.checkpoint import first_line, load_file
+from posterior.validate import check_int, check_optional_int
 
 TABULAR_FILE = "tabular_policy.pt"
 MAX_TABLE_ENTRIES = 50_000_000  # logits in a tabular policy (prompts x prefixes x vocab)
@@ -219,8 +222,7 @@ class TabularPolicy(StepwisePrior, Policy):
     """
 
     def __init__(self, prior: CallablePrior, max_new_tokens: int, *, prompts: Sequence[str] | None = None):
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"a tabular policy needs max_new_tokens, a positive int; got {max_new_tokens!r}")
+        max_new_tokens = check_int("a tabular policy's max_new_tokens", max_new_tokens, 1)
         self.base = prior
         self.max_new_tokens = max_new_tokens
         self.prompts = None if prompts is None else list(prompts)
@@ -446,8 +448,7 @@ def policy_from(
     """
     if isinstance(prior, Policy):
         raise ValueError(f"prior is already a trainable policy ({type(prior).__name__}); pass the original prior")
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
+    max_new_tokens = check_optional_int("max_new_tokens", max_new_tokens, 1)
     # By capability: a prior with gradients (a transformers model) gets a LoRA / full copy; the
     # tabular policy is built from a CallablePrior's explicit vocabulary (a construction, not a capability).
     if prior.has(GRAD):
@@ -455,8 +456,7 @@ def policy_from(
             raise ValueError("prompts= applies to tabular policies (CallablePrior) only; an HF policy covers every prompt")
         if lora_rank is None:
             return _full_policy(prior, max_new_tokens)
-        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
-            raise ValueError(f"lora_rank must be a positive int or None (full copy), got {lora_rank!r}")
+        lora_rank = check_int("lora_rank", lora_rank, 1)
         return _lora_policy(prior, lora_rank, alpha=lora_alpha, target_modules=target_modules,
                             max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     if isinstance(prior, CallablePrior):
@@ -475,30 +475,46 @@ def policy_from(
 def load_policy(prior: Prior, path: str | os.PathLike) -> Prior:
     """A policy saved by ``policy.save(path)``, over ``prior`` (the same pi0 it was trained from)."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"policy folder {path} does not exist", path)
+    if not path.is_dir():
+        raise CheckpointError(f"policy folder {path} is a file, not a folder saved by policy.save", path)
     if (path / TABULAR_FILE).is_file():
         if not isinstance(prior, CallablePrior):
             raise ValueError(f"{path} holds a tabular policy; it needs a CallablePrior, got {type(prior).__name__}")
-        saved = torch.load(path / TABULAR_FILE, weights_only=True)
+        saved = load_file(path / TABULAR_FILE, "tabular policy")
+        if not (isinstance(saved, dict) and {"vocab", "logits", "prompts", "max_new_tokens"} <= set(saved)):
+            raise CheckpointError(f"tabular policy {path / TABULAR_FILE} is not a saved TabularPolicy", path / TABULAR_FILE)
         if saved["vocab"] != list(prior.vocab):
             raise ValueError(f"{path}: the tabular policy's vocabulary {saved['vocab']} differs from the prior's {prior.vocab}")
         policy = TabularPolicy(prior, saved["max_new_tokens"], prompts=saved["prompts"])
         policy.load_trainable_state({"logits": saved["logits"]})
         return policy
+    lora, full = (path / "adapter_config.json").is_file(), (path / "config.json").is_file()
+    if not (lora or full):
+        what = "is empty" if not any(path.iterdir()) else "holds no saved policy"
+        raise CheckpointError(f"policy folder {path} {what} (no {TABULAR_FILE}, adapter_config.json or config.json)", path)
     if not prior.has(GRAD):
         raise ValueError(f"{path} holds an HF policy; it needs an HFPrior (a prior with gradients), got {type(prior).__name__}")
     meta_file = path / "posterior_policy.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_file} is not readable JSON ({e})", meta_file) from None
+    from safetensors import SafetensorError
 
-        model = PeftModel.from_pretrained(_shallow_copy(prior.model), str(path), is_trainable=True)
-        return HFPolicy(model, prior, lora=True, max_new_tokens=meta.get("max_new_tokens"))
-    if (path / "config.json").is_file():
+    try:
+        if lora:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(_shallow_copy(prior.model), str(path), is_trainable=True)
+            return HFPolicy(model, prior, lora=True, max_new_tokens=meta.get("max_new_tokens"))
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=prior.model.dtype)
-        return HFPolicy(model.to(prior.device), prior, lora=False, max_new_tokens=meta.get("max_new_tokens"))
-    raise ValueError(f"{path} holds no saved policy (no {TABULAR_FILE}, adapter_config.json or config.json)")
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError) as e:  # torn weights, foreign configs
+        raise CheckpointError(f"policy folder {path} cannot be loaded ({type(e).__name__}: {first_line(e)})", path) from None
+    return HFPolicy(model.to(prior.device), prior, lora=False, max_new_tokens=meta.get("max_new_tokens"))
 
 
 __all__ = ["HFPolicy", "Policy", "TabularPolicy", "load_policy", "policy_from"]

@@ -1,0 +1,149 @@
+"""The one set of argument checks for the whole package: each returns the value as a plain Python
+type or raises ``ValueError`` naming the argument and the bad value.
+
+What counts as a number is decided here once: Python ints and floats, numpy scalars (``np.int64``,
+``np.float32``, ...) and one-element torch tensors of an integer / floating dtype. ``bool`` (and
+``np.bool_``) is never a number (``n=True`` is a mistake, not 1). So ``fit``, ``Posterior.sample``,
+``compare``, the samplers and the rewards accept and refuse the same values.
+
+(A module of its own rather than more helpers in :mod:`posterior.errors`: that module holds the
+error classes; a reader looking for the checks finds them by name here. ``posterior.errors``
+re-exports the old names ``check_int``, ``check_real``, ``is_int``, ``is_real`` and ``as_plain``.)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+
+#: Seeds are what ``torch.Generator.manual_seed`` takes without wrapping: 0 .. 2**64 - 1.
+SEED_MAX = 2**64 - 1
+
+
+def _unwrap(value):
+    """A one-element torch tensor as its Python scalar; anything else unchanged."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        if value.dtype == torch.bool:
+            return bool(value.item())
+        return value.item()
+    return value
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def is_int(value) -> bool:
+    """An integer that is not a bool (numpy and one-element torch integers included)."""
+    value = _unwrap(value)
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
+
+
+def is_real(value) -> bool:
+    """A real number that is not a bool (numpy and one-element torch numbers included)."""
+    value = _unwrap(value)
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def check_int(name: str, value, minimum: int | None = None, *, maximum: int | None = None) -> int:
+    """``value`` as a Python int in [minimum, maximum], or ``ValueError`` naming ``name`` and the value."""
+    what = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+    if maximum is not None:
+        what += f" <= {maximum}"
+    if not is_int(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    out = int(_unwrap(value))
+    if (minimum is not None and out < minimum) or (maximum is not None and out > maximum):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return out
+
+
+def check_optional_int(name: str, value, minimum: int | None = None) -> int | None:
+    """None, or ``check_int(name, value, minimum)``."""
+    return None if value is None else check_int(name, value, minimum)
+
+
+def check_seed(name: str, value, *, or_none: bool = False) -> int | None:
+    """A seed: an int in [0, 2**64) (what ``torch.Generator.manual_seed`` takes); with
+    ``or_none``, None too (fresh entropy)."""
+    if or_none and value is None:
+        return None
+    if not is_int(value) or not 0 <= int(_unwrap(value)) <= SEED_MAX:
+        raise ValueError(f"{name} must be an int in [0, 2**64){' or None (fresh entropy)' if or_none else ''}, got {value!r}")
+    return int(_unwrap(value))
+
+
+def check_real(
+    name: str, value, *, positive: bool = False, finite: bool = True, minimum: float | None = None,
+    maximum: float | None = None,
+) -> float:  # fmt: skip
+    """``value`` as a Python float, or ``ValueError`` naming ``name`` and the value.
+
+    ``positive``: > 0; ``minimum`` / ``maximum``: inclusive bounds; ``finite``: no ±inf (NaN never)."""
+    ok = is_real(value)
+    out = float(_unwrap(value)) if ok else math.nan
+    bad = not ok or math.isnan(out) or (finite and not math.isfinite(out)) or (positive and out <= 0)
+    bad = bad or (minimum is not None and out < minimum) or (maximum is not None and out > maximum)
+    if bad:
+        kind = "a finite number" if finite else "a number"
+        if minimum is not None and maximum is not None:
+            bounds = f" in [{minimum:g}, {maximum:g}]"
+        else:
+            bounds = " > 0" if positive else ""
+            bounds += f" >= {minimum:g}" if minimum is not None else f" <= {maximum:g}" if maximum is not None else ""
+        raise ValueError(f"{name} must be {kind}{bounds}, got {value!r}")
+    return out
+
+
+def check_prob(name: str, value, *, open_low: bool = False) -> float:
+    """A probability: a number in [0, 1] (in (0, 1] with ``open_low``)."""
+    out = check_real(name, value, minimum=0.0, maximum=1.0)
+    if open_low and out == 0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return out
+
+
+def check_bool(name: str, value) -> bool:
+    """A bool (numpy / one-element torch bools included); 0 and 1 are not bools here."""
+    v = _unwrap(value)
+    if not _is_bool(v):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(v)
+
+
+def check_choice(name: str, value, choices: Iterable):
+    """``value`` if it is one of ``choices``, else ``ValueError`` listing them."""
+    choices = list(choices)
+    try:
+        ok = value in choices
+    except TypeError:  # unhashable / incomparable values
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def as_plain(value):
+    """numpy / one-element torch scalars as Python int, float or bool; other values unchanged
+    (so method options given as ``np.int64(8)`` reach every sampler as ``8``)."""
+    v = _unwrap(value)
+    if type(v).__name__ == "bool_":
+        return bool(v)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, numbers.Integral) and not isinstance(v, int):
+        return int(v)
+    if isinstance(v, numbers.Real) and not isinstance(v, float) and not isinstance(v, int):
+        return float(v)
+    if v is not value and isinstance(v, (int, float)):  # a torch scalar unwrapped
+        return v
+    return value
+
+
+__all__ = [
+    "SEED_MAX", "as_plain", "check_bool", "check_choice", "check_int", "check_optional_int", "check_prob",
+    "check_real", "check_seed", "is_int", "is_real",
+]  # fmt: skip

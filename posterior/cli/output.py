@@ -14,6 +14,7 @@ import math
 import re
 import signal
 import sys
+import time
 
 _BAR = re.compile(
     r"(?P<desc>[^:\r\n]*): *(?P<pct>\d+)%\|[^|]*\| *(?P<n>[\d.]+[kMG]?)/(?P<total>[\d.]+[kMG]?) "
@@ -24,11 +25,15 @@ _BAR = re.compile(
 class LineProgress:
     """A stand-in for stderr that turns tqdm's carriage-return bars into one line per 10%.
 
-    It passes other text through and prints "posterior: smc 40% (13/32, 00:05)" when a bar
-    crosses a tenth (with the bar's postfix, e.g. the acceptance rate, when it has one)."""
+    It passes other text through and prints "posterior: smc 40% (13/32, 00:05, ~00:07 left)" when
+    a bar crosses a tenth, with the bar's postfix (e.g. rejection's draws and acceptance rate);
+    a bar that stays within one tenth is shown again every ``every`` seconds while its text
+    changes, so a long wait is never silent."""
+
+    every = 10.0  # seconds between lines of a bar that does not move by a tenth
 
     def __init__(self, stream):
-        self.stream, self.shown = stream, {}
+        self.stream, self.shown, self.last = stream, {}, {}
 
     def write(self, text: str) -> int:
         for part in re.split(r"(\r|\n)", text):
@@ -41,8 +46,12 @@ class LineProgress:
                 continue
             tenth = int(m["pct"]) // 10
             desc = m["desc"].strip() or "progress"
-            if self.shown.get(desc, -1) < tenth and (tenth > 0 or desc not in self.shown):
-                self.shown[desc] = tenth
+            now = time.monotonic()
+            crossed = self.shown.get(desc, -1) < tenth and (tenth > 0 or desc not in self.shown)
+            stale = desc in self.last and now - self.last[desc][0] >= self.every and m["post"] != self.last[desc][1]
+            if crossed or stale:
+                self.shown[desc] = max(tenth, self.shown.get(desc, -1))
+                self.last[desc] = (now, m["post"])
                 left = (m["left"] or "").strip()
                 left = f", ~{left} left" if left and "?" not in left and tenth < 10 else ""
                 post = (m["post"] or "").strip(" ,")

@@ -26,6 +26,7 @@ drawing for minutes towards a count it cannot reach.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -81,6 +82,7 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
     seen_accept: list[list[torch.Tensor]] = [[] for _ in range(P)]
     todo = list(range(P))
     bar = tqdm(total=P * n, desc=what, unit="sample", disable=not progress, leave=False)
+    t0 = time.perf_counter()
     try:
         while todo:
             sub = None if prompts is None else [prompts[p] for p in todo]
@@ -108,6 +110,8 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
                     _check_budget(what, prompts, p, torch.cat(seen_accept[p]), len(accepted[p]), n, max_draws)
                     still.append(p)
             todo = still
+            if progress:  # the bar counts acceptances, which may stay at 0 for minutes: say why
+                bar.set_postfix_str(_progress_note(seen_accept, accepted, n, todo, time.perf_counter() - t0))
     finally:
         bar.close()
     tokens = _pad_stack([[a[0] for a in acc_p] for acc_p in accepted], post.prior.eos_token_ids[0])
@@ -119,6 +123,18 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
     all_rewards = [torch.cat(r) for r in seen_rewards]
     all_ratio = [None if r[0] is None else torch.cat(r) for r in seen_ratio]
     return cont, log_prior, rewards, torch.tensor(draws_used), all_rewards, all_ratio
+
+
+def _progress_note(seen_accept, accepted, n: int, todo: list[int], seconds: float) -> str:
+    """Draws so far, acceptances, the estimated acceptance rate (mean acceptance probability of
+    the draws) and the expected time left (draws still needed at the mean time per draw)."""
+    log_acc = [torch.cat(a) for a in seen_accept]
+    draws = sum(a.numel() for a in log_acc)
+    got = sum(len(a) for a in accepted)
+    rate = float(torch.cat(log_acc).double().exp().mean()) if draws else 0.0
+    left = sum(draws_needed(log_acc[p], len(accepted[p]), n)[0] - log_acc[p].numel() for p in todo)
+    eta = tqdm.format_interval(left * seconds / draws) if draws and math.isfinite(left) else "?"
+    return f"draws {draws}, accepted {got}, est. acceptance rate {rate:.3g}, ~{eta} left"
 
 
 def _pad_stack(rows: list[list[torch.Tensor]], pad: int) -> torch.Tensor:

@@ -53,8 +53,9 @@ class LineProgress:
                 self.shown[desc] = max(tenth, self.shown.get(desc, -1))
                 self.last[desc] = (now, m["post"])
                 left = (m["left"] or "").strip()
-                left = f", ~{left} left" if left and "?" not in left and tenth < 10 else ""
                 post = (m["post"] or "").strip(" ,")
+                # the bar's own estimate, unless its postfix has a better one (rejection's, from draws)
+                left = f", ~{left} left" if left and "?" not in left and tenth < 10 and " left" not in post else ""
                 self.stream.write(f"posterior: {desc} {m['pct']}% ({m['n']}/{m['total']}, {m['elapsed'].strip()}{left})"
                                   + (f" {post}" if post else "") + "\n")  # fmt: skip
         self.stream.flush()
@@ -72,13 +73,18 @@ class LineProgress:
 
 @contextlib.contextmanager
 def line_progress(enabled: bool):
-    """While inside, tqdm bars on a non-terminal stderr come out one line per 10%."""
-    if not enabled or sys.stderr.isatty() or isinstance(sys.stderr, LineProgress):
+    """While inside, tqdm bars on a non-terminal stderr come out one line per 10% (``enabled``)
+    or not at all (transformers' own bars are turned off either way: they are not tqdm lines
+    that can be paced)."""
+    if sys.stderr.isatty() or isinstance(sys.stderr, LineProgress):
         yield
         return
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # its bars are not tqdm lines we can pace
+    hf_logging.disable_progress_bar()
+    if not enabled:
+        yield
+        return
     stream = sys.stderr
     sys.stderr = LineProgress(stream)
     try:

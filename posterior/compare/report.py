@@ -329,7 +329,8 @@ def compare(
         raise ValueError(f"progress must be a bool, got {progress!r}")
     generator = torch.Generator().manual_seed(seed)  # diversity resampling; samplers seed their own
     rows = []
-    bar = tqdm(total=len(names) + 1, desc="compare", unit="row", disable=not progress, leave=False, file=sys.stderr)
+    bar = tqdm(total=len(names) + 1, desc="compare", unit="row", disable=not progress, leave=False, file=sys.stderr,
+               mininterval=0)  # a row takes seconds: show each
     for method in methods:
         rows.append(_sampler_row(post, method, n=n, max_new_tokens=max_new_tokens, prompts=prompts, seed=seed,
                                  options=method_options.get(method, {}), generator=generator))  # fmt: skip

@@ -97,7 +97,6 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
                 for i in range(batch):
                     if acc[j, i]:
                         accepted[p].append((d.cont.tokens[j, i], d.cont.lengths[j, i], d.cont.texts[j][i], d.log_prior[j, i], d.rewards[j, i]))
-                        bar.update(1)
                         if len(accepted[p]) == n:
                             used = i + 1
                             break
@@ -111,7 +110,8 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
                     still.append(p)
             todo = still
             if progress:  # the bar counts acceptances, which may stay at 0 for minutes: say why
-                bar.set_postfix_str(_progress_note(seen_accept, accepted, n, todo, time.perf_counter() - t0))
+                bar.set_postfix_str(_progress_note(seen_accept, accepted, n, todo, time.perf_counter() - t0), refresh=False)
+            bar.update(sum(len(a) for a in accepted) - bar.n)
     finally:
         bar.close()
     tokens = _pad_stack([[a[0] for a in acc_p] for acc_p in accepted], post.prior.eos_token_ids[0])

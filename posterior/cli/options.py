@@ -209,8 +209,8 @@ def check_method_options(method: str, pairs, *, prefix: str = "--option ") -> di
             ok, kind = is_int(value), "an int"
         elif isinstance(default, float):
             ok, kind = is_real(value) and math.isfinite(value), "a number"
-        elif isinstance(default, str):
-            ok, kind = isinstance(value, str), "a name"
+        elif isinstance(default, str):  # null too: some take None (smc's twist=null: no twist)
+            ok, kind = value is None or isinstance(value, str), "a name"
         else:
             ok, kind = True, ""
         if not ok:

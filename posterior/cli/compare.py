@@ -102,7 +102,7 @@ def run(args) -> int:
         try:
             rep = pst.compare(post, methods=methods, policies=policies, n=args.n, max_new_tokens=args.max_new_tokens,
                               prompts=args.prompts or None, seed=args.seed, method_options=method_options,
-                              bounds=args.bounds, bounds_repeats=args.bounds_repeats)  # fmt: skip
+                              bounds=args.bounds, bounds_repeats=args.bounds_repeats, progress=progress)  # fmt: skip
         except TypeError as e:  # a sampler's option of the wrong kind
             raise ValueError(str(e)) from e
     # The comparison exists: print it before the plot, which may still fail.

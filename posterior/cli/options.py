@@ -16,6 +16,8 @@ import math
 import os
 import sys
 
+from posterior.threads import requested_threads
+
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 SEED_LIMIT = 2**64  # the seeds torch.Generator.manual_seed and Posterior.sample accept: [0, 2**64)
 LIBRARY_ONLY = {"proposal": ("is", "qrs"), "init_texts": ("mh",), "callback": ("smc", "mh")}  # Python objects
@@ -129,6 +131,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=1.0, help="prior temperature (changes pi0)")
     g.add_argument("--top-k", type=int, default=None, help="prior top-k (changes pi0)")
     g.add_argument("--top-p", type=float, default=None, help="prior top-p (changes pi0)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: $POSTERIOR_THREADS, else $OMP_NUM_THREADS, else one per free "
+                        "core: the cores minus the load average, at least 1; see posterior/threads.py)")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
@@ -156,6 +161,9 @@ def check_model(args, *, backends=("hf", "vllm"), command: str = "") -> None:
     validate_sampling(args.temperature, args.top_k, args.top_p)
     if args.device is not None:
         check_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be an int >= 1, got {args.threads}")
+    requested_threads(args.threads)  # a bad $POSTERIOR_THREADS fails here
     if args.model is not None and not os.path.exists(args.model):
         raise ValueError(f"--model {args.model!r}: no such folder")
 
@@ -201,8 +209,8 @@ def check_method_options(method: str, pairs, *, prefix: str = "--option ") -> di
             ok, kind = is_int(value), "an int"
         elif isinstance(default, float):
             ok, kind = is_real(value) and math.isfinite(value), "a number"
-        elif isinstance(default, str):
-            ok, kind = isinstance(value, str), "a name"
+        elif isinstance(default, str):  # null too: some take None (smc's twist=null: no twist)
+            ok, kind = value is None or isinstance(value, str), "a name"
         else:
             ok, kind = True, ""
         if not ok:
@@ -213,9 +221,32 @@ def check_method_options(method: str, pairs, *, prefix: str = "--option ") -> di
 # --------------------------------------------------------------------------------------------------
 # Loading (after every check)
 # --------------------------------------------------------------------------------------------------
+def apply_threads(args) -> None:
+    """Set torch's CPU threads (see posterior/threads.py): --threads, $POSTERIOR_THREADS, else
+    one per free core; $OMP_NUM_THREADS, which torch obeys by itself, is left alone."""
+    import torch
+
+    from posterior.threads import available_cores, default_threads
+
+    n, source = requested_threads(getattr(args, "threads", None))
+    if source == "OMP_NUM_THREADS":
+        return
+    if n is None:
+        n = default_threads()
+        try:
+            load = f"load {os.getloadavg()[0]:.1f}"
+        except (AttributeError, OSError):
+            load = "no load average"
+        stage(args, f"threads: {n} ({available_cores()} core(s), {load}; --threads N to choose)")
+    torch.set_num_threads(n)
+
+
 def load_prior(args):
-    """The prior the model options name (the one function that loads a model)."""
+    """The prior the model options name (the one function that loads a model); sets torch's
+    threads first (:func:`apply_threads`)."""
     import posterior as pst
+
+    apply_threads(args)
 
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "chat": args.chat}
     if args.backend == "vllm":

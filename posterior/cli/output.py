@@ -14,6 +14,7 @@ import math
 import re
 import signal
 import sys
+import time
 
 _BAR = re.compile(
     r"(?P<desc>[^:\r\n]*): *(?P<pct>\d+)%\|[^|]*\| *(?P<n>[\d.]+[kMG]?)/(?P<total>[\d.]+[kMG]?) "
@@ -24,11 +25,15 @@ _BAR = re.compile(
 class LineProgress:
     """A stand-in for stderr that turns tqdm's carriage-return bars into one line per 10%.
 
-    It passes other text through and prints "posterior: smc 40% (13/32, 00:05)" when a bar
-    crosses a tenth (with the bar's postfix, e.g. the acceptance rate, when it has one)."""
+    It passes other text through and prints "posterior: smc 40% (13/32, 00:05, ~00:07 left)" when
+    a bar crosses a tenth, with the bar's postfix (e.g. rejection's draws and acceptance rate);
+    a bar that stays within one tenth is shown again every ``every`` seconds while its text
+    changes, so a long wait is never silent."""
+
+    every = 10.0  # seconds between lines of a bar that does not move by a tenth
 
     def __init__(self, stream):
-        self.stream, self.shown = stream, {}
+        self.stream, self.shown, self.last = stream, {}, {}
 
     def write(self, text: str) -> int:
         for part in re.split(r"(\r|\n)", text):
@@ -41,11 +46,16 @@ class LineProgress:
                 continue
             tenth = int(m["pct"]) // 10
             desc = m["desc"].strip() or "progress"
-            if self.shown.get(desc, -1) < tenth and (tenth > 0 or desc not in self.shown):
-                self.shown[desc] = tenth
+            now = time.monotonic()
+            crossed = self.shown.get(desc, -1) < tenth and (tenth > 0 or desc not in self.shown)
+            stale = desc in self.last and now - self.last[desc][0] >= self.every and m["post"] != self.last[desc][1]
+            if crossed or stale:
+                self.shown[desc] = max(tenth, self.shown.get(desc, -1))
+                self.last[desc] = (now, m["post"])
                 left = (m["left"] or "").strip()
-                left = f", ~{left} left" if left and "?" not in left and tenth < 10 else ""
                 post = (m["post"] or "").strip(" ,")
+                # the bar's own estimate, unless its postfix has a better one (rejection's, from draws)
+                left = f", ~{left} left" if left and "?" not in left and tenth < 10 and " left" not in post else ""
                 self.stream.write(f"posterior: {desc} {m['pct']}% ({m['n']}/{m['total']}, {m['elapsed'].strip()}{left})"
                                   + (f" {post}" if post else "") + "\n")  # fmt: skip
         self.stream.flush()
@@ -63,13 +73,18 @@ class LineProgress:
 
 @contextlib.contextmanager
 def line_progress(enabled: bool):
-    """While inside, tqdm bars on a non-terminal stderr come out one line per 10%."""
-    if not enabled or sys.stderr.isatty() or isinstance(sys.stderr, LineProgress):
+    """While inside, tqdm bars on a non-terminal stderr come out one line per 10% (``enabled``)
+    or not at all (transformers' own bars are turned off either way: they are not tqdm lines
+    that can be paced)."""
+    if sys.stderr.isatty() or isinstance(sys.stderr, LineProgress):
         yield
         return
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # its bars are not tqdm lines we can pace
+    hf_logging.disable_progress_bar()
+    if not enabled:
+        yield
+        return
     stream = sys.stderr
     sys.stderr = LineProgress(stream)
     try:

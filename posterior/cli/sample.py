@@ -184,6 +184,11 @@ def _print_json(res, base, base_error) -> None:
     output.json_line(summary)
 
 
+def _showing(shown: int, total: int) -> None:
+    if shown < total:
+        print(f"  (showing {shown} of {total}; --show N for more, --json for all)")
+
+
 def _print_text(res, base, base_error, show: int, load_s: float) -> None:
     names = res.prompts or ["<unconditional>"]
     N = res.log_weights.shape[1]
@@ -208,10 +213,13 @@ def _print_text(res, base, base_error, show: int, load_s: float) -> None:
         for i in order:
             wt = "" if not res.targets_posterior else f" w={w[i].item():.3g}"
             print(f"  [r={r[i].item():+.3f}{wt}] {res.texts[p][i]!r}")
+        _showing(len(order), N)
         if base is not None:
             print("--- prior samples (plain draws from the model, for comparison)")
-            for i in range(min(show, len(base.cont.texts[p]))):
+            shown = min(show, len(base.cont.texts[p]))
+            for i in range(shown):
                 print(f"  [r={base.rewards[p, i].item():+.3f}] {base.cont.texts[p][i]!r}")
+            _showing(shown, len(base.cont.texts[p]))
             mean, dead = _prior_mean(base, p)
             prior_txt = "none finite" if mean is None else f"{mean:+.4f}"
             if dead:

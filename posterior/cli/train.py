@@ -57,9 +57,19 @@ def check(args) -> str:
     if out is None:
         raise ValueError("give --out (or --checkpoint-dir) to save the trained policy")
     for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--out", out)):
-        if path is not None and os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{flag} {path!r} is a file, not a folder")
+        if path is not None:
+            _check_folder(flag, path)
     return out
+
+
+def _check_folder(flag: str, path: str) -> None:
+    """``path`` is a folder or can become one: it and its nearest existing ancestor are not files."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here) and os.path.dirname(here) != here:
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        what = "is a file" if here == os.path.abspath(path) else f"is inside {here!r}, which is a file"
+        raise ValueError(f"{flag} {path!r} {what}, not a folder")
 
 
 def run(args) -> int:

@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from posterior.compare.frontier import FrontierPoint, default_betas, estimated_frontier, exact_frontier
 from posterior.diagnostics.weights import log_weight_stats
@@ -78,7 +80,7 @@ BRACKET_LABELS = ("KL(.|pi0)", "KL(pi*|q)", "KL(q|pi*)", "log Z")
 
 def _fmt_bracket(b) -> str:
     def one(v):
-        return "inf" if v == math.inf else ("-inf" if v == -math.inf else f"{v:.4g}")
+        return "inf" if v == math.inf else ("-inf" if v == -math.inf else f"{v:.3f}")
 
     return f"[{one(b[0])}, {one(b[1])}]"
 
@@ -158,11 +160,14 @@ class ComparisonReport:
         }  # fmt: skip
 
     def format_table(self) -> str:
+        """The rows as a text table: every number fixed-point with 3 decimals (so a column lines up
+        and reads the same in every row; ``to_json`` keeps full precision), counts as ints."""
+
         def f(v, width=9):
             if v is None:
                 return "-".rjust(width)
             if isinstance(v, float):
-                return f" {v:{width - 1}.4g}"
+                return f" {v:{width - 1}.3f}"
             if isinstance(v, int):
                 return f" {v:{width - 1}d}"
             return str(v).rjust(width)
@@ -395,6 +400,7 @@ def compare(
     bounds: bool = False,  # two-sided brackets for every row and the bound line (module doc)
     bounds_repeats: int = 8,  # independent runs of each side (and exact samples per prompt)
     bounds_z: float = 3.0,  # bracket ends moved outwards by this many standard errors
+    progress: bool = False,  # a tqdm bar on stderr over the rows (methods, policies, frontier)
 ) -> ComparisonReport:
     """Compare samplers of ``post`` and trained policies on the same prompts; see the module doc.
 
@@ -450,16 +456,24 @@ def compare(
     if len(set(names)) != len(names):
         raise ValueError(f"row names must be unique; methods and policies give {names}")
     prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be a bool, got {progress!r}")
     generator = torch.Generator().manual_seed(seed)  # diversity resampling; samplers seed their own
     rows = []
+    bar = tqdm(total=len(names) + 1, desc="compare", unit="row", disable=not progress, leave=False, file=sys.stderr,
+               mininterval=0)  # a row takes seconds: show each
     for method in methods:
         rows.append(_sampler_row(post, method, n=n, max_new_tokens=max_new_tokens, prompts=prompts, seed=seed,
                                  options=method_options.get(method, {}), generator=generator))  # fmt: skip
+        bar.set_postfix_str(f"{method} done", refresh=False)
+        bar.update(1)
     for name, policy in policies.items():
         pgen = torch.Generator(device=policy.device).manual_seed(seed)
         exact = _enumerable(post.prior, policy, max_new_tokens, prompts, exact_limit)
         rows.append(_policy_row(post, name, policy, n=n, max_new_tokens=max_new_tokens, prompts=prompts,
                                 generator=pgen, exact=exact))  # fmt: skip
+        bar.set_postfix_str(f"{name} done", refresh=False)
+        bar.update(1)
     betas = list(frontier_betas) if frontier_betas is not None else default_betas(post.beta)
     notes = []
     if _enumerable(post.prior, post.prior, max_new_tokens, prompts, exact_limit):
@@ -472,6 +486,9 @@ def compare(
         notes.append(f"frontier estimated by reweighting {m} prior draws per prompt (KL at most log {m} = {math.log(m):.2f})")
     if any(r.get("kl_prior_kind") == "bound" for r in rows):
         notes.append("best-of-k KL(.||pi0) is the bound log k - (k-1)/k")
+    bar.set_postfix_str("frontier done", refresh=False)
+    bar.update(1)
+    bar.close()
     bound_line = None
     if bounds:
         bound_line = _attach_brackets(rows, post, policies, n=n, max_new_tokens=max_new_tokens, prompts=prompts, seed=seed,

@@ -38,6 +38,7 @@ drawing for minutes towards a count it cannot reach.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -95,6 +96,7 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
     seen_accept: list[list[torch.Tensor]] = [[] for _ in range(P)]
     todo = list(range(P))
     bar = tqdm(total=P * n, desc=what, unit="sample", disable=not progress, leave=False)
+    t0 = time.perf_counter()
     try:
         while todo:
             sub = None if prompts is None else [prompts[p] for p in todo]
@@ -109,7 +111,6 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
                 for i in range(batch):
                     if acc[j, i]:
                         accepted[p].append((d.cont.tokens[j, i], d.cont.lengths[j, i], d.cont.texts[j][i], d.log_prior[j, i], d.rewards[j, i]))
-                        bar.update(1)
                         if len(accepted[p]) == n:
                             used = i + 1
                             break
@@ -122,6 +123,9 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
                     _check_budget(what, prompts, p, torch.cat(seen_accept[p]), len(accepted[p]), n, max_draws)
                     still.append(p)
             todo = still
+            if progress:  # the bar counts acceptances, which may stay at 0 for minutes: say why
+                bar.set_postfix_str(_progress_note(seen_accept, accepted, n, todo, time.perf_counter() - t0), refresh=False)
+            bar.update(sum(len(a) for a in accepted) - bar.n)
     finally:
         bar.close()
     first_accept = torch.stack([a[0] for a in seen_accept])  # (P, batch) log a(x) of the unconditional first batch
@@ -134,6 +138,18 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
     all_rewards = [torch.cat(r) for r in seen_rewards]
     all_ratio = [None if r[0] is None else torch.cat(r) for r in seen_ratio]
     return cont, log_prior, rewards, torch.tensor(draws_used), all_rewards, all_ratio, first_accept
+
+
+def _progress_note(seen_accept, accepted, n: int, todo: list[int], seconds: float) -> str:
+    """Draws so far, acceptances, the estimated acceptance rate (mean acceptance probability of
+    the draws) and the expected time left (draws still needed at the mean time per draw)."""
+    log_acc = [torch.cat(a) for a in seen_accept]
+    draws = sum(a.numel() for a in log_acc)
+    got = sum(len(a) for a in accepted)
+    rate = float(torch.cat(log_acc).double().exp().mean()) if draws else 0.0
+    left = sum(draws_needed(log_acc[p], len(accepted[p]), n)[0] - log_acc[p].numel() for p in todo)
+    eta = tqdm.format_interval(left * seconds / draws) if draws and math.isfinite(left) else "?"
+    return f"draws {draws}, accepted {got}, est. acceptance rate {rate:.3g}, ~{eta} left"
 
 
 def _pad_stack(rows: list[list[torch.Tensor]], pad: int) -> torch.Tensor:

@@ -140,7 +140,7 @@ def load_checkpoint(directory: Path, rank: int, step: int) -> dict:
     """One rank's checkpoint payload, or :class:`CheckpointError` if the file is damaged or foreign."""
     path = checkpoint_path(directory, rank, step)
     state = load_file(path)
-    if not isinstance(state, dict) or not all(k in state for k in PAYLOAD_KEYS):
+    if not isinstance(state, dict) or not all(k in state for k in PAYLOAD_KEYS) or not isinstance(state["config"], dict):
         have = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path} is not a posterior training checkpoint (it holds {have})", path)
     return state
@@ -270,6 +270,7 @@ def reward_fingerprint(reward, prior, prompts) -> dict:
 
 def policy_fingerprint(policy) -> dict:
     """The policy's kind and the names and shapes of its trainable tensors (LoRA rank, table size)."""
-    kind = policy.describe().get("policy", type(policy).__name__)
+    describe = getattr(policy, "describe", None)  # any trainable with these two methods (policies, twists)
+    kind = (describe() if callable(describe) else {}).get("policy", type(policy).__name__)
     shapes = [tuple(p.shape) for p in policy.trainable_parameters()]  # shapes only: no copy of the weights
     return {"kind": kind, "trainable": _digest(shapes)}

@@ -57,14 +57,14 @@ def bidirectional_encoder(config) -> str | None:
     RoBERTa, ...) carry ``is_decoder=False``; AutoModelForCausalLM still loads them as an "LM head"
     that attends both ways and keeps no KV cache."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "is_encoder_decoder", False):
+        return f"{getattr(text, 'model_type', type(text).__name__)!r} is an encoder-decoder model; use a decoder-only model"
     if getattr(text, "is_decoder", True) is False:
         kind = getattr(text, "model_type", type(text).__name__)
         return (
             f"{kind!r} is a bidirectional encoder (config.is_decoder=False), not a left-to-right language model; "
             "use a decoder-only model (GPT-2, Llama, SmolLM2, ...)"
         )
-    if getattr(text, "is_encoder_decoder", False):
-        return f"{getattr(text, 'model_type', type(text).__name__)!r} is an encoder-decoder model; use a decoder-only model"
     return None
 
 

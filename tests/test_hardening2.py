@@ -306,7 +306,7 @@ def test_consistency_one_validator_module_bert_folder_is_not_a_causal_lm(tmp_pat
 
     cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     BertForMaskedLM(cfg).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"is not a causal LM: 'bert' is a bidirectional encoder"):
+    with pytest.raises(ValueError, match=r"is not a transformers causal LM checkpoint: 'bert' is a bidirectional encoder"):
         HFPrior.from_pretrained(str(tmp_path))
 
 

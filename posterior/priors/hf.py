@@ -102,7 +102,7 @@ class HFPrior(TokenizerText, StepwisePrior):
             except (OSError, ValueError, KeyError) as e:
                 raise ValueError(f"cannot load a causal LM from {path!r} (local files only): {e}") from e
             if not_causal := bidirectional_encoder(config):
-                raise ValueError(f"{path!r} is not a causal LM: {not_causal}")
+                raise ValueError(f"{path!r} is not a transformers causal LM checkpoint: {not_causal}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kw)

@@ -186,6 +186,8 @@ def fit(
     allow_changes = _check_allow_changes(allow_changes)
     if checkpoint_dir is not None:
         ckpt.check_directory(Path(checkpoint_dir))
+    if metrics_path is not None and Path(metrics_path).is_dir():
+        raise CheckpointError(f"metrics_path {metrics_path} is a folder; give a file path (e.g. .../metrics.jsonl)", metrics_path)
     prior = post.prior
     prompt_ids = prior.encode_prompts(prompts)
     prior.check_lengths(prompt_ids, max_new_tokens, prompts)

@@ -4,7 +4,7 @@ An aligned model is the explicit posterior pi*(x) ∝ pi0(x) · exp(r(x)/beta). 
 draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward statistics.
 """
 
-from posterior import rewards, train
+from posterior import batch, rewards, train
 from posterior.compare import compare
 from posterior.errors import DegenerateWeightsError
 from posterior.generate import GenerateOutput, generate
@@ -27,6 +27,7 @@ __all__ = [
     "SAMPLERS",
     "SampleResult",
     "VLLMPrior",
+    "batch",
     "compare",
     "generate",
     "load_default_prior",

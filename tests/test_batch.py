@@ -81,16 +81,13 @@ def test_each_line_equals_posterior_sample_with_the_derived_seed(tmp_path, metho
         assert "seconds" not in json.dumps(g)  # no timing: a resumed file equals an uninterrupted one
 
 
-def test_independent_prompt_seeds_give_an_unbiased_mean_of_Z():
+def test_independent_prompt_seeds_give_an_unbiased_mean_of_Z(tmp_path):
     """60 copies of one prompt: each line's IS estimate of Z is unbiased and the lines are independent
     draws (distinct seeds), so their mean is within 3 standard errors of the enumerated Z."""
     post, P = toy_post(), 60
     exact = exact_posterior(post.prior, post.reward, post.beta, 3, prompt="a")
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        pst.batch.run(post, ["a"] * P, f"{d}/o.jsonl", n=8, method="is", max_new_tokens=3, seed=0, progress=False)
-        got = lines(f"{d}/o.jsonl")
+    pst.batch.run(post, ["a"] * P, tmp_path / "o.jsonl", n=8, method="is", max_new_tokens=3, seed=0, progress=False)
+    got = lines(tmp_path / "o.jsonl")
     z = torch.tensor([math.exp(g["log_Z"]) for g in got], dtype=torch.float64)
     draws = {tuple(s["text"] for s in g["samples"]) for g in got}
     assert len(draws) > P // 2, "copies of one prompt must be independent runs (one seed would give 1)"

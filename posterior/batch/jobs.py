@@ -36,7 +36,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Sequence, Union
 
 MASK64 = (1 << 64) - 1
 SEED_LIMIT = 1 << 63  # per-prompt seeds lie in [0, 2**63)
@@ -410,9 +410,7 @@ def run(
                 written += 1
                 bar.update(1)
 
-            if not todo:
-                pass
-            elif ray:
+            if ray and todo:
                 from posterior.batch.ray_workers import run_ray
 
                 run_ray(posterior, todo, spec, emit, workers=workers, batch_size=batch_size, address=ray_address)

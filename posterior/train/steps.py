@@ -9,8 +9,10 @@ the updated running log Z). Steps are found by :func:`get_step` in :data:`STEPS`
 
 * ("policy", on-policy objective): x ~ q (no grad), the pure loss of :mod:`.objectives`;
 * ("policy", "distill"): weighted samples of pi* from SMC / IS, weighted maximum likelihood;
-* ("twist", "ctl"): positives from SMC / IS of pi*, negatives from prior rollouts re-weighted to
-  each intermediate target pi^psi_t (:mod:`.twist_objectives`);
+* ("twist", "ctl"): with sampler "smc", one SMC run with the twist being trained: positives its
+  final weighted particles, negatives its particles after each step t (weighted samples of the
+  intermediate target pi^psi_t); with "is", N prior rollouts weighted both ways
+  (:mod:`.twist_objectives`);
 * ("twist", "regression" | "fudge"): prior rollouts and their rewards.
 
 A new objective is one function ``run(StepInput) -> StepOutput`` and one :func:`register_step`.
@@ -227,26 +229,86 @@ def _twist_rows(loss, info, log_Z, extra) -> dict:
             "residual": num(info.residual), "kl_prior": None, "kl_target_forward": None, "kl_target_reverse": None}  # fmt: skip
 
 
+SMC_ENGINE_OPTIONS = ("ess_threshold", "resampling")  # EngineConfig's
+SMC_MODEL_OPTIONS = ("proposal", "lookahead", "block_size", "check_twist")  # build_model's
+
+
+def _smc_with_twist(inp: StepInput):
+    """One SMC run of pi* with the twist being trained (no gradients): the final weighted particles
+    and the particles after every step (weighted samples of that step's target pi^psi_t)."""
+    from posterior.priors.base import NEXT_TOKEN
+    from posterior.samplers.engine import EngineConfig, run
+    from posterior.samplers.smc import build_model
+
+    post, twist, N = inp.post, inp.model, inp.batch_size
+    opts = dict(inp.sampler_options)
+    unknown = sorted(set(opts) - set(SMC_ENGINE_OPTIONS) - set(SMC_MODEL_OPTIONS))
+    if unknown:
+        raise ValueError(f"sampler_options {unknown} do not apply to ctl's SMC; it takes {sorted(SMC_ENGINE_OPTIONS + SMC_MODEL_OPTIONS)}")
+    model_opts = {"proposal": "tilted" if (twist.dense and post.prior.has(NEXT_TOKEN)) else "bootstrap", "lookahead": 8,
+                  "block_size": 1, "check_twist": True, **{k: v for k, v in opts.items() if k in SMC_MODEL_OPTIONS}}  # fmt: skip
+    cfg = EngineConfig(beta=post.beta, num_particles=N, max_new_tokens=inp.max_new_tokens,
+                       **{k: v for k, v in opts.items() if k in SMC_ENGINE_OPTIONS})  # fmt: skip
+    model = build_model(post, inp.prompt_ids, n=N, max_new_tokens=inp.max_new_tokens, twist=twist, decode_ahead=False, **model_opts)
+    per_step = []  # (t, Particles) after each step; the engine never mutates particle tensors
+    with torch.no_grad():
+        state, infos = run(model, inp.prompt_ids, cfg, generator=inp.generator, pad=post.prior.eos_token_ids[0],
+                           callback=lambda st, info: per_step.append((st.t, st.particles)))  # fmt: skip
+    return state.particles, per_step
+
+
+def _negatives_from_steps(per_step, P: int, N: int, W: int, pad: int):
+    """Stack the step-t particle sets into rows (P, S·N, W): row s·N + n is particle n after step
+    s, live only at column t_s - 1 (if still running), with its log-weight in that column and -inf
+    in the others, so that ctl_loss normalises each column over that step's particles."""
+    S = len(per_step)
+    tokens = torch.full((P, S * N, W), pad, dtype=torch.long)
+    lengths = torch.zeros(P, S * N, dtype=torch.long)
+    live = torch.zeros(P, S * N, W, dtype=torch.bool)
+    log_w = torch.full((P, S * N, W), -math.inf, dtype=torch.float64)
+    for s, (t, p) in enumerate(per_step):
+        rows = slice(s * N, (s + 1) * N)
+        w = min(W, p.tokens.shape[-1])
+        tokens[:, rows, :w] = p.tokens[..., :w]
+        lengths[:, rows] = p.lengths
+        live[:, rows, t - 1] = ~p.ended & (p.lengths == t)
+        log_w[:, rows, t - 1] = p.log_weights
+    return tokens, lengths, live, log_w
+
+
 def _ctl_step(inp: StepInput) -> StepOutput:
-    """Positives: weighted samples of pi* (``inp.sampler``; with "is" the prior rollouts themselves,
-    weighted by e^{r/beta}). Negatives: the prior rollouts, weighted per t to pi^psi_t."""
+    """``inp.sampler`` "is": positives and negatives are the same N prior rollouts, weighted
+    e^{r/beta} (pi*) and, per t, e^{psi_t/beta} or e^{r/beta} (pi^psi_t). "smc": one SMC run with
+    the current twist (``sampler_options``: ess_threshold, resampling, proposal — "tilted" for a
+    dense twist on a step-wise prior by default —, lookahead, block_size): positives are its final
+    weighted particles, negatives its particles after every step t, weighted samples of pi^psi_t
+    (Zhao et al. 2024)."""
     post, twist, N, beta = inp.post, inp.model, inp.batch_size, inp.post.beta
     if inp.sampler == "is":
         cont, rewards, psi_neg, live_neg, stats = _prior_rollouts(inp)
         psi_pos, live_pos, log_w_pos = psi_neg, live_neg, stats.log_weights.to(psi_neg.device)
-        batch_log_Z, ess, reward_mean = stats.log_mean, stats.ess, (stats.log_weights.exp() * torch.nan_to_num(rewards, neginf=0.0)).sum(-1)
+        log_w_neg = ctl_negative_log_weights(psi_neg.detach(), live_neg, rewards.to(psi_neg.device), beta)
+        batch_log_Z, ess = stats.log_mean, stats.ess
+        reward_mean = (stats.log_weights.exp() * torch.nan_to_num(rewards, neginf=0.0)).sum(-1)
     else:
-        res = _sample_posterior(inp)
-        psi_pos = twist.prefix_values(inp.prompt_ids, res.tokens, res.lengths, grad=True)  # (P, N, T)
-        live_pos = live_positions(res.lengths, res.tokens.shape[-1]).to(psi_pos.device)
-        log_w_pos = res.log_weights.double().to(psi_pos.device)
-        batch_log_Z, ess, reward_mean = res.log_Z.double(), res.ess, res.reward_mean()
-        cont, rewards, psi_neg, live_neg, _ = _prior_rollouts(inp)
-    log_w_neg = ctl_negative_log_weights(psi_neg.detach(), live_neg, rewards.to(psi_neg.device), beta)
+        final, per_step = _smc_with_twist(inp)
+        P = final.lengths.shape[0]
+        W = max(1, int(final.lengths.max()))
+        pos_tokens = final.tokens[..., :W]
+        psi_pos = twist.prefix_values(inp.prompt_ids, pos_tokens, final.lengths, grad=True)  # (P, N, W)
+        live_pos = live_positions(final.lengths, W).to(psi_pos.device)
+        stats = log_weight_stats(final.log_weights)
+        log_w_pos = stats.log_weights.to(psi_pos.device)
+        tokens, lengths, live_neg, log_w_neg = _negatives_from_steps(per_step, P, N, W, post.prior.eos_token_ids[0])
+        psi_neg = twist.prefix_values(inp.prompt_ids, tokens, lengths, grad=True)  # (P, S·N, W)
+        live_neg, log_w_neg = live_neg.to(psi_neg.device), log_w_neg.to(psi_neg.device)
+        rewards = torch.where(final.ended, final.psi, -math.inf)  # (P, N) r of the ended particles
+        batch_log_Z, ess = stats.log_mean, stats.ess
+        reward_mean = (stats.log_weights.exp() * torch.nan_to_num(rewards, neginf=0.0)).sum(-1)
     loss, info = ctl_loss(psi_pos, live_pos, log_w_pos, psi_neg, live_neg, log_w_neg, beta)
     log_Z, count = update_log_Z(inp.log_Z, inp.count, batch_log_Z + math.log(N), N)
-    neg_ess = log_weight_stats(log_w_neg.detach().cpu().transpose(1, 2)).ess  # (P, T) per-t ESS of the negatives
-    any_live = live_neg.cpu().any(1)  # (P, T) positions where some negative is live
+    neg_ess = log_weight_stats(log_w_neg.detach().cpu().transpose(1, 2)).ess  # (P, W) per-t ESS of the negatives
+    any_live = live_neg.cpu().any(1)  # (P, W) positions where some negative is live
     row = _twist_rows(loss, info, log_Z, {
         "samples": inp.sampler, "reward_mean": num(mean(reward_mean)), "ess": num(mean(ess)),
         "log_Z_batch": num(mean(batch_log_Z)),

@@ -288,6 +288,10 @@ def test_fit_twist_input_errors(markov):
         pst.train.fit(post, tw, objective="ctl", **{**kw, "max_new_tokens": 4})
     with pytest.raises(ValueError, match="different tokenizer/vocabulary"):
         pst.train.fit(pst.Posterior(two_token_prior(), post.reward, beta=BETA), tw, objective="ctl", **kw)
+    with pytest.raises(ValueError, match="distill_resample applies to objective='distill'"):
+        pst.train.fit(post, tw, objective="ctl", distill_resample=True, **kw)
+    with pytest.raises(ValueError, match="sampler_options \\['proposal_x'\\] do not apply to ctl's SMC"):
+        pst.train.fit(post, tw, objective="ctl", sampler_options={"proposal_x": 1}, **kw)
     with pytest.raises(ValueError, match="prompt 'ab'.*not one of the tabular twist's prompts"):
         pst.train.fit(post, tw, objective="regression", prompts=["ab"], **kw)
 

@@ -179,7 +179,7 @@ def fit(
         q_ids = policy.encode_prompts(prompts)
         policy.check_lengths(q_ids, max_new_tokens, prompts)
     else:
-        check_twist(post, policy, max_new_tokens)
+        check_twist(post, policy, max_new_tokens, resample=distill_resample)
         q_ids = prompt_ids
     P = len(prompt_ids)
 

@@ -338,8 +338,10 @@ register_step(Step("twist", "regression", _regression_step("regression"), progre
 register_step(Step("twist", "fudge", _regression_step("fudge"), progress_keys=("loss", "residual")))
 
 
-def check_twist(post, twist: TrainableTwist, max_new_tokens: int) -> None:
+def check_twist(post, twist: TrainableTwist, max_new_tokens: int, *, resample: bool = False) -> None:
     """A twist trains for ``post.prior`` at ``max_new_tokens`` (psi* depends on the horizon)."""
+    if resample:
+        raise ValueError("distill_resample applies to objective='distill' (policies); twist objectives use weighted samples")
     prior = getattr(twist, "prior", None)
     if prior is not None and prior is not post.prior and prior.vocabulary_key() != post.prior.vocabulary_key():
         raise ValueError("the twist was built for a prior with a different tokenizer/vocabulary than post.prior")

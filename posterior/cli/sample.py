@@ -9,6 +9,7 @@ stderr is not a terminal). Exit codes: 0 done, 2 bad input or a failed sampler, 
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import time
@@ -42,6 +43,8 @@ def add_parser(subparsers):
     s.add_argument("-n", type=int, default=16, help="samples (particles, chains) per prompt")
     s.add_argument("--option", type=options.key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. best_of=8, ess_threshold=0.5, reward_upper_bound=1 (repeatable)")
+    s.add_argument("--twist", default=None, metavar="PATH",
+                   help="a learned twist saved by `posterior train --twist` (method smc): pst.twists.load(PATH, prior)")
     s.add_argument("--no-prior", action="store_true", help="skip the plain prior samples shown for comparison")
     s.add_argument("--show", type=int, default=5, help="samples to print per prompt (text output)")
     options.add_output_options(s)
@@ -57,7 +60,17 @@ def check(args) -> dict:
     options.check_posterior(args)
     check_int("n", args.n, 1)
     check_int("show", args.show, 0)
-    return options.check_method_options(args.method, args.option)
+    method_options = options.check_method_options(args.method, args.option)
+    if args.twist is not None:
+        from posterior.twists.tabular import CONFIG_FILE
+
+        if args.method != "smc":
+            raise ValueError(f"--twist applies to --method smc, got --method {args.method}")
+        if "twist" in method_options:
+            raise ValueError("give the twist once: --twist PATH or --option twist=..., not both")
+        if not os.path.isfile(os.path.join(args.twist, CONFIG_FILE)):
+            raise ValueError(f"--twist {args.twist!r} holds no saved twist (no {CONFIG_FILE}); save one with `posterior train --twist`")
+    return method_options
 
 
 def run(args) -> int:
@@ -71,6 +84,10 @@ def run(args) -> int:
     options.stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")
     with output.line_progress(progress):
         post = options.load_posterior(args)
+        if args.twist is not None:  # after the model: the twist is checked against this prior
+            import posterior as pst
+
+            method_options["twist"] = pst.twists.load(args.twist, post.prior)
     load_s = time.perf_counter() - t0
     prompts = args.prompts or None
     n_prompts = len(prompts) if prompts else 1

@@ -1,7 +1,10 @@
-"""``posterior train``: fit a policy to pi* ∝ pi0 exp(r/beta) and save it (a LoRA adapter by default).
+"""``posterior train``: fit a policy to pi* ∝ pi0 exp(r/beta) and save it (a LoRA adapter by default),
+or, with ``--twist``, a learned twist for SMC (``pst.twists.learned``; load it with
+``posterior sample --method smc --twist PATH``).
 
     posterior train "The movie was" --reward sentiment --beta 0.1 --objective dpg --steps 60 \\
         --batch-size 8 --max-new-tokens 16 --lora-rank 8 --checkpoint-dir runs/dpg --out runs/dpg/policy
+    posterior train "The movie was" --twist --objective ctl --steps 60 --checkpoint-dir runs/ctl
 
 Metrics go to ``CHECKPOINT_DIR/metrics.jsonl`` (one JSON object per step); running the same
 command again resumes from the last checkpoint. ``--json`` prints one summary object at the end.
@@ -16,24 +19,29 @@ import time
 from posterior.cli import options, output
 
 SHOWN = ("reward_mean", "kl_prior", "kl_target_forward", "kl_target_reverse", "ess", "log_Z")
+TWIST_SHOWN = ("loss", "reward_mean", "ess", "log_Z", "log_Z_batch")  # kl_* are not defined for twists
 
 
 def add_parser(subparsers):
     from posterior.train.objectives import ALIASES, OBJECTIVES
+    from posterior.train.twist_objectives import TWIST_OBJECTIVES
 
     p = options.add_subparser(subparsers, "train", help="fit a policy (LoRA adapter) to pi* and save it",
                               description=__doc__.split("\n\n")[0].replace("``", ""))  # fmt: skip
     options.add_posterior_options(p, max_new_tokens=16, fixed_seed_only=True)
     aliases = ", ".join(f"{a} = {c}" for a, c in sorted(ALIASES.items()))
-    p.add_argument("--objective", default="dpg", choices=sorted(OBJECTIVES) + sorted(ALIASES),
-                   help=f"training objective ({aliases})")
+    p.add_argument("--objective", default=None, choices=sorted(OBJECTIVES) + sorted(ALIASES) + sorted(TWIST_OBJECTIVES),
+                   help=f"training objective ({aliases}); with --twist: {', '.join(sorted(TWIST_OBJECTIVES))} "
+                        "(default: dpg, with --twist ctl)")
+    p.add_argument("--twist", action="store_true",
+                   help="train a learned twist for SMC (pst.twists.learned) instead of a policy")
     p.add_argument("--steps", type=int, default=60, help="optimiser steps (a resumed run counts steps done)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per prompt and step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 trains a full copy of the model")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 trains a full copy of the model (policies)")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoints + metrics.jsonl; resumes a run found there")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
-    p.add_argument("--out", default=None, help="folder to save the trained policy (default: CHECKPOINT_DIR/policy)")
+    p.add_argument("--out", default=None, help="folder to save the trained policy or twist (default: CHECKPOINT_DIR/policy or /twist)")
     options.add_output_options(p)
     options.add_model_options(p)
     return p
@@ -44,18 +52,30 @@ def check(args) -> str:
     from posterior.errors import check_int, check_real
     from posterior.train.objectives import get_objective
 
+    from posterior.train.twist_objectives import TWIST_OBJECTIVES
+
     options.check_model(args, backends=("hf",), command="posterior train")
     options.check_posterior(args)
-    obj = get_objective(args.objective)
+    if args.objective is None:
+        args.objective = "ctl" if args.twist else "dpg"
+    if args.twist:
+        if args.objective not in TWIST_OBJECTIVES:
+            raise ValueError(f"--objective {args.objective} trains a policy; a twist (--twist) trains with one of {sorted(TWIST_OBJECTIVES)}")
+        min_batch = 1
+    else:
+        if args.objective in TWIST_OBJECTIVES:
+            raise ValueError(f"--objective {args.objective} trains a twist: add --twist")
+        min_batch = 2 if get_objective(args.objective).on_policy else 1
     check_int("steps", args.steps, 1)
-    check_int("batch_size", args.batch_size, 2 if obj.on_policy else 1)
+    check_int("batch_size", args.batch_size, min_batch)
     check_real("lr", args.lr, positive=True)
     check_int("checkpoint_every", args.checkpoint_every, 1)
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0: full copy), got {args.lora_rank}")
-    out = args.out or (os.path.join(args.checkpoint_dir, "policy") if args.checkpoint_dir else None)
+    what = "twist" if args.twist else "policy"
+    out = args.out or (os.path.join(args.checkpoint_dir, what) if args.checkpoint_dir else None)
     if out is None:
-        raise ValueError("give --out (or --checkpoint-dir) to save the trained policy")
+        raise ValueError(f"give --out (or --checkpoint-dir) to save the trained {what}")
     for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--out", out)):
         if path is not None:
             _check_folder(flag, path)
@@ -77,12 +97,15 @@ def run(args) -> int:
     from posterior.train.objectives import get_objective
 
     out = check(args)
-    canonical = get_objective(args.objective).name
+    canonical = args.objective if args.twist else get_objective(args.objective).name
     progress = not args.quiet
     options.stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")
     with output.line_progress(progress):
         post = options.load_posterior(args)
-        policy = pst.train.policy_from(post.prior, lora_rank=args.lora_rank or None, seed=args.seed)
+        if args.twist:  # the kind the prior's capabilities call for (a head over hidden states for HF)
+            policy = pst.twists.learned(post.prior, max_new_tokens=args.max_new_tokens, prompts=args.prompts or None)
+        else:
+            policy = pst.train.policy_from(post.prior, lora_rank=args.lora_rank or None, seed=args.seed)
         options.stage(args, f"training: objective {args.objective}, {args.steps} steps of batch {args.batch_size}")
         t0 = time.perf_counter()
         run_ = pst.train.fit(
@@ -91,7 +114,7 @@ def run(args) -> int:
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, progress=progress,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-    summary = {"objective": canonical, "requested_objective": args.objective, "steps": run_.steps,
+    summary = {"trained": "twist" if args.twist else "policy", "objective": canonical, "requested_objective": args.objective, "steps": run_.steps,
                "resumed_from": run_.resumed_from, "seconds": seconds, "saved": None,
                "metrics_path": None if run_.metrics_path is None else str(run_.metrics_path), "final": run_.final}  # fmt: skip
     try:
@@ -105,12 +128,12 @@ def run(args) -> int:
         print(f"trained {name} for {run_.steps} steps in {seconds:.1f} s"
               + (f" (resumed from step {run_.resumed_from})" if run_.resumed_from else ""))  # fmt: skip
         f = run_.final
-        for key in SHOWN:
+        for key in TWIST_SHOWN if args.twist else SHOWN:
             print(f"  {key} (estimate, last batch): {output.num(f.get(key))}")
         if summary["saved"] is not None:
             print(f"  saved: {summary['saved']}")
     if summary["saved"] is None:
-        print(f"posterior: error: the policy was not saved to {out!r}: {summary['save_error']}", file=sys.stderr)
+        print(f"posterior: error: the {summary['trained']} was not saved to {out!r}: {summary['save_error']}", file=sys.stderr)
         return options.EXIT_BAD_INPUT
     return 0
 

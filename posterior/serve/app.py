@@ -86,9 +86,12 @@ class _Rewards:
 def error_status(e: BaseException) -> tuple[int, str]:
     """HTTP status and message of a failed sampler call."""
     from posterior.errors import DegenerateWeightsError
+    from posterior.rewards.base import RewardError
 
     if isinstance(e, DegenerateWeightsError):
         return 422, f"every sample has weight 0: {e}"
+    if isinstance(e, RewardError):  # the reward is the server's code: its failure is not the request's
+        return 500, f"the reward failed: {e}"
     if isinstance(e, (ValueError, TypeError)):  # option values the sampler refused (names them)
         return 400, f"posterior.options: {e}"
     return 500, f"internal error: {type(e).__name__}: {e}"
@@ -212,7 +215,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": config.model_name, "waiting": batcher.waiting, "running": batcher.running,
-                "calls": batcher.calls}  # fmt: skip
+                "calls": batcher.calls, "aborted": batcher.aborted}  # fmt: skip
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -130,6 +130,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.running = 0  # jobs in the call now running
         self.calls = 0  # sampler calls made (for /health and tests)
+        self.aborted = 0  # calls aborted because all their clients went away
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -220,6 +221,7 @@ class Batcher:
         try:
             result, used = self.run(group[0].settings, prompts, seed, callback)
         except Cancelled:
+            self.aborted += 1
             return
         except Exception as e:  # noqa: BLE001 - one failing call must not take the server down
             if len(group) > 1:

@@ -526,7 +526,7 @@ def test_sigterm_drains_the_request_in_flight_then_exits(chat_model):
     proc, url = start_server(chat_model)
     try:
         body = {"model": "m", "prompt": "the movie was", "n": 16, "max_tokens": 32, "seed": 0,
-                "posterior": {"reward": "sentiment", "beta": 0.5, "method": "mh", "options": {"steps": 400}}}
+                "posterior": {"reward": "sentiment", "beta": 0.5, "method": "mh", "options": {"steps": 30}}}
         answer: queue.Queue = queue.Queue()
         t = threading.Thread(target=lambda: answer.put((httpx.post(url + "/v1/completions", json=body, timeout=300), time.monotonic())))
         t.start()

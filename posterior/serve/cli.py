@@ -2,7 +2,8 @@
 
 Loads the prior once, then serves :func:`posterior.serve.app.create_app` with uvicorn until
 SIGTERM or Ctrl-C; on either, uvicorn stops accepting connections, lets the requests in flight
-finish (streams included), then the sampler worker ends and the process exits 0. The line
+finish (streams included), then the sampler worker ends and the process exits (0 after SIGTERM,
+130 after Ctrl-C). The line
 ``posterior: serving http://HOST:PORT`` on stderr gives the port (useful with ``--port 0``: any
 free port). The API key comes from ``--api-key`` or the environment variable POSTERIOR_API_KEY;
 without one, requests are not authenticated (fine on 127.0.0.1, not on a shared network).
@@ -11,7 +12,9 @@ without one, requests are not authenticated (fine on 127.0.0.1, not on a shared 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
 import textwrap
 
 from posterior.cli import options
@@ -96,8 +99,12 @@ def run(args) -> int:
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=None))
     options.stage(args, f"serving http://{args.host}:{port} (model {config.model_name!r}; SIGTERM or Ctrl-C drains and stops)")
+    # uvicorn handles SIGTERM / SIGINT itself (stop accepting, drain, stop the worker) and then
+    # raises the signal again with the handler found at start: for SIGTERM that is this one, so a
+    # drained shutdown exits 0 (SIGINT keeps Python's handler: "interrupted", exit 130).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        server.run(sockets=[sock])  # uvicorn handles SIGTERM / SIGINT: stop accepting, drain, exit
+        server.run(sockets=[sock])
     finally:
         prior.close()
         sock.close()

@@ -219,6 +219,7 @@ def test_without_posterior_object_the_choices_are_prior_samples(toy_client):
         ({"posterior": {"reward": "sentiment", "options": {"proposal": "x"}}}, "posterior.options.proposal"),
         ({"posterior": {"reward": "sentiment", "method": "smc", "options": {"callback": "x"}}}, "posterior.options.callback"),
         ({"posterior": {"reward": "sentiment", "method": "bon", "options": {"best_of": 10**9}}}, "posterior.options.best_of"),
+        ({"posterior": {"reward": "sentiment", "method": "smc", "options": {"block_size": 1.5}}}, "posterior.options.block_size"),
         ({"n": 257}, "n"),
         ({"n": 0}, "n"),
         ({"max_tokens": "3"}, "max_tokens"),

@@ -7,6 +7,10 @@ names; those that read files or load models only with ``allow_reward_paths``), `
 ``max_tokens`` limits, and method options as JSON scalars only (options that take Python objects,
 ``callback``, ``proposal`` of "is"/"qrs", ``init_texts``, are refused).
 
+The request's ``model`` is accepted and ignored (the server serves one model, listed by
+``/v1/models``); ``temperature`` / ``top_p`` other than 1 and fields such as ``stop`` or
+``logprobs`` are refused (400), since they would change pi0 or are not computed.
+
 Responses carry, per choice, ``posterior: {reward, log_weight, log_prior}`` (the normalised
 log-weight: exp sums to 1 over a prompt's choices) and, top level, ``posterior: {method, reward,
 beta, log_Z, ess, kl, reward_mean, seconds, seed, ...}``. log_Z, ess, kl and reward_mean are
@@ -175,9 +179,24 @@ def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward
             raise BadRequest(field, f"must be a number, string, bool or null, got {type(v).__name__}")
         if isinstance(v, float) and not math.isfinite(v):
             raise BadRequest(field, f"must be finite, got {v!r}")
+        default = known[k]  # an option whose default has a type takes that type (ints for floats too)
+        if v is not None and default is not None and not _same_kind(v, default):
+            raise BadRequest(field, f"takes {type(default).__name__} values (default {default!r}), got {v!r}")
         if isinstance(v, int) and not isinstance(v, bool) and v > config.max_option_int:
             raise BadRequest(field, f"is {v}, above this server's limit of {config.max_option_int} for integer options")
     return Settings(reward, float(beta), method, tuple(sorted(options.items())), n, max_tokens)
+
+
+def _same_kind(value, default) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, int):
+        return isinstance(value, int)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
 
 
 def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int | None, reward_names, render_chat=None) -> Parsed:

@@ -24,11 +24,9 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 # Rewards a request may name without ``allow_reward_paths``: they read no file and load no model.
 SAFE_REWARDS = frozenset({"sentiment", "negative-sentiment", "contains"})

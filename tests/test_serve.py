@@ -50,20 +50,24 @@ def word_prior(probs=(0.4, 0.4, 0.2)) -> CallablePrior:
 
 
 class GatePrior(CallablePrior):
-    """"good " for the first ``fixed`` tokens (probability 1), then uniform; the decode step that
-    would make token ``block_at + 1`` waits for ``gate`` (so a test can look at a run in flight)."""
+    """"good " for the first ``fixed`` tokens (probability 1), then good / bad uniformly, with EOS
+    possible only from token ``eos_from`` + 1 on (so every run reaches the gate); the decode step
+    that would make token ``block_at + 1`` waits for ``gate`` (a test can look at a run in flight).
+    ``block_at=None``: no gate (the same distribution, for in-process comparisons)."""
 
-    def __init__(self, fixed: int = 3, block_at: int = 5, prompt_len: int = 1):
+    def __init__(self, fixed: int = 3, eos_from: int = 5, block_at: int | None = 5, prompt_len: int = 1):
         self.gate, self.blocked = threading.Event(), threading.Event()
-        uniform = torch.full((3,), 1 / 3).log()
         sure = torch.tensor([0.0, -math.inf, -math.inf])
+        two = torch.tensor([0.5, 0.5, 0.0]).log()
+        three = torch.full((3,), 1 / 3).log()
 
         def next_logprobs(ids):
             t = ids.shape[1] - prompt_len
             if t == block_at:
                 self.blocked.set()
                 self.gate.wait(60)  # bounded: a broken test fails instead of hanging
-            return (sure if t < fixed else uniform).expand(ids.shape[0], -1)
+            lp = sure if t < fixed else (two if t < eos_from else three)
+            return lp.expand(ids.shape[0], -1)
 
         super().__init__(WORDS, next_logprobs)
 
@@ -293,7 +297,7 @@ def _wait_health(client, key: str, value: int, timeout: float = 30.0) -> dict:
 def test_smc_stream_sends_the_shared_prefix_while_the_run_is_in_flight():
     """The sampler is held at token 6; the client must already have "good good good " (the tokens
     every particle shares) for every choice — a stream that waited for the result could not."""
-    prior = GatePrior(fixed=3, block_at=5)
+    prior = GatePrior(fixed=3, eos_from=5, block_at=5)
     body = {"model": "toy", "prompt": "good ", "n": 4, "max_tokens": 8, "seed": 0, "stream": True,
             "posterior": {"reward": "sentiment", "beta": 1.0, "method": "smc"}}
     with thread_server(create_app(prior, config=ServeConfig(model_name="toy"))) as url:
@@ -313,13 +317,13 @@ def test_smc_stream_sends_the_shared_prefix_while_the_run_is_in_flight():
     assert chunks[0]["posterior"]["stream"] == "prefix"
     final = [c for ch in chunks for c in ch["choices"] if c["finish_reason"] is not None]
     assert sorted(c["index"] for c in final) == [0, 1, 2, 3]
-    res = pst.Posterior(GatePrior(block_at=10**6), from_spec("sentiment"), 1.0).sample(
+    res = pst.Posterior(GatePrior(fixed=3, eos_from=5, block_at=None), from_spec("sentiment"), 1.0).sample(
         n=4, method="smc", max_new_tokens=8, prompts=["good "], seed=0)
     assert [got[i] for i in range(4)] == res.texts[0]  # deltas concatenate to the final texts
 
 
 def test_full_queue_gets_429_and_a_gone_client_aborts_its_run():
-    prior = GatePrior(fixed=1, block_at=2)
+    prior = GatePrior(fixed=1, eos_from=2, block_at=2)
     app = create_app(prior, config=ServeConfig(model_name="toy", max_queue=1, window_s=0.0))
     body = {"model": "toy", "prompt": "good ", "n": 2, "max_tokens": 4,
             "posterior": {"reward": "sentiment", "beta": 1.0, "method": "smc"}}
@@ -342,6 +346,25 @@ def test_full_queue_gets_429_and_a_gone_client_aborts_its_run():
         waiter.join(60)
         b = results.get(timeout=1)
         assert b.status_code == 200 and len(b.json()["choices"]) == 2
+
+
+def test_a_client_that_gives_up_waiting_aborts_its_run():
+    """Not streamed: the handler notices the closed connection while it waits and cancels the job;
+    the sampler's next step then aborts the run."""
+    prior = GatePrior(fixed=1, eos_from=2, block_at=2)
+    body = {"model": "toy", "prompt": "good ", "n": 2, "max_tokens": 4, "posterior": {"reward": "sentiment", "method": "smc"}}
+    app = create_app(prior, config=ServeConfig(model_name="toy"))
+    with thread_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        with httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=1.0)) as impatient, pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/completions", json=body)  # held at the gate: gives up after 1 s
+        deadline = time.monotonic() + 30
+        while not (app.state.batcher.current and all(j.cancelled.is_set() for j in app.state.batcher.current)):
+            assert time.monotonic() < deadline, "the handler never cancelled the job of the gone client"
+            time.sleep(0.02)
+        prior.gate.set()
+        assert _wait_health(client, "aborted", 1)["aborted"] == 1
+        status, out = completion(client, body)  # and the server carries on
+        assert status == 200 and len(out["choices"]) == 2
 
 
 def test_concurrent_requests_share_one_sampler_call_and_seeded_ones_do_not():

@@ -129,6 +129,7 @@ class Batcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.running = 0  # jobs in the call now running
+        self.current: list[Job] = []  # those jobs
         self.calls = 0  # sampler calls made (for /health and tests)
         self.aborted = 0  # calls aborted because all their clients went away
 
@@ -195,7 +196,7 @@ class Batcher:
                 self._pending = [j for j in self._pending if id(j) not in ids]
                 for j in group:
                     j.started = True
-                self.running = len(group)
+                self.running, self.current = len(group), group
                 return group
 
     def _loop(self) -> None:
@@ -208,7 +209,7 @@ class Batcher:
             except BaseException:  # never let the worker die: the server would hang
                 log.exception("sampler worker")
             finally:
-                self.running = 0
+                self.running, self.current = 0, []
 
     def _serve(self, group: list[Job]) -> None:
         prompts, offsets = [], []

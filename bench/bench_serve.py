@@ -53,9 +53,13 @@ def start(args, mode: str) -> tuple[subprocess.Popen, str]:
             continue
         if "serving http://" in line:
             url = line.split("serving ")[1].split()[0]
-            while httpx.get(url + "/health", timeout=10).status_code != 200:
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(url + "/health", timeout=10).status_code == 200:
+                        return proc, url
+                except httpx.HTTPError:
+                    pass
                 time.sleep(0.1)
-            return proc, url
     proc.kill()
     raise SystemExit("server did not start in 600 s")
 
@@ -116,11 +120,13 @@ def main():
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     for rnd in range(args.rounds):
         for mode in MODES:
-            proc, url = start(args, mode)
+            proc, url = None, None
             try:
+                proc, url = start(args, mode)
                 out = asyncio.run(load(url, args))
             finally:
-                stop(proc)
+                if proc is not None:
+                    stop(proc)
             runs[mode].append(out)
             print(f"round {rnd + 1} {mode:8s}: {out['throughput']:.2f} req/s, p50 {out['p50']:.2f} s, p99 {out['p99']:.2f} s, "
                   f"wall {out['wall']:.1f} s, answered once: {out['once']}, failed: {len(out['failed'])}", flush=True)

@@ -96,6 +96,7 @@ def run(args) -> int:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    sock.listen(2048)  # from now on connections wait in the backlog until uvicorn accepts them
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=None))
     options.stage(args, f"serving http://{args.host}:{port} (model {config.model_name!r}; SIGTERM or Ctrl-C drains and stops)")

@@ -569,3 +569,14 @@ def test_sigterm_drains_the_request_in_flight_then_exits(chat_model):
             httpx.get(url + "/health", timeout=5)
     finally:
         stop_server(proc)
+
+
+def test_bad_serve_options_fail_before_the_model_loads(capsys, tmp_path):
+    from posterior.cli import main
+
+    assert main(["serve", "--chat", "--model", str(tmp_path)]) == 2
+    assert "takes no --chat" in capsys.readouterr().err
+    assert main(["serve", "--max-n", "0", "--model", str(tmp_path)]) == 2
+    assert "max_n must be a positive int" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err

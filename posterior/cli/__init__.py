@@ -17,7 +17,7 @@ import sys
 
 from posterior.cli import options
 
-SUBCOMMANDS = ("sample", "train", "compare", "batch")  # modules of posterior.cli, in --help order
+SUBCOMMANDS = ("sample", "train", "compare", "batch", "serve")  # modules of posterior.cli, in --help order
 
 
 def build_parser() -> options.ArgumentParser:

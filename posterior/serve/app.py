@@ -1,0 +1,376 @@
+"""The FastAPI application: OpenAI-compatible endpoints that sample pi*(x) ∝ pi0(x)·exp(r(x)/beta).
+
+    app = create_app(prior, config=ServeConfig(model_name="smollm2", api_key="..."))
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (OpenAI shapes, plus the
+``posterior`` request object and response fields of :mod:`posterior.serve.protocol`),
+``GET /v1/models``, ``GET /health`` (never needs the key). One worker thread owns the prior and runs
+the sampler calls (:mod:`posterior.serve.batcher`); request coroutines wait on per-request event
+queues, so the event loop never runs a model.
+
+Without a ``posterior`` object a request gets plain prior samples: method "is" with the zero
+reward and beta 1, so every weight is equal, log Z = 0 and KL = 0 (``"prior_only": true``).
+
+Streaming (``stream: true``). With method "smc" the text every surviving particle shares is sent as
+soon as it is fixed (:mod:`posterior.serve.streaming` says why it can never change), then each
+choice's rest with its weight; the first chunk says ``"stream": "prefix"``. Other methods cannot
+know any text before they end: their first chunk says ``"stream": "final"`` and the text follows
+when the run is done. In both, the deltas of a choice concatenate to its final text.
+
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the field,
+401 a missing or wrong key, 429 a full queue, 422 a run whose particles all got weight 0, 500
+anything else (the server carries on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import json
+import logging
+import threading
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from posterior.serve.batcher import Batcher, Job, QueueFull, abort_when_all_cancelled
+from posterior.serve.protocol import (
+    BadRequest,
+    Parsed,
+    ServeConfig,
+    Settings,
+    choice_stats,
+    completion_tokens,
+    finish_reasons,
+    new_id,
+    now,
+    parse_request,
+    summary,
+)
+from posterior.serve.streaming import PrefixTracker
+
+log = logging.getLogger("posterior.serve")
+
+
+def _zero_reward():
+    from posterior.rewards.base import Callable
+
+    return Callable(lambda texts: [0.0] * len(texts), name="zero (prior samples)")
+
+
+class _Rewards:
+    """Reward objects by spec, built once (a small LRU: ``contains:WORD`` specs are unbounded)."""
+
+    def __init__(self, prior, size: int = 64):
+        self.prior, self.size = prior, size
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, spec: str | None):
+        from posterior.rewards.registry import from_spec
+
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return self._cache[spec]
+        reward = _zero_reward() if spec is None else from_spec(spec, prior=self.prior)
+        with self._lock:
+            self._cache[spec] = reward
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return reward
+
+
+def error_status(e: BaseException) -> tuple[int, str]:
+    """HTTP status and message of a failed sampler call."""
+    from posterior.errors import DegenerateWeightsError
+    from posterior.rewards.base import RewardError
+
+    if isinstance(e, DegenerateWeightsError):
+        return 422, f"every sample has weight 0: {e}"
+    if isinstance(e, RewardError):  # the reward is the server's code: its failure is not the request's
+        return 500, f"the reward failed: {e}"
+    if isinstance(e, (ValueError, TypeError)):  # option values the sampler refused (names them)
+        return 400, f"posterior.options: {e}"
+    return 500, f"internal error: {type(e).__name__}: {e}"
+
+
+def _error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            422: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")  # fmt: skip
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _chat_renderer(prior):
+    """messages -> prompt text through the tokenizer's chat template, or None without one."""
+    tok = getattr(prior, "tokenizer", None)
+    if tok is None or getattr(tok, "chat_template", None) is None:
+        return None
+    bos = tok.bos_token
+    # The prior encodes prompts with add_special_tokens=True; if that already adds BOS, a BOS the
+    # template writes as text would appear twice.
+    adds_bos = bos is not None and tok.bos_token_id is not None and tok("a", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
+
+    def render(messages):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if adds_bos and text.startswith(bos):
+            text = text[len(bos) :]
+        return text
+
+    return render
+
+
+def create_app(prior, *, config: ServeConfig | None = None):
+    """The FastAPI app serving ``prior``; the sampler worker starts and stops with the app's
+    lifespan (uvicorn, or ``fastapi.testclient.TestClient`` used as a context manager).
+
+    ``prior`` must not wrap prompts in a chat template itself (``chat=False``): completions take raw
+    text and ``/v1/chat/completions`` applies the template.
+    """
+    from posterior.posterior import Posterior
+    from posterior.priors.base import Prior
+    from posterior.rewards.registry import REWARDS
+    from posterior.samplers.registry import sampler_options
+
+    config = config or ServeConfig()
+    if not isinstance(prior, Prior):
+        raise ValueError(f"prior must be a posterior prior, got {type(prior).__name__}")
+    if getattr(prior, "chat", False):
+        raise ValueError("serve a prior made with chat=False: /v1/chat/completions applies the chat template itself")
+    rewards = _Rewards(prior)
+    render_chat = _chat_renderer(prior)
+    eos = set(prior.eos_token_ids)
+    cleans_spaces = bool(getattr(getattr(prior, "tokenizer", None), "clean_up_tokenization_spaces", False))
+    started = now()
+
+    def encode(prompt: str) -> list[int]:
+        return prior.encode_prompts([prompt])[0]
+
+    # --- the worker's side ---------------------------------------------------------------------
+    def run(settings: Settings, prompts, seed, callback):
+        post = Posterior(prior, rewards.get(settings.reward), settings.beta)
+        options = dict(settings.options)
+        if callback is not None:
+            options["callback"] = callback
+        res = post.sample(n=settings.n, method=settings.method, max_new_tokens=settings.max_tokens, prompts=prompts,
+                          seed=seed, **options)  # fmt: skip
+        return res, res.seed
+
+    def make_callback(jobs: list[Job], offsets: list[int]):
+        settings: Settings = jobs[0].settings
+        if "callback" not in sampler_options(settings.method):
+            return None
+        prefix = settings.method == "smc" and not rewards.get(settings.reward).needs_prompts
+        trackers = {id(j): PrefixTracker(len(j.prompts) * settings.n, cleans_spaces=cleans_spaces) for j in jobs}
+
+        def callback(report):
+            abort_when_all_cancelled(jobs)
+            if not prefix:
+                return
+            for job, off in zip(jobs, offsets):
+                if not job.stream or job.cancelled.is_set():
+                    continue
+                deltas = {}
+                for k in range(len(job.prompts)):
+                    lw = report.log_weights[off + k].tolist()
+                    deltas.update(trackers[id(job)].update(k * settings.n, report.texts[off + k], lw))
+                if deltas:
+                    job.sent_deltas = True
+                    job.emit("delta", deltas)
+
+        return callback
+
+    batcher = Batcher(run, make_callback=make_callback, error_status=error_status, window_s=config.window_s,
+                      max_batch_prompts=config.max_batch_prompts, max_queue=config.max_queue)  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        try:
+            yield
+        finally:  # uvicorn has drained the requests in flight by now
+            await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="posterior", summary="OpenAI-compatible sampling of pi*(x) ∝ pi0(x)·exp(r(x)/beta)", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
+    app.state.batcher, app.state.config = batcher, config
+
+    def error(status: int, message: str, param: str | None = None, headers=None):
+        return JSONResponse(_error_body(status, message, param), status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):  # a failing request never takes the server down
+        log.exception("request failed")
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    def authorised(request) -> bool:
+        if config.api_key is None:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), config.api_key.encode())
+
+    # --- endpoints -------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": config.model_name, "waiting": batcher.waiting, "running": batcher.running,
+                "calls": batcher.calls, "aborted": batcher.aborted}  # fmt: skip
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if not authorised(request):
+            return unauthorised()
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": started, "owned_by": "posterior"}]}
+
+    def unauthorised():
+        return error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                     headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    async def handle(request, chat: bool):
+        if not authorised(request):
+            return unauthorised()
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error(400, "body: not valid JSON", "body")
+        try:
+            parsed = await asyncio.to_thread(
+                parse_request, body, config, chat=chat, encode=encode, context=prior.max_length,
+                reward_names=set(REWARDS), render_chat=render_chat,
+            )  # fmt: skip
+            await asyncio.to_thread(_reward_or_400, parsed.settings.reward)
+        except BadRequest as e:
+            return error(e.status, str(e), e.field)
+        job = Job(parsed.settings, parsed.prompts, parsed.seed, stream=parsed.stream).bind(asyncio.get_running_loop())
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            return error(429, f"server busy: {e}", headers={"Retry-After": "1"})
+        if parsed.stream:
+            return StreamingResponse(_stream(job, parsed, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        while True:
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()  # dropped if waiting; its call aborted if nobody else needs it
+                    return Response(status_code=499)
+                continue
+            if event[0] == "error":
+                return error(event[1], event[2])
+            if event[0] == "done":
+                return JSONResponse(_complete(parsed, event[1], chat))
+
+    def _reward_or_400(spec):
+        try:
+            rewards.get(spec)
+        except ValueError as e:
+            raise BadRequest("posterior.reward", str(e)) from None
+
+    # --- response bodies -------------------------------------------------------------------------
+    def _choices(parsed: Parsed, outcome):
+        res, n = outcome.result, parsed.settings.n
+        for k in range(len(parsed.prompts)):
+            p = outcome.first + k
+            reasons = finish_reasons(res, p, eos)
+            for i in range(n):
+                yield k * n + i, res.texts[p][i], reasons[i], choice_stats(res, p, i)
+
+    def _usage(parsed: Parsed, outcome) -> dict:
+        done = sum(completion_tokens(outcome.result, outcome.first + k, eos) for k in range(len(parsed.prompts)))
+        prompt = sum(parsed.prompt_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    def _summary(parsed: Parsed, outcome) -> dict:
+        return summary(outcome.result, outcome.first, len(parsed.prompts), settings=parsed.settings, seed=outcome.seed,
+                       requests=outcome.requests, prompts=outcome.prompts, many=parsed.many)  # fmt: skip
+
+    def _complete(parsed: Parsed, outcome, chat: bool) -> dict:
+        choices = []
+        for idx, text, reason, stats in _choices(parsed, outcome):
+            c = {"index": idx, "finish_reason": reason, "logprobs": None, "posterior": stats}
+            c.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            choices.append(c)
+        return {
+            "id": new_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": now(),
+            "model": config.model_name,
+            "choices": choices,
+            "usage": _usage(parsed, outcome),
+            "posterior": _summary(parsed, outcome),
+        }
+
+    async def _stream(job: Job, parsed: Parsed, chat: bool):
+        cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        total = len(parsed.prompts) * parsed.settings.n
+        prefix = parsed.settings.method == "smc"
+
+        def chunk(choices, **extra):
+            return _sse({"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                         "model": config.model_name, "choices": choices, **extra})  # fmt: skip
+
+        def delta(idx, text, reason=None, stats=None, role=False):
+            c = {"index": idx, "finish_reason": reason, "logprobs": None}
+            if chat:
+                c["delta"] = {"role": "assistant", "content": text} if role else {"content": text}
+            else:
+                c["text"] = text
+            if stats is not None:
+                c["posterior"] = stats
+            return c
+
+        note = ("smc: text every surviving particle shares is sent as it is fixed" if prefix else
+                f"{parsed.settings.method}: no text is known before the run ends; it is sent when done (not incremental)")  # fmt: skip
+        sent = [""] * total
+        try:
+            first = [delta(i, "", role=True) for i in range(total)] if chat else []
+            yield chunk(first, posterior={"stream": "prefix" if prefix else "final", "note": note})
+            while True:
+                event = await job.events.get()
+                if event[0] == "delta":
+                    out = []
+                    for idx, text in sorted(event[1].items()):
+                        sent[idx] += text
+                        out.append(delta(idx, text))
+                    yield chunk(out)
+                elif event[0] == "error":
+                    yield _sse(_error_body(event[1], event[2]))
+                    return
+                else:
+                    outcome = event[1]
+                    out = []
+                    for idx, text, reason, stats in _choices(parsed, outcome):
+                        if not text.startswith(sent[idx]):  # the fixed-prefix argument failed: say so
+                            log.error("streamed text %r is not a prefix of choice %d's final text %r", sent[idx], idx, text)
+                            yield _sse(_error_body(500, f"internal error: streamed text of choice {idx} is not a prefix of its final text"))
+                            return
+                        out.append(delta(idx, text[len(sent[idx]) :], reason, stats))
+                    yield chunk(out)
+                    extra = {"posterior": _summary(parsed, outcome)}
+                    if parsed.include_usage:
+                        extra["usage"] = _usage(parsed, outcome)
+                    yield chunk([], **extra)
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            job.cancel()  # the client went away (or we are done): its result is no longer wanted
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, allow_nan=False)}\n\n"
+
+
+__all__ = ["create_app", "ServeConfig", "error_status"]

@@ -1,0 +1,349 @@
+"""OpenAI request bodies in, OpenAI response bodies out, with the ``posterior`` extension.
+
+Requests (``/v1/completions``: ``prompt``; ``/v1/chat/completions``: ``messages``) are checked
+here before anything runs; a bad one raises :class:`BadRequest` naming the field. What a request
+may ask for is bounded by :class:`ServeConfig`, fixed at start: the model, which rewards (registry
+names; those that read files or load models only with ``allow_reward_paths``), ``n`` and
+``max_tokens`` limits, and method options as JSON scalars only (options that take Python objects,
+``callback``, ``proposal`` of "is"/"qrs", ``init_texts``, are refused).
+
+The request's ``model`` is accepted and ignored (the server serves one model, listed by
+``/v1/models``); ``temperature`` / ``top_p`` other than 1 and fields such as ``stop`` or
+``logprobs`` are refused (400), since they would change pi0 or are not computed.
+
+Responses carry, per choice, ``posterior: {reward, log_weight, log_prior}`` (the normalised
+log-weight: exp sums to 1 over a prompt's choices) and, top level, ``posterior: {method, reward,
+beta, log_Z, ess, kl, reward_mean, seconds, seed, ...}``. log_Z, ess, kl and reward_mean are
+Monte Carlo estimates from the n draws (``"estimate": true``); they are scalars for a one-prompt
+request and lists (one per prompt) when ``prompt`` is a list. JSON has no infinities: a reward of
+-inf (the text is ruled out) and a log-weight of -inf (weight 0) are sent as null.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+
+# Rewards a request may name without ``allow_reward_paths``: they read no file and load no model.
+SAFE_REWARDS = frozenset({"sentiment", "negative-sentiment", "contains"})
+# Method options that take Python objects (or belong to the server): never from a request.
+REFUSED_OPTIONS = {"callback": None, "init_texts": None, "proposal": ("is", "qrs")}
+# OpenAI fields accepted and ignored, and fields accepted only at the value that means "off".
+IGNORED = frozenset({"model", "user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"})
+ONLY_DEFAULT = {
+    "temperature": (None, 1, 1.0), "top_p": (None, 1, 1.0), "stop": (None, [], ""), "logprobs": (None, False),
+    "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
+    "functions": (None, []), "function_call": (None, "none"), "modalities": (None, ["text"]),
+}  # fmt: skip
+WHY_FIXED = {
+    "temperature": "the prior's sampling distribution is fixed when the server starts (its --temperature)",
+    "top_p": "the prior's sampling distribution is fixed when the server starts (its --top-p)",
+}
+
+
+class BadRequest(ValueError):
+    """A request the server refuses; ``field`` names the offending field (dotted path)."""
+
+    def __init__(self, field: str, message: str, status: int = 400):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What the server allows; fixed at start (``posterior serve`` options)."""
+
+    model_name: str = "posterior"  # the name /v1/models lists and requests must use
+    max_n: int = 64  # largest n (particles, samples) per prompt
+    max_tokens: int | None = None  # largest max_tokens (None: the model's context bounds it)
+    default_max_tokens: int = 16  # OpenAI's default for completions
+    max_prompts: int = 16  # largest list of prompts in one /v1/completions request
+    max_option_int: int = 4096  # largest integer method option (steps, best_of, ...): bounds a request's work
+    allow_reward_paths: bool = False  # allow classifier:PATH, classifier-logit:, similarity:, judge: rewards
+    window_s: float = 0.02  # batching window
+    max_batch_prompts: int = 32  # most prompts per sampler call
+    max_queue: int = 64  # most requests waiting; more get 429
+    api_key: str | None = None  # Bearer key; None: no authentication
+
+    def __post_init__(self):
+        for name in ("max_n", "default_max_tokens", "max_prompts", "max_option_int", "max_batch_prompts", "max_queue"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive int or None, got {self.max_tokens!r}")
+        if not (isinstance(self.window_s, (int, float)) and not isinstance(self.window_s, bool) and self.window_s >= 0):
+            raise ValueError(f"window_s must be a number >= 0, got {self.window_s!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("api_key must be a non-empty string or None")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines a sampler call except prompts and seed (hashable: the batching key).
+    ``reward`` None: no ``posterior`` object, plain prior samples (method "is", r = 0, beta = 1)."""
+
+    reward: str | None
+    beta: float
+    method: str
+    options: tuple[tuple[str, Any], ...]
+    n: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Parsed:
+    settings: Settings
+    prompts: list[str]
+    prompt_tokens: list[int]  # per prompt
+    seed: int | None
+    stream: bool
+    include_usage: bool
+    many: bool  # ``prompt`` was a list: per-prompt numbers are lists
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------------
+def _int(body: dict, name: str, default, lo: int, hi: int | None, why_hi: str = "") -> int:
+    v = body.get(name, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise BadRequest(name, f"must be an int >= {lo}, got {v!r}")
+    if hi is not None and v > hi:
+        raise BadRequest(name, f"is {v}, above this server's limit of {hi}{why_hi}")
+    return v
+
+
+def _check_openai_fields(body: dict, handled: set[str]) -> None:
+    for k, v in body.items():
+        if k in handled or k in IGNORED:
+            continue
+        if k in ONLY_DEFAULT:
+            if v is None or v in ONLY_DEFAULT[k]:
+                continue
+            why = WHY_FIXED.get(k, "this server samples pi* and does not support it")
+            raise BadRequest(k, f"{v!r} is not supported: {why}")
+        raise BadRequest(k, "unknown field")
+
+
+def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward_names) -> Settings:
+    """The ``posterior`` object (or None: prior samples) as Settings; errors name the field."""
+    from posterior.samplers.registry import SAMPLERS, sampler_options
+
+    if obj is None:
+        return Settings(None, 1.0, "is", (), n, max_tokens)
+    if not isinstance(obj, dict):
+        raise BadRequest("posterior", f"must be an object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - {"reward", "beta", "method", "options"})
+    if unknown:
+        raise BadRequest(f"posterior.{unknown[0]}", f"unknown field; posterior takes reward, beta, method, options")
+    reward = obj.get("reward")
+    if not isinstance(reward, str) or not reward:
+        raise BadRequest("posterior.reward", f"must be a reward spec string (e.g. 'sentiment', 'contains:WORD'), got {reward!r}")
+    name = reward.partition(":")[0]
+    if name not in reward_names:
+        raise BadRequest("posterior.reward", f"unknown reward {name!r}; registered: {', '.join(sorted(reward_names))}")
+    if name not in SAFE_REWARDS and not config.allow_reward_paths:
+        raise BadRequest(
+            "posterior.reward", f"reward {name!r} reads files or loads models, which this server does not allow "
+            f"(start it with --allow-reward-paths); allowed: {', '.join(sorted(SAFE_REWARDS))}",
+        )  # fmt: skip
+    beta = obj.get("beta", 0.1)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise BadRequest("posterior.beta", f"must be a finite number > 0, got {beta!r}")
+    method = obj.get("method", "is")
+    if not isinstance(method, str) or method not in SAMPLERS:
+        raise BadRequest("posterior.method", f"unknown method {method!r}; choose one of {sorted(SAMPLERS)}")
+    options = obj.get("options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("posterior.options", f"must be an object of method options, got {type(options).__name__}")
+    known = sampler_options(method)
+    for k, v in options.items():
+        field = f"posterior.options.{k}"
+        if k not in known:
+            raise BadRequest(field, f"method {method!r} has no option {k!r}; its options are {sorted(known)}")
+        refused = REFUSED_OPTIONS.get(k, ())
+        if k in REFUSED_OPTIONS and (refused is None or method in refused):
+            raise BadRequest(field, "takes a Python object and cannot be set over HTTP")
+        if v is not None and not isinstance(v, (str, int, float, bool)):
+            raise BadRequest(field, f"must be a number, string, bool or null, got {type(v).__name__}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadRequest(field, f"must be finite, got {v!r}")
+        default = known[k]  # an option whose default has a type takes that type (ints for floats too)
+        if v is not None and default is not None and not _same_kind(v, default):
+            raise BadRequest(field, f"takes {type(default).__name__} values (default {default!r}), got {v!r}")
+        if isinstance(v, int) and not isinstance(v, bool) and v > config.max_option_int:
+            raise BadRequest(field, f"is {v}, above this server's limit of {config.max_option_int} for integer options")
+    return Settings(reward, float(beta), method, tuple(sorted(options.items())), n, max_tokens)
+
+
+def _same_kind(value, default) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, int):
+        return isinstance(value, int)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
+
+
+def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int | None, reward_names, render_chat=None) -> Parsed:
+    """Check a request body; ``encode(prompt) -> token ids`` (for the context check),
+    ``render_chat(messages) -> prompt text`` for chat requests."""
+    if not isinstance(body, dict):
+        raise BadRequest("body", "must be a JSON object")
+    if chat:
+        prompts = [_render(body.get("messages"), render_chat)]
+        many = False
+        handled = {"messages", "n", "max_tokens", "max_completion_tokens", "seed", "stream", "posterior"}
+    else:
+        prompt = body.get("prompt")
+        many = isinstance(prompt, list)
+        prompts = prompt if many else [prompt]
+        if not prompts:
+            raise BadRequest("prompt", "is an empty list")
+        if len(prompts) > config.max_prompts:
+            raise BadRequest("prompt", f"has {len(prompts)} prompts, above this server's limit of {config.max_prompts}")
+        for i, p in enumerate(prompts):
+            where = f"prompt[{i}]" if many else "prompt"
+            if not isinstance(p, str):
+                raise BadRequest(where, f"must be a string (token-id prompts are not supported), got {type(p).__name__}")
+            if not p:
+                raise BadRequest(where, "is empty")
+        handled = {"prompt", "n", "max_tokens", "seed", "stream", "posterior"}
+    _check_openai_fields(body, handled)
+    n = _int(body, "n", 1, 1, config.max_n, " (--max-n)")
+    mt_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    limit = config.max_tokens if config.max_tokens is not None else context
+    max_tokens = _int(body, mt_name, config.default_max_tokens, 1, limit, " (--max-tokens or the model's context)")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise BadRequest("seed", f"must be an int in [0, 2**64) or null, got {seed!r}")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequest("stream", f"must be a bool, got {stream!r}")
+    so = body.get("stream_options") or {}
+    include_usage = bool(isinstance(so, dict) and so.get("include_usage"))
+    settings = parse_posterior(body.get("posterior"), config, n=n, max_tokens=max_tokens, reward_names=reward_names)
+    tokens = []
+    for i, p in enumerate(prompts):
+        where = "messages" if chat else (f"prompt[{i}]" if many else "prompt")
+        try:
+            ids = encode(p)
+        except ValueError as e:
+            raise BadRequest(where, str(e)) from None
+        if context is not None and len(ids) + max_tokens > context:
+            raise BadRequest(
+                where, f"has {len(ids)} tokens; with max_tokens={max_tokens} that exceeds the model's context of {context} tokens"
+            )
+        tokens.append(len(ids))
+    return Parsed(settings, list(prompts), tokens, seed, stream, include_usage, many)
+
+
+def _render(messages, render_chat) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages", "must be a non-empty list of {role, content} objects")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise BadRequest(f"messages[{i}].role", f"must be system, user or assistant, got {m.get('role') if isinstance(m, dict) else m!r}")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) for c in content):
+                raise BadRequest(f"messages[{i}].content", "only text content parts are supported")
+            content = "".join(c["text"] for c in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content", f"must be a string, got {type(content).__name__}")
+        extra = sorted(set(m) - {"role", "content", "name"})
+        if extra:
+            raise BadRequest(f"messages[{i}].{extra[0]}", "is not supported")
+        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    if render_chat is None:
+        raise BadRequest("messages", "this model has no chat template; use /v1/completions")
+    try:
+        return render_chat(clean)
+    except Exception as e:  # noqa: BLE001 - a template may reject a message order
+        raise BadRequest("messages", f"the chat template refused them: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------------
+def finite(x: float) -> float | None:
+    """A float for JSON: None for -inf / +inf / NaN."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def finish_reasons(result, p: int, eos: set[int]) -> list[str]:
+    """"stop" where choice i of prompt p ended with EOS, "length" where it ran out of max_tokens."""
+    out = []
+    for i in range(result.lengths.shape[1]):
+        L = int(result.lengths[p, i])
+        out.append("stop" if L > 0 and int(result.tokens[p, i, L - 1]) in eos else "length")
+    return out
+
+
+def choice_stats(result, p: int, i: int) -> dict:
+    return {
+        "reward": finite(result.rewards[p, i]),
+        "log_weight": finite(result.log_weights[p, i]),
+        "log_prior": finite(result.log_prior[p, i]),
+    }
+
+
+def completion_tokens(result, p: int, eos: set[int]) -> int:
+    """Tokens of prompt p's choices, EOS not counted (OpenAI counts the text's tokens)."""
+    reasons = finish_reasons(result, p, eos)
+    return sum(int(result.lengths[p, i]) - (r == "stop") for i, r in enumerate(reasons))
+
+
+def summary(result, outcome_first: int, count: int, *, settings: Settings, seed, requests: int, prompts: int, many: bool) -> dict:
+    """The response's top-level ``posterior`` object for prompts first .. first + count - 1."""
+    rows = range(outcome_first, outcome_first + count)
+    kl = result.kl()
+    rm = result.reward_mean()
+
+    def per(fn):
+        vals = [fn(p) for p in rows]
+        return vals if many else vals[0]
+
+    return {
+        "method": result.method,
+        "reward": settings.reward,
+        "beta": settings.beta,
+        "options": dict(settings.options),
+        "prior_only": settings.reward is None,
+        "targets_posterior": bool(result.targets_posterior),
+        "estimate": True,  # log_Z, ess, kl, reward_mean are estimates from the n draws
+        "log_Z": per(lambda p: None if result.log_Z is None else finite(result.log_Z[p])),
+        "ess": per(lambda p: finite(result.ess[p])),
+        "kl": per(lambda p: None if kl is None else finite(kl[p])),
+        "reward_mean": per(lambda p: finite(rm[p]) if result.targets_posterior else None),
+        "seconds": result.seconds,
+        "seed": seed,
+        "batch": {"requests": requests, "prompts": prompts},
+    }
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+__all__ = ["BadRequest", "Parsed", "ServeConfig", "Settings", "parse_request", "summary"]

@@ -8,6 +8,7 @@ from posterior import rewards, train
 from posterior.compare import compare
 from posterior.errors import DegenerateWeightsError
 from posterior.generate import GenerateOutput, generate
+from posterior.overopt import overoptimization
 from posterior.posterior import Posterior
 from posterior.priors import CallablePrior, HFPrior, Prior, VLLMPrior, load_default_prior
 from posterior.results import SampleResult
@@ -30,6 +31,7 @@ __all__ = [
     "compare",
     "generate",
     "load_default_prior",
+    "overoptimization",
     "register_sampler",
     "rewards",
     "train",

@@ -28,8 +28,8 @@ the CPU, ends bit-for-bit where an uninterrupted run ends (the same draws, in th
 Scale. Under ``accelerate launch`` (WORLD_SIZE > 1) the loop builds an ``accelerate.Accelerator``
 itself (or takes ``accelerator=``): the policy is placed on its device, the optimiser is prepared,
 an HF policy's training forward goes through DDP so gradients are averaged across processes, and
-each rank draws its own batch (seed + 1000003·rank); rank 0 writes metrics, every rank writes its
-own checkpoint file.
+each rank draws its own batch (rank 0 from ``seed``, rank k from ``derive_seed(seed, "rank k")``);
+rank 0 writes metrics, every rank writes its own checkpoint file.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ from tqdm.auto import tqdm
 from posterior.diagnostics.weights import log_weight_stats
 from posterior.posterior import Posterior, _check_prompts
 from posterior.samplers.common import check_proposal
+from posterior.seeds import derive_seed
 from posterior.train import checkpoint as ckpt
 from posterior.train.objectives import get_objective
 from posterior.train.policy import Policy
 
 FORMAT = 1  # checkpoint payload version
-RANK_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -189,7 +189,7 @@ def fit(
     if accelerator is not None:
         optimizer = accelerator.prepare_optimizer(optimizer)
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed + RANK_SEED_STRIDE * rank)
+    generator.manual_seed(seed if rank == 0 else derive_seed(seed, f"rank {rank}"))  # never overflows
     log_Z = torch.zeros(P, dtype=torch.float64)  # running log Ẑ per prompt (meaningless while count == 0)
     count = torch.zeros(P, dtype=torch.float64)  # samples behind it
 

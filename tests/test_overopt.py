@@ -305,3 +305,13 @@ def test_default_model_sweep_is_smc_bon(tmp_path):
     is_rows = rep.rows_of("is")
     assert is_rows[0]["proxy_reward"] >= is_rows[-1]["proxy_reward"]  # smaller beta: more proxy reward
     assert rep.plot(tmp_path / "p.png").exists()
+
+
+def test_a_second_sweep_reuses_the_pool_of_the_first(prior):
+    first = pst.overoptimization(prior, PROXY, GOLD, betas=[1.0, 0.5], methods=["is", "bon"], n=300, max_new_tokens=M)
+    again = pst.overoptimization(prior, PROXY, GOLD, betas=[1.0, 0.5], methods=["is", "bon"], n=300, max_new_tokens=M,
+                                 seed=7, draws=first.draws)  # fmt: skip
+    assert again.pool["reused"] and again.draws is first.draws
+    assert [r["proxy_reward"] for r in again.rows] == [r["proxy_reward"] for r in first.rows]
+    with pytest.raises(ValueError, match=r"this sweep needs \(1, 200\)"):
+        pst.overoptimization(prior, PROXY, GOLD, betas=[1.0], methods=["is"], n=200, max_new_tokens=M, draws=first.draws)

@@ -216,6 +216,18 @@ def _interp_beta(kl_peak: float, kls: list[tuple[float, float]]) -> float | None
     return kls[0][1] if kls and kls[0][0] == kl_peak else None
 
 
+def _check_draws(draws, P: int, n: int, max_new_tokens: int):
+    from posterior.priors.base import Continuations
+
+    if not isinstance(draws, Continuations):
+        raise ValueError(f"draws must be the Continuations of an earlier sweep (rep.draws), got {type(draws).__name__}")
+    if tuple(draws.lengths.shape) != (P, n):
+        raise ValueError(f"draws hold {tuple(draws.lengths.shape)} (prompts, samples); this sweep needs ({P}, {n})")
+    if int(draws.lengths.max()) > max_new_tokens:
+        raise ValueError(f"draws are up to {int(draws.lengths.max())} tokens long; max_new_tokens is {max_new_tokens}")
+    return draws
+
+
 def overoptimization(
     prior: Prior,
     proxy,
@@ -232,6 +244,7 @@ def overoptimization(
     smc_options: dict | None = None,  # Posterior.sample options for "smc", e.g. {"ess_threshold": 0.5}
     exact: bool = False,  # add rows computed by enumeration (an enumerable prior only)
     exact_limit: int = 200_000,  # largest support enumerated with exact=True
+    draws=None,  # the pool of an earlier sweep (``rep.draws``): same prior, prompts, n, max_new_tokens
 ) -> OveroptReport:
     """Proxy and gold reward against KL(·||pi0) over a sweep of beta; see the module docstring.
 
@@ -246,6 +259,9 @@ def overoptimization(
     policies : dict name -> trained policy (any Prior over the prior's tokens), measured on n samples
     n : prior draws per prompt in the shared pool (IS and best-of-k), and SMC particles (``smc_n``)
     max_new_tokens, prompts, seed : as in ``Posterior.sample``
+    draws : Continuations, optional
+        Reuse the prior draws of an earlier sweep (``rep.draws``) instead of sampling a new pool,
+        e.g. to sweep a second proxy over the same draws (a paired comparison, one sampling pass).
 
     Returns
     -------
@@ -289,8 +305,11 @@ def overoptimization(
     prior.check_lengths(prompt_ids, max_new_tokens, prompts)
     gen = torch.Generator(device=prior.device).manual_seed(seed)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        pool = prior.sample(prompt_ids, n, max_new_tokens, generator=gen)
+    if draws is None:
+        with torch.no_grad():
+            pool = prior.sample(prompt_ids, n, max_new_tokens, generator=gen)
+    else:
+        pool = _check_draws(draws, len(prompt_ids), n, max_new_tokens)
     r, r_members = score(proxy, pool.texts, prompts)  # (P, N), (M, P, N) or None
     g, g_members = score(gold, pool.texts, prompts)
     pool_seconds = time.perf_counter() - t0
@@ -301,7 +320,7 @@ def overoptimization(
         "gold_reward": _avg(g.mean(-1)), "gold_reward_se": _avg_se(se_mean(g)),
     }  # fmt: skip
     pool_info = {"n": n, "seconds": pool_seconds, "forward_tokens": int(pool.lengths.sum()),
-                 "max_kl": math.log(n)}  # fmt: skip
+                 "max_kl": math.log(n), "reused": draws is not None}  # fmt: skip
     values = torch.stack([r, g])  # (2, P, N)
 
     rows: list[dict] = []
@@ -389,7 +408,7 @@ def overoptimization(
     fits = _fits(rows, prior_gold)
     return OveroptReport(
         proxy=proxy.name, gold=gold.name, prompts=prompts, n=n, max_new_tokens=max_new_tokens, seed=seed, rows=rows,
-        fits=fits, prior=prior_ref, prior_exact=exact_ref, pool=pool_info, notes=notes, num_prompts=P,
+        fits=fits, prior=prior_ref, prior_exact=exact_ref, pool=pool_info, notes=notes, num_prompts=P, draws=pool,
     )  # fmt: skip
 
 

@@ -315,3 +315,19 @@ def test_a_second_sweep_reuses_the_pool_of_the_first(prior):
     assert [r["proxy_reward"] for r in again.rows] == [r["proxy_reward"] for r in first.rows]
     with pytest.raises(ValueError, match=r"this sweep needs \(1, 200\)"):
         pst.overoptimization(prior, PROXY, GOLD, betas=[1.0], methods=["is"], n=200, max_new_tokens=M, draws=first.draws)
+
+
+def test_two_prompts_average_their_exact_values(prior):
+    prompts = ["a", "c"]
+    rep = pst.overoptimization(prior, PROXY, GOLD, betas=[1.0, 0.5], methods=["is"], n=3000, max_new_tokens=3,
+                               prompts=prompts, exact=True)  # fmt: skip
+    for row, ex_row in zip(rep.rows_of("is"), rep.rows_of("exact")):
+        want = []
+        for p in prompts:
+            ex = exact_posterior(prior, PROXY, row["beta"], 3, p)
+            q = ex.log_posterior.exp()
+            want.append((float((q * ex.rewards).sum()), float((q * torch.tensor(gold_fn(ex.texts), dtype=torch.float64)).sum()), ex.kl))
+        for j, key in enumerate(("proxy_reward", "gold_reward", "kl_prior")):
+            mean = sum(w[j] for w in want) / 2
+            assert abs(ex_row[key] - mean) < 1e-9
+            assert abs(row[key] - mean) <= 3 * row[f"{key}_se"], (row["beta"], key)

@@ -41,7 +41,7 @@ def add_parser(subparsers):
     p.add_argument("prompts", nargs="*", help="prompts to continue (none: one unconditional prompt)")
     p.add_argument("--proxy", default="sentiment", help="reward spec optimised, e.g. sentiment or ensemble:uwo:0.5:sentiment,textblob")
     p.add_argument("--gold", default="afinn", help="reward spec only measured, e.g. afinn")
-    p.add_argument("--betas", type=_betas, default=[0.05, 0.1, 0.2, 0.5, 1.0, 2.0], help="comma-separated temperatures")
+    p.add_argument("--betas", type=_betas, default="0.05,0.1,0.2,0.5,1,2", help="comma-separated temperatures")
     p.add_argument("--methods", default="is,smc,bon", help="comma-separated, from is, smc, bon")
     p.add_argument("-n", type=int, default=128, help="prior draws per prompt in the shared pool; SMC particles")
     p.add_argument("--smc-n", type=int, default=None, help="SMC particles per run (default: n)")

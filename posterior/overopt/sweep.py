@@ -61,17 +61,24 @@ def _reward(r, prior, what: str) -> Reward:
         raise ValueError(f"{what}: {e}") from None
 
 
+def _score_row(reward: Reward, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rewards (N,) of one prompt's texts under a reward already bound to that prompt, and the
+    members' scores (M, N) for an Ensemble."""
+    if isinstance(reward, Ensemble):
+        m = reward.members_scores(texts)  # (M, N) validated per member
+        return reward.combine(m), m
+    return reward(texts), None
+
+
 def score(reward: Reward, texts: list[list[str]], prompts: list[str] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rewards (P, N) float64 of [P][N] texts, and the members' scores (M, P, N) for an Ensemble."""
     rows, members = [], []
     for p, row in enumerate(texts):
         r = reward.for_prompt("" if prompts is None else prompts[p], p) if reward.needs_prompts else reward
-        if isinstance(r, Ensemble):
-            m = r.members_scores(row)  # (M, N) validated per member
+        values, m = _score_row(r, row)
+        rows.append(values)
+        if m is not None:
             members.append(m)
-            rows.append(r.combine(m))
-        else:
-            rows.append(r(row))
     return torch.stack(rows), (torch.stack(members, 1) if members else None)
 
 
@@ -118,11 +125,10 @@ def _exact_supports(prior, proxy, gold, max_new_tokens, prompts, limit) -> list[
     out = []
     for p, prompt in enumerate(prompts or [None]):
         seqs, lp = enumerate_continuations(prior, max_new_tokens, prompt, max_sequences=limit)
-        texts = [[prior.decode([i for i in s if i not in eos]) for s in seqs]]
-        one = None if prompt is None else [prompt]
-        r, _ = score(proxy.for_prompt(prompt or "", p) if proxy.needs_prompts else proxy, texts, one)
-        g, _ = score(gold.for_prompt(prompt or "", p) if gold.needs_prompts else gold, texts, one)
-        out.append((lp.double(), r[0], g[0]))
+        texts = [prior.decode([i for i in s if i not in eos]) for s in seqs]
+        r, _ = _score_row(proxy.for_prompt(prompt or "", p) if proxy.needs_prompts else proxy, texts)
+        g, _ = _score_row(gold.for_prompt(prompt or "", p) if gold.needs_prompts else gold, texts)
+        out.append((lp.double(), r, g))
     return out
 
 

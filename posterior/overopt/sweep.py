@@ -45,6 +45,7 @@ from posterior.posterior import Posterior, _check_prompts, _check_seed
 from posterior.priors.base import Prior
 from posterior.rewards.base import Reward, as_reward
 from posterior.rewards.ensemble import Ensemble
+from posterior.seeds import derive_seed
 
 METHODS = ("is", "smc", "bon")
 FIT_FORM = {"bon": "bon", "bon-exact": "bon"}  # every other method: "rl"
@@ -89,6 +90,12 @@ def _avg(x: torch.Tensor) -> float:
 def _avg_se(se: torch.Tensor) -> float:
     """Standard error of the mean over prompts of independent per-prompt estimates."""
     return float(se.double().pow(2).sum().sqrt() / se.numel())
+
+
+def _se_of_mean(x: torch.Tensor) -> torch.Tensor:
+    """(P,) standard error of each row's plain mean over N draws (-inf draws left out of the spread:
+    the mean is then -inf anyway)."""
+    return torch.where(torch.isfinite(x), x, 0.0).std(-1) / math.sqrt(x.shape[-1])
 
 
 def _member_stats(members: torch.Tensor | None, w: torch.Tensor | None, prefix: str) -> dict:
@@ -164,7 +171,7 @@ def _policy_row(prior, name, policy, proxy, gold, *, n, max_new_tokens, prompts,
 
     check_proposal(prior, policy)
     prompt_ids, q_ids = prior.encode_prompts(prompts), policy.encode_prompts(prompts)
-    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    gen = torch.Generator(device=policy.device).manual_seed(derive_seed(seed, f"overopt policy {name}"))  # not the pool's draws
     t0 = time.perf_counter()
     with torch.no_grad():
         cont = policy.sample(q_ids, n, max_new_tokens, generator=gen)
@@ -174,13 +181,10 @@ def _policy_row(prior, name, policy, proxy, gold, *, n, max_new_tokens, prompts,
     r, rm = score(proxy, cont.texts, prompts)
     g, gm = score(gold, cont.texts, prompts)
 
-    def se(x):  # (P, N) -> (P,) standard error of each prompt's mean
-        return x.std(-1) / math.sqrt(x.shape[-1])
-
     return _row(
-        "policy", name=name, proxy_reward=_avg(r.mean(-1)), proxy_reward_se=_avg_se(se(r)),
-        gold_reward=_avg(g.mean(-1)), gold_reward_se=_avg_se(se(g)), kl_prior=_avg((log_q - log_pi0).mean(-1)),
-        kl_prior_se=_avg_se(se(log_q - log_pi0)), kl_prior_kind="estimate of KL(q||pi0): mean of log q - log pi0",
+        "policy", name=name, proxy_reward=_avg(r.mean(-1)), proxy_reward_se=_avg_se(_se_of_mean(r)),
+        gold_reward=_avg(g.mean(-1)), gold_reward_se=_avg_se(_se_of_mean(g)), kl_prior=_avg((log_q - log_pi0).mean(-1)),
+        kl_prior_se=_avg_se(_se_of_mean(log_q - log_pi0)), kl_prior_kind="estimate of KL(q||pi0): mean of log q - log pi0",
         ess=None, seconds=seconds, forward_tokens=int(cont.lengths.sum()),
         estimates=["proxy_reward", "gold_reward", "kl_prior"], se_method="standard error of a mean",
         **_member_stats(rm, None, "proxy"), **_member_stats(gm, None, "gold"),
@@ -320,10 +324,9 @@ def overoptimization(
     g, g_members = score(gold, pool.texts, prompts)
     pool_seconds = time.perf_counter() - t0
     P = r.shape[0]
-    se_mean = lambda x: torch.where(torch.isfinite(x), x, 0.0).std(-1) / math.sqrt(n)  # noqa: E731
     prior_ref = {
-        "proxy_reward": _avg(r.mean(-1)), "proxy_reward_se": _avg_se(se_mean(r)),
-        "gold_reward": _avg(g.mean(-1)), "gold_reward_se": _avg_se(se_mean(g)),
+        "proxy_reward": _avg(r.mean(-1)), "proxy_reward_se": _avg_se(_se_of_mean(r)),
+        "gold_reward": _avg(g.mean(-1)), "gold_reward_se": _avg_se(_se_of_mean(g)),
     }  # fmt: skip
     pool_info = {"n": n, "seconds": pool_seconds, "forward_tokens": int(pool.lengths.sum()),
                  "max_kl": math.log(n), "reused": draws is not None}  # fmt: skip

@@ -300,7 +300,8 @@ def test_cli_bad_input_exits_2_before_the_model_loads(argv, match, capsys, model
 def test_default_model_sweep_is_smc_bon(tmp_path):
     prior = pst.load_default_prior()
     rep = pst.overoptimization(prior, "sentiment", "afinn", betas=[0.05, 0.1, 0.2, 0.5, 1.0, 2.0],
-                               methods=["is", "smc", "bon"], n=32, max_new_tokens=12, prompts=["The movie was"])  # fmt: skip
+                               methods=["is", "smc", "bon"], n=16, smc_n=8, max_new_tokens=8,
+                               prompts=["The movie was"])  # fmt: skip
     assert len(rep.rows) == 18 and set(rep.fits) == {"is", "smc", "bon"}
     is_rows = rep.rows_of("is")
     assert is_rows[0]["proxy_reward"] >= is_rows[-1]["proxy_reward"]  # smaller beta: more proxy reward

@@ -118,7 +118,8 @@ class OveroptReport:
 
     def plot(self, path, *, title: str | None = None) -> Path:
         """Proxy (dashed) and gold (solid) reward against sqrt(KL(·||pi0)) per method, the fitted
-        gold curve (dotted) and its peak (star); writes a PNG. Matplotlib's Agg canvas, no pyplot."""
+        gold curve (dotted) and its peak (star; a peak beyond 1.5x the sweep's largest sqrt(KL) is
+        only named in the legend); writes a PNG. Matplotlib's Agg canvas, no pyplot."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -141,13 +142,18 @@ class OveroptReport:
             fit = self.fits.get(m, {})
             if "alpha" in fit:
                 b0 = self.prior_exact["gold_reward"] if m.endswith("exact") and self.prior_exact else base
-                xs = np.linspace(0.0, max(x + [fit["d_peak"] or 0.0]) * 1.05, 100)
+                # a peak far beyond the sweep is an extrapolation: name it, do not stretch the axes to it
+                near = fit["d_peak"] is not None and fit["d_peak"] <= 1.5 * max(x)
+                xs = np.linspace(0.0, max(x + ([fit["d_peak"]] if near else [])) * 1.05, 100)
                 ax_g.plot(xs, b0 + gao_curve(xs, fit["alpha"], fit["b"], fit["form"]), ":", color=color,
                           label=f"{m} fit ({fit['form']}): α={fit['alpha']:.3g}, b={fit['b']:.3g}")  # fmt: skip
-                if fit["d_peak"] is not None:
+                if near:
                     where = f"KL={fit['kl_peak']:.3g}" + (f", β={fit['beta_peak']:.3g}" if fit.get("beta_peak") else "")
                     ax_g.plot([fit["d_peak"]], [b0 + fit["gain_peak"]], "*", color=color, markersize=14,
                               markeredgecolor="k", label=f"{m} gold peak ({where})")  # fmt: skip
+                elif fit["d_peak"] is not None:
+                    ax_g.plot([], [], "*", color=color, markersize=10, markeredgecolor="k",
+                              label=f"{m} fitted peak far outside the sweep (KL={fit['kl_peak']:.3g}, extrapolated)")  # fmt: skip
         for ax, key in ((ax_p, "proxy_reward"), (ax_g, "gold_reward")):
             ax.plot([0.0], [self.prior[key]], "kD", markersize=6, label="prior pi0 (pool mean)")
         ax_p.set_title(f"proxy: {self.proxy}", fontsize=9)

@@ -2,6 +2,7 @@
 penalties, and their registry specs: each checked against its formula, on every sequence of an
 enumerable toy where the reward is an ensemble."""
 
+import importlib.util
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from posterior.rewards import Afinn, Callable, Ensemble, LengthPenalty, Repetiti
 from posterior.rewards.ensemble import combine_scores
 from posterior.testing import markov_prior
 
+needs_textblob = pytest.mark.skipif(importlib.util.find_spec("textblob") is None, reason="the textblob extra is not installed")
 M = 3  # max_new_tokens of the toy: 1 + 3 + 9 + 27 sequences over {a, b, c}
 
 
@@ -151,6 +153,7 @@ def test_afinn_is_vaders_normalisation_of_the_afinn_sum_and_needs_no_download():
     assert bool((r(texts).abs() < 1).all())
 
 
+@needs_textblob
 def test_textblob_polarity_in_range_without_corpora():
     r = TextBlob()
     got = r(["", "a great movie", "The movie was terrible.", "not good"]).tolist()
@@ -181,6 +184,7 @@ def test_bad_penalties_name_the_value(cls, args, match):
 
 
 # --- registry --------------------------------------------------------------------------------------
+@needs_textblob
 def test_ensemble_specs_build_the_ensembles():
     r = from_spec("ensemble:uwo:0.5:sentiment,afinn")
     assert isinstance(r, Ensemble) and r.mode == "uwo" and r.uwo_weight == 0.5
@@ -193,6 +197,7 @@ def test_ensemble_specs_build_the_ensembles():
     assert w.mode == "wco" and isinstance(w.members[2], LengthPenalty) and w.members[2].coef == 0.5
 
 
+@needs_textblob
 def test_penalty_and_lexicon_specs():
     assert isinstance(from_spec("afinn"), Afinn) and isinstance(from_spec("textblob"), TextBlob)
     lp = from_spec("length:12")

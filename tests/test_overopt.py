@@ -2,6 +2,7 @@
 (and of best-of-k) computed by enumeration; the pooled estimators against brute force; Gao et
 al.'s fits recovering known (alpha, b); the report, plot and CLI."""
 
+import importlib.util
 import itertools
 import json
 import math
@@ -18,6 +19,7 @@ from posterior.overopt import (
 )  # fmt: skip
 from posterior.testing import markov_prior
 
+needs_textblob = pytest.mark.skipif(importlib.util.find_spec("textblob") is None, reason="the textblob extra is not installed")
 M = 4  # max_new_tokens: 1 + 3 + 9 + 27 + 81 sequences over {a, b, c} (with EOS)
 BETAS = [4.0, 2.0, 1.0, 0.7, 0.5, 0.35]
 
@@ -259,6 +261,7 @@ def test_exact_needs_an_enumerable_prior(prior):
         pst.overoptimization(SequencePrior(prior), PROXY, GOLD, betas=[1.0], n=4, max_new_tokens=2, exact=True)
 
 
+@needs_textblob
 def test_specs_are_accepted_for_proxy_and_gold(prior):
     rep = pst.overoptimization(prior, "ensemble:mean:afinn,sentiment", "textblob", betas=[1.0, 0.5], methods=["is"], n=20,
                                max_new_tokens=2)  # fmt: skip
@@ -266,6 +269,7 @@ def test_specs_are_accepted_for_proxy_and_gold(prior):
 
 
 # --- command line ----------------------------------------------------------------------------------
+@needs_textblob
 def test_cli_overopt_json_and_plot(model_dir, tmp_path, capsys):
     plot = tmp_path / "o.png"
     code = main(["overopt", "hello", "--model", model_dir, "--proxy", "ensemble:uwo:0.5:sentiment,textblob",

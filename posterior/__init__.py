@@ -9,6 +9,7 @@ from posterior.compare import compare
 from posterior.diagnostics.bounds import Bounds, bounds
 from posterior.errors import CheckpointError, DegenerateWeightsError
 from posterior.generate import GenerateOutput, generate
+from posterior.overopt import overoptimization
 from posterior.posterior import Posterior
 from posterior.priors import CallablePrior, HFPrior, Prior, VLLMPrior, load_default_prior
 from posterior.results import SampleResult
@@ -35,6 +36,7 @@ __all__ = [
     "compare",
     "generate",
     "load_default_prior",
+    "overoptimization",
     "register_sampler",
     "rewards",
     "train",

@@ -1,4 +1,4 @@
-"""The command line: ``posterior sample | train | compare | batch ...`` (``posterior --help``).
+"""The command line: ``posterior sample | train | compare | batch | serve | overopt ...`` (``posterior --help``).
 
 One module per subcommand (``posterior/cli/sample.py``, ...), each with ``add_parser(subparsers)``
 (returns its parser) and ``run(args) -> exit code``, registered by name in :data:`SUBCOMMANDS`.
@@ -17,7 +17,7 @@ import sys
 
 from posterior.cli import options
 
-SUBCOMMANDS = ("sample", "train", "compare", "batch", "serve")  # modules of posterior.cli, in --help order
+SUBCOMMANDS = ("sample", "train", "compare", "batch", "serve", "overopt")  # modules of posterior.cli, in --help order
 
 
 def build_parser() -> options.ArgumentParser:

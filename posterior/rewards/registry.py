@@ -1,7 +1,8 @@
 """Rewards by name, for the command line and configuration files: ``from_spec("contains:great")``.
 
 A spec is ``NAME`` or ``NAME:ARGUMENT``; the factory registered under NAME parses ARGUMENT (which
-may itself contain colons). Register more with ``@register_reward("name")`` on a function
+may itself contain colons). Ensemble members are specs separated by commas (so a member spec
+cannot itself hold a comma, nor be an ensemble). Register more with ``@register_reward("name")`` on a function
 ``factory(arg: str | None, *, prior) -> Reward``.
 
     sentiment                   VADER compound score in [-1, 1]
@@ -11,6 +12,12 @@ may itself contain colons). Register more with ``@register_reward("name")`` on a
     classifier-logit:PATH:LABEL its logit
     similarity:TEXT             cosine similarity to TEXT (default MiniLM encoder)
     judge:QUESTION              log P(the prior answers " Yes" to QUESTION about x) (needs prior=)
+    afinn                       AFINN-165 sentiment s/sqrt(s^2+15) in (-1, 1)
+    textblob                    TextBlob polarity in [-1, 1] (textblob extra)
+    length:WORDS[:COEF]         -COEF*max(0, words - WORDS) (COEF default 0.1)
+    repetition[:N[:COEF]]       -COEF*fraction of repeated word N-grams (N 2, COEF 1)
+    ensemble:MODE:SPEC,SPEC...  mean | wco (min) of the members' rewards
+    ensemble:uwo:W:SPEC,SPEC... mean - W*population variance over the members
 """
 
 from __future__ import annotations
@@ -110,3 +117,77 @@ def _judge(arg, *, prior=None):
     if prior is None:
         raise ValueError(f"reward 'judge:{question}' asks the prior, so it needs from_spec(..., prior=prior)")
     return LMJudge(prior, question)
+
+
+@register_reward("afinn")
+def _afinn(arg, *, prior=None):
+    from posterior.rewards.lexicon import Afinn
+
+    _none("afinn", arg)
+    return Afinn()
+
+
+@register_reward("textblob")
+def _textblob(arg, *, prior=None):
+    from posterior.rewards.lexicon import TextBlob
+
+    _none("textblob", arg)
+    return TextBlob()
+
+
+def _number(spec: str, what: str, text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{what} in reward spec {spec!r} must be {'an int' if kind is int else 'a number'}, got {text!r}") from None
+
+
+@register_reward("length")
+def _length(arg, *, prior=None):
+    from posterior.rewards.penalties import LengthPenalty
+
+    spec = f"length:{arg}"
+    parts = _need("length", arg, "WORDS[:COEF]").split(":")
+    if len(parts) > 2:
+        raise ValueError(f"reward spec {spec!r} has {len(parts)} arguments; length takes WORDS[:COEF]")
+    kw = {"coef": _number(spec, "COEF", parts[1], float)} if len(parts) == 2 else {}
+    return LengthPenalty(_number(spec, "WORDS", parts[0], int), **kw)
+
+
+@register_reward("repetition")
+def _repetition(arg, *, prior=None):
+    from posterior.rewards.penalties import RepetitionPenalty
+
+    if arg is None:
+        return RepetitionPenalty()
+    spec = f"repetition:{arg}"
+    parts = arg.split(":")
+    if len(parts) > 2:
+        raise ValueError(f"reward spec {spec!r} has {len(parts)} arguments; repetition takes [N[:COEF]]")
+    kw = {"coef": _number(spec, "COEF", parts[1], float)} if len(parts) == 2 else {}
+    return RepetitionPenalty(_number(spec, "N", parts[0], int), **kw)
+
+
+@register_reward("ensemble")
+def _ensemble(arg, *, prior=None):
+    from posterior.rewards.ensemble import MODES, Ensemble
+
+    spec = f"ensemble:{arg}"
+    mode, _, rest = _need("ensemble", arg, "MODE[:WEIGHT]:SPEC,SPEC,...").partition(":")
+    if mode not in MODES:
+        raise ValueError(f"ensemble mode {mode!r} in reward spec {spec!r} must be one of {', '.join(MODES)}")
+    weight = None
+    if mode == "uwo":
+        text, _, rest = rest.partition(":")
+        weight = _number(spec, "uwo WEIGHT", text, float)
+    if not rest:
+        raise ValueError(f"reward spec {spec!r} names no members; write ensemble:{mode}{':W' if mode == 'uwo' else ''}:SPEC,SPEC")
+    members = []
+    for part in rest.split(","):
+        if part.startswith("ensemble"):
+            raise ValueError(f"ensemble member {part!r} in reward spec {spec!r}: ensembles do not nest in a spec")
+        try:
+            members.append(from_spec(part, prior=prior))
+        except ValueError as e:
+            raise ValueError(f"ensemble member {part!r} in reward spec {spec!r}: {e}") from e
+    return Ensemble(members, mode, uwo_weight=weight)

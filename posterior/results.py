@@ -132,7 +132,7 @@ _PER_PROMPT = {  # (P,) entries of res.info: label and explanation
     "acceptance_rate": ("acceptance", "fraction of proposals accepted"),
     "acceptance_rate_independence": ("acceptance (indep.)", "of the independence moves"),
     "acceptance_rate_suffix": ("acceptance (suffix)", "of the suffix moves"),
-    "draws": ("draws", "proposal draws made for the n accepted samples"),
+    "draws": ("draws", "proposal draws made, up to the last acceptance (rejection with n = 1 goes on to a 2nd one: unbiased log Z)"),
     "tv_estimate": ("TV(pi*, p_B)", "estimate: how far QRS's sampled p_B is from pi* (0 = exact)"),
     "kl_estimate": ("KL(pi*||p_B)", "estimate, nats: how far QRS's sampled p_B is from pi* (0 = exact)"),
     "log_bound": ("log B", "QRS bound on the log-weights (exact pi* where every weight is below it)"),

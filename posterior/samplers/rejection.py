@@ -2,20 +2,14 @@
 
 Rejection (exact). With a bound R >= r(x) for all x, draw x ~ pi0 and accept with probability
 a(x) = exp((r(x) - R)/beta) <= 1. Accepted draws are exact samples of pi*; the acceptance
-probability is p = E_pi0[a(x)] = Z·exp(-R/beta). Ẑ = exp(R/beta)·p̂ with p̂ unbiased for every n:
-
-* n >= 2: stopping at the n-th acceptance after D draws (a negative binomial count),
-  p̂ = (n - 1)/(D - 1) is unbiased (Haldane 1945): E[(n-1)/(D-1)] = sum_d (n-1)/(d-1)·C(d-1, n-1)
-  p^n (1-p)^(d-n) = p·sum_d C(d-2, n-2) p^(n-1) (1-p)^(d-n) = p.
-* n = 1: no function of D alone is unbiased but 1{D = 1} (P(D = 1) = p), so p̂ uses the known
-  a(x_i) instead: the mean of a(x_i) over the first batch of ``batch_size`` draws (default 1).
-  Those draws are made unconditionally (before any stopping decision), i.i.d. from pi0, so
-  E[p̂] = E_pi0[a(x)] = p exactly; it is the Rao–Blackwellisation of the first batch's
-  acceptance indicators over the uniforms. (The mean of a(x_i) over *all* draws up to the
-  acceptance is biased: the stopping time depends on the draws, and a run that meets a draw with
-  a large a(x) stops early; that, and n/D, gave +160% at n = 1.) A batch whose draws all have
-  r = -inf gives p̂ = 0 (Ẑ = 0) although a later draw was accepted: the price of unbiasedness;
-  a larger ``batch_size`` lowers the variance.
+probability is p = E_pi0[a(x)] = Z·exp(-R/beta). Stopping at the m-th acceptance after D draws (a
+negative binomial count), p̂ = (m - 1)/(D - 1) is unbiased for m >= 2 (Haldane 1945):
+E[(m-1)/(D-1)] = sum_d (m-1)/(d-1)·C(d-1, m-1) p^m (1-p)^(d-m) = p·sum_d C(d-2, m-2) p^(m-1) (1-p)^(d-m) = p,
+so Ẑ = exp(R/beta)·p̂ is unbiased, positive and finite. For n = 1 no such estimator exists from a
+run that stops at the first acceptance (the only unbiased function of D is 1{D = 1}, mostly 0: a
+log Ẑ of -inf; and n/D, used before, was biased by +160%), so with n = 1 the sampler draws on to a
+second acceptance (m = 2, about 1/p more draws) and returns the first accepted sample, which
+is exact whatever happens after it. The KL estimate uses every accepted sample (m of them).
 
 QRS (Eikema, Kruszewski, Dance, Aziz & Dymetman 2022). For a proposal q, unnormalised target
 P(x) = pi0(x) exp(r(x)/beta), log-weight log w = log P - log q and a constant B = exp(log_bound),
@@ -86,8 +80,7 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
 
     Returns the accepted samples and, per prompt, the number of draws up to (and including) the
     n-th acceptance, with the reward and log pi0 - log q (None for the prior) of every draw made
-    (the whole of the last batch included), and the log acceptance probabilities of the first
-    batch, (P, batch): draws made before any stopping decision."""
+    (the whole of the last batch included)."""
     P = 1 if prompts is None else len(prompts)
     accepted: list[list[tuple]] = [[] for _ in range(P)]  # (tokens, length, text, log_prior, reward)
     draws_used = [0] * P
@@ -128,7 +121,6 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
             bar.update(sum(len(a) for a in accepted) - bar.n)
     finally:
         bar.close()
-    first_accept = torch.stack([a[0] for a in seen_accept])  # (P, batch) log a(x) of the unconditional first batch
     tokens = _pad_stack([[a[0] for a in acc_p] for acc_p in accepted], post.prior.eos_token_ids[0])
     lengths = torch.stack([torch.stack([a[1] for a in acc_p]) for acc_p in accepted])
     texts = [[a[2] for a in acc_p] for acc_p in accepted]
@@ -137,7 +129,7 @@ def _accept_until(post, prompts, n, max_new_tokens, generator, progress, proposa
     cont = Continuations(tokens, lengths, log_prior, texts)
     all_rewards = [torch.cat(r) for r in seen_rewards]
     all_ratio = [None if r[0] is None else torch.cat(r) for r in seen_ratio]
-    return cont, log_prior, rewards, torch.tensor(draws_used), all_rewards, all_ratio, first_accept
+    return cont, log_prior, rewards, torch.tensor(draws_used), all_rewards, all_ratio
 
 
 def _progress_note(seen_accept, accepted, n: int, todo: list[int], seconds: float) -> str:
@@ -220,20 +212,23 @@ def rejection_sampling(
             )
         return (d.rewards - R) / post.beta
 
-    cont, log_prior, rewards, draws, _, _, first_accept = _accept_until(
-        post, prompts, n, max_new_tokens, generator, progress, None, batch, cap, log_accept, "rejection"
+    m = max(n, 2)  # acceptances to stop at: Ẑ needs m >= 2 to be unbiased (module docstring)
+    cont, log_prior, rewards, draws, _, _ = _accept_until(
+        post, prompts, m, max_new_tokens, generator, progress, None, batch, cap, log_accept, "rejection"
     )
-    if n > 1:
-        log_rate = torch.log((n - 1) / (draws - 1).clamp(min=1).double())  # (P,) negative binomial, unbiased
-    else:  # (P,) log mean a(x) over the first batch: unbiased for n = 1 (module docstring)
-        log_rate = torch.logsumexp(first_accept.double(), -1) - math.log(first_accept.shape[-1])
+    log_rate = torch.log((m - 1) / (draws - 1).double())  # (P,) log p̂, negative binomial: unbiased p̂
+    kl = kl_estimate(uniform_log_weights(*rewards.shape).double(), rewards, post.beta,
+                     torch.full((P,), R, dtype=torch.float64), log_rate)  # fmt: skip
+    if m > n:  # n = 1: the first accepted sample (exact); the second only served the estimates
+        cont = Continuations(cont.tokens[:, :n], cont.lengths[:, :n], cont.log_prob[:, :n], [t[:n] for t in cont.texts])
+        log_prior, rewards = log_prior[:, :n], rewards[:, :n]
     log_weights = uniform_log_weights(*rewards.shape).double()
-    kl = kl_estimate(log_weights, rewards, post.beta, torch.full((P,), R, dtype=torch.float64), log_rate)
+    rate = m / draws.double()
     return make_result(
         post, "rejection", prompts, cont,
         log_prior=log_prior, rewards=rewards, log_weights=log_weights, log_Z=log_rate + offset,
         kl=kl, exact_scale=True,
-        info={"acceptance_rate": n / draws.double(), "draws": draws, "max_draws": cap},
+        info={"acceptance_rate": rate, "draws": draws, "max_draws": cap, "acceptances": m},
     )  # fmt: skip
 
 
@@ -282,7 +277,7 @@ def quasi_rejection_sampling(
         lw = d.relative_log_weights(post.beta, shift[idx])  # (p, batch)
         return (lw - bound[idx, None]).clamp(max=0.0)  # log min(1, w/B)
 
-    cont, log_prior, rewards, draws, seen_r, seen_ratio, _ = _accept_until(
+    cont, log_prior, rewards, draws, seen_r, seen_ratio = _accept_until(
         post, prompts, n, max_new_tokens, generator, progress, proposal, batch, cap, log_accept, "qrs"
     )
     est, kl, log_Z = [], torch.empty(P, dtype=torch.float64), torch.empty(P, dtype=torch.float64)

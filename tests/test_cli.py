@@ -116,7 +116,9 @@ def test_bad_input_exits_2_with_a_message(model_dir, capsys):
 
 
 def test_sampler_errors_name_the_method_the_user_asked_for(model_dir, capsys):
-    assert main(["sample", "hi", "--model", model_dir, "--method", "rejection", "--quiet", "-n", "2"]) == 2
+    # (rejection takes the reward's declared bound by default: give it one that a reward exceeds)
+    assert main(["sample", "hi", "--model", model_dir, "--method", "rejection", "--option", "reward_upper_bound=-5",
+                 "--quiet", "-n", "2"]) == 2
     err = capsys.readouterr().err
     assert "method 'rejection'" in err and "reward_upper_bound" in err and "Traceback" not in err
 

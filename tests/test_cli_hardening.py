@@ -117,7 +117,7 @@ def test_train_save_failure_after_training_keeps_the_summary(model_dir, tmp_path
         raise OSError("read-only file system")
 
     monkeypatch.setattr(HFPolicy, "save", broken)
-    code = main(["train", "hello", "--model", model_dir, "--reward", "contains:a", "--beta", "1", "--steps", "1",
+    code = main(["train", "hello", "--model", model_dir, "--reward", "sentiment", "--beta", "1", "--steps", "1",
                  "--batch-size", "2", "--max-new-tokens", "3", "--lora-rank", "2", "--out", str(tmp_path / "p"),
                  "--json", "--quiet"])  # fmt: skip
     captured = capsys.readouterr()
@@ -294,12 +294,12 @@ def test_rejection_progress_note_counts_and_estimates():
 
 
 def test_train_and_compare_show_progress_on_stderr_when_not_a_terminal(model_dir, tmp_path, capsys):
-    assert main(["train", "hello", "--model", model_dir, "--reward", "contains:a", "--beta", "1", "--steps", "2",
+    assert main(["train", "hello", "--model", model_dir, "--reward", "sentiment", "--beta", "1", "--steps", "2",
                  "--batch-size", "2", "--max-new-tokens", "3", "--lora-rank", "2", "--out", str(tmp_path / "p")]) == 0  # fmt: skip
     err = capsys.readouterr().err
     assert "posterior: loading" in err and re.search(r"posterior: train forward_kl \d+%", err), err
     assert "\r" not in err
-    assert main(["compare", "hello", "--model", model_dir, "--methods", "is,bon", "-n", "2", "--max-new-tokens", "3"]) == 0
+    assert main(["compare", "hello", "--model", model_dir, "--methods", "is,bon", "-n", "4", "--max-new-tokens", "3"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"posterior: compare \d+% \(\d/3", err) and "is done" in err, err
     assert main(["compare", "hello", "--model", model_dir, "--methods", "is", "-n", "2", "--max-new-tokens", "3",
@@ -311,7 +311,7 @@ def test_train_and_compare_show_progress_on_stderr_when_not_a_terminal(model_dir
 # item 12: output details
 # --------------------------------------------------------------------------------------------------
 def test_train_prints_the_objective_asked_for_and_rounded_numbers(model_dir, tmp_path, capsys):
-    assert main(["train", "hello", "--model", model_dir, "--reward", "contains:a", "--beta", "1", "--steps", "1",
+    assert main(["train", "hello", "--model", model_dir, "--reward", "sentiment", "--beta", "1", "--steps", "1",
                  "--batch-size", "2", "--max-new-tokens", "3", "--lora-rank", "2", "--out", str(tmp_path / "p"),
                  "--objective", "dpg", "--quiet"]) == 0  # fmt: skip
     out = capsys.readouterr().out
@@ -332,8 +332,8 @@ def test_train_and_compare_help_show_defaults(capsys):
 
 
 def test_compare_table_uses_one_number_format(model_dir, capsys):
-    assert main(["compare", "hello", "--model", model_dir, "--methods", "is,bon", "-n", "2", "--max-new-tokens", "3",
-                 "--quiet"]) == 0  # fmt: skip
+    assert main(["compare", "hello", "--model", model_dir, "--methods", "is,bon", "-n", "4", "--max-new-tokens", "3",
+                 "--quiet"]) == 0  # fmt: skip (n >= bon's best_of = 4)
     lines = capsys.readouterr().out.splitlines()
     rows = [l for l in lines if l.startswith(("is ", "bon "))]
     assert len(rows) == 2

@@ -145,3 +145,25 @@ def json_line(obj: dict) -> None:
     finally:
         if blocked:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def print_report(rep, *, as_json: bool, plot_path: str | None) -> str | None:
+    """Print a report that has ``rows`` (``compare``, ``overopt``): JSON lines (one per row, then a
+    summary) or its text table; then draw its plot. The report is printed before the plot, which may
+    still fail: returns that failure's text (None when the plot was drawn or not asked for)."""
+    plot = plot_error = None
+    if plot_path:
+        try:
+            plot = rep.plot(plot_path)
+        except (OSError, ValueError) as e:
+            plot_error = f"{type(e).__name__}: {e}"
+    if as_json:
+        js = rep.to_json()
+        for row in js["rows"]:
+            json_line(row)
+        json_line({"summary": True, **{k: v for k, v in js.items() if k != "rows"}, "plot": None if plot is None else str(plot)})
+    else:
+        print(rep.format_table())
+        if plot is not None:
+            print(f"plot: {plot}")
+    return plot_error

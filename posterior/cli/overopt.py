@@ -128,22 +128,7 @@ def run(args) -> int:
             max_new_tokens=args.max_new_tokens, prompts=args.prompts or None, seed=args.seed, smc_n=args.smc_n,
             smc_options=smc_options,
         )  # fmt: skip
-    plot = plot_error = None
-    if args.plot:
-        try:
-            plot = rep.plot(args.plot)
-        except (OSError, ValueError) as e:
-            plot_error = f"{type(e).__name__}: {e}"
-    if args.json:
-        js = rep.to_json()
-        for row in js["rows"]:
-            output.json_line(row)
-        output.json_line({"summary": True, **{k: v for k, v in js.items() if k != "rows"},
-                          "plot": None if plot is None else str(plot)})  # fmt: skip
-    else:
-        print(rep.format_table())
-        if plot is not None:
-            print(f"plot: {plot}")
+    plot_error = output.print_report(rep, as_json=args.json, plot_path=args.plot)
     if plot_error is not None:
         print(f"posterior: error: --plot {args.plot!r}: {plot_error}", file=sys.stderr)
         return options.EXIT_BAD_INPUT

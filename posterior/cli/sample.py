@@ -10,7 +10,6 @@ stderr is not a terminal). Exit codes: 0 done, 2 bad input or a failed sampler, 
 from __future__ import annotations
 
 import os
-import sys
 import textwrap
 import time
 

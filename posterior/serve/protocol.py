@@ -144,7 +144,7 @@ def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward
         raise BadRequest("posterior", f"must be an object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - {"reward", "beta", "method", "options"})
     if unknown:
-        raise BadRequest(f"posterior.{unknown[0]}", f"unknown field; posterior takes reward, beta, method, options")
+        raise BadRequest(f"posterior.{unknown[0]}", "unknown field; posterior takes reward, beta, method, options")
     reward = obj.get("reward")
     if not isinstance(reward, str) or not reward:
         raise BadRequest("posterior.reward", f"must be a reward spec string (e.g. 'sentiment', 'contains:WORD'), got {reward!r}")

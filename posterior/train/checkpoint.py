@@ -127,7 +127,7 @@ def load_file(path: Path, what: str = "checkpoint"):
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # foreign objects (classes, code) the tensors-only loader refuses
+    except pickle.UnpicklingError:  # foreign objects (classes, code) the tensors-only loader refuses
         # (torch's own text suggests weights_only=False, i.e. running code from the file: not repeated)
         raise CheckpointError(f"{what} {path} is not a posterior {what}: it holds objects other than tensors and plain data", path) from None
     except (OSError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError) as e:

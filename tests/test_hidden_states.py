@@ -127,3 +127,15 @@ def test_hidden_states_grad(prior):
     w = torch.zeros(h.shape[-1], requires_grad=True)
     (prior.hidden_states(prompt_ids, tokens, lengths) @ w).sum().backward()
     assert w.grad is not None
+
+
+def test_lora_policy_keeps_hidden_states(prior):
+    """HFPolicy inherits the capability (its own _forward passes ``hidden`` through)."""
+    from posterior.train.policy import policy_from
+
+    policy = policy_from(prior, lora_rank=2)
+    assert policy.has(HIDDEN_STATES)
+    prompt_ids = _prompts(prior)
+    tokens, stepwise, _ = _decode(policy, prompt_ids, N=2, T=3, seed=2)
+    forced = policy.hidden_states(prompt_ids, tokens, torch.full((2, 2), 3))
+    torch.testing.assert_close(forced, stepwise, atol=ATOL, rtol=0)

@@ -37,8 +37,8 @@ import torch
 from posterior.priors.base import HIDDEN_STATES
 from posterior.twists.base import Prefixes, TrainableTwist
 
-CONFIG = "twist.json"
-WEIGHTS = "twist_weights.pt"
+CONFIG = "twist.json"  # the file every saved twist has (``pst.twists.load`` reads its "kind")
+WEIGHTS = "twist.safetensors"
 _PROBE_ROWS = 64  # embedding rows stored with a saved head, to refuse loading it on another prior
 
 
@@ -57,6 +57,7 @@ class HeadTwist(TrainableTwist):
     """
 
     name = "head"
+    kind = "head"
     dense = True
     needs_hidden = True
 
@@ -166,39 +167,47 @@ class HeadTwist(TrainableTwist):
         idx = torch.linspace(0, self.vocab_size - 1, min(_PROBE_ROWS, self.vocab_size)).round().long()
         return self._embedding()[idx.to(self.params["b"].device)].cpu().clone()
 
+    def config(self) -> dict:
+        """What ``twist.json`` records: kind, shapes, rank, and the prior it was trained on."""
+        return {"kind": self.kind, "rank": self.rank, "seed": self.seed, "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size, "model": getattr(self.prior.model.config, "name_or_path", None)}  # fmt: skip
+
     def save(self, path: str | os.PathLike) -> Path:
-        """A folder with ``twist.json`` (kind, shapes, rank) and ``twist_weights.pt`` (the head's
+        """A folder with ``twist.json`` (:meth:`config`) and ``twist.safetensors`` (the head's
         parameters and the prior's embedding probe)."""
+        from safetensors.torch import save_file
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save({"params": self.trainable_state(), "probe": self._probe()}, path / WEIGHTS)
-        cfg = {"kind": self.name, "rank": self.rank, "seed": self.seed, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-               "model": getattr(self.prior.model.config, "name_or_path", None)}  # fmt: skip
-        (path / CONFIG).write_text(json.dumps(cfg, indent=1))
+        save_file({**{f"param.{k}": v.contiguous() for k, v in self.trainable_state().items()}, "probe": self._probe()}, str(path / WEIGHTS))
+        (path / CONFIG).write_text(json.dumps(self.config(), indent=1) + "\n")
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, prior) -> "HeadTwist":
+    def load(cls, path: str | os.PathLike, prior, config: dict | None = None) -> "HeadTwist":
         """The head saved in ``path``, over ``prior``; refuses a prior other than the one it was
-        trained on (vocabulary size, hidden size, or output-embedding rows differ)."""
+        trained on (vocabulary size, hidden size, or output-embedding rows differ). ``config`` is
+        ``twist.json`` when the caller has read it already."""
+        from safetensors.torch import load_file
+
         path = Path(path)
         if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
             raise ValueError(f"{str(path)!r} is not a saved head twist (needs {CONFIG} and {WEIGHTS})")
-        cfg = json.loads((path / CONFIG).read_text())
-        if cfg.get("kind") != cls.name:
-            raise ValueError(f"{str(path)!r} holds a twist of kind {cfg.get('kind')!r}, not {cls.name!r}")
+        cfg = json.loads((path / CONFIG).read_text()) if config is None else config
+        if cfg.get("kind") != cls.kind:
+            raise ValueError(f"{str(path)!r} holds a twist of kind {cfg.get('kind')!r}, not {cls.kind!r}")
         twist = cls(prior, rank=cfg["rank"], seed=cfg["seed"])
         if (twist.vocab_size, twist.hidden_size) != (cfg["vocab_size"], cfg["hidden_size"]):
             raise ValueError(
                 f"the head twist in {str(path)!r} was trained on a prior with vocab_size={cfg['vocab_size']}, "
                 f"hidden_size={cfg['hidden_size']}; this prior has {twist.vocab_size}, {twist.hidden_size}"
             )
-        saved = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+        saved = load_file(str(path / WEIGHTS))
         probe = twist._probe()
         # float32 vs bfloat16 copies of one model agree to ~1e-2 relative; another model does not
         if not torch.allclose(saved["probe"], probe, rtol=2e-2, atol=2e-2 * float(probe.abs().max())):
             raise ValueError(f"the head twist in {str(path)!r} was trained on another prior (its output embedding differs)")
-        twist.load_trainable_state(saved["params"])
+        twist.load_trainable_state({k[len("param.") :]: v for k, v in saved.items() if k.startswith("param.")})
         return twist
 
     def __repr__(self) -> str:

@@ -36,33 +36,79 @@ def test_sequence_prior_is_not_stepwise():
 @pytest.mark.parametrize("twist", [None, "auto"])
 @pytest.mark.parametrize("block", [1, 2, 3])
 def test_block_smc_matches_enumerated_posterior(block, twist):
+    """One continue_prefixes call per block (decode_ahead=False)."""
     post, exact = posts()
     P, N = 30, 100
     res = post.sample(n=N, method="smc", max_new_tokens=T, prompts=["a"] * P, seed=3, block_size=block, twist=twist,
-                      ess_threshold=0.9)
+                      ess_threshold=0.9, decode_ahead=False)
     assert bool(res.info["resampled"].any()) == (twist is not None)  # untwisted: reward deferred to the end
     assert post.prior.calls == math.ceil(T / block)  # one continue_prefixes call per block
     n_eff = res.ess.sum().item() / 2  # resampled particles are correlated: count half
     assert pooled_tv(res, exact) < tv_tolerance(exact.prob().values(), n_eff)
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("block", [1, 2, 3])
-def test_block_smc_log_Z_is_unbiased(block):
+def test_decode_ahead_block_smc_matches_enumerated_posterior(block, threshold):
+    """Decode-ahead (draw to the end, re-submit only duplicates after resampling) is block SMC."""
+    post, exact = posts()
+    P, N = 30, 100
+    res = post.sample(n=N, method="smc", max_new_tokens=T, prompts=["a"] * P, seed=3, block_size=block, ess_threshold=threshold)
+    assert bool(res.info["resampled"].any()) == (threshold > 0)
+    if threshold == 0:
+        assert post.prior.calls == 1  # never resampled: every particle decoded once, in one call
+    n_eff = res.ess.sum().item() / 2  # resampled particles are correlated: count half
+    assert pooled_tv(res, exact) < tv_tolerance(exact.prob().values(), n_eff)
+
+
+@pytest.mark.parametrize("decode_ahead, threshold", [(False, 1.0), (True, 0.0), (True, 0.5), (True, 1.0)])
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_block_smc_log_Z_is_unbiased(block, decode_ahead, threshold):
     """E[Ẑ] = Z within 3 standard errors over 200 independent runs of N = 16 (beta = 1)."""
     post, exact = posts(beta=1.0)
     runs = 200
     res = post.sample(n=16, method="smc", max_new_tokens=T, prompts=["a"] * runs, seed=7, block_size=block,
-                      ess_threshold=1.0)
+                      ess_threshold=threshold, decode_ahead=decode_ahead)
     ratio = (res.log_Z - exact.log_Z).exp()
     se = ratio.std() / math.sqrt(runs)
     assert abs(ratio.mean().item() - 1.0) < 3 * se.item(), (ratio.mean().item(), se.item())
 
 
+class Recording(SequencePrior):
+    """Records the rows and budgets of every continue_prefixes call."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.rows = []
+
+    def continue_prefixes(self, prompt_ids, prefixes, max_tokens, *, generator=None):
+        self.rows.append(len(prompt_ids))
+        return super().continue_prefixes(prompt_ids, prefixes, max_tokens, generator=generator)
+
+
+@pytest.mark.parametrize("block", [1, 2])
+def test_decode_ahead_resubmits_only_the_duplicates(block):
+    """After the first call (every particle, to the end), each call holds only particles that are
+    not the first offspring of their ancestor: at most N - (distinct ancestors) per resampling."""
+    reward = pst.rewards.Callable(score, accepts_prefixes=True)
+    prior = Recording(markov_prior())
+    post = pst.Posterior(prior, reward, beta=BETA)
+    P, N = 3, 50
+    res = post.sample(n=N, method="smc", max_new_tokens=6, prompts=["a", "b", "c"], seed=0, block_size=block,
+                      ess_threshold=1.0, return_ancestry=True)
+    assert prior.rows[0] == P * N
+    anc, resampled = res.info["ancestry"], res.info["resampled"]
+    bound = sum(N - len(set(anc[p, :, s].tolist())) for p in range(P) for s in range(anc.shape[2]) if resampled[p, s])
+    assert 0 < sum(prior.rows[1:]) <= bound
+
+
 def test_block_smc_log_Z_increments_sum_to_log_Z():
     post, _ = posts()
-    res = post.sample(n=8, method="smc", max_new_tokens=T, prompts=["a", "bc"], seed=1, block_size=3)
-    assert res.info["ess_per_step"].shape[1] == 2  # blocks of 3 and 1 tokens
-    assert torch.allclose(res.info["log_Z_increments"].sum(-1), res.log_Z, atol=1e-9)
+    for ahead in (False, True):
+        res = post.sample(n=8, method="smc", max_new_tokens=T, prompts=["a", "bc"], seed=1, block_size=3, decode_ahead=ahead)
+        if not ahead:
+            assert res.info["ess_per_step"].shape[1] == 2  # blocks of 3 and 1 tokens
+        assert torch.allclose(res.info["log_Z_increments"].sum(-1), res.log_Z, atol=1e-9)
 
 
 def test_tilted_proposal_needs_a_stepwise_prior():

@@ -207,10 +207,10 @@ def _sampler_row(post, method, *, n, max_new_tokens, prompts, seed, options, gen
 
 
 def _enumerable(prior, policy, max_new_tokens, prompts, limit) -> bool:
-    from posterior.priors.base import StepwisePrior
-    from posterior.priors.callable import CallablePrior
+    from posterior.priors.base import NEXT_TOKEN
 
-    if not (isinstance(prior, CallablePrior) and isinstance(policy, StepwisePrior)):
+    # Enumeration walks next-token distributions of both (start / extend / select).
+    if not (prior.has(NEXT_TOKEN) and policy.has(NEXT_TOKEN)):
         return False
     V = prior.vocab_size - len(prior.eos_token_ids)
     return sum(V**t for t in range(max_new_tokens + 1)) <= limit

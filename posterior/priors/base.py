@@ -208,6 +208,12 @@ class Prior(abc.ABC):
         """``prior.has(NEXT_TOKEN)``: samplers and training ask for capabilities, never classes."""
         return capability in self.capabilities
 
+    @property
+    def full_support(self) -> bool:
+        """True when every token has positive probability at every prefix by construction (a
+        softmax without top-k / top-p), so a proposal's support needs no check against the prior's."""
+        return False
+
     def log_prob(
         self, prompt_ids: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor, *, grad: bool = False
     ) -> torch.Tensor:

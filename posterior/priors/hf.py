@@ -131,12 +131,17 @@ class HFPrior(TokenizerText, StepwisePrior):
                 return int(getattr(cfg, name))
         return None
 
-    @property
-    def capabilities(self) -> frozenset[str]:
-        return super().capabilities | {GRAD, HIDDEN_STATES}
-
     def describe(self) -> dict:
         return {**super().describe(), "model": getattr(self.model.config, "name_or_path", None) or type(self.model).__name__, "chat": self.chat}
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        # token_log_probs(..., grad=True) keeps the graph; start(..., hidden=True) keeps hidden states
+        return super().capabilities | {GRAD, HIDDEN_STATES}
+
+    @property
+    def full_support(self) -> bool:
+        return self.top_k is None and self.top_p is None  # a softmax: every token > 0
 
     # --- model calls -----------------------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, past=None, last_only=True, grad=False, hidden=False):

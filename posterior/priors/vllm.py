@@ -211,6 +211,11 @@ class VLLMPrior(TokenizerText, Prior):
     def describe(self) -> dict:
         return {**super().describe(), "model": self._model_name, "backend": "vllm", "chat": self.chat}
 
+    # Capabilities: CONTINUE only (Prior's default): no decode state, no gradients.
+    @property
+    def full_support(self) -> bool:
+        return self.top_k is None and self.top_p is None  # a softmax: every token > 0
+
     # --- engine calls ----------------------------------------------------------------------------
     def _engine(self):
         if self.llm is None:

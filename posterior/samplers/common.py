@@ -17,7 +17,7 @@ import torch
 from posterior.diagnostics.tilt import check_resolution, kl_estimate, relative_log_weights, reward_shift, scaled
 from posterior.diagnostics.weights import WeightStats, check_log_weights, log_weight_stats
 from posterior.errors import DegenerateWeightsError
-from posterior.priors.base import Continuations, Prior, StepwisePrior
+from posterior.priors.base import NEXT_TOKEN, Continuations, Prior
 from posterior.results import SampleResult
 
 
@@ -89,14 +89,6 @@ def check_proposal(prior: Prior, proposal: Prior) -> None:
         raise ValueError(f"proposal EOS ids {proposal.eos_token_ids} differ from the prior's {prior.eos_token_ids}")
 
 
-def _full_support(q: Prior) -> bool:
-    """A transformers (or vLLM) softmax without top-k / top-p gives every token positive probability."""
-    from posterior.priors.hf import HFPrior
-    from posterior.priors.vllm import VLLMPrior
-
-    return isinstance(q, (HFPrior, VLLMPrior)) and q.top_k is None and q.top_p is None
-
-
 def check_support(prior: Prior, q: Prior, prompt_ids, q_ids, cont: Continuations, prompts) -> str:
     """Raise ``ValueError`` where the proposal q gives probability 0 to a next token to which the
     prior gives positive probability, along the drawn continuations.
@@ -109,11 +101,11 @@ def check_support(prior: Prior, q: Prior, prompt_ids, q_ids, cont: Continuations
     """
     if q is prior:
         return "prior"
-    if _full_support(q):
+    if q.full_support:
         return "full (softmax without top-k/top-p)"
     P, N, T = cont.tokens.shape
     for r in (prior, q):  # the check reads next-token distributions: step-wise priors only
-        if not isinstance(r, StepwisePrior):
+        if not r.has(NEXT_TOKEN):
             return f"not checked ({type(r).__name__} gives sequences only, no next-token distributions)"
     try:
         ps, qs = prior.start(prompt_ids, copies=N), q.start(q_ids, copies=N)

@@ -72,7 +72,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posterior.diagnostics.mcmc import finite_mean, reward_trace_diagnostics
-from posterior.priors.base import Continuations, DecodeState, Extension, Prior, StepwisePrior, decode_rows
+from posterior.priors.base import NEXT_TOKEN, PREFIX_CACHE, Continuations, DecodeState, Extension, Prior, decode_rows
 from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts
 from posterior.samplers.registry import register_sampler
@@ -340,14 +340,14 @@ def init(
     B = P * n
     pad = prior.eos_token_ids[0]
     decode = None
-    if init_tokens is not None and not isinstance(prior, StepwisePrior):  # score the given texts
+    if init_tokens is not None and not prior.has(NEXT_TOKEN):  # score the given texts
         tokens, lengths = init_tokens, init_lengths
         lps = prior.token_log_probs(prompt_ids, tokens, lengths).float()
-    elif isinstance(prior, StepwisePrior):  # one decode (or teacher-forced) pass, keeping the KV cache
+    elif prior.has(NEXT_TOKEN):  # one decode (or teacher-forced) pass, keeping the KV cache
         forced = None if init_tokens is None else init_tokens.reshape(B, M)
         budget = torch.full((B,), M) if init_tokens is None else init_lengths.reshape(B)
         dec = decode_rows(prior, prior.start(prompt_ids, copies=n), budget, generator=generator,
-                          forced=forced, keep_state=prior.reuses_prefix_cache)
+                          forced=forced, keep_state=prior.has(PREFIX_CACHE))
         ext, decode = dec.extension, dec.state
         tokens, lengths, lps = _place(torch.full((B, M), pad), torch.zeros(B, M), torch.zeros(B, dtype=torch.long), ext, pad)
         tokens, lengths, lps = tokens.view(P, n, M), lengths.view(P, n), lps.view(P, n, M)
@@ -406,7 +406,7 @@ def _regenerate(prior: Prior, decode, prompt_rows, tokens, token_logprobs, keep,
     B, M = tokens.shape
     pad = prior.eos_token_ids[0]
     budget = M - keep.cpu()  # (B,) >= 1: cuts are < L <= M
-    if isinstance(prior, StepwisePrior):
+    if prior.has(NEXT_TOKEN):
         start = prior.truncate(decode, prompt_rows, tokens, keep)
         dec = decode_rows(prior, start, budget, generator=generator, keep_state=decode is not None)
         ext, final = dec.extension, dec.state

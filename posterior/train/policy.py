@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from posterior.priors.base import DecodeState, Prior, StepwisePrior, budgets_per_row, decode_rows
+from posterior.priors.base import GRAD, DecodeState, Prior, StepwisePrior, budgets_per_row, decode_rows
 from posterior.priors.callable import CallablePrior
 from posterior.priors.hf import HFPrior
 
@@ -250,6 +250,10 @@ class TabularPolicy(StepwisePrior, Policy):
 
     # --- prior interface -------------------------------------------------------------------------
     @property
+    def capabilities(self) -> frozenset[str]:
+        return super().capabilities | {GRAD}  # a trainable table: token_log_probs(..., grad=True)
+
+    @property
     def vocab_size(self) -> int:
         return self.base.vocab_size
 
@@ -446,7 +450,9 @@ def policy_from(
         raise ValueError(f"prior is already a trainable policy ({type(prior).__name__}); pass the original prior")
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
-    if isinstance(prior, HFPrior):
+    # By capability: a prior with gradients (a transformers model) gets a LoRA / full copy; the
+    # tabular policy is built from a CallablePrior's explicit vocabulary (a construction, not a capability).
+    if prior.has(GRAD):
         if prompts is not None:
             raise ValueError("prompts= applies to tabular policies (CallablePrior) only; an HF policy covers every prompt")
         if lora_rank is None:
@@ -480,8 +486,8 @@ def load_policy(prior: Prior, path: str | os.PathLike) -> Prior:
         policy = TabularPolicy(prior, saved["max_new_tokens"], prompts=saved["prompts"])
         policy.load_trainable_state({"logits": saved["logits"]})
         return policy
-    if not isinstance(prior, HFPrior):
-        raise ValueError(f"{path} holds an HF policy; it needs an HFPrior, got {type(prior).__name__}")
+    if not prior.has(GRAD):
+        raise ValueError(f"{path} holds an HF policy; it needs an HFPrior (a prior with gradients), got {type(prior).__name__}")
     meta_file = path / "posterior_policy.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if (path / "adapter_config.json").is_file():

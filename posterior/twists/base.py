@@ -78,11 +78,18 @@ class Twist(abc.ABC):
         """(B,) float64 psi of each prefix; -inf only where no completion has a finite reward.
 
         Dense twists get this for free: psi(x_1:t) is row x_t of the next values at x_1:t-1, so the
-        engine reads it from the previous step and calls this only where it has no such row."""
+        engine reads it from the previous step and calls this only where it has no such row (on
+        priors without next-token distributions, where blocks come from ``continue_prefixes``)."""
         raise NotImplementedError(f"twist {self.name!r} gives no values of prefixes")
 
     def next_values(self, x: Prefixes) -> torch.Tensor:
-        """(B, V) float64 psi(x_1:t · v) for every token v (dense twists)."""
+        """(B, V) float64 psi(x_1:t · v) for every token v (dense twists).
+
+        Called with t = ``x.lengths[b]`` >= 0 (t = 0: the prompt alone), once per step where the
+        engine reweights (every ``block_size`` tokens), over the running particles; with
+        ``needs_hidden``, ``x.hidden`` is the state after x_t (the one that predicts x_t+1). Values
+        at tokens with pi0 = 0 are unused; at an ending token (EOS, or any token at the last step)
+        they only shape the tilted proposal (the weight uses the reward there)."""
         raise NotImplementedError(f"twist {self.name!r} is not dense (no next-token values)")
 
     def __repr__(self) -> str:

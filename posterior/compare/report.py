@@ -36,6 +36,7 @@ import torch
 from posterior.compare.frontier import FrontierPoint, default_betas, estimated_frontier, exact_frontier
 from posterior.diagnostics.weights import log_weight_stats
 from posterior.posterior import Posterior, _check_prompts
+from posterior.seeds import derive_seed
 from posterior.samplers.common import check_proposal
 from posterior.samplers.registry import sampler_options
 
@@ -334,7 +335,8 @@ def compare(
         frontier, frontier_exact = exact_frontier(post.prior, post.reward, max_new_tokens, prompts, betas), True
     else:
         m = frontier_n if frontier_n is not None else max(4 * n, 64)
-        draws = post.sample(n=m, method="is", max_new_tokens=max_new_tokens, prompts=prompts, seed=seed + 1)
+        draws = post.sample(n=m, method="is", max_new_tokens=max_new_tokens, prompts=prompts,
+                            seed=derive_seed(seed, "compare frontier"))  # fmt: skip
         frontier, frontier_exact = estimated_frontier(draws.rewards, betas), False
         notes.append(f"frontier estimated by reweighting {m} prior draws per prompt (KL at most log {m} = {math.log(m):.2f})")
     if any(r.get("kl_prior_kind") == "bound" for r in rows):

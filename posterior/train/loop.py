@@ -1,6 +1,11 @@
-"""The one training loop: fit a policy q to pi*(x) ∝ pi0(x) exp(r(x)/beta) with any objective.
+"""The one training loop: fit a policy q to pi*(x) ∝ pi0(x) exp(r(x)/beta), or a twist psi_t to
+the optimal twist psi*_t = beta log E_pi0[e^{r/beta} | x_1:t], with any objective.
 
-Each step (``objective`` from :mod:`posterior.train.objectives`):
+The loop owns the optimiser, the generator, checkpoints, metrics and the running log Z; what one
+step draws and which loss it takes is a :class:`posterior.train.steps.Step`, chosen by (what is
+trained, objective): policies with :mod:`posterior.train.objectives`, twists
+(``pst.twists.learned``) with :mod:`posterior.train.twist_objectives` ("ctl", "regression",
+"fudge"). For a policy, each step:
 
 1. draw ``batch_size`` continuations per prompt — from q under ``torch.no_grad`` (on-policy
    objectives) or from pi* with SMC / IS (``distill``);
@@ -28,8 +33,8 @@ the CPU, ends bit-for-bit where an uninterrupted run ends (the same draws, in th
 Scale. Under ``accelerate launch`` (WORLD_SIZE > 1) the loop builds an ``accelerate.Accelerator``
 itself (or takes ``accelerator=``): the policy is placed on its device, the optimiser is prepared,
 an HF policy's training forward goes through DDP so gradients are averaged across processes, and
-each rank draws its own batch (seed + 1000003·rank); rank 0 writes metrics, every rank writes its
-own checkpoint file.
+each rank draws its own batch (rank 0 from ``seed``, rank k from ``derive_seed(seed, "rank k")``);
+rank 0 writes metrics, every rank writes its own checkpoint file.
 """
 
 from __future__ import annotations
@@ -46,15 +51,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from posterior.diagnostics.weights import log_weight_stats
 from posterior.posterior import Posterior, _check_prompts
 from posterior.samplers.common import check_proposal
+from posterior.seeds import derive_seed
 from posterior.train import checkpoint as ckpt
-from posterior.train.objectives import get_objective
-from posterior.train.policy import Policy
+from posterior.train.steps import StepInput, check_twist, get_step
 
 FORMAT = 1  # checkpoint payload version
-RANK_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -85,14 +88,6 @@ def _positive_int(name, value, minimum=1):
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _num(x):
-    """JSON-safe float: inf / nan as strings (json would write non-standard Infinity)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else str(x)
-
-
 def _auto_accelerator():
     """An Accelerator when launched as several processes (``accelerate launch``), else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -119,7 +114,7 @@ def fit(
     metrics_path: str | os.PathLike | None = None,  # default: checkpoint_dir/metrics.jsonl
     progress: bool = False,
     max_grad_norm: float | None = None,  # clip the gradient norm (None: no clipping)
-    distill_method: str = "smc",  # "smc" | "is": the sampler of pi* for objective="distill"
+    distill_method: str = "smc",  # "smc" | "is": the sampler of pi* for objective="distill" and ctl's positives
     distill_resample: bool = False,  # distill on a multinomial resample (True) or on weighted samples
     sampler_options: dict | None = None,  # options of distill_method, e.g. {"ess_threshold": 0.5}
     accelerator=None,  # an accelerate.Accelerator; default: one under `accelerate launch`, else none
@@ -130,10 +125,13 @@ def fit(
     ----------
     post : Posterior
         The target pi* ∝ pi0 exp(r/beta); ``post.prior`` is pi0.
-    policy : HFPolicy or TabularPolicy
-        From :func:`posterior.train.policy_from` (over the same tokens as ``post.prior``).
+    policy : HFPolicy, TabularPolicy or TrainableTwist
+        What is trained: a policy from :func:`posterior.train.policy_from` (over the same tokens as
+        ``post.prior``), or a twist from ``pst.twists.learned(post.prior, ...)``.
     objective : str
-        "reverse_kl" ("rl"), "forward_kl" ("dpg"), "js", "tv", "distill" or "reward".
+        Policies: "reverse_kl" ("rl"), "forward_kl" ("dpg"), "js", "tv", "distill" or "reward".
+        Twists: "ctl" (contrastive twist learning; positives from ``distill_method``), "regression"
+        (exp-domain least squares on prior rollouts) or "fudge" (least squares to r: not psi*).
     steps : int
         Total optimiser steps (a resumed run counts the steps already done).
     batch_size : int
@@ -155,12 +153,11 @@ def fit(
     """
     if not isinstance(post, Posterior):
         raise ValueError(f"post must be a posterior.Posterior, got {type(post).__name__}")
-    if not isinstance(policy, Policy):
-        raise ValueError(f"policy must come from posterior.train.policy_from, got {type(policy).__name__}")
-    check_proposal(post.prior, policy)
-    obj = get_objective(objective)
+    step_kind = get_step(policy, objective)  # what is trained x objective -> how a step draws and scores
+    if step_kind.kind == "policy":
+        check_proposal(post.prior, policy)
     _positive_int("steps", steps)
-    _positive_int("batch_size", batch_size, 2 if obj.on_policy else 1)
+    _positive_int("batch_size", batch_size, step_kind.min_batch_size)
     _positive_int("max_new_tokens", max_new_tokens)
     _positive_int("checkpoint_every", checkpoint_every)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
@@ -175,26 +172,32 @@ def fit(
     prior = post.prior
     prompt_ids = prior.encode_prompts(prompts)
     prior.check_lengths(prompt_ids, max_new_tokens, prompts)
-    q_ids = policy.encode_prompts(prompts)
-    policy.check_lengths(q_ids, max_new_tokens, prompts)
+    if step_kind.kind == "policy":
+        q_ids = policy.encode_prompts(prompts)
+        policy.check_lengths(q_ids, max_new_tokens, prompts)
+    else:
+        check_twist(post, policy, max_new_tokens)
+        q_ids = prompt_ids
     P = len(prompt_ids)
 
     accelerator = accelerator if accelerator is not None else _auto_accelerator()
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     if accelerator is not None:
+        if not hasattr(policy, "prepare"):
+            raise ValueError(f"{type(policy).__name__} cannot train under accelerate (it has no prepare())")
         policy.prepare(accelerator)
-    device = policy.device
+    device = policy.trainable_parameters()[0].device
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=lr)
     if accelerator is not None:
         optimizer = accelerator.prepare_optimizer(optimizer)
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed + RANK_SEED_STRIDE * rank)
+    generator.manual_seed(seed if rank == 0 else derive_seed(seed, f"rank {rank}"))  # never overflows
     log_Z = torch.zeros(P, dtype=torch.float64)  # running log Ẑ per prompt (meaningless while count == 0)
     count = torch.zeros(P, dtype=torch.float64)  # samples behind it
 
     config = {
-        "objective": obj.name, "batch_size": batch_size, "lr": float(lr), "max_new_tokens": max_new_tokens,
+        "trains": step_kind.kind, "objective": step_kind.objective, "batch_size": batch_size, "lr": float(lr), "max_new_tokens": max_new_tokens,
         "prompts": prompts, "seed": seed, "beta": post.beta, "max_grad_norm": max_grad_norm, "world_size": world,
         "distill_method": distill_method, "distill_resample": distill_resample,
         "sampler_options": json.dumps(sampler_options or {}, sort_keys=True, default=str),
@@ -231,21 +234,16 @@ def fit(
         ckpt.save_checkpoint(directory, rank, step, payload)
 
     t0 = time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc=f"train {obj.name}", unit="step", disable=not progress or rank != 0,
+    bar = tqdm(total=steps, initial=start, desc=f"train {step_kind.objective}", unit="step", disable=not progress or rank != 0,
                file=sys.stderr, leave=False)  # fmt: skip
     mfile = open(mpath, "a") if (mpath is not None and rank == 0) else None  # noqa: SIM115 (closed in finally)
     try:
         for step in range(start, steps):
             ts = time.perf_counter()
-            if obj.on_policy:
-                loss, row, log_Z, count = _on_policy_step(
-                    post, policy, obj, prompt_ids, q_ids, batch_size, max_new_tokens, generator, log_Z, count
-                )
-            else:
-                loss, row, log_Z, count = _distill_step(
-                    post, policy, prompts, q_ids, batch_size, max_new_tokens, generator, log_Z, count,
-                    method=distill_method, resample=distill_resample, options=sampler_options or {},
-                )  # fmt: skip
+            loss, row, log_Z, count = step_kind.run(StepInput(
+                post, policy, prompts, prompt_ids, q_ids, batch_size, max_new_tokens, generator, log_Z, count,
+                sampler=distill_method, resample=distill_resample, sampler_options=sampler_options or {},
+            ))  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             if accelerator is not None:
                 accelerator.backward(loss)
@@ -258,13 +256,13 @@ def fit(
                 else:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            row = {"step": step + 1, "objective": obj.name, **row, "seconds": time.perf_counter() - ts}
+            row = {"step": step + 1, "objective": step_kind.objective, **row, "seconds": time.perf_counter() - ts}
             metrics.append(row)
             if mfile is not None:
                 mfile.write(json.dumps(row) + "\n")
                 mfile.flush()
             bar.update(1)
-            bar.set_postfix(reward=row["reward_mean"], kl=row["kl_prior"], ess=row["ess"], refresh=False)
+            bar.set_postfix({k: row.get(k) for k in step_kind.progress_keys}, refresh=False)
             if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
                 save(step + 1)
     finally:
@@ -272,7 +270,7 @@ def fit(
         if mfile is not None:
             mfile.close()
     return TrainRun(
-        objective=obj.name, steps=steps, metrics=metrics, log_Z=log_Z, resumed_from=start if start else None,
+        objective=step_kind.objective, steps=steps, metrics=metrics, log_Z=log_Z, resumed_from=start if start else None,
         seconds=time.perf_counter() - t0, checkpoint_dir=directory, metrics_path=mpath, config=config,
     )  # fmt: skip
 
@@ -287,82 +285,6 @@ def _check_config(state: dict, config: dict, directory: Path) -> None:
             f"{directory} holds a run with other settings, {diff} (checkpoint, now); use another checkpoint_dir "
             "or the same settings (only steps may change)"
         )
-
-
-def _update_log_Z(log_Z, count, batch_log_sum, n):
-    """Running log of the sample-weighted mean of unbiased Ẑ: batch_log_sum (P,) = log sum_n w_n."""
-    total = count + n
-    prev = torch.where(count > 0, log_Z + torch.log(count.clamp(min=1)), torch.full_like(log_Z, -math.inf))
-    return torch.logaddexp(prev, batch_log_sum) - torch.log(total), total
-
-
-def _mean(x: torch.Tensor) -> float:
-    return float(x.double().mean())
-
-
-def _on_policy_step(post, policy, obj, prompt_ids, q_ids, N, max_new_tokens, generator, log_Z, count):
-    prior, beta = post.prior, post.beta
-    with torch.no_grad():
-        cont = policy.sample(q_ids, N, max_new_tokens, generator=generator)
-    log_pi0 = prior.log_prob(prompt_ids, cont.tokens, cont.lengths).double().cpu()  # (P, N)
-    rewards = post.rewards(cont.texts)  # (P, N) float64
-    log_q = policy.log_prob(q_ids, cont.tokens, cont.lengths, grad=True)  # (P, N) with the graph
-    lq = log_q.detach().double().cpu()
-    log_w = log_pi0 + rewards / beta - lq  # (P, N) log pi0 e^{r/beta} / q
-    stats = log_weight_stats(log_w)
-    log_Z, count = _update_log_Z(log_Z, count, stats.log_mean + math.log(N), N)
-    if obj.uses_log_Z and not bool(torch.isfinite(log_Z).all()):
-        p = int((~torch.isfinite(log_Z)).nonzero()[0])
-        raise ValueError(
-            f"{obj.name}: no sample of prompt {p} has had positive posterior weight yet (every reward -inf), "
-            "so log Z has no estimate; increase batch_size or relax the constraint"
-        )
-    dev = log_q.device
-    loss, info = obj.loss(log_q, log_pi0.to(dev), rewards.to(dev), beta, log_Z=log_Z.to(dev) if obj.uses_log_Z else None)
-    w = stats.log_weights.exp()  # (P, N) normalised
-    fwd = torch.where(w > 0, w * log_w, torch.zeros((), dtype=torch.float64)).sum(-1) - log_Z  # (P,)
-    rev = (-log_w).mean(-1) + log_Z
-    row = {
-        "loss": float(loss.detach()), "samples": "policy", "reward_mean": _num(_mean(rewards)),
-        "kl_prior": _num(_mean(lq - log_pi0)), "kl_target_forward": _num(_mean(fwd)), "kl_target_reverse": _num(_mean(rev)),
-        "ess": _num(_mean(stats.ess)), "log_Z": _num(_mean(log_Z)), "log_Z_batch": _num(_mean(stats.log_mean)),
-        "pseudo_reward_mean": _num(_mean(info.pseudo_reward.cpu())),
-        "zero_weight_prompts": int(stats.degenerate.sum()),  # prompts whose batch has no sample with pi* > 0
-    }  # fmt: skip
-    return loss, row, log_Z, count
-
-
-def _distill_step(post, policy, prompts, q_ids, N, max_new_tokens, generator, log_Z, count, *, method, resample, options):
-    from posterior.samplers.common import select
-
-    res = post.sample(n=N, method=method, max_new_tokens=max_new_tokens, prompts=prompts, generator=generator, **options)
-    cont_tokens, cont_lengths, lw = res.tokens, res.lengths, res.log_weights.double()
-    log_Z, count = _update_log_Z(log_Z, count, res.log_Z.double() + math.log(N), N)
-    log_w_target = res.log_prior.double() + res.rewards.double() / post.beta  # (P, N) unnormalised log pi*
-    if resample:
-        idx = torch.multinomial(lw.exp().float().to(generator.device), N, replacement=True, generator=generator).cpu()
-        cont, _ = select(_as_continuations(res), idx)
-        cont_tokens, cont_lengths = cont.tokens, cont.lengths
-        log_w_target = log_w_target.gather(1, idx)
-        lw = torch.full_like(lw, -math.log(N))
-    log_q = policy.log_prob(q_ids, cont_tokens, cont_lengths, grad=True)  # (P, N)
-    loss, _ = get_objective("distill").loss(log_q, lw.to(log_q.device))
-    lq = log_q.detach().double().cpu()
-    w = lw.exp()
-    fwd = torch.where(w > 0, w * (log_w_target - lq), torch.zeros((), dtype=torch.float64)).sum(-1) - log_Z
-    row = {
-        "loss": float(loss.detach()), "samples": method, "reward_mean": _num(_mean(res.reward_mean())),
-        "kl_prior": None, "kl_target_forward": _num(_mean(fwd)), "kl_target_reverse": None,
-        "ess": _num(_mean(res.ess)), "log_Z": _num(_mean(log_Z)), "log_Z_batch": _num(_mean(res.log_Z)),
-        "pseudo_reward_mean": None,
-    }  # fmt: skip
-    return loss, row, log_Z, count
-
-
-def _as_continuations(res):
-    from posterior.priors.base import Continuations
-
-    return Continuations(res.tokens, res.lengths, res.log_prior, res.texts)
 
 
 __all__ = ["TrainRun", "fit"]

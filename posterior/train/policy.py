@@ -32,9 +32,9 @@ import torch
 from posterior.priors.base import GRAD, DecodeState, Prior, StepwisePrior, budgets_per_row, decode_rows
 from posterior.priors.callable import CallablePrior
 from posterior.priors.hf import HFPrior
+from posterior.priors.prefix_index import PrefixIndex
 
 TABULAR_FILE = "tabular_policy.pt"
-MAX_TABLE_ENTRIES = 50_000_000  # logits in a tabular policy (prompts x prefixes x vocab)
 
 
 class Policy(abc.ABC):
@@ -226,25 +226,12 @@ class TabularPolicy(StepwisePrior, Policy):
         self.base = prior
         self.max_new_tokens = max_new_tokens
         self.prompts = None if prompts is None else list(prompts)
-        prompt_ids = prior.encode_prompts(self.prompts)
-        self._prompt_index: dict[tuple[int, ...], int] = {}
-        for p in prompt_ids:
-            self._prompt_index.setdefault(tuple(p), len(self._prompt_index))
-        eos = set(prior.eos_token_ids)
-        words = [v for v in range(prior.vocab_size) if v not in eos]
-        prefixes = [()]
-        for t in range(1, max_new_tokens):
-            prefixes += list(itertools.product(words, repeat=t))
-        K, S, V = len(self._prompt_index), len(prefixes), prior.vocab_size
-        if K * S * V > MAX_TABLE_ENTRIES:
-            raise ValueError(
-                f"a tabular policy over {K} prompt(s), {S} prefixes and {V} tokens needs {K * S * V} logits "
-                f"(> {MAX_TABLE_ENTRIES}); use a smaller vocabulary or max_new_tokens"
-            )
-        self._prefix_index = {p: s for s, p in enumerate(prefixes)}
-        contexts = [list(k) + list(p) for k in self._prompt_index for p in prefixes]
+        self.index = PrefixIndex(prior, max_new_tokens, self.prompts, what="tabular policy",
+                                 hint="; build it with policy_from(prior, max_new_tokens=..., prompts=[...])")  # fmt: skip
+        self._prompt_index, self._prefix_index = self.index.prompt_index, self.index.prefix_index
+        K, S, V = self.index.shape
         with torch.no_grad():
-            init = prior.start(contexts, copies=1).logprobs.double().view(K, S, V)  # (K, S, V)
+            init = prior.start(self.index.contexts(), copies=1).logprobs.double().view(K, S, V)  # (K, S, V)
         self.support = torch.isfinite(init)  # (K, S, V) bool: tokens pi0 allows after each prefix
         self.logits = torch.nn.Parameter(init.masked_fill(~self.support, 0.0))  # (K, S, V) float64
 
@@ -281,14 +268,7 @@ class TabularPolicy(StepwisePrior, Policy):
         _check_policy_length(self, max_new_tokens)
 
     def _prompt_key(self, ids) -> int:
-        k = self._prompt_index.get(tuple(ids))
-        if k is None:
-            text = self.base.decode(list(ids))
-            raise ValueError(
-                f"prompt {text!r} (ids {list(ids)}) is not one of the tabular policy's prompts "
-                f"{self.prompts!r}; build it with policy_from(prior, max_new_tokens=..., prompts=[...])"
-            )
-        return k
+        return self.index.prompt_key(ids)
 
     def log_table(self) -> torch.Tensor:
         """log q(v | prompt k, prefix s) for every row: (K, S, V), with the graph."""
@@ -340,22 +320,7 @@ class TabularPolicy(StepwisePrior, Policy):
 
     def token_log_probs(self, prompt_ids, tokens, lengths, *, grad=False):
         """Gathered from the table: tokens (P, N, T), lengths (P, N) -> (P, N, T) float32."""
-        P, N, T = tokens.shape
-        if T and int(lengths.max()) > self.max_new_tokens:
-            raise ValueError(f"a continuation of {int(lengths.max())} tokens exceeds max_new_tokens={self.max_new_tokens}")
-        keys = [self._prompt_key(p) for p in prompt_ids]
-        tok, lens = tokens.tolist(), lengths.tolist()
-        k_idx = torch.zeros(P, N, T, dtype=torch.long)
-        s_idx = torch.zeros(P, N, T, dtype=torch.long)
-        for p in range(P):
-            for n in range(N):
-                seq = tok[p][n]
-                for t in range(lens[p][n]):
-                    s = self._prefix_index.get(tuple(seq[:t]))
-                    if s is None:
-                        raise ValueError(f"prefix {seq[:t]} of continuation {seq[:lens[p][n]]} is not in the table (EOS inside?)")
-                    k_idx[p, n, t], s_idx[p, n, t] = keys[p], s
-        valid = torch.arange(T) < lengths[..., None]  # (P, N, T)
+        k_idx, s_idx, valid = self.index.positions(prompt_ids, tokens, lengths)  # (P, N, T) each
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             lp = self.log_table()[k_idx, s_idx].gather(-1, tokens[..., None]).squeeze(-1)  # (P, N, T)
             out = torch.where(valid, lp, torch.zeros((), dtype=lp.dtype)).float()

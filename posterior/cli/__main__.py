@@ -1,0 +1,7 @@
+"""``python -m posterior.cli ...``: the ``posterior`` command."""
+
+import sys
+
+from posterior.cli import main
+
+sys.exit(main())

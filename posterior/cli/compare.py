@@ -1,0 +1,123 @@
+"""``posterior compare``: samplers and trained policies on one posterior, with the reward–KL plot.
+
+    posterior compare "The movie was" --reward sentiment --beta 0.1 --methods is,smc,bon -n 16 \\
+        --policy dpg=runs/dpg/policy --plot frontier.png [--json]
+
+``--policy NAME=PATH`` loads a policy saved by ``posterior train`` over the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from posterior.cli import options, output
+
+
+def _policy_spec(text: str) -> tuple[str, str]:
+    if "=" not in text or not text.split("=", 1)[0] or not text.split("=", 1)[1]:
+        raise argparse.ArgumentTypeError(f"takes NAME=PATH, got {text!r}")
+    name, path = text.split("=", 1)
+    return name, path
+
+
+def _method_option(text: str) -> tuple[str, str, object]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"takes METHOD.KEY=VALUE (e.g. bon.best_of=4), got {text!r}")
+    key, value = options.key_value(text)
+    method, name = key.split(".", 1)
+    return method, name, value
+
+
+def add_parser(subparsers):
+    p = options.add_subparser(subparsers, "compare", help="compare samplers and trained policies; reward-KL frontier plot",
+                              description=__doc__.split("\n\n")[0].replace("``", ""))  # fmt: skip
+    options.add_posterior_options(p, max_new_tokens=16, fixed_seed_only=True)
+    p.add_argument("--methods", default="is,smc,bon", help="comma-separated samplers")
+    p.add_argument("-n", type=int, default=16, help="sequences decoded per prompt by every method / policy")
+    p.add_argument("--policy", type=_policy_spec, action="append", default=[], metavar="NAME=PATH",
+                   help="a policy saved by `posterior train` (repeatable)")
+    p.add_argument("--option", type=_method_option, action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method option, e.g. bon.best_of=4 or smc.ess_threshold=0.5 (repeatable)")
+    p.add_argument("--plot", default=None, help="write the reward-KL frontier PNG here")
+    options.add_output_options(p)
+    options.add_model_options(p)
+    return p
+
+
+def check(args) -> tuple[list[str], dict, dict]:
+    """Every argument, before the model loads: the methods, their options, the policies."""
+    from posterior.errors import check_int
+    from posterior.samplers import SAMPLERS
+
+    options.check_model(args, command="posterior compare")
+    options.check_posterior(args)
+    check_int("n", args.n, 2)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods and not args.policy:
+        raise ValueError(f"--methods {args.methods!r} names no method (and no --policy is given): "
+                         f"give e.g. --methods is,smc,bon; methods: {', '.join(sorted(SAMPLERS))}")  # fmt: skip
+    for m in methods:
+        if m not in SAMPLERS:
+            raise ValueError(f"unknown method {m!r} in --methods {args.methods!r}; choose from {sorted(SAMPLERS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods {args.methods!r} names a method twice")
+    per_method: dict[str, list] = {}
+    for method, key, value in args.option:
+        if method not in methods:
+            raise ValueError(f"--option {method}.{key}: method {method!r} is not in --methods {args.methods!r}")
+        per_method.setdefault(method, []).append((key, value))
+    method_options = {m: options.check_method_options(m, pairs, prefix=f"--option {m}.") for m, pairs in per_method.items()}
+    policies = options.unique(args.policy, "--policy ")
+    for name, path in policies.items():
+        if name in methods:
+            raise ValueError(f"--policy {name}={path}: {name!r} is also a method; give the policy another name")
+        if not os.path.isdir(path):
+            raise ValueError(f"--policy {name}={path}: no such folder")
+    if args.plot is not None:
+        parent = os.path.dirname(os.path.abspath(args.plot))
+        if os.path.isdir(args.plot):
+            raise ValueError(f"--plot {args.plot!r} is a folder; give a file name such as frontier.png")
+        if not os.path.isdir(parent):
+            raise ValueError(f"--plot {args.plot!r}: folder {parent!r} does not exist")
+    return methods, method_options, policies
+
+
+def run(args) -> int:
+    import posterior as pst
+
+    methods, method_options, policy_paths = check(args)
+    progress = not args.quiet
+    options.stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")
+    with output.line_progress(progress):
+        post = options.load_posterior(args)
+        policies = {name: pst.train.load_policy(post.prior, path) for name, path in policy_paths.items()}
+        options.stage(args, f"comparing {', '.join(methods + list(policies))}: n={args.n}, "
+                            f"max_new_tokens={args.max_new_tokens}")  # fmt: skip
+        try:
+            rep = pst.compare(post, methods=methods, policies=policies, n=args.n, max_new_tokens=args.max_new_tokens,
+                              prompts=args.prompts or None, seed=args.seed, method_options=method_options)  # fmt: skip
+        except TypeError as e:  # a sampler's option of the wrong kind
+            raise ValueError(str(e)) from e
+    # The comparison exists: print it before the plot, which may still fail.
+    plot = plot_error = None
+    if args.plot:
+        try:
+            plot = rep.plot(args.plot)
+        except (OSError, ValueError) as e:
+            plot_error = f"{type(e).__name__}: {e}"
+    if args.json:
+        js = rep.to_json()
+        for row in js["rows"]:
+            output.json_line(row)
+        output.json_line({"summary": True, **{k: v for k, v in js.items() if k != "rows"},
+                          "plot": None if plot is None else str(plot)})  # fmt: skip
+    else:
+        print(rep.format_table())
+        if plot is not None:
+            print(f"plot: {plot}")
+    if plot_error is not None:
+        print(f"posterior: error: --plot {args.plot!r}: {plot_error}", file=sys.stderr)
+        return options.EXIT_BAD_INPUT
+    return 0

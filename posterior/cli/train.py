@@ -1,0 +1,106 @@
+"""``posterior train``: fit a policy to pi* ∝ pi0 exp(r/beta) and save it (a LoRA adapter by default).
+
+    posterior train "The movie was" --reward sentiment --beta 0.1 --objective dpg --steps 60 \\
+        --batch-size 8 --max-new-tokens 16 --lora-rank 8 --checkpoint-dir runs/dpg --out runs/dpg/policy
+
+Metrics go to ``CHECKPOINT_DIR/metrics.jsonl`` (one JSON object per step); running the same
+command again resumes from the last checkpoint. ``--json`` prints one summary object at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from posterior.cli import options, output
+
+SHOWN = ("reward_mean", "kl_prior", "kl_target_forward", "kl_target_reverse", "ess", "log_Z")
+
+
+def add_parser(subparsers):
+    from posterior.train.objectives import ALIASES, OBJECTIVES
+
+    p = options.add_subparser(subparsers, "train", help="fit a policy (LoRA adapter) to pi* and save it",
+                              description=__doc__.split("\n\n")[0].replace("``", ""))  # fmt: skip
+    options.add_posterior_options(p, max_new_tokens=16, fixed_seed_only=True)
+    aliases = ", ".join(f"{a} = {c}" for a, c in sorted(ALIASES.items()))
+    p.add_argument("--objective", default="dpg", choices=sorted(OBJECTIVES) + sorted(ALIASES),
+                   help=f"training objective ({aliases})")
+    p.add_argument("--steps", type=int, default=60, help="optimiser steps (a resumed run counts steps done)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per prompt and step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 trains a full copy of the model")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoints + metrics.jsonl; resumes a run found there")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
+    p.add_argument("--out", default=None, help="folder to save the trained policy (default: CHECKPOINT_DIR/policy)")
+    options.add_output_options(p)
+    options.add_model_options(p)
+    return p
+
+
+def check(args) -> str:
+    """Every argument, before the model loads; returns the folder the policy is saved to."""
+    from posterior.errors import check_int, check_real
+    from posterior.train.objectives import get_objective
+
+    options.check_model(args, backends=("hf",), command="posterior train")
+    options.check_posterior(args)
+    obj = get_objective(args.objective)
+    check_int("steps", args.steps, 1)
+    check_int("batch_size", args.batch_size, 2 if obj.on_policy else 1)
+    check_real("lr", args.lr, positive=True)
+    check_int("checkpoint_every", args.checkpoint_every, 1)
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0: full copy), got {args.lora_rank}")
+    out = args.out or (os.path.join(args.checkpoint_dir, "policy") if args.checkpoint_dir else None)
+    if out is None:
+        raise ValueError("give --out (or --checkpoint-dir) to save the trained policy")
+    for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--out", out)):
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path!r} is a file, not a folder")
+    return out
+
+
+def run(args) -> int:
+    import posterior as pst
+    from posterior.train.objectives import get_objective
+
+    out = check(args)
+    canonical = get_objective(args.objective).name
+    progress = not args.quiet
+    options.stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")
+    with output.line_progress(progress):
+        post = options.load_posterior(args)
+        policy = pst.train.policy_from(post.prior, lora_rank=args.lora_rank or None, seed=args.seed)
+        options.stage(args, f"training: objective {args.objective}, {args.steps} steps of batch {args.batch_size}")
+        t0 = time.perf_counter()
+        run_ = pst.train.fit(
+            post, policy, objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            max_new_tokens=args.max_new_tokens, prompts=args.prompts or None, seed=args.seed,
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, progress=progress,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+    summary = {"objective": canonical, "requested_objective": args.objective, "steps": run_.steps,
+               "resumed_from": run_.resumed_from, "seconds": seconds, "saved": None,
+               "metrics_path": None if run_.metrics_path is None else str(run_.metrics_path), "final": run_.final}  # fmt: skip
+    try:
+        summary["saved"] = str(policy.save(out))
+    except (OSError, ValueError) as e:  # the run is done: report it, and say why it was not saved
+        summary["save_error"] = f"{type(e).__name__}: {e}"
+    if args.json:
+        output.json_line(summary)
+    else:
+        name = args.objective if args.objective == canonical else f"{args.objective} ({canonical})"
+        print(f"trained {name} for {run_.steps} steps in {seconds:.1f} s"
+              + (f" (resumed from step {run_.resumed_from})" if run_.resumed_from else ""))  # fmt: skip
+        f = run_.final
+        for key in SHOWN:
+            print(f"  {key} (estimate, last batch): {output.num(f.get(key))}")
+        if summary["saved"] is not None:
+            print(f"  saved: {summary['saved']}")
+    if summary["saved"] is None:
+        print(f"posterior: error: the policy was not saved to {out!r}: {summary['save_error']}", file=sys.stderr)
+        return options.EXIT_BAD_INPUT
+    return 0
+

@@ -1,0 +1,134 @@
+"""Learned twists: ``pst.twists.learned(prior, ...)`` picks a trainable twist by the prior's
+capabilities; ``pst.twists.load(path, prior)`` reads a saved one back.
+
+Kinds are registered in :data:`KINDS` (first match in registration order wins, unless
+``kind=`` names one):
+
+* ``"head"`` (priors with the ``HIDDEN_STATES`` capability: ``HFPrior``): a small head over the
+  frozen prior's hidden states, registered by its own module;
+* ``"tabular"`` (priors without hidden states whose (prompt, prefix, token) table is small: a
+  ``CallablePrior``): :class:`posterior.twists.tabular.TabularTwist`, whose optimum is exact.
+
+Adding a kind (one file): write a :class:`~posterior.twists.base.TrainableTwist` subclass with a
+class attribute ``kind``, a ``config()`` dict (``"kind"`` included) written by its ``save`` into
+``twist.json`` next to its weights, and a classmethod ``load(path, prior, config)``; then call
+``register(TwistKind(name, applies, build, load))`` at import and import the module from
+``posterior/twists/__init__.py``. ``pst.train.fit(post, twist, objective=...)`` trains any
+``TrainableTwist`` through its ``prefix_values(..., grad=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from posterior.priors.base import HIDDEN_STATES, Prior
+from posterior.priors.prefix_index import MAX_TABLE_ENTRIES, table_size
+from posterior.twists.base import TrainableTwist
+from posterior.twists.tabular import CONFIG_FILE, TabularTwist, prior_fingerprint
+
+
+class TwistKind(NamedTuple):
+    """A kind of learned twist."""
+
+    name: str
+    applies: Callable[[Prior, int | None, Sequence[str] | None], bool]  # (prior, max_new_tokens, prompts) -> usable
+    build: Callable[..., TrainableTwist]  # build(prior, *, max_new_tokens, prompts, **options)
+    load: Callable[[Path, Prior, dict], TrainableTwist]  # load(folder, prior, config from twist.json)
+    requires: str = ""  # what ``applies`` checks, for the error when no kind applies
+
+
+KINDS: dict[str, TwistKind] = {}
+
+
+def register(kind: TwistKind) -> None:
+    """Add (or replace) a kind of learned twist; later registrations are tried after earlier ones."""
+    KINDS[kind.name] = kind
+
+
+def _tabular_applies(prior, max_new_tokens, prompts) -> bool:
+    if prior.has(HIDDEN_STATES) or max_new_tokens is None:
+        return False
+    n = 1 if prompts is None else len(set(map(str, prompts)))
+    return table_size(prior, max_new_tokens, n) <= MAX_TABLE_ENTRIES
+
+
+def _build_tabular(prior, *, max_new_tokens, prompts):
+    if max_new_tokens is None:
+        raise ValueError("a tabular twist needs max_new_tokens, the depth of its table")
+    return TabularTwist(prior, max_new_tokens, prompts=prompts)
+
+
+register(TwistKind(
+    "tabular", _tabular_applies, _build_tabular, TabularTwist.load,
+    requires=f"no {HIDDEN_STATES!r} capability, max_new_tokens given, and a (prompt, prefix, token) table of <= "
+             f"{MAX_TABLE_ENTRIES} entries (a CallablePrior with a small vocabulary)",
+))  # fmt: skip
+
+
+def learned(prior: Prior, *, max_new_tokens: int | None = None, prompts: Sequence[str] | None = None, kind: str | None = None, **options) -> TrainableTwist:
+    """A trainable twist for ``prior``, chosen by its capabilities (see the module docstring).
+
+    Parameters
+    ----------
+    prior : Prior
+        pi0 (the twist reads its token ids, and its hidden states where it has them).
+    max_new_tokens : int or None
+        The continuation length the twist is for (required by the tabular kind: its depth).
+    prompts : list of str or None
+        Tabular kind: the prompts the table covers (None: one unconditional prompt).
+    kind : str or None
+        A registered kind by name (``sorted(KINDS)``); None: the first that applies.
+    **options
+        Passed to the kind's constructor, which names any it does not take.
+
+    Returns
+    -------
+    TrainableTwist
+    """
+    if not isinstance(prior, Prior):
+        raise ValueError(f"prior must be a posterior prior, got {type(prior).__name__}")
+    if isinstance(prompts, str):
+        raise ValueError(f"prompts must be a list of str or None, got the str {prompts!r}")
+    if kind is not None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown twist kind {kind!r}; registered: {sorted(KINDS)}")
+        chosen = KINDS[kind]
+    else:
+        found = [k for k in KINDS.values() if k.applies(prior, max_new_tokens, prompts)]
+        if not found:
+            needs = "; ".join(f"{k.name!r}: {k.requires or 'see its module'}" for k in KINDS.values())
+            raise ValueError(
+                f"no learned twist applies to {type(prior).__name__} (capabilities {sorted(prior.capabilities)}, "
+                f"max_new_tokens={max_new_tokens!r}); kinds need — {needs}"
+            )
+        chosen = found[0]
+    try:
+        return chosen.build(prior, max_new_tokens=max_new_tokens, prompts=prompts, **options)
+    except TypeError as e:  # an option the kind does not take
+        if options and "unexpected keyword argument" in str(e):
+            raise ValueError(f"twist kind {chosen.name!r} does not take {e}".replace("() got an ", "(): ")) from e
+        raise
+
+
+def load(path: str | os.PathLike, prior: Prior) -> TrainableTwist:
+    """A twist saved by ``twist.save(path)``, over ``prior`` (the prior it was trained for)."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ValueError(f"{path} holds no saved twist (no {CONFIG_FILE})")
+    config = json.loads(cfg_file.read_text())
+    name = config.get("kind")
+    if name not in KINDS:
+        raise ValueError(f"{path}: twist kind {name!r} is not registered (known: {sorted(KINDS)})")
+    saved, now = config.get("prior"), prior_fingerprint(prior)
+    if saved is not None and saved != now:
+        diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
+        raise ValueError(f"{path} holds a {name} twist for another prior: {diff} (saved, given)")
+    return KINDS[name].load(path, prior, config)
+
+
+__all__ = ["KINDS", "TwistKind", "learned", "load", "register"]

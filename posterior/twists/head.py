@@ -36,6 +36,8 @@ import torch
 
 from posterior.priors.base import HIDDEN_STATES
 from posterior.twists.base import Prefixes, TrainableTwist
+from posterior.twists.learned import TwistKind, register
+from posterior.twists.tabular import prior_fingerprint
 
 CONFIG = "twist.json"  # the file every saved twist has (``pst.twists.load`` reads its "kind")
 WEIGHTS = "twist.safetensors"
@@ -54,6 +56,9 @@ class HeadTwist(TrainableTwist):
         from N(0, 1/H) with ``seed`` (so the gradient of A is not 0 at the start).
     seed : int
         Seed of B (low rank only); the head's values at the start are 0 whatever the seed.
+    max_new_tokens : int or None
+        The horizon the twist is trained for (psi* depends on it); ``fit`` refuses another one
+        when it is set. None: not fixed.
     """
 
     name = "head"
@@ -61,14 +66,17 @@ class HeadTwist(TrainableTwist):
     dense = True
     needs_hidden = True
 
-    def __init__(self, prior, *, rank: int | None = None, seed: int = 0):
+    def __init__(self, prior, *, rank: int | None = None, seed: int = 0, max_new_tokens: int | None = None):
         from posterior.errors import is_int
 
         if not (hasattr(prior, "has") and prior.has(HIDDEN_STATES)):
             raise ValueError(f"a head twist needs a prior with hidden states (HFPrior), got {type(prior).__name__}")
         if rank is not None and (not is_int(rank) or int(rank) < 1):
             raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+        if max_new_tokens is not None and (not is_int(max_new_tokens) or int(max_new_tokens) < 1):
+            raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
         self.prior = prior
+        self.max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
         emb = prior.model.get_output_embeddings().weight  # (V', H), possibly padded beyond the vocabulary
         V, H = prior.vocab_size, int(emb.shape[1])
         self.vocab_size, self.hidden_size = V, H
@@ -144,6 +152,11 @@ class HeadTwist(TrainableTwist):
             valid = torch.arange(tokens.shape[-1], device=h.device) < lengths.to(h.device)[..., None]
             return torch.where(valid, psi, 0.0)
 
+    def prepare(self, accelerator) -> None:
+        """Training under accelerate: one process (the head's gradients are not all-reduced)."""
+        if accelerator.num_processes > 1:
+            raise ValueError(f"a HeadTwist trains in one process; got {accelerator.num_processes} processes")
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.params.values())
 
@@ -169,8 +182,8 @@ class HeadTwist(TrainableTwist):
 
     def config(self) -> dict:
         """What ``twist.json`` records: kind, shapes, rank, and the prior it was trained on."""
-        return {"kind": self.kind, "rank": self.rank, "seed": self.seed, "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size, "model": getattr(self.prior.model.config, "name_or_path", None)}  # fmt: skip
+        return {"kind": self.kind, "rank": self.rank, "seed": self.seed, "max_new_tokens": self.max_new_tokens,
+                "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "prior": prior_fingerprint(self.prior)}  # fmt: skip
 
     def save(self, path: str | os.PathLike) -> Path:
         """A folder with ``twist.json`` (:meth:`config`) and ``twist.safetensors`` (the head's
@@ -196,7 +209,7 @@ class HeadTwist(TrainableTwist):
         cfg = json.loads((path / CONFIG).read_text()) if config is None else config
         if cfg.get("kind") != cls.kind:
             raise ValueError(f"{str(path)!r} holds a twist of kind {cfg.get('kind')!r}, not {cls.kind!r}")
-        twist = cls(prior, rank=cfg["rank"], seed=cfg["seed"])
+        twist = cls(prior, rank=cfg["rank"], seed=cfg["seed"], max_new_tokens=cfg.get("max_new_tokens"))
         if (twist.vocab_size, twist.hidden_size) != (cfg["vocab_size"], cfg["hidden_size"]):
             raise ValueError(
                 f"the head twist in {str(path)!r} was trained on a prior with vocab_size={cfg['vocab_size']}, "
@@ -213,5 +226,14 @@ class HeadTwist(TrainableTwist):
     def __repr__(self) -> str:
         return f"HeadTwist(V={self.vocab_size}, H={self.hidden_size}, rank={self.rank})"
 
+
+def _build(prior, *, max_new_tokens=None, prompts=None, rank: int | None = None, seed: int = 0) -> HeadTwist:
+    return HeadTwist(prior, rank=rank, seed=seed, max_new_tokens=max_new_tokens)  # one head serves every prompt
+
+
+register(TwistKind(
+    "head", lambda prior, max_new_tokens, prompts: prior.has(HIDDEN_STATES), _build, HeadTwist.load,
+    requires=f"the {HIDDEN_STATES!r} capability (HFPrior)",
+))  # fmt: skip
 
 __all__ = ["HeadTwist"]

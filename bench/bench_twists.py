@@ -18,7 +18,7 @@ prompt "The movie was", N = 32 particles x T = 32 tokens, ess_threshold 0.5, sys
 Runs alternate between configurations seed by seed (seed-major), so a change in machine load hits
 all configurations alike; times are medians. Run with OMP_NUM_THREADS=1:
 
-    OMP_NUM_THREADS=1 python bench/bench_twists.py [--objective regression] [--steps 12]
+    OMP_NUM_THREADS=1 python bench/bench_twists.py [--objective regression] [--steps 8]
         [--batch-size 16] [--lr 3e-3] [--seeds 8] [--load PATH]
 
 Measured figures: see the end of this docstring (filled in by the run that produced them).
@@ -106,7 +106,7 @@ def per_step_costs(prior, reward, head, repeats: int = 7) -> dict:
 
 
 def train_head(post, args):
-    twist = pst.twists.learned(post.prior)
+    twist = pst.twists.learned(post.prior, max_new_tokens=T)
     t0 = time.perf_counter()
     run = pst.train.fit(post, twist, objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         max_new_tokens=T, prompts=[PROMPT], seed=0)  # fmt: skip
@@ -118,7 +118,7 @@ def train_head(post, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--objective", default="regression", help="fit objective for the head: ctl | regression | fudge")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seeds", type=int, default=8)

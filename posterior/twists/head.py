@@ -4,11 +4,14 @@ The prior's last hidden state h_t (H,) after the prompt and x_1:t is the vector 
 embedding E (V, H) maps to the next-token logits E h_t. The head reads the same vector and gives
 psi for every one-token extension at once, through the same frozen embedding rows:
 
-    psi(x_1:t · v) = e_v · (W h_t + b) + (w · h_t + c),        v = 1..V,
+    psi(x_1:t · v) = ẽ_v · (W h̃_t + b) / H + (w · h̃_t) / sqrt(H) + c,        v = 1..V,
 
-with W (H, H) (or low rank, W = A·B), b (H,), w (H,), c trainable and e_v = E[v] frozen. The
-first term is how the next token moves the value (in the prior's own token geometry), the second
-the value of the prefix itself. Every parameter starts at 0 (A = 0 for low rank), so an untrained
+with W (H, H) (or low rank, W = A·B), b (H,), w (H,), c trainable, ẽ_v = E[v] / rms(E) frozen and
+h̃_t = h_t / rms(h_t). The first term is how the next token moves the value (in the prior's own
+token geometry), the second the value of the prefix itself. The normalisations put every factor at
+unit scale whatever the model, so one learning rate means about the same change of psi per
+optimiser step on a tiny test model and on SmolLM2 (an Adam step of size lr on W moves psi by at
+most about lr·H·E|ẽ||h̃|, a few tenths at lr = 1e-3, H = 576). Every parameter starts at 0 (A = 0 for low rank), so an untrained
 head is psi = 0: the bootstrap (intermediate targets pi0), and training moves it towards
 psi*_t(x_1:t) = beta · log E_pi0[exp(r(X)/beta) | x_1:t] (Zhao, Brekelmans, Makhzani & Grosse 2024,
 "Probabilistic inference in language models via twisted SMC", who also use a head on the frozen
@@ -94,6 +97,8 @@ class HeadTwist(TrainableTwist):
         p["w"] = torch.zeros(H, device=dev)
         p["c"] = torch.zeros((), device=dev)
         self.params = {k: torch.nn.Parameter(v) for k, v in p.items()}
+        # ẽ_v = e_v · _e_scale: the embedding at unit RMS (a constant of the frozen prior)
+        self._e_scale = float(self._embedding().pow(2).mean().rsqrt())
 
     # --- the head ----------------------------------------------------------------------------
     def _embedding(self) -> torch.Tensor:
@@ -101,20 +106,22 @@ class HeadTwist(TrainableTwist):
         return self.prior.model.get_output_embeddings().weight.detach()[: self.vocab_size].float()
 
     def _direction(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (..., H): W h + b."""
+        """(..., H) normalised hidden states -> (..., H): (W h̃ + b) · rms(E)^-1 / H, so that its dot
+        product with a raw embedding row e_v is the first term of psi."""
         p = self.params
-        if self.rank is None:
-            return h @ p["W"].T + p["b"]
-        return (h @ p["B"].T) @ p["A"].T + p["b"]
+        u = h @ p["W"].T if self.rank is None else (h @ p["B"].T) @ p["A"].T
+        return (u + p["b"]) * (self._e_scale / self.hidden_size)
 
     def _offset(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (...): w · h + c, the value of the prefix itself."""
-        return h @ self.params["w"] + self.params["c"]
+        """(..., H) normalised hidden states -> (...): w · h̃ / sqrt(H) + c, the value of the prefix itself."""
+        return h @ self.params["w"] / self.hidden_size**0.5 + self.params["c"]
 
     def _hidden(self, h: torch.Tensor) -> torch.Tensor:
-        # Hidden states made under inference mode cannot enter autograd; a copy can.
+        """h̃ = h / rms(h) in float32 on the head's device (rows of zeros stay 0)."""
         h = h.to(device=self.params["b"].device, dtype=torch.float32)
-        return h.clone() if h.is_inference() else h
+        # Hidden states made under inference mode cannot enter autograd; a copy can.
+        h = h.clone() if h.is_inference() else h
+        return h * h.pow(2).mean(-1, keepdim=True).clamp(min=1e-12).rsqrt()
 
     def dense_values(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, H) hidden states -> (B, V) float32 psi of every next token (keeps the graph)."""

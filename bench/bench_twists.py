@@ -21,7 +21,38 @@ all configurations alike; times are medians. Run with OMP_NUM_THREADS=1:
     OMP_NUM_THREADS=1 python bench/bench_twists.py [--objective regression] [--steps 8]
         [--batch-size 16] [--lr 3e-3] [--seeds 8] [--load PATH]
 
-Measured figures: see the end of this docstring (filled in by the run that produced them).
+Measured 2026-12-03 on the shared 2-core machine, heavily loaded (load average 9-15 from other
+jobs; a second bench ran alongside part of the time), 1 thread, float32. Head: full-rank W.
+
+Training (``pst.train.fit``, one prompt, max_new_tokens 32, each step = 16 prior rollouts + one
+teacher-forced pass): "regression" (exp-domain least squares to psi*), 8 steps x 16, lr 3e-3:
+302 s wall (5.0 min); "fudge" (least squares to r), 8 steps x 16, lr 1e-3: 523 s wall (8.7 min).
+
+    configuration (8 seeds)              mean ESS  final ESS  resamp.  sd logZ  mean logZ  reward         median s
+    bootstrap (twist=None)                 32.0*      4.3      0.0     0.595     6.220    0.802 ± 0.027   48.3
+    reward-as-twist (auto)                 21.0      21.8      6.0     1.206     4.930    0.808 ± 0.023   47.0
+    head twist, regression 5 min           12.4       5.7     23.6     1.947     5.550    0.747 ± 0.040   57.1
+    head twist, fudge 8.7 min              20.0       3.4      2.2     0.991     6.048    0.771 ± 0.046   54.6
+    tilted, from_reward, lookahead 8       22.1      22.5      5.4     1.011     5.512    0.835 ± 0.011   53.3
+    tilted, head (dense), regression       13.4       2.7     22.0     2.850     4.358    0.601 ± 0.086   71.1
+    tilted, head (dense), fudge            16.0       5.1     14.1     2.237     5.913    0.723 ± 0.051   50.7
+
+    * untwisted: the weights change only at the end, so the per-step ESS is N until the last step.
+
+(The two head rows come from two runs of this script; the other rows from the regression run.)
+After 5-9 CPU minutes (128 rollouts) the head is not yet a good twist: the regression head
+resamples at 2/3 of the steps and has the largest log Ẑ spread; the fudge head is better than
+the reward-as-twist on log Ẑ spread (0.99 vs 1.21) but not than the bootstrap (0.60). At beta =
+0.1 a twist error of 0.1 in psi is a factor e in the weights, so a twist must be accurate to a few
+hundredths of a reward unit before it helps; the reward on partial texts has the highest reward
+mean and ESS here.
+
+Tilted proposal, time: dense head values vs lookahead-8 reward calls, per step at B = 32
+(medians): the prior's decoding step (with hidden states) 1361 ms, the head's dense (B, V) values
+343 ms, decoding + VADER of 8 x 32 candidate texts 81 ms. Whole runs, head (dense) / from_reward:
+median 1.36 (per seed 1.38, 1.36, 1.07, 2.30, 1.35, 1.14, 1.38, 0.54). The dense values cost one
+(B, H)·(H, V) product, as much as the prior's own output layer; VADER is cheap enough that its 8
+calls cost less. The dense head does buy the exact locally optimal proposal over all V tokens.
 """
 
 from __future__ import annotations

@@ -32,13 +32,16 @@ def char_tokenizer(chars=CHARS):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
 
 
-def tiny_hf_prior(arch: str = "gpt2", *, seed: int = 0, layers: int = 2, width: int = 32, context: int = 128, **prior_kw):
-    """A tiny randomly initialised causal LM (``arch`` "gpt2" or "llama") wrapped as ``HFPrior``."""
+def tiny_hf_prior(arch: str = "gpt2", *, seed: int = 0, layers: int = 2, width: int = 32, context: int = 128, chars=CHARS, **prior_kw):
+    """A tiny randomly initialised causal LM (``arch`` "gpt2" or "llama") wrapped as ``HFPrior``.
+
+    ``chars`` sets the vocabulary (plus ``<unk>``, ``<bos>``, ``<eos>``): e.g. ``chars="ab"`` gives a
+    5-token model whose continuations can be enumerated (``posterior.exact``)."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     from posterior.priors.hf import HFPrior
 
-    tok = char_tokenizer()
+    tok = char_tokenizer(list(chars))
     V = len(tok)
     if arch == "gpt2":
         cfg = GPT2Config(vocab_size=V, n_positions=context, n_embd=width, n_layer=layers, n_head=2,

@@ -5,6 +5,13 @@ P·N rows, so the prompt is encoded once however many particles follow it. Each 
 decoding step over all rows; ``select`` gathers cache rows (particle resampling, dropping finished
 rows) into a new cache and leaves the old one intact. Position ids are passed explicitly
 (cumulative attention mask), so left padding and masked-out positions do not shift positions.
+
+Hidden states (the ``HIDDEN_STATES`` capability, what learned twists read): ``start(...,
+hidden=True)`` keeps, in ``DecodeState.hidden`` (B, H), the last layer's hidden state at each row's
+last position — the vector the output embedding maps to the next-token logits — from the same
+forward pass that gives ``logprobs`` (``output_hidden_states=True``, public transformers API), and
+every later state made from it carries it. ``hidden_states`` gives the same vectors for given
+continuations in one teacher-forced pass.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from posterior.errors import bidirectional_encoder, check_device, check_hf_model
-from posterior.priors.base import GRAD, DecodeState, StepwisePrior, process_logits, validate_sampling
+from posterior.priors.base import GRAD, HIDDEN_STATES, DecodeState, StepwisePrior, process_logits, validate_sampling
 from posterior.priors.text import TokenizerText, eos_ids
 
 
@@ -138,20 +145,29 @@ class HFPrior(TokenizerText, StepwisePrior):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return super().capabilities | {GRAD}  # token_log_probs(..., grad=True) keeps the graph
+        # token_log_probs(..., grad=True) keeps the graph; start(..., hidden=True) keeps hidden states
+        return super().capabilities | {GRAD, HIDDEN_STATES}
 
     @property
     def full_support(self) -> bool:
         return self.top_k is None and self.top_p is None  # a softmax: every token > 0
 
     # --- model calls -----------------------------------------------------------------------------
-    def _forward(self, input_ids, attention_mask, position_ids, past=None, last_only=True, grad=False):
+    def _forward(self, input_ids, attention_mask, position_ids, past=None, last_only=True, grad=False, hidden=False):
         kw = {"logits_to_keep": 1} if (last_only and self._logits_to_keep) else {}
         if past is not None:
             kw[self._cache_arg] = past
+        if hidden:
+            kw["output_hidden_states"] = True
         with torch.inference_mode(not grad):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=not grad, **kw)
         return out
+
+    @staticmethod
+    def _last_hidden(out) -> torch.Tensor:
+        """(B, H) the last layer's hidden state at the last position (the input of the output
+        embedding: transformers' ``hidden_states[-1]`` is taken after the final norm)."""
+        return out.hidden_states[-1][:, -1]
 
     @staticmethod
     def _cache_of(out):
@@ -168,14 +184,17 @@ class HFPrior(TokenizerText, StepwisePrior):
             mask[i, L - len(p) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def start(self, prompt_ids, *, copies=1):
+    def start(self, prompt_ids, *, copies=1, hidden: bool = False):
+        """Rows for ``copies`` copies of each prompt (prompt-major). ``hidden=True`` also keeps the
+        last hidden state (B, H) in ``state.hidden``, and so does every state made from this one."""
         ids, mask = self._left_pad(prompt_ids)  # (P, L)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(ids, mask, pos)
+        out = self._forward(ids, mask, pos, hidden=hidden)
         state = DecodeState(
             self._logprobs(out.logits[:, -1]),
             torch.zeros(len(prompt_ids), dtype=torch.long, device=self.device),
             _HFCache(self._cache_of(out), mask, pos[:, -1] + 1),
+            self._last_hidden(out) if hidden else None,
         )
         if copies == 1:
             return state
@@ -184,9 +203,15 @@ class HFPrior(TokenizerText, StepwisePrior):
     def extend(self, state, tokens):
         c: _HFCache = state.cache
         B = tokens.shape[0]
+        hidden = state.hidden is not None
         mask = torch.cat([c.attention_mask, torch.ones(B, 1, dtype=c.attention_mask.dtype, device=self.device)], dim=1)
-        out = self._forward(tokens.view(B, 1).to(self.device), mask, c.next_position.view(B, 1), past=c.past)
-        return DecodeState(self._logprobs(out.logits[:, -1]), state.lengths + 1, _HFCache(self._cache_of(out), mask, c.next_position + 1))
+        out = self._forward(tokens.view(B, 1).to(self.device), mask, c.next_position.view(B, 1), past=c.past, hidden=hidden)
+        return DecodeState(
+            self._logprobs(out.logits[:, -1]),
+            state.lengths + 1,
+            _HFCache(self._cache_of(out), mask, c.next_position + 1),
+            self._last_hidden(out) if hidden else None,
+        )
 
     def select(self, state, index):
         c: _HFCache = state.cache
@@ -195,6 +220,7 @@ class HFPrior(TokenizerText, StepwisePrior):
             state.logprobs.index_select(0, index),
             state.lengths.index_select(0, index),
             _HFCache(gather_cache(c.past, index, self.model.config), c.attention_mask.index_select(0, index), c.next_position.index_select(0, index)),
+            None if state.hidden is None else state.hidden.index_select(0, index),
         )
 
     def reorder(self, state, index):
@@ -209,10 +235,11 @@ class HFPrior(TokenizerText, StepwisePrior):
             state.logprobs.index_select(0, index),
             state.lengths.index_select(0, index),
             _HFCache(c.past, c.attention_mask.index_select(0, index), c.next_position.index_select(0, index)),
+            None if state.hidden is None else state.hidden.index_select(0, index),
         )
 
     # --- prefix states (MCMC suffix proposals) ---------------------------------------------------
-    def truncate(self, state, prompt_ids, tokens, keep):
+    def truncate(self, state, prompt_ids, tokens, keep, *, hidden: bool | None = None):
         """A state for ``prompt_ids[b] + tokens[b, :keep[b]]`` per row, reusing ``state``'s KV cache.
 
         Attended cache slots hold positions 0, 1, 2, ... in slot order (positions are explicit), so
@@ -223,7 +250,8 @@ class HFPrior(TokenizerText, StepwisePrior):
         fed again as one decoding step over all rows to get p(. | prompt, x_<keep) exactly. Cost:
         one cache copy and one decoding step, whatever the prefix lengths. ``state`` is unchanged.
         Caches other than full-attention ``DynamicCache`` layers (e.g. sliding windows) fall back
-        to encoding the prefixes afresh.
+        to encoding the prefixes afresh. The new state keeps hidden states when ``hidden`` is True,
+        or (``hidden=None``) when ``state`` has them.
 
         Parameters
         ----------
@@ -234,8 +262,13 @@ class HFPrior(TokenizerText, StepwisePrior):
         tokens : LongTensor (B, T)
         keep : LongTensor (B,)
         """
+        if hidden is None:
+            hidden = state is not None and state.hidden is not None
         if state is None or not _slot_gatherable(state.cache.past):
-            return super().truncate(None, prompt_ids, tokens, keep)
+            keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+            prefixes = [list(p) + row[:k] for p, row, k in zip(prompt_ids, tokens.tolist(), keep.tolist())]
+            fresh = self.start(prefixes, copies=1, hidden=hidden)
+            return DecodeState(fresh.logprobs, keep.to(fresh.lengths.device), fresh.cache, fresh.hidden)
         c: _HFCache = state.cache
         dev = self.device
         B = state.lengths.shape[0]
@@ -262,8 +295,11 @@ class HFPrior(TokenizerText, StepwisePrior):
         last_prompt = torch.tensor([p[-1] for p in prompt_ids], dtype=torch.long, device=dev)  # (B,)
         refeed = torch.where(keep > 0, tok.gather(1, (keep - 1).clamp(min=0)[:, None]).squeeze(1), last_prompt)  # (B,)
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)  # (B, width + 1)
-        out = self._forward(refeed.view(B, 1), mask, n_slots.view(B, 1), past=past)
-        return DecodeState(self._logprobs(out.logits[:, -1]), keep, _HFCache(self._cache_of(out), mask, n_slots + 1))
+        out = self._forward(refeed.view(B, 1), mask, n_slots.view(B, 1), past=past, hidden=hidden)
+        return DecodeState(
+            self._logprobs(out.logits[:, -1]), keep, _HFCache(self._cache_of(out), mask, n_slots + 1),
+            self._last_hidden(out) if hidden else None,
+        )  # fmt: skip
 
     def merge_rows(self, take, a, b):
         """Row i of ``a`` where ``take[i]`` else of ``b``, as one new compact cache (inputs unchanged).
@@ -276,6 +312,8 @@ class HFPrior(TokenizerText, StepwisePrior):
         B = take.shape[0]
         if a.lengths.shape[0] != B or b.lengths.shape[0] != B:
             raise ValueError(f"merge_rows: take has {B} rows but the states have {a.lengths.shape[0]} and {b.lengths.shape[0]}")
+        if (a.hidden is None) != (b.hidden is None):
+            raise ValueError("merge_rows: one state keeps hidden states and the other does not (start both with the same hidden=)")
         keep_a = ca.attention_mask.bool() & take[:, None]  # (B, Sa)
         keep_b = cb.attention_mask.bool() & ~take[:, None]  # (B, Sb)
         width = int(torch.maximum(keep_a.sum(-1), keep_b.sum(-1)).max().item())
@@ -295,12 +333,36 @@ class HFPrior(TokenizerText, StepwisePrior):
                 ma + mb,
                 torch.where(take, ca.next_position, cb.next_position),
             ),
+            None if a.hidden is None else torch.where(t1, a.hidden, b.hidden),
         )
 
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         return process_logits(logits[:, : self.vocab_size], self.temperature, self.top_k, self.top_p)
 
     # --- scoring ---------------------------------------------------------------------------------
+    def _teacher_forced(self, prompt_ids, tokens, lengths, *, grad: bool, chunk: int, hidden: bool = False):
+        """The one teacher-forced pass: prompts left-padded, continuations right-masked, ``chunk``
+        rows per forward call.
+
+        Yields ``(rows, out, L, flat, cont_mask)`` per chunk: ``out`` the model's output on
+        ``prompt + x_1:T``, so position ``L - 1 + t`` (t = 0..T-1) is the state after the prompt
+        and x_1:t; ``flat`` (B, T) and ``cont_mask`` (B, T) are all rows' tokens and validity.
+        With ``hidden`` the logits of the last position only are computed.
+        """
+        P, N, T = tokens.shape
+        ids, mask = self._left_pad(prompt_ids)  # (P, L)
+        L = ids.shape[1]
+        flat = tokens.reshape(P * N, T).to(self.device)
+        flat_len = lengths.reshape(P * N).to(self.device)
+        prompt_row = torch.arange(P, device=self.device).repeat_interleave(N)
+        cont_mask = (torch.arange(T, device=self.device) < flat_len[:, None]).long()  # (B, T)
+        for s in range(0, P * N, chunk):
+            rows = slice(s, s + chunk)
+            x = torch.cat([ids[prompt_row[rows]], flat[rows]], dim=1)  # (b, L+T)
+            m = torch.cat([mask[prompt_row[rows]], cont_mask[rows]], dim=1)
+            pos = (m.cumsum(-1) - 1).clamp(min=0)
+            yield rows, self._forward(x, m, pos, last_only=hidden, grad=grad, hidden=hidden), L, flat, cont_mask
+
     def token_log_probs(self, prompt_ids, tokens, lengths, *, grad: bool = False, max_chunk_elements: int = 1 << 27):
         """Per-token log pi0 of given continuations in one teacher-forced forward pass per chunk.
 
@@ -310,25 +372,49 @@ class HFPrior(TokenizerText, StepwisePrior):
         model's device that carries the graph.
         """
         P, N, T = tokens.shape
-        ids, mask = self._left_pad(prompt_ids)  # (P, L)
-        L = ids.shape[1]
-        flat = tokens.reshape(P * N, T).to(self.device)
-        flat_len = lengths.reshape(P * N).to(self.device)
-        prompt_row = torch.arange(P, device=self.device).repeat_interleave(N)
-        cont_mask = (torch.arange(T, device=self.device) < flat_len[:, None]).long()  # (B, T)
-        chunk = max(1, max_chunk_elements // max(1, T * self.vocab_size))
         parts = []
-        for s in range(0, P * N, chunk):
-            rows = slice(s, s + chunk)
-            x = torch.cat([ids[prompt_row[rows]], flat[rows]], dim=1)  # (b, L+T)
-            m = torch.cat([mask[prompt_row[rows]], cont_mask[rows]], dim=1)
-            pos = (m.cumsum(-1) - 1).clamp(min=0)
-            logits = self._forward(x, m, pos, last_only=False, grad=grad).logits[:, L - 1 : L + T - 1]  # (b, T, V)
-            lp = self._logprobs(logits.reshape(-1, logits.shape[-1])).view(x.shape[0], T, -1)
+        for rows, out, L, flat, cont_mask in self._teacher_forced(
+            prompt_ids, tokens, lengths, grad=grad, chunk=max(1, max_chunk_elements // max(1, T * self.vocab_size))
+        ):
+            logits = out.logits[:, L - 1 : L + T - 1]  # (b, T, V)
+            lp = self._logprobs(logits.reshape(-1, logits.shape[-1])).view(logits.shape[0], T, -1)
             tok_lp = lp.gather(-1, flat[rows, :, None]).squeeze(-1)  # (b, T)
             parts.append(torch.where(cont_mask[rows].bool(), tok_lp, 0.0))
         out = torch.cat(parts).view(P, N, T) if parts else torch.zeros(P, N, T, device=self.device)
         return out if grad else out.cpu()
+
+    def hidden_states(self, prompt_ids, tokens, lengths, *, grad: bool = False, max_chunk_elements: int = 1 << 27):
+        """The last layer's hidden states along given continuations, in one teacher-forced pass.
+
+        Parameters
+        ----------
+        prompt_ids : list of P token-id lists
+        tokens : LongTensor (P, N, T)
+        lengths : LongTensor (P, N)
+        grad : bool
+            Keep the autograd graph through the model.
+
+        Returns
+        -------
+        Tensor (P, N, T, H) float
+            Index t is the state after the prompt and x_1:t (t = 0..T-1), the one whose logits
+            give p(x_t+1 | prompt, x_1:t) — what ``start(..., hidden=True)`` / ``extend`` keep in
+            ``DecodeState.hidden``; 0 at t >= length. On the model's device when ``grad``, else
+            on the CPU (an ordinary tensor, usable in autograd).
+        """
+        P, N, T = tokens.shape
+        H = self.model.config.get_text_config().hidden_size
+        layers = self.model.config.get_text_config().num_hidden_layers
+        L = max(len(p) for p in prompt_ids)
+        chunk = max(1, max_chunk_elements // max(1, (L + T) * H * (layers + 1)))  # every layer's states are returned
+        parts = []
+        for rows, out, L, _, cont_mask in self._teacher_forced(prompt_ids, tokens, lengths, grad=grad, chunk=chunk, hidden=True):
+            h = out.hidden_states[-1][:, L - 1 : L + T - 1]  # (b, T, H)
+            parts.append(h * cont_mask[rows, :, None].to(h.dtype))
+        out = torch.cat(parts).view(P, N, T, -1) if parts else torch.zeros(P, N, T, H, device=self.device)
+        # Outside inference mode a copy is an ordinary tensor (inference tensors cannot be saved
+        # for backward, which a trainable head on top of them needs).
+        return out if grad else out.cpu().clone()
 
 
 def cache_from_tensors(data, config=None):

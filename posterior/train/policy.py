@@ -145,10 +145,12 @@ class HFPolicy(HFPrior, Policy):
             self._train_module = accelerator.prepare_model(self.model)
 
     # --- model calls -----------------------------------------------------------------------------
-    def _forward(self, input_ids, attention_mask, position_ids, past=None, last_only=True, grad=False):
+    def _forward(self, input_ids, attention_mask, position_ids, past=None, last_only=True, grad=False, hidden=False):
         if not (grad and self._train_module is not None):
-            return super()._forward(input_ids, attention_mask, position_ids, past, last_only, grad)
+            return super()._forward(input_ids, attention_mask, position_ids, past, last_only, grad, hidden)
         kw = {"logits_to_keep": 1} if (last_only and self._logits_to_keep) else {}
+        if hidden:
+            kw["output_hidden_states"] = True
         return self._train_module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kw)
 
     def token_log_probs(self, prompt_ids, tokens, lengths, *, grad=False, max_chunk_elements=1 << 27):

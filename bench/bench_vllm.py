@@ -23,6 +23,15 @@ with one torch thread by default (``--threads``).
 
 Targets (issue 8): SMC over vLLM <= 1.3x vLLM's plain sampling, IS over vLLM <= 1.1x; issue 15:
 SMC over vLLM at block 8 <= 1.15x, blocks 1-32 all <= 1.3x (decode-ahead).
+
+Measured (2026-12-03, 2 cores shared with other jobs, load average 5-20; 32 x 32, 3 alternating
+repeats, medians; x plain): vllm is 0.99, smc b8 1.73 (b8 step 1.86), smc b1 2.71 (b1 step 7.85),
+smc b32 0.83 (b32 step 1.19). Profile: continue_prefixes is 99% of an SMC run. With this reward
+(Sentiment, beta 0.1) resampling fires at every boundary, so the adaptive horizon stays at one
+block and b8 is block SMC: 4 calls x 32 rows, each re-prefilling every row's prompt + prefix
+(vLLM caches only full 32-token KV blocks; n > 1 children do not share a partial block). The
+1.15x target at b8 needs the particles' KV to stay in the engine across calls (a fork of a
+running request's cache, not in vLLM's offline API) or smaller cached KV blocks on the CPU.
 """
 
 from __future__ import annotations

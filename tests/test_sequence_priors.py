@@ -55,13 +55,17 @@ def test_decode_ahead_block_smc_matches_enumerated_posterior(block, threshold):
     P, N = 30, 100
     res = post.sample(n=N, method="smc", max_new_tokens=T, prompts=["a"] * P, seed=3, block_size=block, ess_threshold=threshold)
     assert bool(res.info["resampled"].any()) == (threshold > 0)
-    if threshold == 0:
-        assert post.prior.calls == 1  # never resampled: every particle decoded once, in one call
+    if threshold == 0.5:  # a horizon of two blocks: the same law
+        two = post.sample(n=N, method="smc", max_new_tokens=T, prompts=["a"] * P, seed=4, block_size=block,
+                          ess_threshold=threshold, decode_ahead=2)
+        assert pooled_tv(two, exact) < tv_tolerance(exact.prob().values(), two.ess.sum().item() / 2)
+    if threshold == 0:  # never resampled: the adaptive horizon doubles (1, 2, 4, ... blocks)
+        assert post.prior.calls <= 1 + math.ceil(math.log2(math.ceil(T / block)))
     n_eff = res.ess.sum().item() / 2  # resampled particles are correlated: count half
     assert pooled_tv(res, exact) < tv_tolerance(exact.prob().values(), n_eff)
 
 
-@pytest.mark.parametrize("decode_ahead, threshold", [(False, 1.0), (True, 0.0), (True, 0.5), (True, 1.0)])
+@pytest.mark.parametrize("decode_ahead, threshold", [(False, 1.0), (True, 0.0), (True, 0.5), (True, 1.0), (2, 0.5)])
 @pytest.mark.parametrize("block", [1, 2, 3])
 def test_block_smc_log_Z_is_unbiased(block, decode_ahead, threshold):
     """E[Ẑ] = Z within 3 standard errors over 200 independent runs of N = 16 (beta = 1)."""
@@ -88,14 +92,15 @@ class Recording(SequencePrior):
 
 @pytest.mark.parametrize("block", [1, 2])
 def test_decode_ahead_resubmits_only_the_duplicates(block):
-    """After the first call (every particle, to the end), each call holds only particles that are
-    not the first offspring of their ancestor: at most N - (distinct ancestors) per resampling."""
+    """With a horizon to the end: after the first call (every particle), each call holds only
+    particles that are not the first offspring of their ancestor: at most N - (distinct ancestors)
+    per resampling."""
     reward = pst.rewards.Callable(score, accepts_prefixes=True)
     prior = Recording(markov_prior())
     post = pst.Posterior(prior, reward, beta=BETA)
     P, N = 3, 50
     res = post.sample(n=N, method="smc", max_new_tokens=6, prompts=["a", "b", "c"], seed=0, block_size=block,
-                      ess_threshold=1.0, return_ancestry=True)
+                      ess_threshold=1.0, return_ancestry=True, decode_ahead=6)  # 6 blocks: to the end
     assert prior.rows[0] == P * N
     anc, resampled = res.info["ancestry"], res.info["resampled"]
     bound = sum(N - len(set(anc[p, :, s].tolist())) for p in range(P) for s in range(anc.shape[2]) if resampled[p, s])

@@ -4,9 +4,10 @@ Every call goes through vLLM's public offline API (``vllm.LLM.generate`` with ``
 ``SamplingParams``); no state crosses the interface:
 
     sample             one request per prompt, ``SamplingParams(n=N, logprobs=0)``
-    continue_prefixes  one request per row, prompt + prefix as token ids, ``max_tokens`` = budget;
-                       automatic prefix caching makes re-fed prefixes cheap (only full KV blocks
-                       are cached, so a prefix costs a prefill of its last partial block)
+    continue_prefixes  one request per distinct row (prompt + prefix as token ids, ``max_tokens`` =
+                       budget) with n = its copies (rows copied by SMC resampling share one
+                       prefill); automatic prefix caching makes re-fed prefixes cheap (only full KV
+                       blocks are cached, so a prefix costs a prefill of its last partial block)
     token_log_probs    one request per distinct row, prompt + continuation, ``prompt_logprobs=0``
 
     log pi0(x | prompt) = sum_t log p(x_t | prompt, x_<t),
@@ -349,10 +350,21 @@ class VLLMPrior(TokenizerText, Prior):
             if not row:
                 raise ValueError(f"row {b} has an empty prompt and prefix; vLLM needs at least one token")
             self._check_context(len(row), k, f"row {b} (prompt + prefix)")
-        seeds = request_seeds(generator, B)
-        params = [self._params(n=1, max_tokens=k, seed=s) for k, s in zip(budget, seeds)]
-        outs = self._generate(rows, params) if B else []
-        return self._extension([out.outputs[0] for out in outs])
+        # Rows with the same tokens and budget (SMC particles copied by resampling) go out as one
+        # request with n = copies: the engine encodes the shared prefix once and forks its KV cache
+        # (n independent draws, like sample()). Without duplicates: one request per row, as before.
+        groups: dict[tuple, list[int]] = {}
+        for b, (row, k) in enumerate(zip(rows, budget)):
+            groups.setdefault((tuple(row), k), []).append(b)
+        keys = list(groups)
+        seeds = request_seeds(generator, len(keys))
+        params = [self._params(n=len(groups[key]), max_tokens=key[1], seed=s) for key, s in zip(keys, seeds)]
+        outs = self._generate([list(key[0]) for key in keys], params) if B else []
+        completions = [None] * B
+        for key, out in zip(keys, outs):
+            for b, c in zip(groups[key], sorted(out.outputs, key=lambda c: c.index)):
+                completions[b] = c
+        return self._extension(completions)
 
     def sample(
         self,

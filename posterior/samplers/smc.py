@@ -92,9 +92,10 @@ def build_model(post, prompt_ids, *, n, max_new_tokens, twist, proposal, lookahe
         raise ValueError(f"proposal must be one of {sorted(PROPOSALS)}, got {proposal!r}")
     _positive_int("lookahead", lookahead)
     _positive_int("block_size", block_size)
-    for name, v in (("decode_ahead", decode_ahead), ("check_twist", check_twist)):
-        if not isinstance(v, bool):
-            raise ValueError(f"{name} must be a bool, got {v!r}")
+    if not isinstance(check_twist, bool):
+        raise ValueError(f"check_twist must be a bool, got {check_twist!r}")
+    if not isinstance(decode_ahead, bool) and not (isinstance(decode_ahead, int) and decode_ahead >= 1):
+        raise ValueError(f"decode_ahead must be a bool or a positive int (blocks drawn ahead), got {decode_ahead!r}")
     stepwise = prior.has(NEXT_TOKEN)
     if proposal == "tilted" and not stepwise:
         raise ValueError(
@@ -126,7 +127,7 @@ def sequential_monte_carlo(
     proposal: str = "bootstrap",  # "bootstrap" (the prior) | "tilted" (look-ahead; step-wise priors)
     lookahead: int = 8,  # candidates per particle and step scored by the tilted proposal (non-dense twists)
     block_size: int = 1,  # tokens between reweighting / resampling (sequence-level priors: per block)
-    decode_ahead: bool = True,  # sequence-level priors: draw to the end once, re-submit only duplicates
+    decode_ahead: bool | int = True,  # sequence-level priors: draw ahead (True: to the end; k: k blocks), re-submit only duplicates
     check_twist: bool = True,  # roll out particles a twist kills: raise if a completion has finite reward
     return_ancestry: bool = False,  # res.info["ancestry"] (P, n, steps)
     callback: Callable | None = None,  # fn(StepReport) after every step (UIs, logs)

@@ -460,19 +460,25 @@ class BlockCarry(NamedTuple):
     log_probs: torch.Tensor  # (P·N, T) float32 log pi0 of each drawn token
     end: torch.Tensor  # (P·N,) int64
     done: torch.Tensor  # (P·N,) bool
+    quiet: torch.Tensor  # (P,) int64 boundaries since the prompt last resampled (the adaptive horizon)
 
 
 @dataclass
 class BlockModel(SMCModel):
     """Blocks of ``block_size`` tokens from ``prior.continue_prefixes`` (the bootstrap proposal).
 
-    ``decode_ahead``: draw each running particle's continuation to max_new_tokens in one call and
-    reveal it block by block; after resampling, one offspring of each ancestor keeps the drawn
-    future and only the others are re-submitted (exactly block SMC: see the module docstring)."""
+    ``decode_ahead``: draw each running particle's continuation ahead in one call and reveal it
+    block by block; after resampling, one offspring of each ancestor keeps the drawn future and
+    only the others are re-submitted (exactly block SMC for any horizon that depends on the past
+    only: see the module docstring). The horizon: True: adaptive, 2^q blocks where q is the
+    number of boundaries since the prompt last resampled (1 block right after a resampling, as
+    far as the run has gone quietly otherwise: futures of particles that resampling kills are
+    decoded for nothing, so the horizon grows only while resampling is rare); an int k >= 1: k
+    blocks; False: one block (block SMC, one call per block)."""
 
     pot: Potentials
     block_size: int = 1
-    decode_ahead: bool = True
+    decode_ahead: bool | int = True
 
     def __post_init__(self):
         tw = self.pot.twist
@@ -491,7 +497,7 @@ class BlockModel(SMCModel):
         pad = self.prior.eos_token_ids[0]
         return BlockCarry(
             torch.full((B, T), pad, dtype=torch.long), torch.zeros(B, T), torch.zeros(B, dtype=torch.long),
-            torch.zeros(B, dtype=torch.bool),
+            torch.zeros(B, dtype=torch.bool), torch.zeros(len(prompt_ids), dtype=torch.long),
         )  # fmt: skip
 
     def step_tokens(self, t: int) -> int:
@@ -515,7 +521,13 @@ class BlockModel(SMCModel):
             ids = sub.tolist()
             have = end[sub]
             prefixes = [flat_tok[i, :t].tolist() + buf[i, t : int(e)].tolist() for i, e in zip(ids, have.tolist())]
-            horizon = T if self.decode_ahead else t + k
+            ahead = self.decode_ahead
+            if ahead is True:
+                blocks = torch.pow(2, c.quiet[sub // N].clamp(max=30))  # (s,) adaptive: 2^quiet
+            else:
+                blocks = torch.full((sub.numel(),), 1 if ahead is False else int(ahead), dtype=torch.long)
+            horizon = (t + self.block_size * blocks).clamp(max=T)
+            horizon = torch.maximum(horizon, torch.full_like(horizon, t + k))
             ext = self.prior.continue_prefixes([self.pot.prompt_rows[i] for i in ids], prefixes, (horizon - have).tolist(), generator=generator)
             new_tok, new_len, new_lp = ext.tokens.cpu(), ext.lengths.cpu(), ext.token_log_probs.float().cpu()
             for j, (i, e) in enumerate(zip(ids, have.tolist())):
@@ -566,14 +578,15 @@ class BlockModel(SMCModel):
         log_inc = (g - psi_prev) / self.pot.beta
         return Move(
             tokens=blk, lengths=new_len, log_prior=log_prior, log_q=log_prior, potential=g, log_increment=log_inc,
-            ended=ended, reward=r, boundary=True, carry=BlockCarry(buf, buf_lp, end, done),
+            ended=ended, reward=r, boundary=True, carry=BlockCarry(buf, buf_lp, end, done, c.quiet),
         )  # fmt: skip
 
     def advance(self, carry: BlockCarry, particles: Particles, src, running, resampled) -> BlockCarry:
         """Resampled particles: the first offspring of each ancestor keeps its drawn future, the
         others start empty (re-submitted at the next block)."""
+        quiet = torch.where(resampled, 0, carry.quiet + 1)
         if not bool(resampled.any()):
-            return carry
+            return carry._replace(quiet=quiet)
         B = src.numel()
         first = torch.zeros(B, dtype=torch.bool)
         seen: set[int] = set()
@@ -584,7 +597,7 @@ class BlockModel(SMCModel):
         t_now = particles.lengths.reshape(-1)  # running particles: the position they are at
         end = torch.where(first, carry.end[src], t_now)
         done = first & carry.done[src]
-        return BlockCarry(carry.tokens[src], carry.log_probs[src], end, done)
+        return BlockCarry(carry.tokens[src], carry.log_probs[src], end, done, quiet)
 
 
 __all__ = ["BlockModel", "Potentials", "PROPOSALS", "TokenModel", "tilted_log_weight"]

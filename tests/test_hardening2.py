@@ -380,3 +380,23 @@ def test_default_model_cache_prefilled_or_altered_is_refused(tmp_path, monkeypat
         D._converted(gguf)
     with pytest.raises(CheckpointError, match="made from another GGUF file"):
         D.verify_cache(folder, "0" * 64)
+
+
+def test_output_details_training_metrics_name_their_estimates(tmp_path):
+    """Issue 19 item 12: a metrics row's KL can be a negative estimate; every row says which fields
+    are estimates (in the returned run and in metrics.jsonl)."""
+    import json
+
+    import posterior as pst
+    from posterior.testing import markov_prior
+
+    prior = markov_prior(seed=3)
+    post = pst.Posterior(prior, pst.rewards.Callable(lambda ts: [float(t.count("a")) for t in ts]), beta=0.5)
+    policy = pst.train.policy_from(prior, max_new_tokens=3)
+    run = pst.train.fit(post, policy, objective="dpg", steps=2, batch_size=4, lr=0.05, max_new_tokens=3,
+                        checkpoint_dir=tmp_path)  # fmt: skip
+    for row in run.metrics:
+        assert {"kl_target_forward", "kl_target_reverse", "kl_prior", "log_Z"} <= set(row["estimates"])
+        assert "loss" not in row["estimates"] and "step" not in row["estimates"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["estimates"] == run.metrics[-1]["estimates"]

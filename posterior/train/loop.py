@@ -23,7 +23,8 @@ Metrics per step (estimates from the step's batch; a value that is not defined i
 ``reward_mean`` (E_q[r]; for distill the weighted E_pi*[r] of its samples), ``kl_prior``
 (KL(q‖pi0) = E_q[log q - log pi0]), ``kl_target_forward`` (KL(pi*‖q) by self-normalised IS with q
 as proposal: sum w̄ log w - log Ẑ), ``kl_target_reverse`` (KL(q‖pi*) = E_q[log q - log pi0 - r/beta]
-+ log Ẑ), ``ess`` (of the weights pi*/q, in [1, N]), ``log_Z`` (running), ``log_Z_batch``, ``loss``.
++ log Ẑ), ``ess`` (of the weights pi*/q, in [1, N]), ``log_Z`` (running), ``log_Z_batch``, ``loss``; each row's ``estimates`` names the fields
+that are estimates (a KL estimate from one batch can be negative).
 Twist steps log ``loss``, ``residual`` (the objective's mean per-position signal), ``ess`` and
 ``log_Z_batch`` of the sample of pi* they saw (SMC or IS), ``ess_negatives`` (ctl: mean over t of
 the negatives' ESS), ``reward_mean`` (ctl: weighted E_pi*[r]; regression, fudge: E_pi0[r]).
@@ -73,6 +74,10 @@ from posterior.train.steps import StepInput, check_twist, get_step
 from posterior.validate import check_bool, check_choice, check_int, check_real, check_seed
 
 FORMAT = 1  # checkpoint payload version
+# Metrics that are Monte Carlo estimates from the step's batch (a KL estimate can come out negative,
+# e.g. KL(pi*||q) by self-normalised IS with a noisy running log Z): each row names them.
+ESTIMATED = ("reward_mean", "kl_prior", "kl_target_forward", "kl_target_reverse", "ess", "log_Z", "log_Z_batch",
+             "pseudo_reward_mean", "ess_negatives", "residual")  # fmt: skip
 
 
 @dataclass
@@ -279,6 +284,7 @@ def fit(
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             row = {"step": step + 1, "objective": step_kind.objective, **row, "seconds": time.perf_counter() - ts}
+            row["estimates"] = [k for k in ESTIMATED if row.get(k) is not None]  # from the step's batch, not exact
             metrics.append(row)
             if mfile is not None:
                 mfile.write(json.dumps(row) + "\n")

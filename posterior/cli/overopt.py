@@ -93,12 +93,7 @@ def check(args) -> tuple[list[str], dict, dict]:
     for name, path in policies.items():
         if not os.path.isdir(path):
             raise ValueError(f"--policy {name}={path}: no such folder")
-    if args.plot is not None:
-        parent = os.path.dirname(os.path.abspath(args.plot))
-        if os.path.isdir(args.plot):
-            raise ValueError(f"--plot {args.plot!r} is a folder; give a file name such as overopt.png")
-        if not os.path.isdir(parent):
-            raise ValueError(f"--plot {args.plot!r}: folder {parent!r} does not exist")
+    options.check_plot_path(args.plot, "overopt.png")
     return methods, smc, policies
 
 

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 import posterior as pst
 from posterior.exact import exact_posterior

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import posterior as pst
+from conftest import a_minus_c
 from posterior.cli import main
 from posterior.compare import ROW_KEYS, ComparisonReport, compare, distinct_n
 from posterior.compare.frontier import default_betas, estimated_frontier, exact_frontier
@@ -18,17 +19,9 @@ BETA = 0.5
 M = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids ~20 ms wake-ups per op."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def a_minus_c(texts):
-    return [float(t.count("a")) - 0.5 * float(t.count("c")) for t in texts]
 
 
 @pytest.fixture(scope="module")

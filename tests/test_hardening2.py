@@ -2,7 +2,6 @@
 class of failure it pins down, and fails on the code before the fix."""
 
 import math
-import warnings
 
 import numpy as np
 import pytest

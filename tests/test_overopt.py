@@ -24,12 +24,7 @@ M = 4  # max_new_tokens: 1 + 3 + 9 + 27 + 81 sequences over {a, b, c} (with EOS)
 BETAS = [4.0, 2.0, 1.0, 0.7, 0.5, 0.35]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def proxy_fn(texts):

@@ -1,9 +1,6 @@
 """Particle Gibbs chains against enumerated posteriors (the kernel leaves pi* invariant)."""
 
-import math
-
 import pytest
-import torch
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
@@ -67,7 +64,6 @@ def test_a_reference_weighted_by_its_whole_trajectory_breaks_exactness(monkeypat
         if forced is None or not bool(forced.rows.any()):
             return move
         # the reference's potential: the twist of its WHOLE trajectory, not of its prefix
-        ref = state.carry  # unused; the reference tokens are what forced holds from here on
         full = reference_texts[0]
         r = reward([full])[0].item()
         pot = move.potential.clone()

@@ -300,16 +300,6 @@ def test_bad_options_raise_naming_the_value(post, bad, match):
 # --------------------------------------------------------------------------------------------------
 # HF priors: KV cache reordering with left-padded prompts of different lengths
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP barriers
-    make them 30x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("proposal", ["bootstrap", "tilted"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hf_prior_resampling_reorders_the_cache(arch, proposal, one_thread):

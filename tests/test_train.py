@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import posterior as pst
+from conftest import a_minus_c
 from posterior.exact import enumerate_continuations, exact_posterior
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
 from posterior.train import objectives as O
@@ -31,22 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BETA = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine thread wake-ups cost ~20 ms per op (measured), and
-    a fixed thread count keeps CPU results reproducible across processes (resume tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count_a(texts):
     return [float(t.count("a")) for t in texts]
 
 
-def a_minus_c(texts):
-    return [float(t.count("a")) - 0.5 * float(t.count("c")) for t in texts]
 
 
 # --- exact helpers -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import posterior as pst
+from conftest import a_minus_c
 from posterior.exact import exact_posterior
 from posterior.testing import markov_prior, two_token_prior
 from posterior.train.checkpoint import latest_step
@@ -37,16 +38,9 @@ BETA = 0.5
 T = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def a_minus_c(texts):
-    return [float(t.count("a")) - 0.5 * float(t.count("c")) for t in texts]
 
 
 @pytest.fixture(scope="module")

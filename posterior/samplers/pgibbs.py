@@ -103,7 +103,7 @@ def particle_gibbs(
         return build_model(post, rows, n=particles, max_new_tokens=max_new_tokens, twist=twist, proposal=proposal,
                            lookahead=lookahead, block_size=block_size, decode_ahead=decode_ahead, check_twist=check_twist)  # fmt: skip
 
-    model_of()  # validates the options before the first sweep
+    twist_name = getattr(model_of().pot.twist, "name", "none")  # also validates the options before any sweep
     pad = prior.eos_token_ids[0]
 
     def name_prompt(b):
@@ -133,7 +133,7 @@ def particle_gibbs(
     stats = normalize_prompts(inside, prompts, what="pgibbs final states")
     info = {
         "particles": particles, "steps": steps, "burn_in": burn_in, "proposal": proposal, "block_size": block_size,
-        "twist": "none" if model_of().pot.twist is None else model_of().pot.twist.name,
+        "twist": twist_name,
         "r_hat": r_hat, "mcmc_ess": mcmc_ess, "reward_trace": finite_mean(trace_t, 1),
         "moved": moved_t.mean((1, 2)) if moved else torch.full((P,), math.nan, dtype=torch.float64),
     }  # fmt: skip

@@ -37,6 +37,7 @@ running request's cache, not in vLLM's offline API) or smaller cached KV blocks 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -59,7 +60,11 @@ def main(argv=None) -> None:
     parser.add_argument("--kv-block-size", type=int, default=None, help="vLLM KV-cache block size (default: VLLMPrior's)")
     parser.add_argument("--profile", action="store_true", help="time engine calls inside one SMC-over-vLLM run")
     parser.add_argument("--step", action="store_true", help="also SMC over vLLM with decode_ahead=False")
+    parser.add_argument("--in-process", action="store_true",
+                        help="vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): engine steps in lockstep with SMC")
     args = parser.parse_args(argv)
+    if args.in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine is built
 
     import vllm
     from vllm.inputs import TokensPrompt
@@ -130,7 +135,8 @@ def main(argv=None) -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"N x T = {N} x {T} ({N * T} tokens), prompt {args.prompt!r}, Sentiment reward, beta = {args.beta}, "
           f"{args.repeats} repeats (medians); torch threads {torch.get_num_threads()}; vLLM engine start {engine_start:.1f} s, "
-          f"KV block {owner.llm.llm_engine.vllm_config.cache_config.block_size} tokens")
+          f"KV block {owner.llm.llm_engine.vllm_config.cache_config.block_size} tokens, engine core "
+          f"{'in this process' if os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING') == '0' else 'in its own process'}")
     print(f"{'method':<16}{'median s':>10}{'min s':>9}{'max s':>9}{'tok/s':>9}{'x plain':>9}")
     for name in methods:
         base = med["vllm generate"] if name.startswith("vllm") else med["hf generate"]
@@ -143,29 +149,32 @@ def main(argv=None) -> None:
 
 
 def profile_smc(vprior, vpost, N, T, blocks, args, g) -> None:
-    """Wall time of one SMC run split into continue_prefixes (the engine) and everything else."""
-    inner = vprior.continue_prefixes
+    """Wall time of one SMC run split into waiting for the engine (the stream's ``wait``) and
+    everything else (rewards, texts, resampling, submitting); continuations submitted."""
+    from posterior.priors.vllm import VLLMStream
+
     for b in blocks:
-        spent, rows, drawn = [], [], []
+        spent, submitted = [], [0]
 
-        def timed(*a, **kw):
-            t = time.perf_counter()
-            out = inner(*a, **kw)
-            spent.append(time.perf_counter() - t)
-            rows.append(len(a[0]))
-            drawn.append(int(out.lengths.sum()))
-            return out
+        class Timed(VLLMStream):
+            def wait(self, need):
+                t = time.perf_counter()
+                super().wait(need)
+                spent.append(time.perf_counter() - t)
 
-        vprior.continue_prefixes = timed
+            def submit(self, *a, **kw):
+                submitted[0] += 1
+                return super().submit(*a, **kw)
+
+        vprior.open_stream = lambda: Timed(vprior)
         try:
             t = time.perf_counter()
             vpost.sample(n=N, method="smc", max_new_tokens=T, prompts=[args.prompt], generator=g, block_size=b)
             total = time.perf_counter() - t
         finally:
-            del vprior.continue_prefixes
-        print(f"profile smc b{b} (decode-ahead): {total:.3f} s total, continue_prefixes {sum(spent):.3f} s in {len(spent)} calls, "
-              f"{sum(drawn)} tokens drawn ({sum(drawn) / (N * T):.2f} x N*T), the rest {total - sum(spent):.3f} s; "
-              f"calls (s/rows/tokens): {', '.join(f'{s:.2f}/{r}/{d}' for s, r, d in zip(spent, rows, drawn))}")
+            del vprior.open_stream
+        print(f"profile smc b{b} (streamed): {total:.3f} s total, waiting for the engine {sum(spent):.3f} s in {len(spent)} waits, "
+              f"the rest {total - sum(spent):.3f} s; {submitted[0]} continuations submitted ({submitted[0] - N} after resampling)")
 
 
 if __name__ == "__main__":  # vLLM starts engine processes: keep the guard

@@ -12,7 +12,7 @@ import string
 
 import torch
 
-from posterior.priors.base import Prior
+from posterior.priors.base import STREAM, Prior
 from posterior.priors.callable import CallablePrior
 
 CHARS = list(string.ascii_lowercase + " .,!?'")
@@ -114,3 +114,24 @@ class SequencePrior(Prior):
 
     def token_log_probs(self, prompt_ids, tokens, lengths, *, grad=False):
         return self.inner.token_log_probs(prompt_ids, tokens, lengths, grad=grad)
+
+
+class StreamingPrior(SequencePrior):
+    """A :class:`SequencePrior` that also streams (``STREAM``): its streams are
+    :class:`~posterior.priors.stream.DrawAhead` over ``inner`` showing ``lag`` tokens beyond what
+    was waited for (an engine running ahead). ``streams`` keeps every stream opened."""
+
+    def __init__(self, inner: Prior, lag: int = 0):
+        super().__init__(inner)
+        self.lag = lag
+        self.streams = []
+
+    @property
+    def capabilities(self):
+        return super().capabilities | {STREAM}
+
+    def open_stream(self):
+        from posterior.priors.stream import DrawAhead
+
+        self.streams.append(DrawAhead(self, lag=self.lag))
+        return self.streams[-1]

@@ -11,7 +11,7 @@ from conftest import pooled_tv, tv_tolerance
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
 from posterior.priors.base import StepwisePrior
-from posterior.testing import SequencePrior, markov_prior, tiny_hf_prior
+from posterior.testing import SequencePrior, StreamingPrior, markov_prior, tiny_hf_prior
 
 BETA = 0.5
 T = 4
@@ -105,6 +105,92 @@ def test_decode_ahead_resubmits_only_the_duplicates(block):
     anc, resampled = res.info["ancestry"], res.info["resampled"]
     bound = sum(N - len(set(anc[p, :, s].tolist())) for p in range(P) for s in range(anc.shape[2]) if resampled[p, s])
     assert 0 < sum(prior.rows[1:]) <= bound
+
+
+# --- streams: continuations that keep running in the prior (a serving engine) ----------------------
+def streaming_posts(beta=BETA, lag=0):
+    reward = pst.rewards.Callable(score, accepts_prefixes=True)
+    inner = markov_prior()
+    return pst.Posterior(StreamingPrior(inner, lag=lag), reward, beta=beta), exact_posterior(inner, reward, beta, T, prompt="a")
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_streamed_block_smc_matches_enumerated_posterior(block, threshold):
+    """Each particle's continuation submitted once and read block by block (the stream runs 2
+    tokens ahead of what is read); after resampling only the duplicates start new ones."""
+    post, exact = streaming_posts(lag=2)
+    P, N = 30, 100
+    res = post.sample(n=N, method="smc", max_new_tokens=T, prompts=["a"] * P, seed=3, block_size=block, ess_threshold=threshold)
+    assert bool(res.info["resampled"].any()) == (threshold > 0)
+    stream = post.prior.streams[-1]
+    assert post.prior.calls == stream.calls and stream.open == 0  # everything went through the stream; all cancelled
+    if threshold == 0:
+        assert stream.submitted == P * N  # never resampled: one continuation per particle
+    n_eff = res.ess.sum().item() / 2  # resampled particles are correlated: count half
+    assert pooled_tv(res, exact) < tv_tolerance(exact.prob().values(), n_eff)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_streamed_block_smc_log_Z_is_unbiased(block, threshold):
+    """E[Ẑ] = Z within 3 standard errors over 200 independent runs of N = 16 (beta = 1)."""
+    post, exact = streaming_posts(beta=1.0, lag=1)
+    runs = 200
+    res = post.sample(n=16, method="smc", max_new_tokens=T, prompts=["a"] * runs, seed=7, block_size=block, ess_threshold=threshold)
+    ratio = (res.log_Z - exact.log_Z).exp()
+    se = ratio.std() / math.sqrt(runs)
+    assert abs(ratio.mean().item() - 1.0) < 3 * se.item(), (ratio.mean().item(), se.item())
+
+
+def test_streamed_samples_do_not_depend_on_how_far_the_stream_ran_ahead():
+    """How much of a continuation the engine has drawn when SMC reads it is timing, not law: the
+    same seed gives the same particles, weights and log Ẑ whether the stream shows exactly what
+    was waited for or runs 3 tokens ahead."""
+    out = []
+    for lag in (0, 3):
+        post, _ = streaming_posts(lag=lag)
+        out.append(post.sample(n=12, method="smc", max_new_tokens=T, prompts=["a", "b"], seed=5, block_size=1, ess_threshold=1.0))
+    a, b = out
+    assert a.texts == b.texts and torch.equal(a.log_weights, b.log_weights) and torch.equal(a.log_Z, b.log_Z)
+
+
+@pytest.mark.parametrize("block", [1, 2])
+def test_stream_resubmits_only_the_duplicates(block):
+    """After the first submissions (every particle), each resampling submits at most N - (distinct
+    ancestors) continuations per prompt: survivors keep running, only copies start anew."""
+    post, _ = streaming_posts()
+    P, N = 3, 50
+    res = post.sample(n=N, method="smc", max_new_tokens=6, prompts=["a", "b", "c"], seed=0, block_size=block,
+                      ess_threshold=1.0, return_ancestry=True)  # fmt: skip
+    anc, resampled = res.info["ancestry"], res.info["resampled"]
+    bound = sum(N - len(set(anc[p, :, s].tolist())) for p in range(P) for s in range(anc.shape[2]) if resampled[p, s])
+    stream = post.prior.streams[-1]
+    assert 0 < stream.submitted - P * N <= bound and stream.open == 0
+
+
+def test_a_failed_run_cancels_its_stream():
+    """A reward that fails mid-run: the error reaches the caller and no continuation stays running."""
+    calls = []
+
+    def failing(texts):
+        calls.append(len(texts))
+        if len(calls) >= 2:  # the batch and, retried text by text, its first text
+            raise RuntimeError("reward service down")
+        return score(texts)
+
+    prior = StreamingPrior(markov_prior())
+    post = pst.Posterior(prior, pst.rewards.Callable(failing, accepts_prefixes=True), beta=BETA)
+    with pytest.raises(pst.RewardError, match="reward service down"):
+        post.sample(n=8, method="smc", max_new_tokens=T, prompts=["a"], seed=0, block_size=1, twist="auto")
+    assert prior.streams[-1].submitted > 0 and prior.streams[-1].open == 0
+
+
+def test_decode_ahead_false_or_a_fixed_horizon_does_not_stream():
+    post, _ = streaming_posts()
+    for ahead in (False, 2):
+        post.sample(n=8, method="smc", max_new_tokens=T, prompts=["a"], seed=0, block_size=1, decode_ahead=ahead)
+    assert post.prior.streams == [] and post.prior.calls > 0
 
 
 def test_block_smc_log_Z_increments_sum_to_log_Z():

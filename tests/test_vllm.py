@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import posterior as pst
-from posterior.priors.vllm import VLLMPrior
+from posterior.priors.vllm import VLLMPrior, _chosen_logprobs
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -274,6 +274,57 @@ def test_modified_prior_samples_its_own_distribution(vprior):
         hot.log_prob(ids, cont.tokens, cont.lengths)
     hot.close()  # not the owner: the shared engine keeps running
     assert vprior.sample(ids, 1, 2, generator=torch.Generator().manual_seed(0)).tokens.shape[1] >= 1
+
+
+@needs_engine
+def test_stream_draws_what_a_request_with_its_seed_draws(vprior):
+    """A stream handle is one seeded request: its tokens and log-probs, read as they come, are those
+    of the same request run to the end by a plain call; a call made while the stream runs (as SMC
+    scores rewards meanwhile) neither steals nor drops its outputs."""
+    ids = vprior.encode_prompts(PROMPTS)
+    prefix = ids[1][-2:]
+    whole = vprior._generate([ids[0], ids[0] + prefix], [vprior._params(n=1, max_tokens=12, seed=s) for s in (11, 12)])
+    stream = vprior.open_stream()
+    try:
+        h0 = stream.submit(ids[0], [], 12, seed=11)
+        h1 = stream.submit(ids[0], prefix, 12, seed=12)
+        stream.wait({h0: 3, h1: 1})
+        assert len(stream.read(h0)[0]) >= 3
+        vprior.continue_prefixes([ids[1]] * 2, [[], []], 5, generator=torch.Generator().manual_seed(0))  # meanwhile
+        stream.wait({h0: 12, h1: 12})
+        for h, out in zip((h0, h1), whole):
+            tokens, lps, ended = stream.read(h)
+            c = out.outputs[0]
+            assert ended and tokens == list(c.token_ids)
+            assert max(abs(a - b) for a, b in zip(lps, _chosen_logprobs(c.logprobs, tokens))) < TOL
+        stream.cancel([h0])
+        with pytest.raises(KeyError, match="cancelled"):
+            stream.read(h0)
+    finally:
+        stream.close()
+    assert vprior._requests == {} and not vprior.llm.llm_engine.has_unfinished_requests()
+
+
+@needs_engine
+def test_smc_over_vllm_streams_and_leaves_no_request_running(vprior):
+    """Block SMC over vLLM reads each particle's running request; after the run (and after one that
+    fails mid-way) no request of it is left in the engine."""
+    post = pst.Posterior(vprior, pst.rewards.Sentiment(), beta=0.1)
+    res = post.sample(n=8, method="smc", max_new_tokens=12, prompts=PROMPTS, seed=1, block_size=4, ess_threshold=1.0)
+    assert bool(res.info["resampled"][:, 0].all()) and torch.isfinite(res.log_Z).all()  # ess_threshold 1: every boundary with particles running
+    assert vprior._requests == {} and not vprior.llm.llm_engine.has_unfinished_requests()
+    calls = []
+
+    def failing(texts):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("down")
+        return [0.0] * len(texts)
+
+    bad = pst.Posterior(vprior, pst.rewards.Callable(failing, accepts_prefixes=True), beta=0.5)
+    with pytest.raises(pst.RewardError, match="down"):
+        bad.sample(n=8, method="smc", max_new_tokens=12, prompts=PROMPTS, seed=1, block_size=4, twist="auto")
+    assert vprior._requests == {} and not vprior.llm.llm_engine.has_unfinished_requests()
 
 
 METHODS = {

@@ -48,6 +48,8 @@ HIDDEN_STATES = "hidden_states"  # start(..., hidden=True) fills DecodeState.hid
 #   hidden_states(prompt_ids, tokens, lengths, *, grad=False) -> (P, N, T, H): the hidden state
 #   after the prompt and x_1:t for t = 0..T-1 (the states that predict x_1..x_T)
 PREFIX_CACHE = "prefix_cache"  # truncate reuses a state's cache and merge_rows is implemented
+STREAM = "stream"  # open_stream() -> a posterior.priors.stream.Stream: continuations that keep
+#   running between calls (a serving engine), read as they are drawn and cancelled when not needed
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""``VLLMPrior``: a vLLM engine as the prior pi0 (sequence-level capability only).
+"""``VLLMPrior``: a vLLM engine as the prior pi0 (sequence level, and ``STREAM``).
 
-Every call goes through vLLM's public offline API (``vllm.LLM.generate`` with ``TokensPrompt`` and
-``SamplingParams``); no state crosses the interface:
+Every call goes through vLLM's public engine API (``LLM.llm_engine``: ``add_request`` with
+``TokensPrompt`` and ``SamplingParams``, ``step``, ``abort_request``; the loop ``LLM.generate``
+runs), one request per row and no state across the interface:
 
     sample             one request per prompt, ``SamplingParams(n=N, logprobs=0)``
     continue_prefixes  one request per distinct row (prompt + prefix as token ids, ``max_tokens`` =
@@ -9,6 +10,15 @@ Every call goes through vLLM's public offline API (``vllm.LLM.generate`` with ``
                        prefill); automatic prefix caching makes re-fed prefixes cheap (only full KV
                        blocks are cached, so a prefix costs a prefill of its last partial block)
     token_log_probs    one request per distinct row, prompt + continuation, ``prompt_logprobs=0``
+    open_stream        continuations that stay in the engine between calls
+                       (:mod:`posterior.priors.stream`): one ``n=1`` request per handle with
+                       ``RequestOutputKind.DELTA``, read token by token as the engine decodes it,
+                       aborted by ``cancel``. Block SMC submits each particle once and never
+                       re-feeds a survivor: its KV cache stays in the engine
+
+The prior steps the engine itself (``_pump``) rather than calling ``LLM.generate``, so that a call
+made while streams are open (SMC's reward or contract checks, another sampler) leaves their
+requests running and their outputs collected: each output goes to the request it belongs to.
 
     log pi0(x | prompt) = sum_t log p(x_t | prompt, x_<t),
 
@@ -37,14 +47,18 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import logging
 import os
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from posterior.priors.base import (
+    STREAM,
     Continuations,
     Extension,
     Prior,
@@ -218,6 +232,8 @@ class VLLMPrior(TokenizerText, Prior):
         self._max_length = int(config.max_model_len)
         self._model_name = str(config.model)
         self._finalizer = weakref.finalize(self, _shutdown_engine, llm) if owns_engine else None
+        self._requests: dict[str, _Request] = {}  # this prior's requests in the engine, by id
+        self._ids = itertools.count()
 
     @classmethod
     def from_pretrained(
@@ -291,7 +307,11 @@ class VLLMPrior(TokenizerText, Prior):
     def describe(self) -> dict:
         return {**super().describe(), "model": self._model_name, "backend": "vllm", "chat": self.chat}
 
-    # Capabilities: CONTINUE only (Prior's default): no decode state, no gradients.
+    # Capabilities: sequence level and STREAM: no decode state, no gradients.
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return super().capabilities | {STREAM}
+
     @property
     def full_support(self) -> bool:
         return self.top_k is None and self.top_p is None  # a softmax: every token > 0
@@ -302,9 +322,12 @@ class VLLMPrior(TokenizerText, Prior):
             raise RuntimeError("this VLLMPrior is closed (its engine was shut down)")
         return self.llm
 
-    def _params(self, *, n: int, max_tokens: int, seed: int):
+    def _params(self, *, n: int, max_tokens: int, seed: int, stream: bool = False):
         vllm, _ = _vllm()
+        from vllm.sampling_params import RequestOutputKind
+
         return vllm.SamplingParams(
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
             n=n,
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -325,11 +348,57 @@ class VLLMPrior(TokenizerText, Prior):
                 f"{self._max_length} tokens (max_model_len)"
             )
 
-    def _generate(self, prompts: list[list[int]], params: list, progress: bool = False):
+    def _submit(self, prompt: list[int], params) -> str:
+        """Add one request to the engine; its outputs are collected in ``self._requests``."""
         _, TokensPrompt = _vllm()
-        return self._engine().generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=progress
-        )
+        from vllm.sampling_params import RequestOutputKind
+        rid = f"posterior-{next(self._ids)}"
+        self._engine().llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)
+        self._requests[rid] = _Request(delta=params.output_kind == RequestOutputKind.DELTA)
+        return rid
+
+    def _pump(self, done) -> None:
+        """Step the engine until ``done()``: every request of this prior (those of a call and
+        those of open streams) advances, and each output goes to its request's record."""
+        engine = self._engine().llm_engine
+        while not done():
+            if not engine.has_unfinished_requests():
+                raise RuntimeError("the vLLM engine has no unfinished requests, but this prior still waits for some")
+            for out in engine.step():
+                record = self._requests.get(out.request_id)
+                if record is not None:  # else a request cancelled since it was scheduled
+                    record.take(out)
+
+    def _abort(self, rids: Sequence[str]) -> None:
+        """Forget requests, aborting those still running."""
+        running = [r for r in rids if r in self._requests and not self._requests.pop(r).finished]
+        if running and self.llm is not None:
+            self.llm.llm_engine.abort_request(running)
+
+    def _generate(self, prompts: list[list[int]], params: list, progress: bool = False):
+        """One request per prompt (``params`` one each, or one for all); their final outputs in order.
+
+        Goes through the engine (``LLMEngine.add_request`` / ``step``) rather than ``LLM.generate``,
+        so that requests of open streams keep running, and keep their outputs, meanwhile."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        rids = [self._submit(list(p), sp) for p, sp in zip(prompts, params)]
+        bar = tqdm(total=len(rids), desc="vLLM requests", disable=not progress)
+        try:
+            def finished():
+                k = sum(self._requests[r].finished for r in rids)
+                bar.update(k - bar.n)
+                return k == len(rids)
+
+            self._pump(finished)
+            return [self._requests[r].final for r in rids]
+        finally:
+            bar.close()
+            self._abort(rids)
+
+    def open_stream(self) -> "VLLMStream":
+        """Continuations that keep running in the engine between calls (``STREAM``; see
+        :mod:`posterior.priors.stream`): one request per handle, read as the engine decodes it."""
+        return VLLMStream(self)
 
     def continue_prefixes(
         self,
@@ -441,8 +510,11 @@ class VLLMPrior(TokenizerText, Prior):
         if not seqs:
             return out
         vllm, _ = _vllm()
+        from vllm.sampling_params import RequestOutputKind
+
         # max_tokens=1: vLLM generates at least one token; prompt log-probs are all we read.
-        params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False)
+        params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False,
+                                     output_kind=RequestOutputKind.FINAL_ONLY)
         outs = self._generate([list(s) for s in seqs], params)
         scored = [_prompt_token_logprobs(o.prompt_logprobs, list(s)) for o, s in zip(outs, seqs)]
         for p, i, r, start, L in where:
@@ -452,9 +524,75 @@ class VLLMPrior(TokenizerText, Prior):
     # --- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
         """Shut the engine down (when this prior owns it) and drop it; later calls raise. Idempotent."""
+        if self.llm is not None:
+            self._abort(list(self._requests))
         if self._finalizer is not None:
             self._finalizer()
         self.llm = None
+
+
+@dataclass
+class _Request:
+    """What the engine has returned for one request: the final output (FINAL_ONLY requests), or
+    the tokens and log-probs so far (DELTA requests, i.e. streams)."""
+
+    delta: bool = False  # a DELTA request: accumulate every output's new tokens
+    tokens: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    finished: bool = False
+    final: Any = None
+
+    def take(self, out) -> None:
+        if self.delta and out.outputs:
+            c = out.outputs[0]
+            if c.token_ids:
+                ids = list(c.token_ids)
+                self.log_probs += _chosen_logprobs(c.logprobs, ids)
+                self.tokens += ids
+        self.finished = bool(out.finished)
+        if self.finished:
+            self.final = out
+
+
+class VLLMStream:
+    """A :class:`~posterior.priors.stream.Stream` over a :class:`VLLMPrior`'s engine: each handle
+    is one request (``n=1``, seeded, the prior's sampling options) that runs until it ends or is
+    cancelled; ``wait`` steps the engine (every request of the prior advances meanwhile)."""
+
+    def __init__(self, prior: VLLMPrior):
+        self.prior = prior
+        self._rids: dict[int, str] = {}
+        self._next = 0
+
+    def submit(self, prompt_ids, prefix, max_tokens, *, seed):
+        row = list(prompt_ids) + list(prefix)
+        if not row:
+            raise ValueError("a stream request needs at least one prompt or prefix token")
+        k = check_int("max_tokens", max_tokens, 1)
+        self.prior._check_context(len(row), k, "stream request (prompt + prefix)")
+        h, self._next = self._next, self._next + 1
+        self._rids[h] = self.prior._submit(row, self.prior._params(n=1, max_tokens=k, seed=int(seed), stream=True))
+        return h
+
+    def _record(self, h: int) -> _Request:
+        rid = self._rids.get(h)
+        if rid is None:
+            raise KeyError(f"stream handle {h} was cancelled or never submitted")
+        return self.prior._requests[rid]
+
+    def wait(self, need):
+        records = [(self._record(h), int(k)) for h, k in need.items()]
+        self.prior._pump(lambda: all(r.finished or len(r.tokens) >= k for r, k in records))
+
+    def read(self, handle):
+        r = self._record(handle)
+        return list(r.tokens), list(r.log_probs), r.finished
+
+    def cancel(self, handles):
+        self.prior._abort([self._rids.pop(h) for h in handles if h in self._rids])
+
+    def close(self):
+        self.cancel(list(self._rids))
 
 
 def _chosen_logprobs(logprobs, token_ids: list[int]) -> list[float]:

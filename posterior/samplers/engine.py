@@ -169,6 +169,10 @@ class SMCModel:
     def advance(self, carry: Any, particles: Particles, src: torch.Tensor, running: torch.Tensor, resampled: torch.Tensor) -> Any:
         raise NotImplementedError
 
+    def close(self, carry: Any) -> None:
+        """Release what the carry holds outside this process (requests running in a serving
+        engine); :func:`run` calls it once the run is over, also when it fails. Default: nothing."""
+
 
 @dataclass(frozen=True)
 class Reference:
@@ -384,11 +388,14 @@ def run(
         )
     state = init(model, prompt_ids, cfg, pad=pad)
     infos: list[StepInfo] = []
-    while state.t < cfg.max_new_tokens and bool(state.running.any()):
-        state, info = step(model, state, cfg, generator=generator, pad=pad, reference=reference, name_prompt=name_prompt)
-        infos.append(info)
-        if callback is not None:
-            callback(state, info)
+    try:
+        while state.t < cfg.max_new_tokens and bool(state.running.any()):
+            state, info = step(model, state, cfg, generator=generator, pad=pad, reference=reference, name_prompt=name_prompt)
+            infos.append(info)
+            if callback is not None:
+                callback(state, info)
+    finally:
+        model.close(state.carry)  # a failed step leaves the previous carry, which holds the same resources
     return finish(state, infos, cfg)
 
 

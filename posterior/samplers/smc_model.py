@@ -34,7 +34,10 @@ Two models:
 * :class:`BlockModel` (any prior: ``continue_prefixes`` only, e.g. a serving engine): every running
   particle is extended by up to ``block_size`` tokens from pi0 (bootstrap on the grid t = 0, B,
   2B, ...), log w = (g(x_1:t+B) - psi_t)/beta. With ``decode_ahead`` it draws each particle's
-  continuation to the end in one call and hands it out block by block (below).
+  continuation ahead and hands it out block by block (below): on a prior that streams
+  (``STREAM``, a serving engine: :mod:`posterior.priors.stream`) each continuation is one request
+  that keeps running in the engine, read block by block as it is decoded and cancelled when
+  resampling drops its particle; on other priors, ahead by an adaptive number of blocks per call.
 
 Decode-ahead is exactly block SMC. Let block SMC extend particle i at boundary j by a fresh
 draw X^i_j ~ pi0(. | x^i_1:jB). By the chain rule, drawing X^i = (X^i_j, X^i_j+1, ...) at once from
@@ -48,7 +51,10 @@ only the other c_a - 1 copies are re-submitted. Hence the joint law of tokens, w
 and log Ẑ equals block SMC's, for every block size, twist and ess_threshold; only the order in
 which random numbers are drawn differs (seeded outputs differ from decode_ahead=False). Cost: every
 particle is decoded once, plus one continuation per duplicate per resampling (its discarded future
-and its re-submission); a serving engine batches each call.
+and its re-submission); a serving engine batches each call. A stream is the limit of an infinite
+horizon revealed lazily: X^i is one request, drawn to the end unless cancelled, and how much of it
+the engine has decoded when SMC reads it is timing, which changes no token (the draw is fixed by
+its seed and prefix); a cancelled request is the discarded future of a particle with no offspring.
 
 Contract check (issue 19): a twist may be -inf only on prefixes none of whose completions has a
 finite reward. Where a running particle dies of the twist, one completion of its prefix is drawn
@@ -68,7 +74,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from posterior.kernels import tilted_sample
-from posterior.priors.base import DecodeState, HIDDEN_STATES, Prior
+from posterior.priors.base import DecodeState, HIDDEN_STATES, STREAM, Prior, request_seeds
+from posterior.priors.stream import Stream
 from posterior.rewards.base import Reward
 from posterior.samplers.engine import Forced, Move, Particles, SMCModel, SMCState
 from posterior.twists.base import Prefixes, Twist
@@ -461,6 +468,11 @@ class BlockCarry(NamedTuple):
     end: torch.Tensor  # (P·N,) int64
     done: torch.Tensor  # (P·N,) bool
     quiet: torch.Tensor  # (P,) int64 boundaries since the prompt last resampled (the adaptive horizon)
+    # With a stream (priors with STREAM): particle i's continuation is stream handle ``handle[i]``
+    # (-1: none running), whose first token sits at absolute position ``start[i]``.
+    stream: Stream | None = None
+    handle: torch.Tensor | None = None  # (P·N,) int64
+    start: torch.Tensor | None = None  # (P·N,) int64
 
 
 @dataclass
@@ -470,7 +482,8 @@ class BlockModel(SMCModel):
     ``decode_ahead``: draw each running particle's continuation ahead in one call and reveal it
     block by block; after resampling, one offspring of each ancestor keeps the drawn future and
     only the others are re-submitted (exactly block SMC for any horizon that depends on the past
-    only: see the module docstring). The horizon: True: adaptive, 2^q blocks where q is the
+    only: see the module docstring). The horizon: True: the whole continuation, kept running in
+    the prior's stream, on a prior with ``STREAM``; else adaptive, 2^q blocks where q is the
     number of boundaries since the prompt last resampled (1 block right after a resampling, as
     far as the run has gone quietly otherwise: futures of particles that resampling kills are
     decoded for nothing, so the horizon grows only while resampling is rare); an int k >= 1: k
@@ -495,10 +508,19 @@ class BlockModel(SMCModel):
     def init(self, prompt_ids, num_particles):
         B, T = len(prompt_ids) * num_particles, self.pot.max_new_tokens
         pad = self.prior.eos_token_ids[0]
-        return BlockCarry(
+        carry = BlockCarry(
             torch.full((B, T), pad, dtype=torch.long), torch.zeros(B, T), torch.zeros(B, dtype=torch.long),
             torch.zeros(B, dtype=torch.bool), torch.zeros(len(prompt_ids), dtype=torch.long),
         )  # fmt: skip
+        if self.decode_ahead is True and self.prior.has(STREAM):
+            none = torch.full((B,), -1, dtype=torch.long)
+            carry = carry._replace(stream=self.prior.open_stream(), handle=none, start=none.clone())
+        return carry
+
+    def close(self, carry: BlockCarry) -> None:
+        """Cancel the continuations still running in the prior's stream (the run is over)."""
+        if carry.stream is not None:
+            carry.stream.close()
 
     def step_tokens(self, t: int) -> int:
         return min(self.block_size, self.pot.max_new_tokens - t)
@@ -517,7 +539,10 @@ class BlockModel(SMCModel):
         # Rows whose drawn continuation does not cover this block (and has not ended) are submitted.
         short = ~done[rows] & (end[rows] < t + k) & ~is_forced  # (m,)
         sub = rows[short]
-        if sub.numel():
+        handle, start = c.handle, c.start
+        if c.stream is not None and sub.numel():
+            handle, start = self._stream(c, sub, t, t + k, flat_tok, buf, buf_lp, end, done, generator)
+        elif sub.numel():
             ids = sub.tolist()
             have = end[sub]
             prefixes = [flat_tok[i, :t].tolist() + buf[i, t : int(e)].tolist() for i, e in zip(ids, have.tolist())]
@@ -578,15 +603,40 @@ class BlockModel(SMCModel):
         log_inc = (g - psi_prev) / self.pot.beta
         return Move(
             tokens=blk, lengths=new_len, log_prior=log_prior, log_q=log_prior, potential=g, log_increment=log_inc,
-            ended=ended, reward=r, boundary=True, carry=BlockCarry(buf, buf_lp, end, done, c.quiet),
+            ended=ended, reward=r, boundary=True, carry=BlockCarry(buf, buf_lp, end, done, c.quiet, c.stream, handle, start),
         )  # fmt: skip
+
+    def _stream(self, c: BlockCarry, sub, t: int, until: int, flat_tok, buf, buf_lp, end, done, generator):
+        """Rows ``sub`` (at position ``t``) need tokens up to absolute position ``until``: submit a continuation for
+        those with none running (the particle's whole future), wait until every one has drawn that
+        far (or ended) and copy what was drawn into ``buf`` / ``buf_lp`` / ``end`` / ``done``
+        (in place: the caller's copies). Returns the new handles and starts."""
+        stream, handle, start = c.stream, c.handle.clone(), c.start.clone()
+        T = self.pot.max_new_tokens
+        eos = set(self.prior.eos_token_ids)
+        new = [i for i in sub.tolist() if handle[i] < 0]
+        for i, seed in zip(new, request_seeds(generator, len(new))):
+            e = int(end[i])
+            prefix = flat_tok[i, :t].tolist() + buf[i, t:e].tolist()
+            handle[i] = stream.submit(self.pot.prompt_rows[i], prefix, T - e, seed=seed)
+            start[i] = e
+        ids = sub.tolist()
+        stream.wait({int(handle[i]): until - int(start[i]) for i in ids})
+        for i in ids:
+            toks, lps, finished = stream.read(int(handle[i]))
+            s0, L = int(start[i]), len(toks)
+            buf[i, s0 : s0 + L] = torch.tensor(toks, dtype=torch.long)
+            buf_lp[i, s0 : s0 + L] = torch.tensor(lps, dtype=torch.float32)
+            end[i] = s0 + L
+            done[i] = finished and L > 0 and toks[-1] in eos
+        return handle, start
 
     def advance(self, carry: BlockCarry, particles: Particles, src, running, resampled) -> BlockCarry:
         """Resampled particles: the first offspring of each ancestor keeps its drawn future, the
         others start empty (re-submitted at the next block)."""
         quiet = torch.where(resampled, 0, carry.quiet + 1)
         if not bool(resampled.any()):
-            return carry._replace(quiet=quiet)
+            return self._keep_streams(carry._replace(quiet=quiet), running)
         B = src.numel()
         first = torch.zeros(B, dtype=torch.bool)
         seen: set[int] = set()
@@ -597,7 +647,22 @@ class BlockModel(SMCModel):
         t_now = particles.lengths.reshape(-1)  # running particles: the position they are at
         end = torch.where(first, carry.end[src], t_now)
         done = first & carry.done[src]
-        return BlockCarry(carry.tokens[src], carry.log_probs[src], end, done, quiet)
+        out = BlockCarry(carry.tokens[src], carry.log_probs[src], end, done, quiet, carry.stream)
+        if carry.stream is not None:
+            out = out._replace(handle=torch.where(first, carry.handle[src], -1), start=carry.start[src])
+            out = self._keep_streams(out, running, before=carry.handle)
+        return out
+
+    @staticmethod
+    def _keep_streams(carry: BlockCarry, running: torch.Tensor, before: torch.Tensor | None = None) -> BlockCarry:
+        """Cancel the continuations no running particle holds any more (resampled away, ended, dead)."""
+        if carry.stream is None:
+            return carry
+        handle = torch.where(running.reshape(-1), carry.handle, -1)
+        gone = set((carry.handle if before is None else before).tolist()) - set(handle.tolist()) - {-1}
+        if gone:
+            carry.stream.cancel(sorted(gone))
+        return carry._replace(handle=handle)
 
 
 __all__ = ["BlockModel", "Potentials", "PROPOSALS", "TokenModel", "tilted_log_weight"]

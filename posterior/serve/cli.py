@@ -82,13 +82,13 @@ def check(args):
 
 
 def run(args) -> int:
+    config = check(args)
     try:
         import uvicorn
 
         from posterior.serve.app import create_app
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"posterior serve needs FastAPI and uvicorn: pip install 'posterior-align[serve]' ({e})") from e
-    config = check(args)
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         options.stage(args, f"warning: serving on {args.host} without an API key (--api-key or POSTERIOR_API_KEY)")
     options.stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")

@@ -107,6 +107,7 @@ class TestCliFailsFast:
             (["compare", "Hi", "--methods", ""], "--methods '' names no method"),
             (["compare", "Hi", "--methods", "is,nope"], "unknown method 'nope'"),
             (["compare", "Hi", "-n", "1"], "n must be an int >= 2, got 1"),
+            (["compare", "Hi", "-n", "2"], "method 'bon': best_of=4 exceeds -n 2"),  # bon's default best_of
             (["compare", "Hi", "--beta", "-1"], "beta must be a finite number > 0, got -1.0"),
             (["compare", "Hi", "--option", "bon.best_of=0.5"],
              "method 'bon' option best_of must be a positive int, got 0.5 (--option bon.best_of=0.5)"),

@@ -73,6 +73,11 @@ def check(args) -> tuple[list[str], dict, dict]:
             raise ValueError(f"--option {method}.{key}: method {method!r} is not in --methods {args.methods!r}")
         per_method.setdefault(method, []).append((key, value))
     method_options = {m: options.check_method_options(m, pairs, prefix=f"--option {m}.") for m, pairs in per_method.items()}
+    for m in methods:  # as pst.compare checks: a best-of-k row decodes n // k outputs of k draws each
+        k = method_options.get(m, {}).get("best_of", METHOD_OPTIONS[m]["best_of"].default) if "best_of" in METHOD_OPTIONS[m] else 0
+        if k > args.n:
+            raise ValueError(f"method {m!r}: best_of={k} exceeds -n {args.n}; compare decodes n sequences per prompt "
+                             f"with every method, so give --option {m}.best_of=K with K <= n, or a larger -n")  # fmt: skip
     policies = options.unique(args.policy, "--policy ")
     for name, path in policies.items():
         if name in methods:

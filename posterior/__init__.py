@@ -2,21 +2,35 @@
 
 An aligned model is the explicit posterior pi*(x) ∝ pi0(x) · exp(r(x)/beta). ``Posterior.sample``
 draws from it at decoding time and reports log Z, ESS, KL(pi*||pi0) and reward statistics.
+
+The public names are imported on first use (:mod:`posterior.lazy`): ``import posterior`` loads
+neither torch nor transformers, so the command line checks its arguments in well under a second.
 """
 
-from posterior import batch, rewards, train, twists
-from posterior.compare import compare
-from posterior.diagnostics.bounds import Bounds, bounds
-from posterior.errors import CheckpointError, DegenerateWeightsError
-from posterior.generate import GenerateOutput, generate
-from posterior.overopt import overoptimization
-from posterior.posterior import Posterior
-from posterior.priors import CallablePrior, HFPrior, Prior, VLLMPrior, load_default_prior
-from posterior.results import SampleResult
-from posterior.rewards import RewardError
-from posterior.samplers import SAMPLERS, register_sampler
+from posterior.lazy import lazy_names
 
 __version__ = "0.1.0"
+
+__getattr__, __dir__ = lazy_names(__name__, {
+    "Bounds": "posterior.diagnostics.bounds",
+    "CallablePrior": "posterior.priors",
+    "CheckpointError": "posterior.errors",
+    "DegenerateWeightsError": "posterior.errors",
+    "GenerateOutput": "posterior.generate",
+    "HFPrior": "posterior.priors",
+    "Posterior": "posterior.posterior",
+    "Prior": "posterior.priors",
+    "RewardError": "posterior.rewards",
+    "SAMPLERS": "posterior.samplers",
+    "SampleResult": "posterior.results",
+    "VLLMPrior": "posterior.priors",
+    "bounds": "posterior.diagnostics.bounds",
+    "compare": "posterior.compare",
+    "generate": "posterior.generate",
+    "load_default_prior": "posterior.priors",
+    "overoptimization": "posterior.overopt",
+    "register_sampler": "posterior.samplers",
+})  # fmt: skip  (the subpackages batch, rewards, train, twists, ... are imported on first use as well)
 
 __all__ = [
     "Bounds",

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Iterable
 
+#: The largest float32 (``torch.finfo(torch.float32).max``), as a constant: no torch needed.
+FLOAT32_MAX = 3.4028234663852886e38
 #: Seeds are what ``torch.Generator.manual_seed`` takes without wrapping: 0 .. 2**64 - 1.
 SEED_MAX = 2**64 - 1
 
 
 def _unwrap(value):
-    """A one-element torch tensor as its Python scalar; anything else unchanged."""
-    import torch
-
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+    """A one-element torch tensor as its Python scalar; anything else unchanged. (Without torch
+    imported no value is a tensor: the command line's checks run before torch loads.)"""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         if value.dtype == torch.bool:
             return bool(value.item())
         return value.item()
@@ -126,6 +129,20 @@ def check_choice(name: str, value, choices: Iterable):
     return value
 
 
+def check_sampling(temperature, top_k, top_p) -> tuple[float, int | None, float | None]:
+    """The prior's sampling modifications (temperature > 0, top-k, top-p), checked; returned as
+    Python numbers (numpy / torch scalars accepted)."""
+    if not (is_real(temperature) and math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if 1.0 / float(temperature) > FLOAT32_MAX:  # logits / temperature would be inf
+        raise ValueError(f"temperature={temperature!r} is too small: 1/temperature overflows float32")
+    if top_k is not None and (not is_int(top_k) or int(top_k) < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not (is_real(top_p) and 0 < float(top_p) <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+    return float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p)
+
+
 def as_plain(value):
     """numpy / one-element torch scalars as Python int, float or bool; other values unchanged
     (so method options given as ``np.int64(8)`` reach every sampler as ``8``)."""
@@ -144,6 +161,6 @@ def as_plain(value):
 
 
 __all__ = [
-    "SEED_MAX", "as_plain", "check_bool", "check_choice", "check_int", "check_optional_int", "check_prob",
-    "check_real", "check_seed", "is_int", "is_real",
+    "FLOAT32_MAX", "SEED_MAX", "as_plain", "check_bool", "check_choice", "check_int", "check_optional_int", "check_prob",
+    "check_real", "check_sampling", "check_seed", "is_int", "is_real",
 ]  # fmt: skip

@@ -354,28 +354,30 @@ def run(
     """
     import time
 
-    from posterior.errors import check_int
-    from posterior.posterior import Posterior, _check_seed
-    from posterior.samplers.registry import get_sampler, sampler_options
+    from posterior.samplers.registry import sampler_options
+    from posterior.validate import check_int, check_seed
 
-    # --- everything checked before a model loads ---
+    # --- everything checked before a model (or, given a callable, torch) loads ---
     n = check_int("n", n, 1)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     batch_size = check_int("batch_size", batch_size, 1)
     workers = check_int("workers", workers, 1)
-    seed = _check_seed(seed)
-    get_sampler(method)
+    seed = check_seed("seed", seed, or_none=True)
+    known = sampler_options(method)  # an unknown method raises
     options = dict(options or {})
-    unknown = sorted(set(options) - set(sampler_options(method)))
+    unknown = sorted(set(options) - set(known))
     if unknown:
-        raise TypeError(f"method {method!r} has no option(s) {unknown}; its options are {sorted(sampler_options(method))}")
+        raise TypeError(f"method {method!r} has no option(s) {unknown}; its options are {sorted(known)}")
     if workers > 1 and not ray:
         raise ValueError(f"workers={workers} needs ray=True (workers are Ray actors)")
     if ray_address is not None and not ray:
         raise ValueError(f"ray_address={ray_address!r} needs ray=True")
-    is_post = isinstance(posterior, Posterior)
-    if not is_post and not callable(posterior):
-        raise ValueError(f"posterior must be a Posterior or a callable that builds one, got {type(posterior).__name__}")
+    is_post = not callable(posterior)  # a Posterior is not callable; a builder is
+    if is_post:
+        from posterior.posterior import Posterior
+
+        if not isinstance(posterior, Posterior):
+            raise ValueError(f"posterior must be a Posterior or a callable that builds one, got {type(posterior).__name__}")
     if isinstance(prompts, (str, os.PathLike)):
         prompts = read_prompts(prompts, format)
     else:

@@ -27,7 +27,7 @@ MODEL_SETTINGS = ("model", "gguf_file", "backend", "engine_option", "reward", "b
 
 
 def add_parser(subparsers):
-    from posterior.samplers import SAMPLERS
+    from posterior.samplers.options import METHOD_OPTIONS
 
     p = options.add_subparser(subparsers, "batch", help="sample pi* for every prompt of a file (JSONL out, resumable, --ray)",
                               description=__doc__.split("\n\n", 1)[1].replace("``", ""))  # fmt: skip
@@ -36,7 +36,7 @@ def add_parser(subparsers):
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "text"], help="PROMPTS format (auto: by the file name)")
     p.add_argument("--reward", default="sentiment", help="reward spec, e.g. sentiment, contains:WORD (see `posterior sample --help`)")
     p.add_argument("--beta", type=float, default=0.1, help="temperature of the posterior (> 0): small trusts the reward more")
-    p.add_argument("--method", default="is", choices=sorted(SAMPLERS), help="sampler (see `posterior sample --help`)")
+    p.add_argument("--method", default="is", choices=sorted(METHOD_OPTIONS), help="sampler (see `posterior sample --help`)")
     p.add_argument("-n", type=int, default=16, help="samples (particles, chains) per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per continuation, EOS counted")
     p.add_argument("--seed", type=options.fixed_seed, default=0, help="job seed; prompt i uses a seed derived from (seed, i)")
@@ -62,13 +62,16 @@ def model_spec(args) -> argparse.Namespace:
 
 
 def run(args) -> int:
+    """Check the arguments, then ``pst.batch.run``, which checks the rest (counts, seed, the prompts
+    file, a resumed OUT) before it builds the posterior: torch loads with the model."""
     from posterior.batch.jobs import run as run_job
-    from posterior.errors import check_real
+    from posterior.validate import check_real
 
     options.check_model(args, command="posterior batch")
     check_real("beta", args.beta, positive=True)
     options.check_reward_spec(args.reward)
     method_options = options.check_method_options(args.method, args.option)
+    options.check_device(args)
     spec = model_spec(args)
     settings = {**vars(spec), "engine_option": [list(kv) for kv in spec.engine_option]}
     report = run_job(

@@ -50,9 +50,9 @@ def add_parser(subparsers):
 
 
 def check(args) -> tuple[list[str], dict, dict]:
-    """Every argument, before the model loads: the methods, their options, the policies."""
-    from posterior.errors import check_int
-    from posterior.samplers import SAMPLERS
+    """Every argument, before the model (or torch) loads: the methods, their options, the policies."""
+    from posterior.samplers.options import METHOD_OPTIONS  # the built-in methods
+    from posterior.validate import check_int
 
     options.check_model(args, command="posterior compare")
     options.check_posterior(args)
@@ -61,10 +61,10 @@ def check(args) -> tuple[list[str], dict, dict]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods and not args.policy:
         raise ValueError(f"--methods {args.methods!r} names no method (and no --policy is given): "
-                         f"give e.g. --methods is,smc,bon; methods: {', '.join(sorted(SAMPLERS))}")  # fmt: skip
+                         f"give e.g. --methods is,smc,bon; methods: {', '.join(sorted(METHOD_OPTIONS))}")  # fmt: skip
     for m in methods:
-        if m not in SAMPLERS:
-            raise ValueError(f"unknown method {m!r} in --methods {args.methods!r}; choose from {sorted(SAMPLERS)}")
+        if m not in METHOD_OPTIONS:
+            raise ValueError(f"unknown method {m!r} in --methods {args.methods!r}; choose from {sorted(METHOD_OPTIONS)}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"--methods {args.methods!r} names a method twice")
     per_method: dict[str, list] = {}
@@ -73,6 +73,11 @@ def check(args) -> tuple[list[str], dict, dict]:
             raise ValueError(f"--option {method}.{key}: method {method!r} is not in --methods {args.methods!r}")
         per_method.setdefault(method, []).append((key, value))
     method_options = {m: options.check_method_options(m, pairs, prefix=f"--option {m}.") for m, pairs in per_method.items()}
+    for m in methods:  # as pst.compare checks: a best-of-k row decodes n // k outputs of k draws each
+        k = method_options.get(m, {}).get("best_of", METHOD_OPTIONS[m]["best_of"].default) if "best_of" in METHOD_OPTIONS[m] else 0
+        if k > args.n:
+            raise ValueError(f"method {m!r}: best_of={k} exceeds -n {args.n}; compare decodes n sequences per prompt "
+                             f"with every method, so give --option {m}.best_of=K with K <= n, or a larger -n")  # fmt: skip
     policies = options.unique(args.policy, "--policy ")
     for name, path in policies.items():
         if name in methods:
@@ -80,6 +85,7 @@ def check(args) -> tuple[list[str], dict, dict]:
         if not os.path.isdir(path):
             raise ValueError(f"--policy {name}={path}: no such folder")
     options.check_plot_path(args.plot, "frontier.png")
+    options.check_device(args)
     return methods, method_options, policies
 
 

@@ -5,14 +5,15 @@ Groups: the model (prior pi0: ``--model``, ``--backend``, sampling temperature /
 ``--seed``) and the output (``--json``, ``--quiet``). Each ``add_*`` has a ``check_*`` that
 raises ``ValueError`` naming the bad value; subcommands call every check before
 :func:`load_posterior`, so bad input fails in well under a second instead of after the model
-loads (``main`` prints the error as one line and exits 2).
+loads (``main`` prints the error as one line and exits 2). The checks import neither torch nor
+transformers (only :func:`check_device`, which needs torch, runs last): the heavy modules load
+after them, inside each subcommand's ``run``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -20,7 +21,6 @@ from posterior.threads import requested_threads
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 SEED_LIMIT = 2**64  # the seeds torch.Generator.manual_seed and Posterior.sample accept: [0, 2**64)
-LIBRARY_ONLY = {"proposal": ("is", "qrs"), "init_texts": ("mh",), "callback": ("smc", "mh")}  # Python objects
 NEEDS_PRIOR = ("judge",)  # reward specs built from the prior itself (from_spec(..., prior=prior))
 
 
@@ -145,8 +145,8 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 # Checks (no model is loaded; each raises ValueError naming the value)
 # --------------------------------------------------------------------------------------------------
 def check_model(args, *, backends=("hf", "vllm"), command: str = "") -> None:
-    from posterior.errors import check_device
-    from posterior.priors.base import validate_sampling
+    """The model options, except ``--device`` (:func:`check_device`, the last check: it needs torch)."""
+    from posterior.validate import check_sampling
 
     if args.backend not in backends:
         raise ValueError(f"{command or 'this command'} runs on --backend {' or '.join(backends)}, got --backend {args.backend}")
@@ -158,9 +158,7 @@ def check_model(args, *, backends=("hf", "vllm"), command: str = "") -> None:
     elif args.engine_option:
         raise ValueError(f"--engine-option {args.engine_option} needs --backend vllm")
     unique(args.engine_option, "--engine-option ")
-    validate_sampling(args.temperature, args.top_k, args.top_p)
-    if args.device is not None:
-        check_device(args.device)
+    check_sampling(args.temperature, args.top_k, args.top_p)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be an int >= 1, got {args.threads}")
     requested_threads(args.threads)  # a bad $POSTERIOR_THREADS fails here
@@ -168,8 +166,16 @@ def check_model(args, *, backends=("hf", "vllm"), command: str = "") -> None:
         raise ValueError(f"--model {args.model!r}: no such folder")
 
 
+def check_device(args) -> None:
+    """``--device`` exists here (torch is imported to ask: call this after every other check)."""
+    from posterior.errors import check_device as check
+
+    if getattr(args, "device", None) is not None:
+        check(args.device)
+
+
 def check_posterior(args) -> None:
-    from posterior.errors import check_int, check_real
+    from posterior.validate import check_int, check_real
 
     check_real("beta", args.beta, positive=True)
     check_int("max_new_tokens", args.max_new_tokens, 1)
@@ -189,32 +195,28 @@ def check_reward_spec(spec: str) -> None:
 
 
 def check_method_options(method: str, pairs, *, prefix: str = "--option ") -> dict:
-    """``--option KEY=VALUE`` pairs for ``method`` as a dict: each key given once, known to the
-    method, usable from the command line, and of its default's type where the default has one."""
-    from posterior.errors import is_int, is_real
-    from posterior.samplers import sampler_options
+    """``--option KEY=VALUE`` pairs for ``method`` as a dict of checked values: each key given
+    once, known to the method, usable from the command line, and a value the sampler accepts (the
+    samplers' own checks, from the table in ``posterior/samplers/options.py``)."""
+    from posterior.samplers.options import METHOD_OPTIONS, check_options
 
     opts = unique(pairs, prefix)
-    known = sampler_options(method)
+    known = METHOD_OPTIONS[method]
     unknown = sorted(set(opts) - set(known))
     if unknown:
         raise ValueError(f"method {method!r} has no option(s) {unknown}; its options are {sorted(known)}")
     for key, value in opts.items():
-        if method in LIBRARY_ONLY.get(key, ()):
+        if known[key].python_object:
             raise ValueError(f"method {method!r} option {key} takes a Python object: use the library (Posterior.sample), not {prefix}{key}=...")
-        default = known[key]
-        if isinstance(default, bool):
-            ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, kind = is_int(value), "an int"
-        elif isinstance(default, float):
-            ok, kind = is_real(value) and math.isfinite(value), "a number"
-        elif isinstance(default, str):  # null too: some take None (smc's twist=null: no twist)
-            ok, kind = value is None or isinstance(value, str), "a name"
-        else:
-            ok, kind = True, ""
-        if not ok:
-            raise ValueError(f"method {method!r} option {key} takes {kind}, got {prefix}{key}={json.dumps(value)}")
+        try:
+            opts[key] = known[key].check(key, value)
+        except ValueError as e:
+            raise ValueError(f"method {method!r} option {e} ({prefix}{key}={json.dumps(value)})") from None
+    try:
+        check_options(method, opts)  # and what options check together (burn_in < steps)
+    except ValueError as e:
+        given = " ".join(f"{prefix}{k}={json.dumps(v)}" for k, v in opts.items())
+        raise ValueError(f"method {method!r}: {e} ({given})") from None
     return opts
 
 

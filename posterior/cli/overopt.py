@@ -63,9 +63,9 @@ def _needs_prior(spec: str) -> bool:
 
 
 def check(args) -> tuple[list[str], dict, dict]:
-    """Every argument, before the model loads."""
-    from posterior.errors import check_int
+    """Every argument, before the model (or torch) loads."""
     from posterior.overopt import METHODS
+    from posterior.validate import check_int
 
     options.check_model(args, command="posterior overopt")
     check_int("n", args.n, 2)
@@ -94,6 +94,7 @@ def check(args) -> tuple[list[str], dict, dict]:
         if not os.path.isdir(path):
             raise ValueError(f"--policy {name}={path}: no such folder")
     options.check_plot_path(args.plot, "overopt.png")
+    options.check_device(args)
     return methods, smc, policies
 
 

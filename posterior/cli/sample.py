@@ -13,8 +13,6 @@ import os
 import textwrap
 import time
 
-import torch
-
 from posterior.cli import options, output
 
 DESCRIPTION = (
@@ -24,7 +22,7 @@ DESCRIPTION = (
 
 
 def add_parser(subparsers):
-    from posterior.samplers import SAMPLERS
+    from posterior.samplers.options import METHOD_OPTIONS
 
     epilog = (
         "rewards (--reward):\n" + _reward_names() + "\n\n"
@@ -38,7 +36,7 @@ def add_parser(subparsers):
     s = options.add_subparser(subparsers, "sample", help="sample pi*(x) ∝ pi0(x)·exp(r(x)/beta) for one or more prompts",
                               description=textwrap.fill(DESCRIPTION, 96), epilog=epilog)
     options.add_posterior_options(s, max_new_tokens=32)
-    s.add_argument("--method", default="is", choices=sorted(SAMPLERS), help="sampler, see 'method options' below")
+    s.add_argument("--method", default="is", choices=sorted(METHOD_OPTIONS), help="sampler, see 'method options' below")
     s.add_argument("-n", type=int, default=16, help="samples (particles, chains) per prompt")
     s.add_argument("--option", type=options.key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. best_of=8, ess_threshold=0.5, reward_upper_bound=1 (repeatable)")
@@ -52,8 +50,8 @@ def add_parser(subparsers):
 
 
 def check(args) -> dict:
-    """Every argument, before the model loads; returns the method options."""
-    from posterior.errors import check_int
+    """Every argument, before the model (or torch) loads; returns the method options."""
+    from posterior.validate import check_int
 
     options.check_model(args, command="posterior sample")
     options.check_posterior(args)
@@ -61,7 +59,7 @@ def check(args) -> dict:
     check_int("show", args.show, 0)
     method_options = options.check_method_options(args.method, args.option)
     if args.twist is not None:
-        from posterior.twists.tabular import CONFIG_FILE
+        from posterior.twists import CONFIG_FILE
 
         if args.method != "smc":
             raise ValueError(f"--twist applies to --method smc, got --method {args.method}")
@@ -69,15 +67,18 @@ def check(args) -> dict:
             raise ValueError("give the twist once: --twist PATH or --option twist=..., not both")
         if not os.path.isfile(os.path.join(args.twist, CONFIG_FILE)):
             raise ValueError(f"--twist {args.twist!r} holds no saved twist (no {CONFIG_FILE}); save one with `posterior train --twist`")
+    options.check_device(args)
     return method_options
 
 
 def run(args) -> int:
     """Sample, then the prior comparison (best effort), then print; see the module docstring."""
+    method_options = check(args)
+    import torch
+
     from posterior.samplers.common import draw
     from posterior.seeds import derive_seed
 
-    method_options = check(args)
     progress = not args.quiet
     t0 = time.perf_counter()
     options.stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")
@@ -139,15 +140,15 @@ def _reward_names() -> str:
 
 
 def _methods_help() -> str:
-    from posterior.samplers import SAMPLERS, sampler_options
+    from posterior.samplers.options import METHOD_OPTIONS
 
     out = []
-    for name in sorted(SAMPLERS):
+    for name, known in sorted(METHOD_OPTIONS.items()):
         opts = ", ".join(
-            f"{k}={v!r}"
-            + (f" ({NONE_MEANS[k]})" if v is None and k in NONE_MEANS else "")
-            + (" [library only]" if name in options.LIBRARY_ONLY.get(k, ()) else "")
-            for k, v in sampler_options(name).items()
+            f"{k}={o.default!r}"
+            + (f" ({NONE_MEANS[k]})" if o.default is None and k in NONE_MEANS else "")
+            + (" [library only]" if o.python_object else "")
+            for k, o in known.items()
         )
         out.append(f"  {name}: {METHODS.get(name, '')}")
         out.append(textwrap.fill(opts or "(no options)", width=96, initial_indent="      ", subsequent_indent="      "))
@@ -158,6 +159,7 @@ METHODS = {
     "is": "importance sampling of pi* from the prior (or a proposal prior)",
     "smc": "sequential Monte Carlo over tokens (twisted, resampling)",
     "mh": "Metropolis-Hastings chains over whole continuations",
+    "pgibbs": "particle Gibbs: chains whose kernel is one conditional SMC sweep",
     "rejection": "exact rejection sampling; needs reward_upper_bound",
     "qrs": "quasi-rejection sampling with bound log_bound",
     "bon": "best of best_of prior draws by reward (not pi*)",
@@ -174,6 +176,8 @@ NONE_MEANS = {  # what a None default stands for
 # --------------------------------------------------------------------------------------------------
 def _prior_mean(base, p: int) -> tuple[float | None, int]:
     """Mean reward of the finite prior draws of prompt p, and how many had reward -inf."""
+    import torch
+
     r = base.rewards[p].double()
     finite = torch.isfinite(r)
     return (float(r[finite].mean()) if bool(finite.any()) else None), int((~finite).sum())
@@ -206,6 +210,8 @@ def _showing(shown: int, total: int) -> None:
 
 
 def _print_text(res, base, base_error, show: int, load_s: float) -> None:
+    import torch
+
     names = res.prompts or ["<unconditional>"]
     N = res.log_weights.shape[1]
     for p, prompt in enumerate(names):

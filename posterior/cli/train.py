@@ -23,14 +23,13 @@ TWIST_SHOWN = ("loss", "reward_mean", "ess", "log_Z", "log_Z_batch")  # kl_* are
 
 
 def add_parser(subparsers):
-    from posterior.train.objectives import ALIASES, OBJECTIVES
-    from posterior.train.twist_objectives import TWIST_OBJECTIVES
+    from posterior.train.objective_names import ALIASES, POLICY_OBJECTIVES, TWIST_OBJECTIVES
 
     p = options.add_subparser(subparsers, "train", help="fit a policy (LoRA adapter) to pi* and save it",
                               description=__doc__.split("\n\n")[0].replace("``", ""))  # fmt: skip
     options.add_posterior_options(p, max_new_tokens=16, fixed_seed_only=True)
     aliases = ", ".join(f"{a} = {c}" for a, c in sorted(ALIASES.items()))
-    p.add_argument("--objective", default=None, choices=sorted(OBJECTIVES) + sorted(ALIASES) + sorted(TWIST_OBJECTIVES),
+    p.add_argument("--objective", default=None, choices=sorted(POLICY_OBJECTIVES) + sorted(ALIASES) + sorted(TWIST_OBJECTIVES),
                    help=f"training objective ({aliases}); with --twist: {', '.join(sorted(TWIST_OBJECTIVES))} "
                         "(default: dpg, with --twist ctl)")
     p.add_argument("--twist", action="store_true",
@@ -48,11 +47,9 @@ def add_parser(subparsers):
 
 
 def check(args) -> str:
-    """Every argument, before the model loads; returns the folder the policy is saved to."""
-    from posterior.errors import check_int, check_real
-    from posterior.train.objectives import get_objective
-
-    from posterior.train.twist_objectives import TWIST_OBJECTIVES
+    """Every argument, before the model (or torch) loads; returns the folder the policy is saved to."""
+    from posterior.train.objective_names import POLICY_OBJECTIVES, TWIST_OBJECTIVES, policy_objective
+    from posterior.validate import check_int, check_real
 
     options.check_model(args, backends=("hf",), command="posterior train")
     options.check_posterior(args)
@@ -65,7 +62,7 @@ def check(args) -> str:
     else:
         if args.objective in TWIST_OBJECTIVES:
             raise ValueError(f"--objective {args.objective} trains a twist: add --twist")
-        min_batch = 2 if get_objective(args.objective).on_policy else 1
+        min_batch = 2 if POLICY_OBJECTIVES[policy_objective(args.objective)].on_policy else 1
     check_int("steps", args.steps, 1)
     check_int("batch_size", args.batch_size, min_batch)
     check_real("lr", args.lr, positive=True)
@@ -79,6 +76,7 @@ def check(args) -> str:
     for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--out", out)):
         if path is not None:
             _check_folder(flag, path)
+    options.check_device(args)
     return out
 
 
@@ -93,11 +91,11 @@ def _check_folder(flag: str, path: str) -> None:
 
 
 def run(args) -> int:
-    import posterior as pst
-    from posterior.train.objectives import get_objective
+    import posterior as pst  # its names load on use: torch loads with the model, after the checks
+    from posterior.train.objective_names import policy_objective
 
     out = check(args)
-    canonical = args.objective if args.twist else get_objective(args.objective).name
+    canonical = args.objective if args.twist else policy_objective(args.objective)
     progress = not args.quiet
     options.stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")
     with output.line_progress(progress):

@@ -9,10 +9,16 @@ Note: ``pst.overoptimization`` is the function; import this package's pieces wit
 ``from posterior.overopt import OveroptReport, fit_gao``.
 """
 
-from posterior.overopt.estimators import best_of_for_kl, exact_best_of, kl_bound, pooled_best_of, pooled_is
-from posterior.overopt.fits import GaoFit, fit_gao, gao_curve, gao_peak
-from posterior.overopt.report import ROW_KEYS, OveroptReport
-from posterior.overopt.sweep import METHODS, overoptimization
+from posterior.lazy import lazy_names
+
+METHODS = ("is", "smc", "bon")  # what the sweep runs (here, without torch: ``posterior overopt --methods`` is checked first)
+
+__getattr__, __dir__ = lazy_names(__name__, {
+    **dict.fromkeys(["best_of_for_kl", "exact_best_of", "kl_bound", "pooled_best_of", "pooled_is"], "posterior.overopt.estimators"),
+    **dict.fromkeys(["GaoFit", "fit_gao", "gao_curve", "gao_peak"], "posterior.overopt.fits"),
+    **dict.fromkeys(["ROW_KEYS", "OveroptReport"], "posterior.overopt.report"),
+    "overoptimization": "posterior.overopt.sweep",
+})  # fmt: skip
 
 __all__ = [
     "GaoFit", "METHODS", "OveroptReport", "ROW_KEYS", "best_of_for_kl", "exact_best_of", "fit_gao", "gao_curve",

@@ -38,6 +38,7 @@ import torch
 
 from posterior.diagnostics.weights import weighted_mean
 from posterior.errors import check_int
+from posterior.overopt import METHODS
 from posterior.overopt.estimators import best_of_for_kl, exact_best_of, kl_bound, pooled_best_of, pooled_is
 from posterior.overopt.fits import fit_gao
 from posterior.overopt.report import ROW_KEYS, OveroptReport
@@ -47,7 +48,6 @@ from posterior.rewards.base import Reward, as_reward
 from posterior.rewards.ensemble import Ensemble
 from posterior.seeds import derive_seed
 
-METHODS = ("is", "smc", "bon")
 FIT_FORM = {"bon": "bon", "bon-exact": "bon"}  # every other method: "rl"
 
 

@@ -36,7 +36,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from posterior.validate import check_int, is_int, is_real
+from posterior.validate import check_int
+from posterior.validate import check_sampling as validate_sampling  # noqa: F401 (its old name and home)
 
 
 # --- capabilities ---------------------------------------------------------------------------------
@@ -86,19 +87,6 @@ class Extension:
     tokens: torch.Tensor  # (B, K) int64, padded with eos_token_ids[0] after each row's length
     lengths: torch.Tensor  # (B,) int64 tokens drawn, the EOS included when one was drawn
     token_log_probs: torch.Tensor  # (B, K) float32 log pi0 of each drawn token, 0 after lengths
-
-
-def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> tuple[float, int | None, float | None]:
-    """Check the sampling modifications (numpy / torch scalars accepted); return them as Python numbers."""
-    if not (is_real(temperature) and math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if 1.0 / float(temperature) > torch.finfo(torch.float32).max:  # logits / temperature would be inf
-        raise ValueError(f"temperature={temperature!r} is too small: 1/temperature overflows float32")
-    if top_k is not None and (not is_int(top_k) or int(top_k) < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not (is_real(top_p) and 0 < float(top_p) <= 1):
-        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
-    return float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p)
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:

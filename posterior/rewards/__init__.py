@@ -3,25 +3,28 @@ weighted sums of them (``0.5 * Sentiment() + Contains("great")``), TRL reward fu
 (``from_trl``), more lexicons (``Afinn``, ``TextBlob``), penalties (``LengthPenalty``,
 ``RepetitionPenalty``), ensembles (``Ensemble``: mean / wco / uwo), model-based rewards
 (``Classifier``, ``Similarity``, ``LMJudge``) and rewards by name (``from_spec("contains:great")``,
-``register_reward``)."""
+``register_reward``).
 
-from posterior.rewards.base import (
-    Callable,
-    Contains,
-    Reward,
-    RewardError,
-    Sentiment,
-    WeightedSum,
-    as_reward,
-)
-from posterior.rewards.classifier import Classifier
-from posterior.rewards.ensemble import Ensemble
-from posterior.rewards.judge import LMJudge
-from posterior.rewards.lexicon import Afinn, TextBlob
-from posterior.rewards.penalties import LengthPenalty, RepetitionPenalty
-from posterior.rewards.registry import REWARDS, from_spec, register_reward
-from posterior.rewards.similarity import Similarity
-from posterior.rewards.trl import TRLReward, from_trl
+The names are imported on first use: ``posterior.rewards.REWARDS`` (the names ``--reward`` takes)
+needs no torch."""
+
+from posterior.lazy import lazy_names
+
+__getattr__, __dir__ = lazy_names(__name__, {
+    **dict.fromkeys(["Callable", "Contains", "Reward", "RewardError", "Sentiment", "WeightedSum", "as_reward"],
+                    "posterior.rewards.base"),
+    "Classifier": "posterior.rewards.classifier",
+    "Ensemble": "posterior.rewards.ensemble",
+    "LMJudge": "posterior.rewards.judge",
+    "Afinn": "posterior.rewards.lexicon",
+    "TextBlob": "posterior.rewards.lexicon",
+    "LengthPenalty": "posterior.rewards.penalties",
+    "RepetitionPenalty": "posterior.rewards.penalties",
+    **dict.fromkeys(["REWARDS", "from_spec", "register_reward"], "posterior.rewards.registry"),  # no torch
+    "Similarity": "posterior.rewards.similarity",
+    "TRLReward": "posterior.rewards.trl",
+    "from_trl": "posterior.rewards.trl",
+})  # fmt: skip
 
 __all__ = [
     "Afinn",

@@ -22,11 +22,12 @@ cannot itself hold a comma, nor be an ensemble). Register more with ``@register_
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from posterior.rewards.base import Reward
+if TYPE_CHECKING:  # the factories import their rewards (and torch) when called: names are checked without torch
+    from posterior.rewards.base import Reward
 
-RewardFactory = Callable[..., Reward]
+RewardFactory = Callable[..., "Reward"]
 REWARDS: dict[str, RewardFactory] = {}
 
 

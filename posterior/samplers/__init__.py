@@ -1,10 +1,26 @@
-"""Samplers of pi*, registered by name in ``SAMPLERS`` (see ``registry.py``)."""
+"""Samplers of pi*, registered by name in ``SAMPLERS`` (see ``registry.py``); their options as data
+in ``options.py``. The names below are imported on first use (``posterior.samplers.options`` needs
+no torch); ``SAMPLERS`` then holds every built-in sampler."""
 
-from posterior.samplers import best_of_n, importance, rejection  # noqa: F401  (register)
-from posterior.samplers import smc  # noqa: F401
-from posterior.samplers import mh  # noqa: F401
-from posterior.samplers import pgibbs  # noqa: F401
-from posterior.samplers.registry import SAMPLERS, get_sampler, register_sampler, sampler_options
-from posterior.samplers.resampling import RESAMPLERS, get_resampler, register_resampler
+from posterior.lazy import lazy_names
+
+_getattr, __dir__ = lazy_names(__name__, {
+    "SAMPLERS": "posterior.samplers.registry",
+    "RESAMPLERS": "posterior.samplers.resampling",
+    "get_sampler": "posterior.samplers.registry",
+    "get_resampler": "posterior.samplers.resampling",
+    "register_sampler": "posterior.samplers.registry",
+    "register_resampler": "posterior.samplers.resampling",
+    "sampler_options": "posterior.samplers.registry",
+})  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name == "SAMPLERS":  # the registry with every built-in sampler in it
+        from posterior.samplers.registry import load_builtins
+
+        load_builtins()
+    return _getattr(name)
+
 
 __all__ = ["SAMPLERS", "RESAMPLERS", "get_sampler", "get_resampler", "register_sampler", "register_resampler", "sampler_options"]

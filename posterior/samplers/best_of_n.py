@@ -20,12 +20,12 @@ import torch
 from posterior.errors import DegenerateWeightsError
 from posterior.samplers.common import draw, make_result, prompt_name, select, uniform_log_weights
 from posterior.samplers.registry import register_sampler
-from posterior.validate import check_int
+from posterior.samplers.options import check_option
 
 
 def _groups(method: str, post, prompts, n: int, best_of, max_new_tokens: int, generator, progress):
     """n·k prior draws per prompt, rewards grouped (P, n, k); every group has a finite reward."""
-    best_of = check_int("best_of", best_of, 1)
+    best_of = check_option(method, "best_of", best_of)
     d = draw(post, prompts, n * best_of, max_new_tokens, generator=generator, progress=progress)
     P = d.rewards.shape[0]
     groups = d.rewards.view(P, n, best_of)  # (P, n, k)

@@ -59,7 +59,7 @@ import torch
 
 from posterior.errors import DegenerateWeightsError
 from posterior.kernels import normalize_log_weights, resample
-from posterior.kernels.schemes import RESAMPLERS
+from posterior.samplers.options import check_option
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,11 +113,8 @@ class EngineConfig:
     resampling: str = "systematic"  # a name in posterior.samplers.resampling.RESAMPLERS
 
     def __post_init__(self):
-        thr = self.ess_threshold
-        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not (0.0 <= thr <= 1.0):
-            raise ValueError(f"ess_threshold must be a number in [0, 1], got {thr!r}")
-        if self.resampling not in RESAMPLERS:
-            raise ValueError(f"unknown resampling scheme {self.resampling!r}; choose one of {sorted(RESAMPLERS)}")
+        check_option("smc", "ess_threshold", self.ess_threshold)
+        check_option("smc", "resampling", self.resampling)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -75,8 +75,9 @@ from posterior.diagnostics.mcmc import finite_mean, reward_trace_diagnostics, to
 from posterior.priors.base import NEXT_TOKEN, PREFIX_CACHE, Continuations, DecodeState, Extension, Prior, decode_rows
 from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts
+from posterior.samplers.options import check_burn_in, check_option
 from posterior.samplers.registry import register_sampler
-from posterior.validate import check_bool, check_choice, check_int, check_prob
+from posterior.validate import check_int
 
 # --------------------------------------------------------------------------------------------------
 # State
@@ -132,9 +133,8 @@ class MHConfig:
     mixture_weight: float = 0.5  # probability of an independence step under "mixture"
 
     def __post_init__(self):
-        if self.move not in MOVES:
-            raise ValueError(f"move must be one of {sorted(MOVES)}, got {self.move!r}")
-        check_prob("mixture_weight", self.mixture_weight)
+        check_option("mh", "move", self.move)
+        check_option("mh", "mixture_weight", self.mixture_weight)
         check_int("max_new_tokens", self.max_new_tokens, 1)
 
 
@@ -492,17 +492,12 @@ def metropolis_hastings(
     samples: str = "final",  # "final": the n final states; "all": every kept state (n · kept)
 ):
     """Metropolis–Hastings chains over continuations; see the module docstring."""
-    steps = check_int("steps", steps, 1)
-    if burn_in is None:
-        burn_in = steps // 2
-    burn_in = check_int("burn_in", burn_in, 0)
-    if burn_in >= steps:
-        raise ValueError(f"burn_in must be < steps={steps}, got {burn_in!r}")
-    thin = check_int("thin", thin, 1)
-    check_choice("samples", samples, ("final", "all"))
-    if callback is not None and not callable(callback):
-        raise ValueError(f"callback must be callable, got {callback!r}")
-    check_bool("return_chains", return_chains)
+    steps = check_option("mh", "steps", steps)
+    burn_in = check_burn_in(steps, check_option("mh", "burn_in", burn_in))
+    thin = check_option("mh", "thin", thin)
+    check_option("mh", "samples", samples)
+    check_option("mh", "callback", callback)
+    check_option("mh", "return_chains", return_chains)
     config = MHConfig(max_new_tokens=max_new_tokens, move=move, mixture_weight=mixture_weight)
 
     prior = post.prior

@@ -30,12 +30,12 @@ import torch
 from tqdm.auto import tqdm
 
 from posterior.diagnostics.mcmc import finite_mean, reward_trace_diagnostics
-from posterior.errors import check_int
 from posterior.kernels import normalize_log_weights
 from posterior.priors.base import Continuations
 from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts, prompt_name
 from posterior.samplers.engine import EngineConfig, Reference, run, widen
+from posterior.samplers.options import check_burn_in, check_option
 from posterior.samplers.registry import register_sampler
 from posterior.samplers.smc import build_model
 
@@ -84,13 +84,10 @@ def particle_gibbs(
     callback: Callable | None = None,  # fn(StepReport) after every sweep
 ):
     """n particle Gibbs chains per prompt; see the module docstring."""
-    particles = check_int("particles", particles, 1)
-    steps = check_int("steps", steps, 1)
-    burn_in = steps // 2 if burn_in is None else check_int("burn_in", burn_in, 0)
-    if burn_in >= steps:
-        raise ValueError(f"burn_in must be < steps={steps}, got {burn_in!r}")
-    if callback is not None and not callable(callback):
-        raise ValueError(f"callback must be callable, got {callback!r}")
+    particles = check_option("pgibbs", "particles", particles)
+    steps = check_option("pgibbs", "steps", steps)
+    burn_in = check_burn_in(steps, check_option("pgibbs", "burn_in", burn_in))
+    check_option("pgibbs", "callback", callback)
     prior = post.prior
     prompt_ids = prior.encode_prompts(prompts)
     prior.check_lengths(prompt_ids, max_new_tokens, prompts)

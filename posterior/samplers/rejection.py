@@ -43,8 +43,8 @@ from posterior.diagnostics.weights import log_weight_stats
 from posterior.errors import DegenerateWeightsError
 from posterior.priors.base import Continuations, Prior
 from posterior.samplers.common import draw, make_result, prompt_name, uniform_log_weights
+from posterior.samplers.options import check_option
 from posterior.samplers.registry import register_sampler
-from posterior.validate import check_int, check_real
 
 DRAWS_PER_SAMPLE = 1000  # default max_draws = DRAWS_PER_SAMPLE · n per prompt
 
@@ -168,9 +168,10 @@ def _check_budget(what, prompts, p, log_acc, accepted, n, max_draws):
         )
 
 
-def _check_batching(n, batch_size, max_draws):
-    batch = n if batch_size is None else check_int("batch_size", batch_size, 1)
-    cap = DRAWS_PER_SAMPLE * n if max_draws is None else check_int("max_draws", max_draws, 1)
+def _check_batching(method, n, batch_size, max_draws):
+    batch_size, max_draws = check_option(method, "batch_size", batch_size), check_option(method, "max_draws", max_draws)
+    batch = n if batch_size is None else batch_size
+    cap = DRAWS_PER_SAMPLE * n if max_draws is None else max_draws
     return batch, cap
 
 
@@ -195,10 +196,10 @@ def rejection_sampling(
             "(e.g. 1.0 for Sentiment, 0.0 for Contains)"
         )
     try:
-        R = check_real("reward_upper_bound", reward_upper_bound)
+        R = check_option("rejection", "reward_upper_bound", reward_upper_bound)
     except ValueError as e:
         raise ValueError(f"rejection sampling needs a finite reward_upper_bound >= every reward: {e}") from None
-    batch, cap = _check_batching(n, batch_size, max_draws)
+    batch, cap = _check_batching("rejection", n, batch_size, max_draws)
     P = 1 if prompts is None else len(prompts)
     offset = scaled(torch.full((P,), R, dtype=torch.float64), post.beta, what="reward_upper_bound")  # R/beta
 
@@ -246,7 +247,7 @@ def quasi_rejection_sampling(
     batch_size: int | None = None,  # proposal draws per prompt per round (default n)
     max_draws: int | None = None,  # per prompt, before giving up with an error (default 1000·n)
 ):
-    batch, cap = _check_batching(n, batch_size, max_draws)
+    batch, cap = _check_batching("qrs", n, batch_size, max_draws)
     P = 1 if prompts is None else len(prompts)
     if log_bound is None:
         pilot = draw(post, prompts, batch, max_new_tokens, generator=generator, proposal=proposal)
@@ -267,7 +268,7 @@ def quasi_rejection_sampling(
                     "infinite weight: the proposal gives it probability 0 where the prior does not); pass a finite log_bound"
                 )
     else:
-        L = check_real("log_bound", log_bound)
+        L = check_option("qrs", "log_bound", log_bound)
         shift = torch.full((P,), post.beta * L, dtype=torch.float64)  # c = beta·log B, relative bound 0
         offset = scaled(shift, post.beta, what="beta·log_bound")
         bound = torch.zeros(P, dtype=torch.float64)

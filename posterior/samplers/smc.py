@@ -52,8 +52,9 @@ from posterior.rewards.base import Reward
 from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts, prompt_name
 from posterior.samplers.engine import EngineConfig, Reference, resample_decision, resample_weights, run, stack_infos, widen
+from posterior.samplers.options import check_option
 from posterior.samplers.registry import register_sampler
-from posterior.samplers.smc_model import PROPOSALS, BlockModel, Potentials, TokenModel, tilted_log_weight
+from posterior.samplers.smc_model import BlockModel, Potentials, TokenModel, tilted_log_weight
 from posterior.twists import Callable as CallableTwist
 from posterior.twists import Twist, from_reward
 
@@ -61,19 +62,12 @@ from posterior.twists import Twist, from_reward
 __all__ = ["resample_decision", "resample_weights", "resolve_twist", "sequential_monte_carlo", "tilted_log_weight"]
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def resolve_twist(post, twist) -> Twist | None:
     """"auto": ``from_reward(post.reward)`` if it accepts prefixes, else None (no twist); None; a
     Twist as it is; a Reward read on prefixes; a function of texts (-inf allowed where no completion
     can have a finite reward)."""
+    twist = check_option("smc", "twist", twist)  # a str is "auto"
     if isinstance(twist, str):
-        if twist != "auto":
-            raise ValueError(f'twist must be "auto", None, a Twist, a Reward or a function of texts, got {twist!r}')
         return from_reward(post.reward) if post.reward.accepts_prefixes else None
     if twist is None or isinstance(twist, Twist):
         return twist
@@ -88,14 +82,11 @@ def build_model(post, prompt_ids, *, n, max_new_tokens, twist, proposal, lookahe
     """The model side for ``post``'s prior: token steps where it has next-token distributions,
     blocks of ``continue_prefixes`` otherwise."""
     prior = post.prior
-    if proposal not in PROPOSALS:
-        raise ValueError(f"proposal must be one of {sorted(PROPOSALS)}, got {proposal!r}")
-    _positive_int("lookahead", lookahead)
-    _positive_int("block_size", block_size)
-    if not isinstance(check_twist, bool):
-        raise ValueError(f"check_twist must be a bool, got {check_twist!r}")
-    if not isinstance(decode_ahead, bool) and not (isinstance(decode_ahead, int) and decode_ahead >= 1):
-        raise ValueError(f"decode_ahead must be a bool or a positive int (blocks drawn ahead), got {decode_ahead!r}")
+    proposal = check_option("smc", "proposal", proposal)
+    lookahead = check_option("smc", "lookahead", lookahead)
+    block_size = check_option("smc", "block_size", block_size)
+    decode_ahead = check_option("smc", "decode_ahead", decode_ahead)
+    check_twist = check_option("smc", "check_twist", check_twist)
     stepwise = prior.has(NEXT_TOKEN)
     if proposal == "tilted" and not stepwise:
         raise ValueError(
@@ -145,8 +136,8 @@ def sequential_monte_carlo(
     """
     prior = post.prior
     cfg = EngineConfig(beta=post.beta, num_particles=n, max_new_tokens=max_new_tokens, ess_threshold=ess_threshold, resampling=resampling)
-    if callback is not None and not callable(callback):
-        raise ValueError(f"callback must be callable, got {callback!r}")
+    check_option("smc", "callback", callback)
+    check_option("smc", "return_ancestry", return_ancestry)
     prompt_ids = prior.encode_prompts(prompts)
     model = build_model(
         post, prompt_ids, n=n, max_new_tokens=max_new_tokens, twist=twist, proposal=proposal, lookahead=lookahead,

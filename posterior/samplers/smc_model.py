@@ -78,9 +78,9 @@ from posterior.priors.base import DecodeState, HIDDEN_STATES, STREAM, Prior, req
 from posterior.priors.stream import Stream
 from posterior.rewards.base import Reward
 from posterior.samplers.engine import Forced, Move, Particles, SMCModel, SMCState
+from posterior.samplers.options import PROPOSALS
 from posterior.twists.base import Prefixes, Twist
 
-PROPOSALS = ("bootstrap", "tilted")
 CHECK_ROLLOUTS = 32  # at most this many twist-killed particles are checked per step
 CHECK_SEED = 0x5EED  # the contract check's own generator: sampled outputs do not depend on it
 

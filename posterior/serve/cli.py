@@ -59,7 +59,7 @@ def add_parser(subparsers):
 
 
 def check(args):
-    """Every argument, before the model loads; returns the ServeConfig (api key and limits)."""
+    """Every argument, before the model (or torch) loads; returns the ServeConfig (api key and limits)."""
     from posterior.serve.protocol import ServeConfig
 
     options.check_model(args, command="posterior serve")
@@ -72,21 +72,23 @@ def check(args):
     key = args.api_key if args.api_key is not None else os.environ.get("POSTERIOR_API_KEY") or None
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else "SmolLM2-135M-Instruct")
     try:
-        return ServeConfig(model_name=name, max_n=args.max_n, max_tokens=args.max_tokens, max_prompts=args.max_prompts,
-                           allow_reward_paths=args.allow_reward_paths, window_s=args.batch_window_ms / 1000.0,
-                           max_batch_prompts=args.max_batch_prompts, max_queue=args.max_queue, api_key=key)  # fmt: skip
+        config = ServeConfig(model_name=name, max_n=args.max_n, max_tokens=args.max_tokens, max_prompts=args.max_prompts,
+                             allow_reward_paths=args.allow_reward_paths, window_s=args.batch_window_ms / 1000.0,
+                             max_batch_prompts=args.max_batch_prompts, max_queue=args.max_queue, api_key=key)  # fmt: skip
     except ValueError as e:  # name the option, not the field
         raise ValueError(f"{e} (posterior serve option --{str(e).split()[0].replace('_', '-')})") from None
+    options.check_device(args)
+    return config
 
 
 def run(args) -> int:
+    config = check(args)
     try:
         import uvicorn
 
         from posterior.serve.app import create_app
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"posterior serve needs FastAPI and uvicorn: pip install 'posterior-align[serve]' ({e})") from e
-    config = check(args)
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         options.stage(args, f"warning: serving on {args.host} without an API key (--api-key or POSTERIOR_API_KEY)")
     options.stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")

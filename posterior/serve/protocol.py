@@ -136,7 +136,7 @@ def _check_openai_fields(body: dict, handled: set[str]) -> None:
 
 def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward_names) -> Settings:
     """The ``posterior`` object (or None: prior samples) as Settings; errors name the field."""
-    from posterior.samplers.registry import SAMPLERS, sampler_options
+    from posterior.samplers import SAMPLERS, sampler_options  # SAMPLERS with the built-ins registered
 
     if obj is None:
         return Settings(None, 1.0, "is", (), n, max_tokens)

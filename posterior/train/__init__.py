@@ -10,10 +10,15 @@ Objectives (:mod:`posterior.train.objectives`): "reverse_kl" / "rl" (KL-regulari
 "reward" (no KL: collapses). ``trl_reward(post)`` gives TRL trainers the same target.
 """
 
-from posterior.train.loop import TrainRun, fit
-from posterior.train.objectives import ALIASES, OBJECTIVES, get_objective
-from posterior.train.policy import HFPolicy, Policy, TabularPolicy, load_policy, policy_from
-from posterior.train.trl import trl_reward
+from posterior.lazy import lazy_names
+
+__getattr__, __dir__ = lazy_names(__name__, {
+    "TrainRun": "posterior.train.loop",
+    "fit": "posterior.train.loop",
+    **dict.fromkeys(["ALIASES", "OBJECTIVES", "get_objective"], "posterior.train.objectives"),
+    **dict.fromkeys(["HFPolicy", "Policy", "TabularPolicy", "load_policy", "policy_from"], "posterior.train.policy"),
+    "trl_reward": "posterior.train.trl",
+})  # fmt: skip (the objectives' names without torch: posterior.train.objective_names)
 
 __all__ = [
     "ALIASES",

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from posterior.train.objective_names import ALIASES, POLICY_OBJECTIVES, policy_objective
 from posterior.validate import check_real
 
 
@@ -207,22 +208,13 @@ class Objective(NamedTuple):
     uses_log_Z: bool  # takes the loop's running log Z estimate
 
 
-OBJECTIVES: dict[str, Objective] = {
-    "reverse_kl": Objective("reverse_kl", reverse_kl_loss, True, False),
-    "forward_kl": Objective("forward_kl", forward_kl_loss, True, False),
-    "js": Objective("js", js_loss, True, True),
-    "tv": Objective("tv", tv_loss, True, True),
-    "reward": Objective("reward", reward_loss, True, False),
-    "distill": Objective("distill", distill_loss, False, False),
-}
-ALIASES = {"rl": "reverse_kl", "dpg": "forward_kl"}
+_LOSSES = {"reverse_kl": reverse_kl_loss, "forward_kl": forward_kl_loss, "js": js_loss, "tv": tv_loss,
+           "reward": reward_loss, "distill": distill_loss}  # fmt: skip
+OBJECTIVES: dict[str, Objective] = {name: Objective(name, _LOSSES[name], *kind) for name, kind in POLICY_OBJECTIVES.items()}
 
 
 def get_objective(name: str) -> Objective:
-    key = ALIASES.get(name, name)
-    if key not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES) + sorted(ALIASES)}")
-    return OBJECTIVES[key]
+    return OBJECTIVES[policy_objective(name)]
 
 
 __all__ = [

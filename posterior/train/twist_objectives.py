@@ -68,6 +68,8 @@ from typing import NamedTuple
 
 import torch
 
+from posterior.train import objective_names
+
 
 class TwistLossInfo(NamedTuple):
     """What a twist loss computed besides its value (detached)."""
@@ -224,11 +226,9 @@ class TwistObjective(NamedTuple):
     optimum: str  # what the minimiser is, for docs and errors
 
 
-TWIST_OBJECTIVES: dict[str, TwistObjective] = {
-    "ctl": TwistObjective("ctl", ctl_loss, "psi*"),
-    "regression": TwistObjective("regression", regression_loss, "psi*"),
-    "fudge": TwistObjective("fudge", fudge_loss, "E_pi0[r | x_1:t] (not psi*)"),
-}
+_LOSSES = {"ctl": (ctl_loss, "psi*"), "regression": (regression_loss, "psi*"),
+           "fudge": (fudge_loss, "E_pi0[r | x_1:t] (not psi*)")}  # fmt: skip
+TWIST_OBJECTIVES: dict[str, TwistObjective] = {name: TwistObjective(name, *_LOSSES[name]) for name in objective_names.TWIST_OBJECTIVES}
 
 
 def get_twist_objective(name: str) -> TwistObjective:

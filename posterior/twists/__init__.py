@@ -4,15 +4,22 @@ partial texts, ``twist="auto"``), ``Callable`` (a function of texts), and learne
 prior's hidden states (``head``), a table for small ``CallablePrior``s (``tabular``).
 
 Adding a twist: one file here with a :class:`Twist` subclass (``values`` of prefixes and/or dense
-``next_values``), exported below; ``post.sample(method="smc", twist=obj)`` takes it as it is.
+``next_values``), named in the table below; ``post.sample(method="smc", twist=obj)`` takes it as it is.
 A learned kind also registers itself with :func:`register` (see ``posterior.twists.learned``).
+The names are imported on first use.
 """
 
-from posterior.twists.base import Prefixes, TrainableTwist, Twist
-from posterior.twists.learned import KINDS, TwistKind, learned, load, register
-from posterior.twists.reward import Callable, FromReward, from_reward
-from posterior.twists.tabular import TabularTwist, optimal_values
-from posterior.twists.head import HeadTwist  # registers the "head" kind
+from posterior.lazy import lazy_names
+
+CONFIG_FILE = "twist.json"  # every saved twist's folder holds it (``load`` reads its "kind"); no torch needed to look
+
+__getattr__, __dir__ = lazy_names(__name__, {
+    **dict.fromkeys(["Prefixes", "TrainableTwist", "Twist"], "posterior.twists.base"),
+    **dict.fromkeys(["KINDS", "TwistKind", "learned", "load", "register"], "posterior.twists.learned"),
+    **dict.fromkeys(["Callable", "FromReward", "from_reward"], "posterior.twists.reward"),
+    **dict.fromkeys(["TabularTwist", "optimal_values"], "posterior.twists.tabular"),
+    "HeadTwist": "posterior.twists.head",
+})  # fmt: skip
 
 __all__ = [
     "KINDS", "Callable", "FromReward", "HeadTwist", "Prefixes", "TabularTwist", "TrainableTwist", "Twist", "TwistKind",

@@ -12,8 +12,8 @@ Kinds are registered in :data:`KINDS` (first match in registration order wins, u
 Adding a kind (one file): write a :class:`~posterior.twists.base.TrainableTwist` subclass with a
 class attribute ``kind``, a ``config()`` dict (``"kind"`` included) written by its ``save`` into
 ``twist.json`` next to its weights, and a classmethod ``load(path, prior, config)``; then call
-``register(TwistKind(name, applies, build, load))`` at import and import the module from
-``posterior/twists/__init__.py``. ``pst.train.fit(post, twist, objective=...)`` trains any
+``register(TwistKind(name, applies, build, load))`` at import and import the module at the end of
+this one (so the kind is registered whenever ``learned`` / ``load`` can be called). ``pst.train.fit(post, twist, objective=...)`` trains any
 ``TrainableTwist`` through its ``prefix_values(..., grad=True)``.
 """
 
@@ -130,5 +130,7 @@ def load(path: str | os.PathLike, prior: Prior) -> TrainableTwist:
         raise ValueError(f"{path} holds a {name} twist for another prior: {diff} (saved, given)")
     return KINDS[name].load(path, prior, config)
 
+
+import posterior.twists.head  # noqa: E402, F401  (registers the "head" kind)
 
 __all__ = ["KINDS", "TwistKind", "learned", "load", "register"]

@@ -31,9 +31,9 @@ import torch
 
 from posterior.priors.base import Prior
 from posterior.priors.prefix_index import PrefixIndex
+from posterior.twists import CONFIG_FILE
 from posterior.twists.base import Prefixes, TrainableTwist
 
-CONFIG_FILE = "twist.json"
 WEIGHTS_FILE = "twist.safetensors"
 FORMAT = 1
 

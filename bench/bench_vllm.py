@@ -7,31 +7,35 @@ medians and ratios to the plain sampling of the same backend:
 
     vllm generate   llm.generate(TokensPrompt, SamplingParams(n=N, max_tokens=T, ignore_eos=True))
     vllm is         Posterior(VLLMPrior, Sentiment, beta).sample(method="is")
-    vllm smc bB     ... method="smc", block_size=B (decode-ahead: each particle drawn to the end once,
-                    only duplicates re-submitted after resampling; posterior/samplers/smc_model.py)
+    vllm smc bB     ... method="smc", block_size=B (streamed: each particle's request keeps running
+                    in the engine, read block by block; only duplicates start new requests after
+                    resampling; posterior/samplers/smc_model.py)
     vllm smc bB step  the same with decode_ahead=False (one continue_prefixes call per block), --step
     hf generate     model.generate(do_sample=True, num_return_sequences=N, min_new_tokens=T)
     hf is / hf smc  the same samplers over HFPrior (SMC token by token from the KV cache)
 
     python bench/bench_vllm.py [--n 32] [--tokens 32] [--repeats 5] [--blocks 8,16] [--threads 1]
-                               [--kv-block-size 32] [--no-hf] [--step] [--profile]
+                               [--kv-block-size 32] [--no-hf] [--step] [--profile] [--in-process]
 
 The vLLM CPU worker computes on one core (it reserves one for the frontend), so the HF rows run
 with one torch thread by default (``--threads``).
 
-``--profile`` adds a breakdown of one SMC-over-vLLM run (engine calls vs the rest).
+``--profile`` adds a breakdown of one SMC-over-vLLM run per block size: waiting for the engine vs
+the rest, continuations submitted, engine steps and their times. ``--in-process`` runs vLLM's engine
+core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): its steps are then in lockstep with SMC.
 
 Targets (issue 8): SMC over vLLM <= 1.3x vLLM's plain sampling, IS over vLLM <= 1.1x; issue 15:
 SMC over vLLM at block 8 <= 1.15x, blocks 1-32 all <= 1.3x (decode-ahead).
 
-Measured (2026-12-03, 2 cores shared with other jobs, load average 5-20; 32 x 32, 3 alternating
-repeats, medians; x plain): vllm is 0.99, smc b8 1.73 (b8 step 1.86), smc b1 2.71 (b1 step 7.85),
-smc b32 0.83 (b32 step 1.19). Profile: continue_prefixes is 99% of an SMC run. With this reward
-(Sentiment, beta 0.1) resampling fires at every boundary, so the adaptive horizon stays at one
-block and b8 is block SMC: 4 calls x 32 rows, each re-prefilling every row's prompt + prefix
-(vLLM caches only full 32-token KV blocks; n > 1 children do not share a partial block). The
-1.15x target at b8 needs the particles' KV to stay in the engine across calls (a fork of a
-running request's cache, not in vLLM's offline API) or smaller cached KV blocks on the CPU.
+Measured (2026-12-03, 2 cores, load 1-2; 32 x 32, 5 alternating repeats, medians; x plain),
+streamed, engine core in its own process / in process: is 1.06 / 1.02, smc b1 1.74 / 1.61, b8
+1.36 / 1.29, b16 1.26 / 1.28, b32 1.02 / 1.06 (earlier 3-repeat runs the same day: b8 1.19-1.35 /
+1.16, b1 1.46-1.57 / 1.34; before streams, one continue_prefixes call per block group: b8 1.73,
+b1 2.71). Profile (in process): SMC takes exactly the plain run's 32 engine steps; the steps that
+prefill the duplicates' prompt + prefix take 0.4-0.75 s against ~0.12 s for a decode step: vLLM
+has no fork of a running request's KV, caches only full 32-token blocks (the CPU kernel takes no
+smaller one), so each duplicate pays its prefill. In its own process the engine has started the
+next step when SMC's weights are known, so new requests join one step late at every boundary.
 """
 
 from __future__ import annotations
@@ -153,8 +157,16 @@ def profile_smc(vprior, vpost, N, T, blocks, args, g) -> None:
     everything else (rewards, texts, resampling, submitting); continuations submitted."""
     from posterior.priors.vllm import VLLMStream
 
+    engine = vprior.llm.llm_engine
     for b in blocks:
-        spent, submitted = [], [0]
+        spent, submitted, steps = [], [0], []
+        inner_step = engine.step
+
+        def timed_step():
+            t = time.perf_counter()
+            out = inner_step()
+            steps.append(time.perf_counter() - t)
+            return out
 
         class Timed(VLLMStream):
             def wait(self, need):
@@ -167,14 +179,17 @@ def profile_smc(vprior, vpost, N, T, blocks, args, g) -> None:
                 return super().submit(*a, **kw)
 
         vprior.open_stream = lambda: Timed(vprior)
+        engine.step = timed_step
         try:
             t = time.perf_counter()
             vpost.sample(n=N, method="smc", max_new_tokens=T, prompts=[args.prompt], generator=g, block_size=b)
             total = time.perf_counter() - t
         finally:
             del vprior.open_stream
+            del engine.step
         print(f"profile smc b{b} (streamed): {total:.3f} s total, waiting for the engine {sum(spent):.3f} s in {len(spent)} waits, "
-              f"the rest {total - sum(spent):.3f} s; {submitted[0]} continuations submitted ({submitted[0] - N} after resampling)")
+              f"the rest {total - sum(spent):.3f} s; {submitted[0]} continuations submitted ({submitted[0] - N} after resampling); "
+              f"{len(steps)} engine steps, median {statistics.median(steps) * 1e3:.0f} ms, slowest {', '.join(f'{x * 1e3:.0f}' for x in sorted(steps)[-3:])} ms")
 
 
 if __name__ == "__main__":  # vLLM starts engine processes: keep the guard

@@ -23,9 +23,11 @@ SMC checks that where a particle dies of it (``check_twist``).
 Proposals: "bootstrap" (q = pi0) on every prior; "tilted" (q ∝ pi0 exp(phi/beta), phi from the twist
 on the ``lookahead`` most likely tokens, or on every token for a dense twist) on priors with
 next-token distributions. Blocks: ``block_size=B`` reweights and checks resampling every B tokens;
-on a prior with only the sequence-level capability (a serving engine) each block comes from
-``continue_prefixes``, with ``decode_ahead`` drawing each particle to the end once and re-submitting
-only the duplicates after resampling (exactly block SMC; proof in ``smc_model``).
+on a prior with only the sequence-level capability (a serving engine) each block comes from the
+prior: with ``decode_ahead`` each particle's continuation is drawn once and read block by block (a
+request kept running in a streaming prior such as vLLM, or ``continue_prefixes`` ahead by several
+blocks), and only the duplicates start anew after resampling (exactly block SMC; proof in
+``smc_model``).
 
 Resampling: per prompt, when ESS < ess_threshold·N (1 = every boundary, 0 = never), with a scheme
 registered in ``posterior.samplers.resampling``. A prompt whose particles all die raises
@@ -118,7 +120,7 @@ def sequential_monte_carlo(
     proposal: str = "bootstrap",  # "bootstrap" (the prior) | "tilted" (look-ahead; step-wise priors)
     lookahead: int = 8,  # candidates per particle and step scored by the tilted proposal (non-dense twists)
     block_size: int = 1,  # tokens between reweighting / resampling (sequence-level priors: per block)
-    decode_ahead: bool | int = True,  # sequence-level priors: draw ahead (True: to the end; k: k blocks), re-submit only duplicates
+    decode_ahead: bool | int = True,  # sequence-level priors: True: streamed (STREAM) or adaptive; k: k blocks; False: one call per block
     check_twist: bool = True,  # roll out particles a twist kills: raise if a completion has finite reward
     return_ancestry: bool = False,  # res.info["ancestry"] (P, n, steps)
     callback: Callable | None = None,  # fn(StepReport) after every step (UIs, logs)

@@ -5,6 +5,7 @@ making every model loader raise), one-line errors, progress on stderr for train 
 rejection, the thread default, and output details. Tiny model on disk (``model_dir``)."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -227,6 +228,17 @@ def test_judge_reward_gets_the_prior_in_train_and_compare(model_dir, tmp_path, c
                  "--max-new-tokens", "3", "--json", "--quiet"]) == 0  # fmt: skip
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert rows[0]["name"] == "is" and rows[0]["reward_mean"] is not None
+
+
+def test_judge_inside_an_ensemble_gets_the_prior_in_sample(model_dir, capsys):
+    """``ensemble:mean:sentiment,judge:...``: the judge member is built from the loaded prior (it
+    used to be built without one and fail)."""
+    spec = "ensemble:mean:sentiment,judge:Is this text friendly?"
+    assert main(["sample", "hello", "--model", model_dir, "--reward", spec, "--method", "is", "-n", "2",
+                 "--max-new-tokens", "3", "--json", "--quiet"]) == 0  # fmt: skip
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    samples = [l for l in lines if "text" in l]
+    assert len(samples) == 2 and all(math.isfinite(s["reward"]) for s in samples)
 
 
 # --------------------------------------------------------------------------------------------------

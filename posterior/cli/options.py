@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from posterior.threads import requested_threads
@@ -261,14 +262,18 @@ def load_prior(args):
     return pst.HFPrior.from_pretrained(args.model, gguf_file=args.gguf_file, device=args.device, **sampling)
 
 
+def needs_prior(spec: str) -> bool:
+    """A reward spec built from the prior itself, or an ensemble with such a member (``judge:...``)."""
+    return any(part in NEEDS_PRIOR for part in re.split(r"[:,]", spec))
+
+
 def load_posterior(args):
     """pi* of the options: the reward first (a bad classifier path fails before the prior loads),
     then the prior, then rewards that are built from the prior (``judge:``)."""
     import posterior as pst
     from posterior.rewards import from_spec
 
-    needs_prior = args.reward.partition(":")[0] in NEEDS_PRIOR
-    reward = None if needs_prior else from_spec(args.reward)
+    reward = None if needs_prior(args.reward) else from_spec(args.reward)
     prior = load_prior(args)
     if reward is None:
         reward = from_spec(args.reward, prior=prior)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from posterior.cli import options, output
@@ -55,11 +54,6 @@ def add_parser(subparsers):
     options.add_output_options(p)
     options.add_model_options(p)
     return p
-
-
-def _needs_prior(spec: str) -> bool:
-    """A spec (or an ensemble member) built from the prior itself, e.g. judge:..."""
-    return any(part in options.NEEDS_PRIOR for part in re.split(r"[:,]", spec))
 
 
 def check(args) -> tuple[list[str], dict, dict]:
@@ -106,7 +100,7 @@ def run(args) -> int:
     # rewards that do not read the prior are built first: a bad spec fails before the model loads
     rewards = {}
     for flag, spec in (("--proxy", args.proxy), ("--gold", args.gold)):
-        if not _needs_prior(spec):
+        if not options.needs_prior(spec):
             try:
                 rewards[flag] = from_spec(spec)
             except ValueError as e:

@@ -340,7 +340,13 @@ def test_full_queue_gets_429_and_a_gone_client_aborts_its_run():
             _wait_health(client, "waiting", 1)
             full = client.post("/v1/completions", json=body)
             assert full.status_code == 429 and "queue" in full.json()["error"]["message"]
-        # A's client is gone: its run stops at the next step; B then runs and is answered.
+        # A's client is gone: once the server has noticed (it cancels A's job), A's run stops at
+        # its next step; B then runs and is answered. (Releasing the gate before the server has
+        # noticed would let A's run finish first: a race, not the behaviour under test.)
+        deadline = time.monotonic() + 30
+        while not (app.state.batcher.current and all(j.cancelled.is_set() for j in app.state.batcher.current)):
+            assert time.monotonic() < deadline, "the server never cancelled the job of the gone streaming client"
+            time.sleep(0.02)
         prior.gate.set()
         assert _wait_health(client, "aborted", 1)["aborted"] == 1
         waiter.join(60)

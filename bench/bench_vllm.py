@@ -35,7 +35,8 @@ b1 2.71). Profile (in process): SMC takes exactly the plain run's 32 engine step
 prefill the duplicates' prompt + prefix take 0.4-0.75 s against ~0.12 s for a decode step: vLLM
 has no fork of a running request's KV, caches only full 32-token blocks (the CPU kernel takes no
 smaller one), so each duplicate pays its prefill. In its own process the engine has started the
-next step when SMC's weights are known, so new requests join one step late at every boundary.
+next step when SMC's weights are known, so new requests join one step late at every boundary
+(--profile: 36 engine steps at b8, 34 at b16, 33 at b32, against 32 in process).
 """
 
 from __future__ import annotations

@@ -9,7 +9,13 @@ warm-up through /proc/self/clear_refs; ru_maxrss where that is unavailable) minu
 the run, or ``torch.cuda.max_memory_allocated`` on a GPU.
 
     python bench/bench_smc.py [--configs 32x32,64x64] [--repeats 3] [--proposal bootstrap]
-                              [--device cpu] [--profile] [--llamppl]
+                              [--device cpu] [--profile] [--llamppl] [--model default]
+
+``--model llama1b`` replaces the default model by a Llama built from its config with random weights
+(TinyLlama-1.1B's shape, bf16 on CUDA, float32 on the CPU), nothing downloaded: its 32000 tokens are
+the characters of ``posterior.testing.char_tokenizer`` (the prompt's encoding), VADER's lexicon words
+(so the Sentiment reward varies as texts grow and SMC resamples) and filler words. ``llama-tiny`` is
+the same construction at toy size, to check the script on a CPU (``bench/gpu_check.sh``).
 
 ``--llamppl`` adds the same SMC written with LLaMPPL (Lew et al. 2023) if it is installed (it is
 not a dependency of this project: ``python -m venv --system-site-packages VENV && VENV/bin/pip
@@ -58,9 +64,61 @@ import posterior as pst
 PROMPT = "The movie was"
 
 
-def load(device: str):
-    prior = pst.load_default_prior(device=device)
-    never = prior.vocab_size - 1  # an id the model does not emit within T steps: no particle ends early
+# Config-built Llamas (random weights): TinyLlama-1.1B's shape (1.10e9 parameters) and a toy one.
+LLAMA_SHAPES = {
+    "llama1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+}
+LLAMA_VOCAB = 32000
+
+
+def word_tokenizer(size: int):
+    """``size`` tokens that need no download: ``char_tokenizer``'s characters (prompts encode to
+    these), then VADER's lexicon words and fillers, each decoding to the word and a space."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from posterior.testing import CHARS, char_tokenizer
+
+    words = [f"{w} " for w in sorted(SentimentIntensityAnalyzer().lexicon)]
+    fillers = [f"w{i} " for i in range(size)]
+    tok = char_tokenizer((CHARS + words + fillers)[: size - 3])  # + <unk>, <bos>, <eos>
+    assert len(tok) == size, len(tok)
+    return tok
+
+
+def llama_prior(shape: str, device: str, never: int):
+    """A randomly initialised Llama of ``LLAMA_SHAPES[shape]`` that cannot emit token ``never``.
+
+    Residual dimension 0 is held at 0.1 (the embedding writes it, no layer's output projection
+    writes to it), so after the final RMSNorm it is positive at every position; the LM head's row
+    for ``never`` reads only that dimension, with weight -1e4: its logit is far below all others."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = word_tokenizer(LLAMA_VOCAB)
+    cfg = LlamaConfig(vocab_size=LLAMA_VOCAB, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **LLAMA_SHAPES[shape])
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    torch.manual_seed(0)  # the same throwaway weights in every process (memory runs use subprocesses)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 0.1
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        head = model.get_output_embeddings().weight
+        head[never] = 0.0
+        head[never, 0] = -1e4
+    return pst.HFPrior(model, tok)
+
+
+def load(args):
+    if args.model == "default":
+        prior = pst.load_default_prior(device=args.device)
+        never = prior.vocab_size - 1  # an id the model does not emit within T steps: no particle ends early
+    else:
+        never = LLAMA_VOCAB - 1
+        prior = llama_prior(args.model, args.device, never)
     smc_prior = pst.HFPrior(prior.model, prior.tokenizer, eos_token_ids=[never])
     return prior, smc_prior
 
@@ -119,7 +177,7 @@ def _status_kib(field: str) -> int:
 
 def child(args):
     torch.set_num_threads(args.threads)
-    prior, smc_prior = load(args.device)
+    prior, smc_prior = load(args)
     run = runners(prior, smc_prior, args.n, args.tokens, args)[args.child]
     run()  # warm-up: lazy allocations and one-off buffers are not the method's footprint
     gc.collect()
@@ -152,7 +210,7 @@ def peak_memory(method: str, N: int, T: int, args) -> dict:
 def _peak_memory_once(method: str, N: int, T: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--n", str(N), "--tokens", str(T),
            "--device", args.device, "--proposal", args.proposal, "--lookahead", str(args.lookahead), "--beta", str(args.beta),
-           "--threads", str(args.threads), "--prompt", args.prompt]
+           "--threads", str(args.threads), "--prompt", args.prompt, "--model", args.model]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -262,6 +320,8 @@ def main():
     ap.add_argument("--configs", default="32x32,64x64", help="NxT pairs, comma separated")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="default", choices=["default", *LLAMA_SHAPES],
+                    help="the default SmolLM2 model, or a config-built Llama with random weights (no download)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--beta", type=float, default=0.1)
@@ -279,8 +339,9 @@ def main():
         return child(args)
 
     torch.set_num_threads(args.threads)
-    prior, smc_prior = load(args.device)
-    print(f"device={prior.model.device} threads={torch.get_num_threads()} prompt={args.prompt!r} "
+    prior, smc_prior = load(args)
+    params = sum(p.numel() for p in prior.model.parameters())
+    print(f"model={args.model} ({params / 1e6:.1f}M parameters, {prior.model.dtype}) device={prior.model.device} threads={torch.get_num_threads()} prompt={args.prompt!r} "
           f"reward=Sentiment beta={args.beta} proposal={args.proposal}")
     for cfg in args.configs.split(","):
         N, T = (int(x) for x in cfg.lower().split("x"))

@@ -5,7 +5,7 @@ import pytest
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
 from posterior.samplers import smc_model
-from posterior.testing import SequencePrior, markov_prior
+from posterior.testing import SequencePrior, StreamingPrior, markov_prior
 
 from conftest import tv_tolerance
 
@@ -24,10 +24,12 @@ def pooled_chains_tv(res, exact) -> float:
 
 @pytest.mark.parametrize("block_size", [1, 2])
 @pytest.mark.parametrize("twist", ["auto", None], ids=["twisted", "untwisted"])
-@pytest.mark.parametrize("sequence_level", [False, True], ids=["stepwise", "sequence"])
-def test_chains_match_the_enumerated_posterior(block_size, twist, sequence_level):
+@pytest.mark.parametrize("kind", ["stepwise", "sequence", "streaming"])
+def test_chains_match_the_enumerated_posterior(block_size, twist, kind):
+    """Step-wise priors, sequence-level ones, and streaming ones (the reference particle is forced
+    and scored while the free particles' continuations keep running in the stream)."""
     toy = markov_prior(seed=3)
-    prior = SequencePrior(toy) if sequence_level else toy
+    prior = {"stepwise": toy, "sequence": SequencePrior(toy), "streaming": StreamingPrior(toy, lag=1)}[kind]
     reward = pst.rewards.Callable(count_a, accepts_prefixes=True)
     post = pst.Posterior(prior, reward, beta=BETA)
     exact = exact_posterior(toy, reward, BETA, T)
@@ -37,6 +39,8 @@ def test_chains_match_the_enumerated_posterior(block_size, twist, sequence_level
     # n independent chains: their final states are n draws of pi* after burn-in
     assert pooled_chains_tv(res, exact) < tv_tolerance(exact.prob().values(), n)
     assert 0.0 < float(res.info["moved"][0]) <= 1.0
+    if kind == "streaming":
+        assert prior.streams and all(s.open == 0 for s in prior.streams)
 
 
 def test_tilted_proposal_and_several_prompts():

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from posterior.cli import options, output
@@ -78,12 +77,7 @@ def check(args) -> tuple[list[str], dict, dict]:
         if k > args.n:
             raise ValueError(f"method {m!r}: best_of={k} exceeds -n {args.n}; compare decodes n sequences per prompt "
                              f"with every method, so give --option {m}.best_of=K with K <= n, or a larger -n")  # fmt: skip
-    policies = options.unique(args.policy, "--policy ")
-    for name, path in policies.items():
-        if name in methods:
-            raise ValueError(f"--policy {name}={path}: {name!r} is also a method; give the policy another name")
-        if not os.path.isdir(path):
-            raise ValueError(f"--policy {name}={path}: no such folder")
+    policies = options.policy_folders(args.policy, methods)
     options.check_plot_path(args.plot, "frontier.png")
     options.check_device(args)
     return methods, method_options, policies

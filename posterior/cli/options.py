@@ -103,6 +103,18 @@ def unique(pairs, prefix: str) -> dict:
     return out
 
 
+def policy_folders(pairs, methods=()) -> dict[str, str]:
+    """``--policy NAME=PATH`` (repeatable) as {name: folder}: each name once, not the name of one
+    of ``methods``, each path an existing folder."""
+    policies = unique(pairs, "--policy ")
+    for name, path in policies.items():
+        if name in methods:
+            raise ValueError(f"--policy {name}={path}: {name!r} is also a method; give the policy another name")
+        if not os.path.isdir(path):
+            raise ValueError(f"--policy {name}={path}: no such folder")
+    return policies
+
+
 # --------------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------------

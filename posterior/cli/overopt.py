@@ -11,7 +11,6 @@ al.'s forms are fitted to the gold curve, and the beta / KL where gold peaks is 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from posterior.cli import options, output
@@ -83,10 +82,7 @@ def check(args) -> tuple[list[str], dict, dict]:
     smc = options.check_method_options("smc", args.smc_option, prefix="--smc-option ") if args.smc_option else {}
     if smc and "smc" not in methods:
         raise ValueError(f"--smc-option given but smc is not in --methods {args.methods!r}")
-    policies = options.unique(args.policy, "--policy ")
-    for name, path in policies.items():
-        if not os.path.isdir(path):
-            raise ValueError(f"--policy {name}={path}: no such folder")
+    policies = options.policy_folders(args.policy)
     options.check_plot_path(args.plot, "overopt.png")
     options.check_device(args)
     return methods, smc, policies

@@ -459,6 +459,16 @@ class TokenModel(SMCModel):
 # --------------------------------------------------------------------------------------------------
 # Blocks over any prior (continue_prefixes), with decode-ahead
 # --------------------------------------------------------------------------------------------------
+def _place(buf, buf_lp, end, done, i: int, start: int, tokens, log_probs, eos: set[int], complete: bool = True) -> None:
+    """Write particle ``i``'s drawn tokens and their log pi0 at absolute positions from ``start``
+    (in place); ``done``: the draw is ``complete`` and ended at an EOS token."""
+    L = len(tokens)
+    buf[i, start : start + L] = torch.as_tensor(tokens, dtype=torch.long)
+    buf_lp[i, start : start + L] = torch.as_tensor(log_probs, dtype=torch.float32)
+    end[i] = start + L
+    done[i] = complete and L > 0 and int(tokens[-1]) in eos
+
+
 class BlockCarry(NamedTuple):
     """Tokens drawn ahead: particle i's continuation is drawn up to absolute position ``end[i]``
     (tokens at [t, end[i]) are not revealed yet); ``done[i]``: that continuation reached EOS."""
@@ -533,6 +543,7 @@ class BlockModel(SMCModel):
         k = self.step_tokens(t)
         pad = self.prior.eos_token_ids[0]
         eos = torch.tensor(self.prior.eos_token_ids)
+        ends = set(self.prior.eos_token_ids)
         flat_tok = p.tokens.reshape(P * N, -1)
         buf, buf_lp, end, done = c.tokens.clone(), c.log_probs.clone(), c.end.clone(), c.done.clone()
         is_forced = torch.zeros(rows.numel(), dtype=torch.bool) if forced is None else forced.rows
@@ -557,10 +568,7 @@ class BlockModel(SMCModel):
             new_tok, new_len, new_lp = ext.tokens.cpu(), ext.lengths.cpu(), ext.token_log_probs.float().cpu()
             for j, (i, e) in enumerate(zip(ids, have.tolist())):
                 L = int(new_len[j])
-                buf[i, e : e + L] = new_tok[j, :L]
-                buf_lp[i, e : e + L] = new_lp[j, :L]
-                end[i] = e + L
-                done[i] = L > 0 and bool(torch.isin(new_tok[j, L - 1], eos))
+                _place(buf, buf_lp, end, done, i, e, new_tok[j, :L], new_lp[j, :L], ends)
         if forced is not None and bool(forced.rows.any()):  # the reference's block: scored, not drawn
             fr = rows[forced.rows]
             ftok, flen = forced.tokens[forced.rows], forced.lengths[forced.rows]
@@ -572,10 +580,7 @@ class BlockModel(SMCModel):
             lens = torch.tensor([len(s) for s in full], dtype=torch.long)
             lp = self.prior.token_log_probs([self.pot.prompt_rows[i] for i in fr.tolist()], toks, lens[:, None]).float()[:, 0]
             for j, (i, L) in enumerate(zip(fr.tolist(), flen.tolist())):
-                buf[i, t : t + L] = ftok[j, :L]
-                buf_lp[i, t : t + L] = lp[j, t : t + L]
-                end[i] = t + L
-                done[i] = L > 0 and bool(torch.isin(ftok[j, L - 1], eos))
+                _place(buf, buf_lp, end, done, i, t, ftok[j, :L], lp[j, t : t + L], ends)
         # Reveal this block: up to k tokens, stopping after EOS.
         blk = buf[rows, t : t + k]  # (m, k)
         blk_lp = buf_lp[rows, t : t + k].double()
@@ -624,11 +629,7 @@ class BlockModel(SMCModel):
         stream.wait({int(handle[i]): until - int(start[i]) for i in ids})
         for i in ids:
             toks, lps, finished = stream.read(int(handle[i]))
-            s0, L = int(start[i]), len(toks)
-            buf[i, s0 : s0 + L] = torch.tensor(toks, dtype=torch.long)
-            buf_lp[i, s0 : s0 + L] = torch.tensor(lps, dtype=torch.float32)
-            end[i] = s0 + L
-            done[i] = finished and L > 0 and toks[-1] in eos
+            _place(buf, buf_lp, end, done, i, int(start[i]), toks, lps, eos, complete=finished)
         return handle, start
 
     def advance(self, carry: BlockCarry, particles: Particles, src, running, resampled) -> BlockCarry:

@@ -11,6 +11,7 @@ import torch
 import posterior as pst
 from posterior.exact import enumerate_continuations
 from posterior.rewards import Afinn, Callable, Ensemble, LengthPenalty, RepetitionPenalty, TextBlob, from_spec
+from posterior.rewards.registry import check_spec
 from posterior.rewards.ensemble import combine_scores
 from posterior.testing import markov_prior
 
@@ -211,10 +212,18 @@ def test_penalty_and_lexicon_specs():
     ("ensemble:uwo:lots:sentiment,afinn", "uwo WEIGHT .* got 'lots'"), ("ensemble:mean:", "names no members"),
     ("ensemble:mean:sentiment,nope", "member 'nope'.*unknown reward 'nope'"),
     ("ensemble:mean:sentiment,length:x", "member 'length:x'.*WORDS"),
-    ("ensemble:mean:ensemble:mean:afinn", "do not nest"), ("ensemble:uwo:-1:sentiment", "uwo_weight"),
+    ("ensemble:mean:ensemble:mean:afinn", "do not nest"), ("ensemble:uwo:-1:sentiment", "uwo WEIGHT .* >= 0, got -1"),
     ("length", "needs an argument"), ("length:ten", "WORDS .* got 'ten'"), ("length:3:x", "COEF .* got 'x'"),
+    ("length:-1", "WORDS .* non-negative int, got -1"), ("length:3:0", "COEF .* > 0, got 0"),
+    ("length:3:inf", "COEF .* finite"), ("repetition:0", "N .* positive int, got 0"),
     ("length:3:1:2", "3 arguments"), ("repetition:two", "N .* got 'two'"), ("afinn:x", "takes no argument"),
+    ("contains", "needs an argument"), ("classifier:model_dir", "PATH:LABEL"), ("judge", "needs an argument"),
+    ("ensemble:mean:sentiment,repetition:1:-2", "member 'repetition:1:-2'.*COEF"),
 ])  # fmt: skip
 def test_bad_specs_name_the_bad_part(spec, match):
-    with pytest.raises(ValueError, match=match):
+    """Building the reward and the torch-free check (what the CLI runs first) give the same error."""
+    with pytest.raises(ValueError, match=match) as built:
         from_spec(spec)
+    with pytest.raises(ValueError) as checked:
+        check_spec(spec)
+    assert str(checked.value) == str(built.value)

@@ -199,12 +199,11 @@ def check_posterior(args) -> None:
 
 
 def check_reward_spec(spec: str) -> None:
-    """An unknown reward name fails here, before anything loads (the factory checks its argument)."""
-    from posterior.rewards import REWARDS
+    """A bad reward spec (unknown name, bad argument, bad ensemble member) fails here, before
+    torch is imported or anything loads (``posterior.rewards.registry.check_spec``)."""
+    from posterior.rewards.registry import check_spec
 
-    name = spec.partition(":")[0]
-    if not spec or name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r} in spec {spec!r}; registered: {', '.join(sorted(REWARDS))}")
+    check_spec(spec)
 
 
 def check_method_options(method: str, pairs, *, prefix: str = "--option ") -> dict:

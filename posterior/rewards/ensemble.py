@@ -27,8 +27,9 @@ from collections.abc import Sequence
 import torch
 
 from posterior.rewards.base import Reward, as_reward
+from posterior.rewards.registry import ENSEMBLE_MODES
 
-MODES = ("mean", "wco", "uwo")
+MODES = ENSEMBLE_MODES  # mean | wco | uwo
 
 
 def combine_scores(scores: torch.Tensor, mode: str, uwo_weight: float | None = None) -> torch.Tensor:

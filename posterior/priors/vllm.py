@@ -420,8 +420,8 @@ class VLLMPrior(TokenizerText, Prior):
                 raise ValueError(f"row {b} has an empty prompt and prefix; vLLM needs at least one token")
             self._check_context(len(row), k, f"row {b} (prompt + prefix)")
         # Rows with the same tokens and budget (SMC particles copied by resampling) go out as one
-        # request with n = copies: the engine encodes the shared prefix once and forks its KV cache
-        # (n independent draws, like sample()). Without duplicates: one request per row, as before.
+        # request with n = copies (n independent draws, like sample()). vLLM runs the n as separate
+        # requests: they share only full prefix-cached KV blocks, not the partial last one.
         groups: dict[tuple, list[int]] = {}
         for b, (row, k) in enumerate(zip(rows, budget)):
             groups.setdefault((tuple(row), k), []).append(b)

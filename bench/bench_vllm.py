@@ -15,7 +15,7 @@ medians and ratios to the plain sampling of the same backend:
     hf is / hf smc  the same samplers over HFPrior (SMC token by token from the KV cache)
 
     python bench/bench_vllm.py [--n 32] [--tokens 32] [--repeats 5] [--blocks 8,16] [--threads 1]
-                               [--kv-block-size 32] [--no-hf] [--step] [--profile] [--in-process]
+                               [--kv-block-size 32] [--no-hf] [--step] [--profile] [--in-process] [--chat]
 
 The vLLM CPU worker computes on one core (it reserves one for the frontend), so the HF rows run
 with one torch thread by default (``--threads``).
@@ -28,15 +28,22 @@ Targets (issue 8): SMC over vLLM <= 1.3x vLLM's plain sampling, IS over vLLM <= 
 SMC over vLLM at block 8 <= 1.15x, blocks 1-32 all <= 1.3x (decode-ahead).
 
 Measured (2026-12-03, 2 cores, load 1-2; 32 x 32, 5 alternating repeats, medians; x plain),
-streamed, engine core in its own process / in process: is 1.06 / 1.02, smc b1 1.74 / 1.61, b8
-1.36 / 1.29, b16 1.26 / 1.28, b32 1.02 / 1.06 (earlier 3-repeat runs the same day: b8 1.19-1.35 /
-1.16, b1 1.46-1.57 / 1.34; before streams, one continue_prefixes call per block group: b8 1.73,
-b1 2.71). Profile (in process): SMC takes exactly the plain run's 32 engine steps; the steps that
-prefill the duplicates' prompt + prefix take 0.4-0.75 s against ~0.12 s for a decode step: vLLM
-has no fork of a running request's KV, caches only full 32-token blocks (the CPU kernel takes no
-smaller one), so each duplicate pays its prefill. In its own process the engine has started the
-next step when SMC's weights are known, so new requests join one step late at every boundary
-(--profile: 36 engine steps at b8, 34 at b16, 33 at b32, against 32 in process).
+streamed, engine core in its own process / in process, two 5-repeat runs each (two sessions that day):
+is 0.98-1.06 / 1.02-1.04, smc b1 1.61-1.74 / 1.58-1.61, b8 1.36-1.37 / 1.29-1.48, b16 1.23-1.26 /
+1.28-1.46, b32 1.02 / 1.06-1.18 (3- and 1-repeat runs: b8 1.19-1.35 / 1.16-1.19, b1 1.46-1.57 / 1.34-1.47;
+before streams, one continue_prefixes call per block group: b8 1.73, b1 2.71). With --chat (33
+prompt tokens, so a full 32-token block is prefix-cached): own / in process b1 1.59 / 1.40, b8 1.57 /
+1.37, b16 1.27 / 1.26, b32 1.01 / 0.98 (a 3-repeat run in process: b8 1.16, b1 1.12): each repeat
+draws its own seeds, and how many particles resampling duplicates varies from run to run.
+Profile (in process): SMC takes exactly the plain run's 32 engine steps and 0.04 s of Python at
+b8; the rest is the steps that prefill the duplicates' prompt + prefix (b8: 45 duplicates
+re-feeding 759 tokens, none cached, in 3 steps of 0.6-0.8 s against ~0.15 s for a decode step).
+Systematic resampling (the default) already makes the fewest duplicates any unbiased scheme can
+(ancestor a survives with probability min(1, N w_a), the bound E[offspring] gives), and vLLM 0.32
+has no fork of a running request's KV and prefix-caches only full 32-token blocks (the CPU kernel
+takes no smaller one), so each duplicate pays its prefill. In its own process the engine has
+started the next step when SMC's weights are known, so new requests join one step late at every
+boundary (--profile: 36 engine steps at b8, 34 at b16, 33 at b32, 40 at b1, against 32 in process).
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--blocks", default="8,16", help="SMC block sizes over vLLM")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap the prompt in the model's chat template (SmolLM2's is >= 32 tokens: a full prefix-cached KV block)")
     parser.add_argument("--no-hf", action="store_true", help="vLLM rows only")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the HF rows (vLLM's CPU worker computes on one core, reserving one for the frontend)")
@@ -84,7 +93,7 @@ def main(argv=None) -> None:
     owner = pst.load_default_prior(backend="vllm", **engine_kwargs)
     engine_start = time.perf_counter() - t0
     never = owner.vocab_size - 1  # an id the model does not emit within T steps: no sequence ends early
-    vprior = VLLMPrior(owner.llm, eos_token_ids=[never])
+    vprior = VLLMPrior(owner.llm, eos_token_ids=[never], chat=args.chat)
     reward = pst.rewards.Sentiment()
     vpost = pst.Posterior(vprior, reward, beta=args.beta)
     prompt_ids = vprior.encode_prompts([args.prompt])[0]
@@ -111,14 +120,16 @@ def main(argv=None) -> None:
     if not args.no_hf:
         hprior = pst.load_default_prior()
         model, tok = hprior.model, hprior.tokenizer
-        hpost = pst.Posterior(pst.HFPrior(model, tok, eos_token_ids=[never]), reward, beta=args.beta)
-        enc = tok([args.prompt], return_tensors="pt")
+        hf = pst.HFPrior(model, tok, eos_token_ids=[never], chat=args.chat)
+        hpost = pst.Posterior(hf, reward, beta=args.beta)
+        ids = torch.tensor([hf.encode_prompts([args.prompt])[0]])
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
         def hf_generate():
             with torch.inference_mode():
                 out = model.generate(**enc, do_sample=True, num_return_sequences=N, max_new_tokens=T, min_new_tokens=T,
                                      top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tok.eos_token_id)
-            assert out.shape[1] - enc.input_ids.shape[1] == T
+            assert out.shape[1] - enc["input_ids"].shape[1] == T
 
         methods.update({"hf generate": hf_generate, "hf is": sampler(hpost, "is"), "hf smc": sampler(hpost, "smc")})
 
@@ -138,7 +149,7 @@ def main(argv=None) -> None:
             print(f"  repeat {r}: {name} {times[name][-1]:.3f} s", flush=True)
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"N x T = {N} x {T} ({N * T} tokens), prompt {args.prompt!r}, Sentiment reward, beta = {args.beta}, "
+    print(f"N x T = {N} x {T} ({N * T} tokens), prompt {args.prompt!r} ({len(prompt_ids)} tokens{', chat template' if args.chat else ''}), Sentiment reward, beta = {args.beta}, "
           f"{args.repeats} repeats (medians); torch threads {torch.get_num_threads()}; vLLM engine start {engine_start:.1f} s, "
           f"KV block {owner.llm.llm_engine.vllm_config.cache_config.block_size} tokens, engine core "
           f"{'in this process' if os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING') == '0' else 'in its own process'}")
@@ -155,12 +166,13 @@ def main(argv=None) -> None:
 
 def profile_smc(vprior, vpost, N, T, blocks, args, g) -> None:
     """Wall time of one SMC run split into waiting for the engine (the stream's ``wait``) and
-    everything else (rewards, texts, resampling, submitting); continuations submitted."""
+    everything else (rewards, texts, resampling, submitting); continuations submitted, and the prompt +
+    prefix tokens the duplicates' requests prefill again (vLLM shares only full 32-token prefix-cached blocks)."""
     from posterior.priors.vllm import VLLMStream
 
     engine = vprior.llm.llm_engine
     for b in blocks:
-        spent, submitted, steps = [], [0], []
+        spent, submitted, refed, steps = [], [0], [0], []
         inner_step = engine.step
 
         def timed_step():
@@ -175,9 +187,11 @@ def profile_smc(vprior, vpost, N, T, blocks, args, g) -> None:
                 super().wait(need)
                 spent.append(time.perf_counter() - t)
 
-            def submit(self, *a, **kw):
+            def submit(self, prompt_ids, prefix, *a, **kw):
                 submitted[0] += 1
-                return super().submit(*a, **kw)
+                if submitted[0] > N:  # a duplicate: its prompt + prefix is prefilled again
+                    refed[0] += len(prompt_ids) + len(prefix)
+                return super().submit(prompt_ids, prefix, *a, **kw)
 
         vprior.open_stream = lambda: Timed(vprior)
         engine.step = timed_step
@@ -189,7 +203,8 @@ def profile_smc(vprior, vpost, N, T, blocks, args, g) -> None:
             del vprior.open_stream
             del engine.step
         print(f"profile smc b{b} (streamed): {total:.3f} s total, waiting for the engine {sum(spent):.3f} s in {len(spent)} waits, "
-              f"the rest {total - sum(spent):.3f} s; {submitted[0]} continuations submitted ({submitted[0] - N} after resampling); "
+              f"the rest {total - sum(spent):.3f} s; {submitted[0]} continuations submitted ({submitted[0] - N} after resampling, "
+              f"re-feeding {refed[0]} prompt + prefix tokens); "
               f"{len(steps)} engine steps, median {statistics.median(steps) * 1e3:.0f} ms, slowest {', '.join(f'{x * 1e3:.0f}' for x in sorted(steps)[-3:])} ms")
 
 

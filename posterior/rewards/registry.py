@@ -184,16 +184,16 @@ def _number(spec: str, what: str, text: str, kind: type, **bounds):
     return check_int(name, value, bounds["minimum"]) if kind is int else check_real(name, value, **bounds)
 
 
-def _counts(name: str, arg: str | None, first: str, required: bool) -> dict:
-    """``FIRST[:COEF]`` of ``length`` / ``repetition``: the int FIRST (>= 0 for length, >= 1 for
-    repetition) and COEF > 0, as the penalty's keyword arguments."""
+def _penalty_arguments(name: str, arg: str | None, first: str, key: str, low: int, required: bool) -> dict:
+    """``FIRST[:COEF]`` of ``length`` / ``repetition`` as the penalty's keyword arguments: ``key``
+    the int FIRST >= ``low``, ``coef`` > 0 (none: the penalty's defaults; FIRST optional unless
+    ``required``)."""
     spec = f"{name}:{arg}"
     if arg is None and not required:
         return {}
     parts = _need(name, arg, f"{first}[:COEF]").split(":")
     if len(parts) > 2:
         raise ValueError(f"reward spec {spec!r} has {len(parts)} arguments; {name} takes {'' if required else '['}{first}[:COEF]{'' if required else ']'}")
-    key, low = ("max_words", 0) if name == "length" else ("n", 1)
     kw = {key: _number(spec, first, parts[0], int, minimum=low)}
     if len(parts) == 2:
         kw["coef"] = _number(spec, "COEF", parts[1], float, positive=True)
@@ -201,11 +201,11 @@ def _counts(name: str, arg: str | None, first: str, required: bool) -> dict:
 
 
 def _length_arguments(arg):
-    return _counts("length", arg, "WORDS", required=True)
+    return _penalty_arguments("length", arg, "WORDS", "max_words", 0, required=True)
 
 
 def _repetition_arguments(arg):
-    return _counts("repetition", arg, "N", required=False)
+    return _penalty_arguments("repetition", arg, "N", "n", 1, required=False)
 
 
 @register_reward("length", check=_length_arguments)

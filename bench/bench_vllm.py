@@ -2,8 +2,9 @@
 
 Every method makes exactly N×T tokens of the same prompt: plain sampling with ``ignore_eos`` /
 ``min_new_tokens=T``, the samplers with an EOS id the model never emits, so no sequence ends early.
-Methods run in alternating order, ``--repeats`` times after one warm-up each; the table gives
-medians and ratios to the plain sampling of the same backend:
+Methods run in alternating order, ``--repeats`` times after one warm-up each, repeat r of every
+method with seed r (the same random path, e.g. SMC's resamplings, in every run of the script); the
+table gives medians and ratios to the plain sampling of the same backend:
 
     vllm generate   llm.generate(TokensPrompt, SamplingParams(n=N, max_tokens=T, ignore_eos=True))
     vllm is         Posterior(VLLMPrior, Sentiment, beta).sample(method="is")
@@ -56,6 +57,7 @@ import time
 import torch
 
 PROMPT = "The movie was"
+WARM_UP_SEED = 10_000
 
 
 def main(argv=None) -> None:
@@ -98,15 +100,18 @@ def main(argv=None) -> None:
     vpost = pst.Posterior(vprior, reward, beta=args.beta)
     prompt_ids = vprior.encode_prompts([args.prompt])[0]
     blocks = [int(b) for b in args.blocks.split(",") if b]
-    g = torch.Generator().manual_seed(0)
+    # Repeat r of every method runs with seed r (warm-ups with WARM_UP_SEED), so a sampler's random
+    # path (how often SMC resamples, how many duplicates it starts) is the same in every run of this
+    # script: runs differ by the machine only.
 
-    def vllm_generate():
-        params = vllm.SamplingParams(n=N, max_tokens=T, ignore_eos=True, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
+    def vllm_generate(seed: int):
+        params = vllm.SamplingParams(n=N, max_tokens=T, ignore_eos=True, seed=seed)
         out = owner.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)
         assert all(len(c.token_ids) == T for c in out[0].outputs)
 
     def sampler(post, method, **options):
-        def run():
+        def run(seed: int):
+            g = torch.Generator().manual_seed(seed)
             res = post.sample(n=N, method=method, max_new_tokens=T, prompts=[args.prompt], generator=g, **options)
             assert int(res.lengths.min()) == T, res.lengths.min()
 
@@ -125,7 +130,8 @@ def main(argv=None) -> None:
         ids = torch.tensor([hf.encode_prompts([args.prompt])[0]])
         enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-        def hf_generate():
+        def hf_generate(seed: int):
+            torch.manual_seed(seed)  # generate() samples from torch's global generator
             with torch.inference_mode():
                 out = model.generate(**enc, do_sample=True, num_return_sequences=N, max_new_tokens=T, min_new_tokens=T,
                                      top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tok.eos_token_id)
@@ -134,17 +140,17 @@ def main(argv=None) -> None:
         methods.update({"hf generate": hf_generate, "hf is": sampler(hpost, "is"), "hf smc": sampler(hpost, "smc")})
 
     if args.profile:  # first, so that a long run still reports where the time goes
-        profile_smc(vprior, vpost, N, T, blocks, args, g)
+        profile_smc(vprior, vpost, N, T, blocks, args)
     for name, run in methods.items():  # warm-up
         t = time.perf_counter()
-        run()
+        run(WARM_UP_SEED)
         print(f"  warm-up: {name} {time.perf_counter() - t:.3f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(args.repeats):
         order = list(methods) if r % 2 == 0 else list(reversed(methods))  # alternate: drift hits all alike
         for name in order:
             t = time.perf_counter()
-            methods[name]()
+            methods[name](r)
             times[name].append(time.perf_counter() - t)
             print(f"  repeat {r}: {name} {times[name][-1]:.3f} s", flush=True)
 
@@ -164,7 +170,7 @@ def main(argv=None) -> None:
     owner.close()
 
 
-def profile_smc(vprior, vpost, N, T, blocks, args, g) -> None:
+def profile_smc(vprior, vpost, N, T, blocks, args) -> None:
     """Wall time of one SMC run split into waiting for the engine (the stream's ``wait``) and
     everything else (rewards, texts, resampling, submitting); continuations submitted, and the prompt +
     prefix tokens the duplicates' requests prefill again (vLLM shares only full 32-token prefix-cached blocks)."""
@@ -197,6 +203,7 @@ def profile_smc(vprior, vpost, N, T, blocks, args, g) -> None:
         engine.step = timed_step
         try:
             t = time.perf_counter()
+            g = torch.Generator().manual_seed(0)  # the random path of repeat 0
             vpost.sample(n=N, method="smc", max_new_tokens=T, prompts=[args.prompt], generator=g, block_size=b)
             total = time.perf_counter() - t
         finally:

@@ -29,22 +29,23 @@ Targets (issue 8): SMC over vLLM <= 1.3x vLLM's plain sampling, IS over vLLM <= 
 SMC over vLLM at block 8 <= 1.15x, blocks 1-32 all <= 1.3x (decode-ahead).
 
 Measured (2026-12-03, 2 cores, load 1-2; 32 x 32, 5 alternating repeats, medians; x plain),
-streamed, engine core in its own process / in process, two 5-repeat runs each (two sessions that day):
-is 0.98-1.06 / 1.02-1.04, smc b1 1.61-1.74 / 1.58-1.61, b8 1.36-1.37 / 1.29-1.48, b16 1.23-1.26 /
-1.28-1.46, b32 1.02 / 1.06-1.18 (3- and 1-repeat runs: b8 1.19-1.35 / 1.16-1.19, b1 1.46-1.57 / 1.34-1.47;
-before streams, one continue_prefixes call per block group: b8 1.73, b1 2.71). With --chat (33
-prompt tokens, so a full 32-token block is prefix-cached): own / in process b1 1.59 / 1.40, b8 1.57 /
-1.37, b16 1.27 / 1.26, b32 1.01 / 0.98 (a 3-repeat run in process: b8 1.16, b1 1.12): each repeat
-draws its own seeds, and how many particles resampling duplicates varies from run to run.
-Profile (in process): SMC takes exactly the plain run's 32 engine steps and 0.04 s of Python at
-b8; the rest is the steps that prefill the duplicates' prompt + prefix (b8: 45 duplicates
-re-feeding 759 tokens, none cached, in 3 steps of 0.6-0.8 s against ~0.15 s for a decode step).
+streamed, engine core in its own process / in process, with seed r for repeat r (as now): is 1.00 /
+0.97, smc b1 1.57 / 1.39, b8 1.27 / 1.27, b16 1.12 / 1.09, b32 0.97 / 0.88. Two earlier runs that
+day, each repeat with its own seeds: is 0.98-1.06 / 1.02-1.04, b1 1.61-1.74 / 1.58-1.61, b8
+1.36-1.37 / 1.29-1.48, b16 1.23-1.26 / 1.28-1.46, b32 1.02 / 1.06-1.18 (3- and 1-repeat runs: b8
+1.16-1.35, b1 1.34-1.57; before streams, one continue_prefixes call per block group: b8 1.73, b1
+2.71). With --chat (33 prompt tokens, a full 32-token block prefix-cached), own / in process: b1
+1.59 / 1.40, b8 1.57 / 1.37, b16 1.27 / 1.26, b32 1.01 / 0.98.
+Profile (in process): SMC takes exactly the plain run's 32 engine steps and 0.05 s of Python at
+b8; the rest is the steps that prefill the duplicates' prompt + prefix (b8, seed 0: 42 duplicates
+re-feeding 718 tokens, none cached, in 3 steps of 0.29, 0.78 and 1.17 s against ~0.15 s for a
+decode step).
 Systematic resampling (the default) already makes the fewest duplicates any unbiased scheme can
 (ancestor a survives with probability min(1, N w_a), the bound E[offspring] gives), and vLLM 0.32
 has no fork of a running request's KV and prefix-caches only full 32-token blocks (the CPU kernel
 takes no smaller one), so each duplicate pays its prefill. In its own process the engine has
 started the next step when SMC's weights are known, so new requests join one step late at every
-boundary (--profile: 36 engine steps at b8, 34 at b16, 33 at b32, 40 at b1, against 32 in process).
+boundary (--profile: 35-36 engine steps at b8, 34 at b16, 33 at b32, 40 at b1, against 32 in process).
 """
 
 from __future__ import annotations

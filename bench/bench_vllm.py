@@ -38,8 +38,8 @@ day, each repeat with its own seeds: is 0.98-1.06 / 1.02-1.04, b1 1.61-1.74 / 1.
 1.59 / 1.40, b8 1.57 / 1.37, b16 1.27 / 1.26, b32 1.01 / 0.98.
 Profile (in process): SMC takes exactly the plain run's 32 engine steps and 0.05 s of Python at
 b8; the rest is the steps that prefill the duplicates' prompt + prefix (b8, seed 0: 42 duplicates
-re-feeding 718 tokens, none cached, in 3 steps of 0.29, 0.78 and 1.17 s against ~0.15 s for a
-decode step).
+re-feeding 718 tokens, none cached, (the slowest engine steps: 0.29, 0.78 and 1.17 s,
+against ~0.15 s for a decode step)).
 Systematic resampling (the default) already makes the fewest duplicates any unbiased scheme can
 (ancestor a survives with probability min(1, N w_a), the bound E[offspring] gives), and vLLM 0.32
 has no fork of a running request's KV and prefix-caches only full 32-token blocks (the CPU kernel

@@ -557,3 +557,37 @@ def test_bench_script_smoke(kernels, capsys):
     assert bench.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "tilted bf16 phi=sparse" in out and "index_select" in out
+
+
+def test_checkout_root_does_not_shadow_huggingface_kernels():
+    """Regression (issue 25.1): Python run from the checkout root found this project's kernels/
+    folder as the top-level ``kernels`` module, so transformers >= 5.20 (which imports Hugging Face's
+    ``kernels`` package) failed to load any Llama. From the root, ``import kernels`` is the installed
+    package (or a clear ImportError where none is installed), a Llama builds and runs, and
+    ``posterior.kernels`` is still this folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import importlib.util, os, sys\n"
+        "root = os.getcwd()\n"
+        "import posterior.kernels as K\n"
+        "assert os.path.dirname(K.__file__) == os.path.join(root, 'kernels'), K.__file__\n"
+        "if importlib.util.find_spec('kernels') is not None:\n"
+        "    try:\n"
+        "        import kernels\n"
+        "    except ImportError as e:\n"
+        "        assert 'posterior.kernels' in str(e), e\n"
+        "    else:\n"
+        "        assert not os.path.abspath(kernels.__file__).startswith(os.path.join(root, 'kernels')), kernels.__file__\n"
+        "import torch\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,\n"
+        "                  num_attention_heads=2, num_key_value_heads=2)\n"
+        "print(tuple(LlamaForCausalLM(cfg)(torch.tensor([[1, 2, 3]])).logits.shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("(1, 3, 16)")

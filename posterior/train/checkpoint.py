@@ -10,27 +10,13 @@ A file damaged afterwards (truncated, emptied, overwritten, or not a checkpoint 
 
 Run identity. A checkpoint records what defines its run (``fit``'s config), so that resuming
 into a directory of another run is refused instead of mixing both. The prior and reward enter
-by name and a content fingerprint, cheap and deterministic:
-
-* prior: a model's parameters and buffers (names, shapes, dtypes and an evenly strided sample of
-  up to 16384 values per tensor: ~0.2 s for SmolLM2-135M's 163M values on a loaded 2-core
-  machine, where a pass over every value took ~1.7 s); a ``CallablePrior``'s vocabulary and its next-token
-  log-probabilities after the empty prefix and after each single token (rounded to 1e-4). It
-  detects other weights (another checkpoint, any fine-tuning that moves most values) or another
-  next-token function; it cannot detect a change confined to values outside the sample (a few
-  edited rows of a large matrix), nor, for a callable prior, a change that shows only after two or
-  more tokens. Other priors (vLLM) enter by their description and vocabulary only.
-* reward: its name (a ``Callable`` reward: the function's module and qualified name) and its
-  values on a fixed probe of texts (:data:`PROBE_TEXTS` and the prior's first tokens; for a reward
-  that reads prompts, bound to each of the first 4 prompts), rounded to 9 significant digits. It
-  detects another function or scale wherever the probe texts differ; it cannot detect rewards
-  that agree on every probe text, and a reward that is random (a sampled judge) would differ on
-  every call: pass ``allow_changes=("reward",)`` to resume such a run.
+by name and a content fingerprint, cheap and deterministic: see :mod:`posterior.fingerprints`
+(shared with batch jobs) for what they detect and what they cannot. A reward that is random (a
+sampled judge) would differ on every call: pass ``allow_changes=("reward",)`` to resume such a run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -42,6 +28,12 @@ from pathlib import Path
 import torch
 
 from posterior.errors import CheckpointError
+# The run-identity fingerprints moved to posterior/fingerprints.py (shared with batch jobs); their
+# old names here stay importable.
+from posterior.fingerprints import (  # noqa: F401
+    PROBE_PROMPTS, PROBE_TEXTS, PROBE_TOKENS, TENSOR_SAMPLE, _digest, prior_fingerprint, reward_fingerprint, reward_name,
+    tensors_digest,
+)  # fmt: skip
 
 KEEP = 2
 _NAME = re.compile(r"^checkpoint-rank(\d+)-step(\d{8})\.pt$")
@@ -188,87 +180,6 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
 def rewrite_metrics(path: Path, rows: list[dict]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in rows).encode()
     atomic_write_bytes(Path(path), lambda f: f.write(text))
-
-
-# --------------------------------------------------------------------------------------------
-# Run identity: content fingerprints of the prior and the reward (module docstring)
-# --------------------------------------------------------------------------------------------
-PROBE_TEXTS = (
-    "", " ", "a", "b", "ab", "the", "0", "yes", "no", "Hello, world!", "This is great.", "This is terrible.",
-    "I love it", "I hate it",
-)  # fmt: skip
-PROBE_TOKENS = 16  # also probe the texts of the prior's first tokens
-PROBE_PROMPTS = 4  # a reward that reads prompts is probed bound to its first prompts
-TENSOR_SAMPLE = 1 << 14  # values sampled per tensor (every value of smaller ones)
-
-
-def _digest(parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else repr(part).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def tensors_digest(named_tensors) -> str:
-    """Names, shapes, dtypes and a strided sample of each tensor (see the module docstring)."""
-
-    def parts():
-        for name, t in named_tensors:
-            flat = t.detach().reshape(-1)
-            step = max(1, flat.numel() // TENSOR_SAMPLE)
-            sample = flat[::step].to("cpu", torch.float64)
-            yield (name, tuple(t.shape), str(t.dtype))
-            yield sample.numpy().tobytes()
-
-    return _digest(parts())
-
-
-def prior_fingerprint(prior) -> dict:
-    """Name, description and a content fingerprint of a prior (JSON-safe)."""
-    from posterior.priors.callable import CallablePrior
-
-    desc = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in prior.describe().items()}
-    model = getattr(prior, "model", None)
-    if isinstance(model, torch.nn.Module):
-        content = "weights " + tensors_digest(list(model.state_dict().items()))
-    elif isinstance(prior, CallablePrior):
-        eos = set(prior.eos_token_ids)
-        probes = [[]] + [[v] for v in range(prior.vocab_size) if v not in eos][:PROBE_TOKENS]
-        with torch.no_grad():
-            lp = prior.start(probes, copies=1).logprobs.double()  # (B, V)
-        rounded = torch.round(lp.clamp(min=-1e6) * 1e4).long()  # -inf as -1e6: a token the prior forbids
-        content = "next_logprobs " + _digest([tuple(prior.vocab), rounded.numpy().tobytes()])
-    else:
-        content = "vocabulary " + _digest([prior.vocabulary_key()])
-    return {"name": desc.pop("model", None) or type(prior).__name__, "describe": json.dumps(desc, sort_keys=True), "fingerprint": content}
-
-
-def reward_name(reward) -> str:
-    from posterior.rewards.base import Callable
-
-    if isinstance(reward, Callable):
-        fn = reward.fn
-        qual = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-        return f"{reward.name} [{qual}]"
-    return reward.name
-
-
-def reward_fingerprint(reward, prior, prompts) -> dict:
-    """Name and a fingerprint of the reward's values on :data:`PROBE_TEXTS` (JSON-safe)."""
-    eos = set(prior.eos_token_ids)
-    texts = list(PROBE_TEXTS) + [prior.decode([v]) for v in range(prior.vocab_size) if v not in eos][:PROBE_TOKENS]
-    if reward.needs_prompts:
-        bound = [reward.for_prompt(p or "", i) for i, p in enumerate((prompts or [None])[:PROBE_PROMPTS])]
-    else:
-        bound = [reward]
-    parts = []
-    for r in bound:
-        try:
-            parts.append(tuple(f"{v:.9g}" for v in r(texts).tolist()))
-        except Exception as e:  # a reward that refuses a probe text still has a fingerprint: which error
-            parts.append(f"raised {type(e).__name__}")
-    return {"name": reward_name(reward), "fingerprint": _digest(parts)}
 
 
 def policy_fingerprint(policy) -> dict:

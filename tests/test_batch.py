@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -261,3 +262,259 @@ def test_ray_cli_sigkill_then_resume_equals_the_uninterrupted_run(ray_address, c
     killed_at, err = kill_and_resume(cli_job["cmd"], out, extra, wait_lines=4)
     assert f"{killed_at} already there" in err
     assert out.read_bytes() == cli_job["reference"]
+
+
+# --- issue 25: a resume never mixes two posteriors ---------------------------------------------------
+def _cut(out, keep: int) -> bytes:
+    """Leave the first ``keep`` lines of ``out`` (a run interrupted there); returns them."""
+    data = out.read_bytes()
+    end = 0
+    for _ in range(keep):
+        end = data.index(b"\n", end) + 1
+    out.write_bytes(data[:end])
+    return data[:end]
+
+
+def _after_two_tokens(table_row_2):
+    """A CallablePrior over markov_prior's vocabulary equal to it after 0 or 1 tokens; after two
+    it uses ``table_row_2`` (the fingerprint's probes stop at one token: only its code differs)."""
+    base = markov_prior()
+
+    def next_logprobs(ids):
+        out = base.next_logprobs(ids)
+        if ids.shape[1] >= 2:
+            out = torch.log_softmax(torch.tensor(table_row_2, dtype=out.dtype), -1).expand_as(out)
+        return out
+
+    return pst.CallablePrior(base.vocab, next_logprobs)
+
+
+def _count(sub):
+    return lambda texts: [float(t.count(sub)) for t in texts]
+
+
+# Each case: (the first posterior, the resumed one, the recorded field that must be named). The
+# rewards "aa"/"cc" agree on every probe text (none holds "aa" or "cc"), so only their code and
+# closure tell them apart; the two priors agree on the fingerprint's one-token probes.
+MIXES = {
+    "another_lambda_reward": (
+        lambda: pst.Posterior(markov_prior(), pst.rewards.Callable(lambda t: [float(x.count("aa")) for x in t]), beta=0.5),
+        lambda: pst.Posterior(markov_prior(), pst.rewards.Callable(lambda t: [float(x.count("cc")) for x in t]), beta=0.5),
+        "posterior.reward.code"),
+    "a_closure_over_another_value": (
+        lambda: pst.Posterior(markov_prior(), pst.rewards.Callable(_count("aa")), beta=0.5),
+        lambda: pst.Posterior(markov_prior(), pst.rewards.Callable(_count("cc")), beta=0.5),
+        "posterior.reward.code"),
+    "another_callable_prior_same_vocabulary": (
+        lambda: toy_post(), lambda: pst.Posterior(markov_prior(seed=1), toy_post().reward, beta=0.5),
+        "posterior.prior.fingerprint"),
+    "a_callable_prior_differing_after_two_tokens": (
+        lambda: pst.Posterior(_after_two_tokens([0.0, 1.0, 2.0, 3.0]), toy_post().reward, beta=0.5),
+        lambda: pst.Posterior(_after_two_tokens([3.0, 2.0, 1.0, 0.0]), toy_post().reward, beta=0.5),
+        "posterior.prior.code"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("given", ["posterior", "builder"])
+@pytest.mark.parametrize("case", sorted(MIXES))
+def test_resume_with_another_posterior_is_refused_naming_the_difference(tmp_path, case, given):
+    """Issue 25.2: pst.batch.run recorded only the prior's description, the reward's name and beta
+    (a builder: nothing), so each of these resumed silently and mixed two posteriors in one file."""
+    first, second, field = MIXES[case]
+    prompts, out = ["a", "b", "ab", "c"], tmp_path / "o.jsonl"
+    kw = dict(n=4, method="is", max_new_tokens=3, seed=0, progress=False)
+    as_given = (lambda build: build()) if given == "posterior" else (lambda build: build)
+    pst.batch.run(as_given(first), prompts, out, **kw)
+    before = _cut(out, 2)
+    with pytest.raises(ValueError, match=rf"another posterior \((.*; )?{re.escape(field)}: was '[^']+', now '[^']+'") as e:
+        pst.batch.run(as_given(second), prompts, out, **kw)
+    assert f"delete {out} and {out}.meta.json" in str(e.value)  # how to start afresh
+    assert out.read_bytes() == before
+    rep = pst.batch.run(as_given(first), prompts, out, **kw)  # the same posterior resumes
+    assert (rep.skipped, rep.written) == (2, 2)
+
+
+def test_resume_with_another_builder_is_refused(tmp_path):
+    """A builder was recorded as nothing at all: another reward (or beta) behind it resumed."""
+    prompts, out = ["a", "b", "c"], tmp_path / "o.jsonl"
+    kw = dict(n=4, method="is", max_new_tokens=3, seed=0, progress=False)
+    pst.batch.run(lambda: toy_post(beta=0.5), prompts, out, **kw)
+    _cut(out, 1)
+    with pytest.raises(ValueError, match=r"posterior\.beta: was 0\.5, now 0\.25"):
+        pst.batch.run(lambda: toy_post(beta=0.25), prompts, out, **kw)
+    sentiment = pst.Posterior(markov_prior(), pst.rewards.Sentiment(), beta=0.5)
+    with pytest.raises(ValueError, match=r"posterior\.reward\.code: .*posterior\.reward\.fingerprint: .*posterior\.reward\.name: "):
+        pst.batch.run(lambda: sentiment, prompts, out, **kw)
+    # an expected change (a random reward) is accepted when named; an unknown name is refused
+    with pytest.raises(ValueError, match=r"allow_changes names unknown field\(s\) \['rewards'\]"):
+        pst.batch.run(lambda: sentiment, prompts, out, allow_changes=("rewards",), **kw)
+    rep = pst.batch.run(lambda: pst.Posterior(markov_prior(), toy_post().reward, beta=0.5), prompts, out, **kw)
+    assert rep.written == 2  # the same posterior, built again, resumes
+
+
+def test_resume_refusal_names_the_allow_change_for_a_random_reward(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    noisy = pst.Posterior(markov_prior(), pst.rewards.Callable(lambda t: torch.rand(len(t), generator=g).tolist()), beta=1.0)
+    prompts, out = ["a", "b"], tmp_path / "o.jsonl"
+    kw = dict(n=2, method="is", max_new_tokens=2, seed=0, progress=False)
+    pst.batch.run(noisy, prompts, out, **kw)
+    _cut(out, 1)
+    with pytest.raises(ValueError, match=r"allow_changes=\('reward.fingerprint',\) \(posterior batch: --allow-change reward.fingerprint\)"):
+        pst.batch.run(noisy, prompts, out, **kw)
+    assert pst.batch.run(noisy, prompts, out, allow_changes=["reward.fingerprint"], **kw).written == 1
+
+
+def test_cli_resume_over_new_weights_in_the_same_model_folder_is_refused(model_dir, tmp_path, capsys):
+    """The command line recorded the model by its path: new weights saved into the same folder resumed."""
+    import shutil
+
+    from posterior.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    prompts, out = tmp_path / "p.txt", tmp_path / "o.jsonl"
+    prompts.write_text("the cat\na dog\nhello\n")
+    argv = ["batch", str(prompts), "--out", str(out), "--model", str(folder), "--reward", "sentiment", "--beta", "1",
+            "-n", "2", "--max-new-tokens", "3", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    before = _cut(out, 1)
+    tiny_hf_prior("llama", seed=1).model.save_pretrained(folder)  # another fine-tune, same architecture
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model_files: was '" in err and f"delete {out} and {out}.meta.json" in err and len(err.strip().splitlines()) == 1, err
+    assert out.read_bytes() == before
+
+
+# --- issue 25.3: output that is not a regular file ---------------------------------------------------
+def test_out_dev_stdout_streams_instead_of_reading_it_forever(model_dir, tmp_path):
+    """`--out /dev/stdout` read the "existing output" from the pipe and hung (/dev/full: read
+    zeros until memory ran out). Now: streamed, without resume and without a settings file."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the cat", "id": "a"}\n{"prompt": "a dog"}\n')
+    cmd = [sys.executable, "-m", "posterior", "batch", str(prompts), "--model", model_dir, "--reward", "sentiment",
+           "--beta", "1", "-n", "2", "--max-new-tokens", "3", "--quiet", "--out", "/dev/stdout"]  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("posterior batch --out /dev/stdout did not finish in 120 s")
+    print(f"--out /dev/stdout: {time.perf_counter() - t0:.1f} s")
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [g["index"] for g in got] == [0, 1] and got[0]["id"] == "a" and "id" not in got[1]
+    assert "streaming to it (no resume" in res.stderr
+    assert not os.path.exists("/dev/stdout.meta.json")
+
+
+def test_out_dev_full_fails_with_one_line(model_dir, tmp_path, capsys):
+    from posterior.batch.jobs import WriteError, is_stream
+    from posterior.cli import main
+
+    assert is_stream("/dev/full") and is_stream("/dev/stdout") and is_stream("/dev/fd/1") and not is_stream(tmp_path / "x")
+    t0 = time.perf_counter()
+    with pytest.raises(WriteError, match=r"cannot write to /dev/full: No space left on device after 0 new line\(s\)"):
+        pst.batch.run(toy_post(), ["a"], "/dev/full", n=2, max_new_tokens=2, progress=False)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat\n")
+    assert main(["batch", str(prompts), "--model", model_dir, "--out", "/dev/full", "-n", "2", "--max-new-tokens", "2", "--quiet"]) == 2
+    print(f"--out /dev/full: library and CLI failed in {time.perf_counter() - t0:.1f} s")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("posterior: error: cannot write to /dev/full: No space left on device")
+    assert not any("Traceback" in line for line in err)
+    with pytest.raises(ValueError, match="is a folder"):
+        pst.batch.run(toy_post(), ["a"], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="folder .* does not exist"):
+        pst.batch.run(toy_post(), ["a"], tmp_path / "no" / "o.jsonl", progress=False)
+
+
+# --- issue 25.11: damaged settings, a full disk, user ids ----------------------------------------------
+@pytest.mark.parametrize("damage", [b"{\"version\": 2, \"sett", b"[1, 2]", b"\xff\xfe", b'{"version": 2, "settings": {}, "posterior": 3}'])
+def test_damaged_meta_json_is_named(tmp_path, damage):
+    """A damaged OUT.meta.json raised json's bare "Expecting value: line 1 column 1" (or an
+    AttributeError), naming no file."""
+    prompts, out = ["a", "b"], tmp_path / "o.jsonl"
+    kw = dict(n=2, method="is", max_new_tokens=2, seed=0, progress=False)
+    pst.batch.run(toy_post(), prompts, out, **kw)
+    _cut(out, 1)
+    (tmp_path / "o.jsonl.meta.json").write_bytes(damage)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(out))}\.meta\.json is damaged \(.*\); it records the settings of "):
+        pst.batch.run(toy_post(), prompts, out, **kw)
+    (tmp_path / "o.jsonl.meta.json").write_text(json.dumps({"version": 1, "settings": {}}))  # an older posterior's
+    with pytest.raises(ValueError, match=r"format 1, not 2: .* could mix two posteriors; start afresh: delete"):
+        pst.batch.run(toy_post(), prompts, out, **kw)
+
+
+def _full_disk_after(monkeypatch, lines: int):
+    """os.write in the batch module: ``lines`` whole lines, then half a line, then ENOSPC."""
+    import errno
+
+    import posterior.batch.jobs as jobs
+
+    real, calls = os.write, {"n": 0}
+
+    def write(fd, data):
+        calls["n"] += 1
+        if calls["n"] <= lines:
+            return real(fd, data)
+        if calls["n"] == lines + 1:
+            return real(fd, bytes(data)[: len(data) // 2])  # a short write: the disk fills mid-line
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(jobs.os, "write", write)
+    return lambda: monkeypatch.setattr(jobs.os, "write", real)
+
+
+def test_disk_full_during_batch_ends_with_one_error_and_resumes(tmp_path, monkeypatch):
+    from posterior.batch.jobs import WriteError
+
+    post, prompts = toy_post(), ["a", "b", "c", "ab", "ba"]
+    kw = dict(n=3, method="smc", max_new_tokens=3, seed=4, progress=False)
+    pst.batch.run(post, prompts, tmp_path / "full.jsonl", **kw)
+    out = tmp_path / "o.jsonl"
+    undo = _full_disk_after(monkeypatch, 2)
+    with pytest.raises(WriteError, match=r"No space left on device after 2 new line\(s\) \(2 of 5 in all\); every line in it "
+                                         r"is whole: run the same job again to resume") as e:  # fmt: skip
+        pst.batch.run(post, prompts, out, **kw)
+    assert "\n" not in str(e.value) and e.value.errno == 28
+    assert out.read_bytes().count(b"\n") == 2 and out.read_bytes().endswith(b"\n")  # the half line is gone
+    undo()
+    rep = pst.batch.run(post, prompts, out, **kw)
+    assert (rep.skipped, rep.written) == (2, 3) and out.read_bytes() == (tmp_path / "full.jsonl").read_bytes()
+
+
+def test_cli_disk_full_during_batch_is_one_line_and_resumable(model_dir, tmp_path, monkeypatch, capsys):
+    from posterior.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat\na dog\nhello\n")
+    base = ["batch", str(prompts), "--model", model_dir, "--beta", "1", "-n", "2", "--max-new-tokens", "3", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "ref.jsonl")]) == 0
+    out = tmp_path / "o.jsonl"
+    undo = _full_disk_after(monkeypatch, 1)
+    capsys.readouterr()
+    assert main([*base, "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # (transformers' "Loading weights" bar aside)
+    ours = [line for line in err.splitlines() if line.startswith("posterior:")]
+    assert len(ours) == 1 and "No space left on device after 1 new line(s)" in ours[0] and "Traceback" not in err, err
+    undo()
+    assert main([*base, "--out", str(out)]) == 0
+    assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+
+
+def test_user_ids_in_batch_input_are_kept_in_the_output(tmp_path):
+    """An "id" in a JSONL line was dropped: the output could not be joined back to the input."""
+    path, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    rows = [{"prompt": "a", "id": "q-1"}, {"prompt": "b"}, {"prompt": "ab", "id": 17}, {"prompt": "c", "id": {"k": [1, None]}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(n=2, method="is", max_new_tokens=2, seed=0, progress=False)
+    pst.batch.run(toy_post(), path, out, **kw)
+    got = lines(out)
+    assert [g.get("id", "<none>") for g in got] == ["q-1", "<none>", 17, {"k": [1, None]}]
+    assert list(got[0])[:3] == ["index", "id", "prompt"]
+    # the same rows given as a list give the same bytes; other ids are another job
+    pst.batch.run(toy_post(), rows, tmp_path / "l.jsonl", **kw)
+    assert (tmp_path / "l.jsonl").read_bytes() == out.read_bytes()
+    _cut(out, 1)
+    with pytest.raises(ValueError, match="prompts_sha256"):
+        pst.batch.run(toy_post(), [{**r, "id": "x"} for r in rows], out, **kw)

@@ -42,10 +42,34 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
+    def identity(self, prompts) -> dict:
+        from posterior.batch.jobs import posterior_identity
+
+        return posterior_identity(self.post, prompts)
+
     def run(self, jobs, spec) -> list[tuple[int, str]]:
         from posterior.batch.jobs import sample_line
 
-        return [(i, sample_line(self.post, i, prompt, spec)) for i, prompt in jobs]
+        return [(i, sample_line(self.post, i, prompt, spec, fields)) for i, prompt, fields in jobs]
+
+
+def _get(ray, refs):
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        raise e.as_instanceof_cause() from None  # the worker's ValueError etc., not a wrapper
+
+
+def _check_identities(ray, actors, prompts, check) -> None:
+    from posterior.batch.jobs import _differences, _said
+
+    identities = _get(ray, [a.identity.remote(prompts) for a in actors])
+    for k, other in enumerate(identities[1:], 1):
+        diff = _differences(identities[0], other)
+        if diff:
+            raise ValueError(f"Ray worker {k} built another posterior than worker 0 ({_said(diff)}); the builder must "
+                             "build the same posterior in every process (no unseeded randomness)")  # fmt: skip
+    check(identities[0])
 
 
 def start(address: str | None, workers: int) -> bool:
@@ -62,9 +86,13 @@ def start(address: str | None, workers: int) -> bool:
 
 
 def run_ray(source, todo, spec, emit: Callable[[str], None], *, workers: int, batch_size: int,
-            address: str | None = None) -> None:  # fmt: skip
-    """Sample ``todo`` ([(index, prompt)], in prompt order) on ``workers`` actors; ``emit`` gets each
-    line in the order of ``todo``. ``source`` is a Posterior or a callable building one."""
+            address: str | None = None, check: Callable[[dict], None] | None = None,
+            probe_prompts=None) -> None:  # fmt: skip
+    """Sample ``todo`` ([(index, prompt, fields)], in prompt order) on ``workers`` actors; ``emit``
+    gets each line in the order of ``todo``. ``source`` is a Posterior or a callable building one.
+    With ``check``, every actor first reports the identity of the posterior it built
+    (:func:`posterior.batch.jobs.posterior_identity` over ``probe_prompts``): actors that built
+    different posteriors are an error, and ``check`` gets the identity before any task is sent."""
     ray = _ray()
     from posterior.posterior import Posterior
 
@@ -74,6 +102,8 @@ def run_ray(source, todo, spec, emit: Callable[[str], None], *, workers: int, ba
         handle = ray.put(source) if isinstance(source, Posterior) else source
         Worker = ray.remote(num_cpus=1)(_Worker)
         actors = [Worker.remote(handle) for _ in range(workers)]
+        if check is not None:
+            _check_identities(ray, actors, probe_prompts, check)
         tasks = deque(todo[k : k + batch_size] for k in range(0, len(todo), batch_size))
         position = {i: pos for pos, (i, _) in enumerate(todo)}
         window = WINDOW_TASKS_PER_WORKER * workers * batch_size
@@ -93,10 +123,7 @@ def run_ray(source, todo, spec, emit: Callable[[str], None], *, workers: int, ba
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             ref = ready[0]
             load[in_flight.pop(ref)] -= 1
-            try:
-                lines = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                raise e.as_instanceof_cause() from None  # the worker's ValueError etc., not a wrapper
+            lines = _get(ray, ref)
             for i, line in lines:
                 buffered[position[i]] = line
             while next_pos in buffered:

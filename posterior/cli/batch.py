@@ -6,8 +6,10 @@
 PROMPTS is JSONL ({"prompt": TEXT} or {"messages": [...]} per line; by the .jsonl / .ndjson name,
 or --format jsonl) or plain text, one prompt per line. Killed at any point and started again with
 the same command, it skips the prompts already written and ends with the same file an
-uninterrupted run writes; a restart with other settings is refused, naming them (OUT.meta.json
-records them). The library function is ``pst.batch.run`` (posterior/batch/jobs.py).
+uninterrupted run writes; a restart with other settings or another posterior (new weights in
+the --model folder, another reward) is refused, naming them (OUT.meta.json records them). An
+"id" in a JSONL line is kept in its output line. --out /dev/stdout (or any device or pipe) streams
+the lines, without resume. The library function is ``pst.batch.run`` (posterior/batch/jobs.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import functools
 import os
 import sys
 
+from posterior.batch.jobs import IDENTITY_FIELDS
 from posterior.cli import options
 
 # Settings that build the posterior. They are recorded in OUT.meta.json and checked on resume;
@@ -47,6 +50,9 @@ def add_parser(subparsers):
     p.add_argument("--workers", type=int, default=1, help="Ray actors, each loading the model once (with --ray)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start Ray locally with --workers CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--allow-change", action="append", default=[], choices=IDENTITY_FIELDS, metavar="FIELD",
+                   help="resume although this field of the posterior's recorded identity changed, e.g. reward.fingerprint "
+                        "for a random reward (repeatable; a refused resume names the fields)")  # fmt: skip
     options.add_model_options(p)
     return p
 
@@ -64,7 +70,9 @@ def model_spec(args) -> argparse.Namespace:
 def run(args) -> int:
     """Check the arguments, then ``pst.batch.run``, which checks the rest (counts, seed, the prompts
     file, a resumed OUT) before it builds the posterior: torch loads with the model."""
+    from posterior.batch.jobs import WriteError
     from posterior.batch.jobs import run as run_job
+    from posterior.fingerprints import files_fingerprint
     from posterior.validate import check_real
 
     options.check_model(args, command="posterior batch")
@@ -74,12 +82,18 @@ def run(args) -> int:
     options.check_device(args)
     spec = model_spec(args)
     settings = {**vars(spec), "engine_option": [list(kv) for kv in spec.engine_option]}
-    report = run_job(
-        functools.partial(options.load_posterior, spec), args.prompts_file, args.out, n=args.n, method=args.method,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, options=method_options, batch_size=args.batch_size,
-        ray=args.ray, workers=args.workers, ray_address=args.ray_address, settings=settings, format=args.format,
-        progress=not args.quiet,
-    )  # fmt: skip
+    if spec.model is not None:  # the path alone would resume over new weights saved into the same folder
+        settings["model_files"] = files_fingerprint(spec.model)
+    try:
+        report = run_job(
+            functools.partial(options.load_posterior, spec), args.prompts_file, args.out, n=args.n, method=args.method,
+            max_new_tokens=args.max_new_tokens, seed=args.seed, options=method_options, batch_size=args.batch_size,
+            ray=args.ray, workers=args.workers, ray_address=args.ray_address, settings=settings, format=args.format,
+            progress=not args.quiet, allow_changes=args.allow_change,
+        )  # fmt: skip
+    except WriteError as e:  # a full disk: one line, and the same command resumes
+        print(f"posterior: error: {e}", file=sys.stderr, flush=True)
+        return options.EXIT_BAD_INPUT
     if not args.quiet:
         resumed = f", {report.skipped} already there" if report.skipped else ""
         print(f"posterior: batch done: {report.written} prompts written to {report.out}{resumed} "

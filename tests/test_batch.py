@@ -518,3 +518,29 @@ def test_user_ids_in_batch_input_are_kept_in_the_output(tmp_path):
     _cut(out, 1)
     with pytest.raises(ValueError, match="prompts_sha256"):
         pst.batch.run(toy_post(), [{**r, "id": "x"} for r in rows], out, **kw)
+
+
+@pytest.mark.ray
+def test_ray_resume_with_another_builder_is_refused(ray_address, tmp_path):
+    """With Ray a builder runs only in the workers: each reports the identity of what it built,
+    checked (and recorded) before a task is sent."""
+
+    def build(beta, seed=0):  # local, imports inside: Ray ships it by value (workers cannot import this module)
+        from posterior.posterior import Posterior
+        from posterior.rewards.base import Callable
+        from posterior.testing import markov_prior
+
+        reward = Callable(lambda texts: [t.count("a") - 0.5 * t.count("c") for t in texts], name="a-c")
+        return Posterior(markov_prior(seed=seed), reward, beta=beta)
+
+    prompts, out = ["a", "b", "ab", "c"], tmp_path / "o.jsonl"
+    kw = dict(n=4, method="is", max_new_tokens=3, seed=0, progress=False, ray=True, workers=2, batch_size=1)
+    pst.batch.run(lambda: build(0.5), prompts, out, **kw)
+    assert "posterior" in json.loads((tmp_path / "o.jsonl.meta.json").read_text())
+    before = _cut(out, 2)
+    with pytest.raises(ValueError, match=r"posterior\.beta: was 0\.5, now 0\.25"):
+        pst.batch.run(lambda: build(0.25), prompts, out, **kw)
+    assert out.read_bytes() == before
+    with pytest.raises(ValueError, match=r"Ray worker 1 built another posterior than worker 0 \(prior\.code"):
+        pst.batch.run(lambda: build(0.5, seed=os.getpid()), prompts, tmp_path / "other.jsonl", **kw)
+    assert pst.batch.run(lambda: build(0.5), prompts, out, **kw).written == 2

@@ -105,7 +105,7 @@ def run_ray(source, todo, spec, emit: Callable[[str], None], *, workers: int, ba
         if check is not None:
             _check_identities(ray, actors, probe_prompts, check)
         tasks = deque(todo[k : k + batch_size] for k in range(0, len(todo), batch_size))
-        position = {i: pos for pos, (i, _) in enumerate(todo)}
+        position = {i: pos for pos, (i, *_) in enumerate(todo)}
         window = WINDOW_TASKS_PER_WORKER * workers * batch_size
         next_pos, buffered = 0, {}
         in_flight: dict = {}  # ObjectRef -> actor

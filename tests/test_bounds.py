@@ -204,17 +204,17 @@ def test_log_Z_lower_and_upper_are_widened_ends_that_cover_the_exact_log_Z_over_
     KL brackets' are: over 40 seeded calls on an enumerable toy they hold log Z in all but a few
     (each end holds with probability ~0.99 at repeats=8), while the means miss it often."""
     prior = markov_prior(seed=3)
-    post = pst.Posterior(prior, reward(), beta=0.5)
-    exact = exact_posterior(prior, post.reward, 0.5, T).log_Z
+    post = pst.Posterior(prior, reward(), beta=2.0)  # R/beta = 1.5: exact samples are cheap
+    exact = exact_posterior(prior, post.reward, 2.0, T).log_Z
     ends_miss = means_miss = 0
-    for seed in range(40):
-        b = pst.bounds(post, n=8, repeats=8, max_new_tokens=T, method="is", seed=seed)
+    for seed in range(40):  # measured: the ends missed 1, the means 29
+        b = pst.bounds(post, n=16, repeats=8, max_new_tokens=T, method="is", seed=seed)
         ends_miss += not (b.log_Z_lower.item() <= exact <= b.log_Z_upper.item())
         means_miss += not (b.log_Z_lower_mean.item() <= exact <= b.log_Z_upper_mean.item())
         assert b.log_Z_bracket[0].tolist() == [b.log_Z_lower.item(), b.log_Z_upper.item()]
         assert b.log_Z_lower.item() == pytest.approx(b.log_Z_lower_mean.item() - 3 * b.log_Z_lower_se.item())
     assert ends_miss <= 3, ends_miss  # binomial(40, ~0.02): P(> 3) < 1%
-    assert means_miss >= 8, means_miss  # so the test can fail: the means alone are not ends
+    assert means_miss >= 10, means_miss  # so the test can fail: the means alone are not ends
 
 
 def test_bounds_with_repeats_2_say_they_are_not_reliable():

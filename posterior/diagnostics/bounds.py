@@ -413,6 +413,8 @@ def bounds(
             log_q = policy.log_prob(policy.encode_prompts(prompts), ex.tokens, ex.lengths).double()
             b, b_se = mean_se(ex.log_prior.double() + (ex.rewards.double() - c[:, None]) / beta - log_q)
             fwd = bracket(b - U, torch.hypot(b_se, U_se), b - L, torch.hypot(b_se, L_se), z)
+            fwd = torch.where(torch.isposinf(b)[:, None], math.inf, fwd)  # q gives 0 to an exact sample: KL(pi*||q) = inf
+        rev = torch.where(torch.isposinf(a)[:, None], math.inf, rev)  # q drew outside pi*'s support: KL(q||pi*) = inf
     bar.close()
     notes.append(
         f"log Z's ends and the KL brackets are the sides' means over the repeats moved out by {z:g} standard errors: "

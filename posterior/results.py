@@ -41,9 +41,26 @@ class SampleResult:
     def num_prompts(self) -> int:
         return self.log_weights.shape[0]
 
+    def check_samples(self, what: str = "samples") -> None:
+        """Raise :class:`~posterior.errors.DegenerateWeightsError` where a prompt has no sample of
+        positive weight (``info["degenerate"]``: an SMC run whose particles all died has Ẑ = 0 there,
+        an honest log Z = -inf, but nothing to average)."""
+        dead = self.info.get("degenerate")
+        if isinstance(dead, torch.Tensor) and bool(dead.any()):
+            from posterior.errors import DegenerateWeightsError
+
+            rows = dead.nonzero().flatten().tolist()
+            names = ", ".join("<unconditional>" if self.prompts is None else repr(self.prompts[p][:80]) for p in rows)
+            raise DegenerateWeightsError(
+                f"{what}: every sample of prompt(s) {names} has weight 0 in this {self.method} run (log Z = -inf, "
+                "Z^ = 0): there is nothing to average",
+                rows=rows,
+            )
+
     def reward_mean(self) -> torch.Tensor:
         """(P,) weighted mean reward: the estimate of E_pi*[r] for methods that target pi*.
         Samples with reward -inf carry weight 0 in every method that targets pi*."""
+        self.check_samples("reward_mean")
         w = self.log_weights.double().exp()
         r = torch.where(w > 0, self.rewards.double(), 0.0)
         return (w * r).sum(-1)
@@ -56,6 +73,7 @@ class SampleResult:
         ``kl_prior`` gets the same formula from its float64 log Z, shifted by the largest reward."""
         if self.log_Z is None or not self.targets_posterior:
             return None
+        self.check_samples("KL(pi*||pi0)")
         if self.kl_prior is not None:
             return self.kl_prior
         from posterior.diagnostics.tilt import kl_estimate, reward_shift
@@ -139,6 +157,8 @@ _PER_PROMPT = {  # (P,) entries of res.info: label and explanation
     "r_hat": ("R-hat", "split R-hat of the reward traces (about 1 once the chains have mixed)"),
     "mcmc_ess": ("MCMC ESS", "autocorrelation effective sample size of the kept reward traces"),
     "moved": ("moved", "fraction of particle Gibbs sweeps that picked a new trajectory (its acceptance rate)"),
+    "restarts": ("restarts", "particle Gibbs sweeps run afresh for a chain with no state in the support yet (every particle of its earlier sweep died)"),
+    "outside_support": ("off support", "particle Gibbs chains with no state in the support at the end (weight 0 here)"),
 }
 
 

@@ -170,3 +170,19 @@ def test_cli_errors_exit_2(model_dir, capsys):
     assert "beta must be a finite number > 0, got 0.0" in capsys.readouterr().err
     assert main(["compare", "hi", "--model", model_dir, "--methods", "nope", "-n", "2", "--quiet"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_cli_compare_bounds_takes_max_draws_and_shows_progress_on_stderr(model_dir, capsys):
+    """compare --bounds was silent for minutes and had no way to raise the exact samples' max_draws
+    that its error asked for. Progress goes to stderr, so --json stays strict JSON on stdout."""
+    args = ["compare", "hello", "--model", model_dir, "--reward", "sentiment", "--beta", "1", "--methods", "is",
+            "-n", "4", "--max-new-tokens", "4", "--bounds", "--bounds-repeats", "3", "--json"]  # fmt: skip
+    assert main(args + ["--bounds-max-draws", "5000"]) == 0
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]  # every stdout line is JSON
+    assert lines[0]["name"] == "is" and lines[0]["log_Z_bracket"] is not None
+    assert "compare brackets" in err and "bounds is" in err
+    assert main(args + ["--bounds-max-draws", "1"]) != 0
+    assert "--bounds-max-draws" in capsys.readouterr().err
+    assert main(args[:-4] + ["--bounds-max-draws", "10", "--quiet"]) == 2  # without --bounds it has no use
+    assert "needs --bounds" in capsys.readouterr().err

@@ -369,3 +369,58 @@ def test_default_model_contains_tilted_smc_finds_valid_samples_where_is_finds_al
             pass
     print(f"\nContains('great'), 4 seeds x 32 particles: tilted smc {n_smc} valid, is {n_is} valid")
     assert n_smc >= 32 and n_smc >= 4 * n_is
+
+
+# --------------------------------------------------------------------------------------------------
+# Hard constraints: a run whose particles all die is Ẑ = 0, kept (issue 25.12)
+# --------------------------------------------------------------------------------------------------
+def _b_first(texts):
+    return [0.0 if "b" in t else -1.0 for t in texts]  # a finite twist towards the constraint: resampling happens
+
+
+def test_smc_Z_hat_averaged_with_the_runs_whose_particles_all_died_is_unbiased():
+    """Contains("b") on the two-token toy with 2 particles: a run loses every particle with a
+    known, large probability. Before, such a run raised and nothing of it could be kept, so the
+    runs that finished were a selection whose Ẑ averages far above Z. Each prompt below is an
+    independent run (the toy ignores the prompt); the raised error carries the honest result."""
+    prior, Tc = two_token_prior(), 3
+    post = pst.Posterior(prior, pst.rewards.Contains("b"), beta=1.0)
+    Z = math.exp(exact_posterior(prior, post.reward, 1.0, Tc).log_Z)
+    log_Z = []
+    for seed in range(3):
+        with pytest.raises(pst.DegenerateWeightsError, match=r"Z\^ = 0 .*e\.result") as e:
+            post.sample(n=2, method="smc", max_new_tokens=Tc, prompts=["a"] * 400, seed=seed, twist=_b_first, ess_threshold=1.0)
+        res = e.value.result
+        dead = res.info["degenerate"]
+        assert e.value.rows == dead.nonzero().squeeze(1).tolist()
+        assert torch.isneginf(res.log_Z[dead]).all() and torch.isfinite(res.log_Z[~dead]).all()
+        assert (res.ess[dead] == 0).all() and torch.isneginf(res.log_weights[dead]).all()
+        assert torch.isfinite(res.info["log_Z_increments"][~dead]).all()  # no NaN in the survivors' increments
+        assert torch.allclose(res.info["log_Z_increments"].sum(-1)[~dead], res.log_Z[~dead])
+        with pytest.raises(pst.DegenerateWeightsError, match="nothing to average"):
+            res.reward_mean()
+        log_Z.append(res.log_Z)
+    Z_hat = torch.cat(log_Z).exp()  # (1200,) zeros included
+    zeros = float((Z_hat == 0).double().mean())
+    assert 0.05 < zeros < 0.5  # the toy does lose whole runs
+    mean, se = float(Z_hat.mean()), float(Z_hat.std() / math.sqrt(Z_hat.numel()))
+    assert abs(mean - Z) < 4 * se, (mean, Z, se)  # unbiased, 4 standard errors
+    survivors = Z_hat[Z_hat > 0]
+    assert float(survivors.mean()) > Z + 4 * float(survivors.std() / math.sqrt(survivors.numel()))  # dropping the zeros is biased
+
+
+def test_smc_prompts_whose_particles_live_are_unaffected_by_one_that_dies():
+    """After a prompt starting with "b" this toy never emits "a": Contains("a") kills that prompt's
+    particles only; the other prompt's result is what a run on it alone gives."""
+    free, no_a = torch.tensor([0.5, 0.3, 0.2]).log(), torch.tensor([0.0, 0.8, 0.2]).log()
+
+    def next_logprobs(ids):
+        return torch.stack([no_a if len(row) and row[0] == 1 else free for row in ids.tolist()] or [free])[: ids.shape[0]]
+
+    post = pst.Posterior(pst.CallablePrior(["a", "b", "<eos>"], next_logprobs), pst.rewards.Contains("a"), 1.0)
+    with pytest.raises(pst.DegenerateWeightsError, match=r"SMC step \d+ .*'bb'") as e:
+        post.sample(n=64, method="smc", max_new_tokens=2, prompts=["ab", "bb"], seed=0)
+    res = e.value.result
+    assert e.value.rows == [1] and res.info["degenerate"].tolist() == [False, True]
+    assert math.isfinite(res.log_Z[0].item()) and res.log_Z[1].item() == -math.inf
+    assert res.ess[0] > 1 and all("a" in t for t, w in zip(res.texts[0], res.log_weights[0].tolist()) if w > -math.inf)

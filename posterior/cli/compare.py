@@ -42,7 +42,9 @@ def add_parser(subparsers):
     p.add_argument("--plot", default=None, help="write the reward-KL frontier PNG here")
     p.add_argument("--bounds", action="store_true",
                    help="two-sided brackets beside every row (exact samples by rejection; see pst.bounds)")
-    p.add_argument("--bounds-repeats", type=int, default=8, help="independent runs of each side of a bracket")
+    p.add_argument("--bounds-repeats", type=int, default=8, help="independent runs of each side of a bracket (>= 8 for reliable ends)")
+    p.add_argument("--bounds-max-draws", type=int, default=None, metavar="N",
+                   help="prior draws per prompt the brackets' exact samples (rejection) may take (default 1000 x repeats)")
     options.add_output_options(p)
     options.add_model_options(p)
     return p
@@ -57,6 +59,10 @@ def check(args) -> tuple[list[str], dict, dict]:
     options.check_posterior(args)
     check_int("n", args.n, 2)
     check_int("--bounds-repeats", args.bounds_repeats, 2)
+    if args.bounds_max_draws is not None:
+        check_int("--bounds-max-draws", args.bounds_max_draws, 1)
+        if not args.bounds:
+            raise ValueError(f"--bounds-max-draws {args.bounds_max_draws} limits the brackets' exact samples: it needs --bounds")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods and not args.policy:
         raise ValueError(f"--methods {args.methods!r} names no method (and no --policy is given): "
@@ -97,7 +103,8 @@ def run(args) -> int:
         try:
             rep = pst.compare(post, methods=methods, policies=policies, n=args.n, max_new_tokens=args.max_new_tokens,
                               prompts=args.prompts or None, seed=args.seed, method_options=method_options,
-                              bounds=args.bounds, bounds_repeats=args.bounds_repeats, progress=progress)  # fmt: skip
+                              bounds=args.bounds, bounds_repeats=args.bounds_repeats,
+                              bounds_max_draws=args.bounds_max_draws, progress=progress)  # fmt: skip
         except TypeError as e:  # a sampler's option of the wrong kind
             raise ValueError(str(e)) from e
     # The comparison exists: print it before the plot, which may still fail.

@@ -25,7 +25,13 @@ Brackets (``bounds=True``, :mod:`posterior.diagnostics.bounds`). One rejection r
 samples of pi*, shared by every row. IS and SMC rows get their own two-sided estimates of log Z
 and the bracket they imply on KL(pi*‖pi0) (``log_Z_bracket``, ``kl_prior_bracket``); other rows
 that target pi* get the IS bracket; best-of-k gets [0, its bound]; policies get brackets on
-KL(pi*‖q) and KL(q‖pi*) and KL(q‖pi0) ± z standard errors. The upper side also bounds the frontier:
+KL(pi*‖q) and KL(q‖pi*) and KL(q‖pi0) ± z standard errors. Every end is a side's mean moved out by
+z standard errors (``Bounds.log_Z_lower`` / ``log_Z_upper``); a run of a side that lost every
+sample under a hard constraint (Ẑ = 0) is kept, so that end is -inf or +inf, and a note says how
+many did and what helps. A row's own estimate outside its bracket is marked (``outside_bracket``)
+and explained in the notes: it comes from one run, the bracket from repeats. ``bounds_max_draws``
+is the rejection sampler's ``max_draws`` for the exact samples; ``progress`` shows a bar over the
+brackets' runs on stderr. The upper side also bounds the frontier:
 for every q, E_q[r] <= beta·(KL(q‖pi0) + log Z) (the frontier's tangent at pi*), so with log Z's
 upper end U this *bound line* lies above every achievable point. A row whose point is above it,
 even at the generous ends of its brackets, is flagged (``flag``): its estimates are wrong, not
@@ -53,7 +59,7 @@ from posterior.priors.base import Prior
 from posterior.seeds import derive_seed
 from posterior.samplers.common import check_proposal
 from posterior.samplers.registry import get_sampler, sampler_options
-from posterior.validate import check_int, check_seed
+from posterior.validate import check_int, check_real, check_seed
 
 ROW_KEYS = ("name", "kind", "reward_mean", "kl_prior", "kl_target_forward", "kl_target_reverse", "log_Z",
             "distinct_2", "seconds", "forward_tokens")  # fmt: skip
@@ -187,6 +193,8 @@ class ComparisonReport:
                 parts = [f"{label} {_fmt_bracket(r.get(k))}" for k, label in zip(BRACKET_KEYS, BRACKET_LABELS) if r.get(k) is not None]
                 flag = f"  <- {r['flag']}" if r.get("flag") else ""
                 lines.append(f"  {r['name']:<12} " + "  ".join(parts) + flag)
+                for text in r.get("outside_bracket", []):
+                    lines.append(f"  {'':<12} note: {text} (see the notes)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -277,7 +285,15 @@ def _sampler_row(post, method, *, n, max_new_tokens, prompts, seed, options, gen
     if k is not None:
         opts["best_of"] = k
         outputs = n // k  # n decoded sequences in all (up to n mod k), as the other methods; k <= n checked
-    res = post.sample(n=outputs, method=method, max_new_tokens=max_new_tokens, prompts=prompts, seed=seed, **opts)
+    from posterior.errors import DegenerateWeightsError
+
+    t0 = time.perf_counter()
+    try:
+        res = post.sample(n=outputs, method=method, max_new_tokens=max_new_tokens, prompts=prompts, seed=seed, **opts)
+    except DegenerateWeightsError as e:  # a hard constraint none of the run's samples met
+        if getattr(e, "result", None) is None:
+            raise
+        return _degenerate_row(method, e.result, opts, time.perf_counter() - t0)
     row = {"name": method, "kind": "sampler", "reward_mean": float(res.reward_mean().mean()),
            "reward_mean_se": _weighted_se(res.log_weights, res.rewards), "targets_posterior": res.targets_posterior,
            "kl_target_forward": None, "kl_target_reverse": None, "seconds": float(res.seconds),
@@ -306,6 +322,22 @@ def _sampler_row(post, method, *, n, max_new_tokens, prompts, seed, options, gen
         row["forward_tokens"] = lengths
     row["options"] = {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool))}
     return row
+
+
+def _degenerate_row(method, res, opts, seconds) -> dict:
+    """The row of a run (IS, SMC) in which every sample of some prompt has weight 0: its Ẑ there is
+    0 (log Z -inf, an honest draw of the estimator); there is no sample to average, so its reward
+    and KL are None, and ``degenerate`` says which prompts (the brackets still come)."""
+    dead = res.info["degenerate"]
+    names = ", ".join("<unconditional>" if res.prompts is None else repr(res.prompts[p][:40]) for p in dead.nonzero().flatten().tolist())
+    return {
+        "name": method, "kind": "sampler", "reward_mean": None, "kl_prior": None, "kl_prior_kind": None,
+        "kl_target_forward": None, "kl_target_reverse": None, "targets_posterior": True, "seconds": float(seconds),
+        "log_Z": float(res.log_Z.mean()), "ess": float(res.ess.mean()), "distinct_2": None,
+        "forward_tokens": int(res.lengths.sum()), "estimates": ["log_Z", "forward_tokens"],
+        "degenerate": f"every sample of prompt(s) {names} has weight 0 in this run (Z^ = 0): no reward or KL estimate",
+        "options": {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool))},
+    }  # fmt: skip
 
 
 def _plain_se(x: torch.Tensor) -> float | None:
@@ -400,7 +432,8 @@ def compare(
     bounds: bool = False,  # two-sided brackets for every row and the bound line (module doc)
     bounds_repeats: int = 8,  # independent runs of each side (and exact samples per prompt)
     bounds_z: float = 3.0,  # bracket ends moved outwards by this many standard errors
-    progress: bool = False,  # a tqdm bar on stderr over the rows (methods, policies, frontier)
+    bounds_max_draws: int | None = None,  # prior draws per prompt for the exact samples by rejection (None: 1000·repeats)
+    progress: bool = False,  # tqdm bars on stderr over the rows (methods, policies, frontier) and the brackets' runs
 ) -> ComparisonReport:
     """Compare samplers of ``post`` and trained policies on the same prompts; see the module doc.
 
@@ -458,6 +491,15 @@ def compare(
     prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
     if not isinstance(progress, bool):
         raise ValueError(f"progress must be a bool, got {progress!r}")
+    if bounds:  # the brackets' arguments, before anything samples
+        check_int("bounds_repeats", bounds_repeats, 2)
+        bounds_z = check_real("bounds_z", bounds_z)
+        if bounds_z < 0:
+            raise ValueError(f"bounds_z must be >= 0, got {bounds_z!r}")
+        if bounds_max_draws is not None:
+            check_int("bounds_max_draws", bounds_max_draws, 1)
+    elif bounds_max_draws is not None:
+        raise ValueError(f"bounds_max_draws={bounds_max_draws!r} limits the brackets' exact samples: it needs bounds=True")
     generator = torch.Generator().manual_seed(seed)  # diversity resampling; samplers seed their own
     rows = []
     bar = tqdm(total=len(names) + 1, desc="compare", unit="row", disable=not progress, leave=False, file=sys.stderr,
@@ -484,6 +526,10 @@ def compare(
                             seed=derive_seed(seed, "compare frontier"))  # fmt: skip
         frontier, frontier_exact = estimated_frontier(draws.rewards, betas), False
         notes.append(f"frontier estimated by reweighting {m} prior draws per prompt (KL at most log {m} = {math.log(m):.2f})")
+    for r in rows:
+        if r.get("degenerate"):
+            notes.append(f"{r['name']}: {r['degenerate']} — a hard constraint none of its n samples met; use a larger n, "
+                         "or method smc with proposal='tilted' and a twist towards the constraint")  # fmt: skip
     if any(r.get("kl_prior_kind") == "bound" for r in rows):
         notes.append("best-of-k KL(.||pi0) is the bound log k - (k-1)/k")
     bar.set_postfix_str("frontier done", refresh=False)
@@ -492,7 +538,8 @@ def compare(
     bound_line = None
     if bounds:
         bound_line = _attach_brackets(rows, post, policies, n=n, max_new_tokens=max_new_tokens, prompts=prompts, seed=seed,
-                                      method_options=method_options, repeats=bounds_repeats, z=bounds_z, notes=notes)  # fmt: skip
+                                      method_options=method_options, repeats=bounds_repeats, z=bounds_z, notes=notes,
+                                      max_draws=bounds_max_draws, progress=progress)  # fmt: skip
         _flag_rows(rows, frontier, frontier_exact, bound_line, notes)
     for r in rows:
         for k in ROW_KEYS:
@@ -508,33 +555,55 @@ def _mean_bracket(b: torch.Tensor | None) -> list[float] | None:
     return None if b is None else [float(b[:, 0].mean()), float(b[:, 1].mean())]
 
 
-def _attach_brackets(rows, post, policies, *, n, max_new_tokens, prompts, seed, method_options, repeats, z, notes):
-    """Brackets on every row (module doc); returns the bound line (beta, U) or None."""
+def _attach_brackets(rows, post, policies, *, n, max_new_tokens, prompts, seed, method_options, repeats, z, notes,
+                     max_draws=None, progress=False):
+    """Brackets on every row (module doc); returns the bound line (beta, U) or None. With
+    ``progress``, a bar on stderr over the rows' bracket runs (each of which shows its own)."""
     from posterior.diagnostics import bounds as B
-    from posterior.errors import check_int, check_real
+    from posterior.errors import DegenerateWeightsError, check_int, check_real
 
     repeats = check_int("bounds_repeats", repeats, 2)
     z = check_real("bounds_z", z)
+    if max_draws is not None:
+        max_draws = check_int("bounds_max_draws", max_draws, 1)
     R = post.reward.upper_bound
+    bar = tqdm(total=len(rows) + 1, desc="compare brackets", unit="row", disable=not progress, leave=False,
+               file=sys.stderr, mininterval=0)  # fmt: skip
     exact = None
     if R is not None:
-        exact = post.sample(n=repeats, method="rejection", max_new_tokens=max_new_tokens, prompts=prompts,
-                            seed=derive_seed(seed, "compare exact samples"), reward_upper_bound=R)  # fmt: skip
+        bar.set_postfix_str("exact samples of pi* (rejection)", refresh=True)
+        try:
+            exact = post.sample(n=repeats, method="rejection", max_new_tokens=max_new_tokens, prompts=prompts,
+                                seed=derive_seed(seed, "compare exact samples"), reward_upper_bound=R, max_draws=max_draws)  # fmt: skip
+        except DegenerateWeightsError as e:
+            raise DegenerateWeightsError(
+                f"compare brackets: the exact samples of pi* (rejection at R={R:g}) ran out of draws: {e} (give "
+                "bounds_max_draws=..., or --bounds-max-draws N on the command line)", rows=e.rows,
+            ) from e  # fmt: skip
         cost = float(exact.info["draws"].double().mean() / repeats)
         notes.append(f"brackets: {repeats} exact samples of pi* per prompt by rejection (R={R:g}), {cost:.3g} prior draws each")
     else:
         notes.append(f"brackets: reward {post.reward.name} declares no upper bound: lower sides of log Z only, no KL(pi*||.) brackets")
+    bar.update(1)
     cache: dict[str, B.Bounds] = {}
 
     def run(method, **kw):
         key = method + repr(sorted(kw.items(), key=lambda kv: kv[0]))
         if key not in cache:
             cache[key] = B.bounds(post, n=n, repeats=repeats, max_new_tokens=max_new_tokens, prompts=prompts,
-                                  method=method, exact_samples=exact, seed=derive_seed(seed, f"bounds {method}"), z=z, **kw)  # fmt: skip
+                                  method=method, exact_samples=exact, seed=derive_seed(seed, f"bounds {method}"), z=z,
+                                  progress=progress, **kw)  # fmt: skip
+            for note in cache[key].notes:  # degenerate runs, too few repeats: said once per bracket run
+                if note.startswith(("lower side:", "not reliable")):
+                    text = f"brackets ({method}{', policy' if 'policy' in kw else ''}): {note}"
+                    if text not in notes:
+                        notes.append(text)
         return cache[key]
 
     uppers = []
     for r in rows:
+        bar.set_postfix_str(f"{r['name']}", refresh=True)
+        bar.update(1)
         r["bracket_z"] = z
         if r["kind"] == "sampler":
             if r.get("kl_prior_kind") == "bound":  # best-of-k: KL in [0, log k - (k-1)/k] exactly
@@ -546,12 +615,13 @@ def _attach_brackets(rows, post, policies, *, n, max_new_tokens, prompts, seed, 
             opts = {k: v for k, v in method_options.get(r["name"], {}).items()} if r["name"] == "smc" else {}
             b = run(r["name"], **opts) if own else run("is")
             r["bracket_from"] = r["name"] if own else "is"
-            lower = (b.log_Z_lower - z * b.log_Z_lower_se).mean()
-            upper = None if b.log_Z_upper is None else (b.log_Z_upper + z * b.log_Z_upper_se).mean()
+            lower = b.log_Z_lower.mean()  # the widened ends (means moved out by z standard errors)
+            upper = None if b.log_Z_upper is None else b.log_Z_upper.mean()
             r["log_Z_bracket"] = [float(lower), math.inf if upper is None else float(upper)]
             r["kl_prior_bracket"] = _mean_bracket(b.kl_prior)
             if upper is not None:
                 uppers.append(float(upper))
+            _explain_outside(r, b)
         else:
             b = run("is", policy=policies[r["name"]])
             r["bracket_from"] = "is"
@@ -561,8 +631,32 @@ def _attach_brackets(rows, post, policies, *, n, max_new_tokens, prompts, seed, 
             if se is not None:
                 r["kl_prior_bracket"] = [r["kl_prior"] - z * se, r["kl_prior"] + z * se]
             if b.log_Z_upper is not None:
-                uppers.append(float((b.log_Z_upper + z * b.log_Z_upper_se).mean()))
+                uppers.append(float(b.log_Z_upper.mean()))
+    bar.close()
+    if any(r.get("outside_bracket") for r in rows):
+        notes.append(
+            "a row's estimate outside its own bracket: the estimate comes from that row's one run (n samples or "
+            "particles; one run's log Z^ is biased low by Jensen and noisy, and its KL estimate inherits that), the "
+            "bracket from independent repeats of both sides with exact samples of pi*; read the bracket"
+        )
     return (post.beta, min(uppers)) if uppers else None
+
+
+def _explain_outside(row: dict, b) -> None:
+    """Mark a sampler row whose own estimate (log Z, KL(pi*||pi0)) lies outside its bracket, with
+    what the bracket would need: ``row["outside_bracket"]`` (a list of short texts)."""
+    out = []
+    for key, br in (("log_Z", row.get("log_Z_bracket")), ("kl_prior", row.get("kl_prior_bracket"))):
+        v = row.get(key)
+        if br is None or not isinstance(v, float) or not math.isfinite(v):
+            continue
+        if v < br[0] or v > br[1]:
+            label = "log Z" if key == "log_Z" else "KL(.|pi0)"
+            side = "below" if v < br[0] else "above"
+            out.append(f"{label} estimate {v:.3f} {side} {_fmt_bracket(br)}: one run's estimate; "
+                       f"the bracket rests on {b.repeats} repeats of each side")  # fmt: skip
+    if out:
+        row["outside_bracket"] = out
 
 
 def _flag_rows(rows, frontier, frontier_exact, bound_line, notes):

@@ -86,6 +86,7 @@ class SMCState:
     t: int
     particles: Particles
     carry: Any
+    dead_at: torch.Tensor | None = None  # (P,) int64 step at which every particle of a prompt had died (0: alive); ``on_degenerate="keep"``
 
     @property
     def running(self) -> torch.Tensor:
@@ -173,10 +174,17 @@ class SMCModel:
 
 @dataclass(frozen=True)
 class Reference:
-    """Conditional SMC: particle 0 of prompt p follows ``tokens[p, :lengths[p]]`` (EOS-padded)."""
+    """Conditional SMC: particle 0 of prompt p follows ``tokens[p, :lengths[p]]`` (EOS-padded).
+    A row of length 0 has no reference: its particle 0 is free and not kept at resampling (plain
+    SMC on that row; particle Gibbs uses it for a chain that has no state in the support yet)."""
 
     tokens: torch.Tensor  # (P, T) int64
     lengths: torch.Tensor  # (P,) int64
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """(P,) bool: the rows that have a reference trajectory."""
+        return self.lengths > 0
 
     def forced(self, state: SMCState, rows: torch.Tensor, k: int, pad: int) -> Forced:
         """Forced tokens of the next ``k`` tokens for the running rows that are particle 0."""
@@ -210,24 +218,26 @@ def resample_weights(
     scheme: str,
     *,
     generator: torch.Generator | None,
-    keep_first: bool = False,
+    keep_first: bool | torch.Tensor = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ancestors (P, N) (identity on rows not resampled) and the new log-weights (P, N):
     resampled rows become uniform at their log-mean-exp, so log-mean-exp is unchanged.
 
-    ``keep_first`` (conditional SMC): particle 0 keeps ancestor 0 and the other N-1 ancestors are
-    drawn from all N weights."""
+    ``keep_first`` (conditional SMC; a bool, or (P,) bool per row): particle 0 keeps ancestor 0 and
+    the other N-1 ancestors are drawn from all N weights."""
     P, N = log_weights.shape
     ancestors = torch.arange(N).expand(P, N).clone()  # (P, N)
     if not bool(decide.any()):
         return ancestors, log_weights
-    rows = decide.nonzero().squeeze(1)
     dev = generator.device if generator is not None else torch.device("cpu")
-    if keep_first:
+    keep = torch.as_tensor(keep_first, dtype=torch.bool).expand(P)  # (P,)
+    rows = (decide & keep).nonzero().squeeze(1)
+    if rows.numel():
         if N > 1:
             ancestors[rows, 1:] = resample(log_weights[rows].to(dev), N - 1, scheme, generator=generator).cpu()
         ancestors[rows, 0] = 0
-    else:
+    rows = (decide & ~keep).nonzero().squeeze(1)
+    if rows.numel():
         ancestors[rows] = resample(log_weights[rows].to(dev), N, scheme, generator=generator).cpu()
     log_mean = torch.logsumexp(log_weights, -1) - math.log(N)  # (P,)
     return ancestors, torch.where(decide[:, None], log_mean[:, None], log_weights)
@@ -277,12 +287,18 @@ def step(
     pad: int,
     reference: Reference | None = None,
     name_prompt: Callable[[int], str] = lambda p: f"#{p}",
+    on_degenerate: str = "raise",
 ) -> tuple[SMCState, StepInfo]:
     """Extend every running particle (the model's move), reweight, resample where the ESS is low.
 
-    ``state.carry`` is consumed. Raises DegenerateWeightsError when every particle of a prompt has
-    weight 0 after this step (naming the step and the prompts, through ``name_prompt``).
+    ``state.carry`` is consumed. When every particle of a prompt has weight 0 after this step:
+    ``on_degenerate="raise"`` raises DegenerateWeightsError (naming the step and the prompts,
+    through ``name_prompt``); ``"keep"`` keeps the prompt with every weight 0 — its particles stop,
+    its log Ẑ is -inf (Ẑ = 0: a legitimate draw of the unbiased estimator) and ``state.dead_at``
+    records the step — while the other prompts run on.
     """
+    if on_degenerate not in ("raise", "keep"):
+        raise ValueError(f'on_degenerate must be "raise" or "keep", got {on_degenerate!r}')
     old = state.particles
     P, N = old.lengths.shape
     t, T = state.t, cfg.max_new_tokens
@@ -316,7 +332,11 @@ def step(
     t_new = t + k
     before = normalize_log_weights(old.log_weights).log_mean  # (P,)
     stats = normalize_log_weights(new.log_weights)
-    if bool(stats.degenerate.any()):
+    dead_at = torch.zeros(P, dtype=torch.long) if state.dead_at is None else state.dead_at
+    newly = stats.degenerate & (dead_at == 0)  # (P,) prompts whose last particles died at this step
+    if on_degenerate == "keep":
+        dead_at = torch.where(newly, t_new, dead_at)
+    elif bool(stats.degenerate.any()):
         bad = stats.degenerate.nonzero().squeeze(1).tolist()
         where = f"step {t + 1} (token {t + 1} of max_new_tokens={T})" if k == 1 else f"block ending at token {t_new} of max_new_tokens={T}"
         raise DegenerateWeightsError(
@@ -331,7 +351,7 @@ def step(
     else:
         decide = torch.zeros(P, dtype=torch.bool)
     ancestors, log_weights = resample_weights(
-        new.log_weights, decide, cfg.resampling, generator=generator, keep_first=reference is not None
+        new.log_weights, decide, cfg.resampling, generator=generator, keep_first=False if reference is None else reference.rows
     )
     new = new._replace(log_weights=log_weights)
     if bool(decide.any()):
@@ -339,8 +359,11 @@ def step(
         still = take(still, ancestors)
     src = (ancestors + torch.arange(P)[:, None] * N).reshape(-1)  # (P·N,) flat ancestor of each particle
     carry = model.advance(move.carry, new, src, still, decide)
-    info = StepInfo(stats.ess, decide, ancestors, stats.log_mean - before, log_q_inc.view(P, N), t_new)
-    return SMCState(t_new, new, carry), info
+    # a prompt dead before this step has log-mean -inf before and after: its increment is 0, not NaN
+    increment = torch.where(torch.isneginf(before), torch.where(torch.isneginf(stats.log_mean), 0.0, stats.log_mean), stats.log_mean - before)
+    increment = torch.where(newly, -math.inf, increment)
+    info = StepInfo(stats.ess, decide, ancestors, increment, log_q_inc.view(P, N), t_new)
+    return SMCState(t_new, new, carry, None if on_degenerate == "raise" else dead_at), info
 
 
 def finish(state: SMCState, infos: list[StepInfo], cfg: EngineConfig) -> tuple[SMCState, list[StepInfo]]:
@@ -357,10 +380,12 @@ def finish(state: SMCState, infos: list[StepInfo], cfg: EngineConfig) -> tuple[S
     before = normalize_log_weights(p.log_weights).log_mean
     log_weights = torch.where(alive, p.log_weights + (r - p.psi) / cfg.beta, -math.inf)
     after = normalize_log_weights(log_weights).log_mean
+    change = torch.where(torch.isneginf(before) & torch.isneginf(after), 0.0, after - before)  # a dead prompt: 0, not NaN
     if infos:
         last = infos[-1]
-        infos = infos[:-1] + [last._replace(log_Z_increment=last.log_Z_increment + (after - before))]
-    return SMCState(state.t, p._replace(log_weights=log_weights, psi=torch.where(alive, r, p.psi)), state.carry), infos
+        infos = infos[:-1] + [last._replace(log_Z_increment=last.log_Z_increment + change)]
+    particles = p._replace(log_weights=log_weights, psi=torch.where(alive, r, p.psi))
+    return SMCState(state.t, particles, state.carry, state.dead_at), infos
 
 
 def run(
@@ -373,10 +398,13 @@ def run(
     reference: Reference | None = None,
     callback: Callable[[SMCState, StepInfo], None] | None = None,
     name_prompt: Callable[[int], str] = lambda p: f"#{p}",
+    on_degenerate: str = "raise",
 ) -> tuple[SMCState, list[StepInfo]]:
     """The one driver: ``init``, ``step`` until every particle has ended (or max_new_tokens), ``finish``.
 
     Returns the final state (weights unnormalised, log-mean-exp = log Ẑ) and the per-step infos.
+    ``on_degenerate`` as in :func:`step` ("keep": a prompt whose particles all die ends with every
+    weight 0 and log Ẑ = -inf, ``state.dead_at`` > 0, and the others run on).
     """
     if reference is not None and cfg.resampling != "multinomial":
         raise ValueError(
@@ -384,10 +412,13 @@ def run(
             f"resampling={cfg.resampling!r} has no conditional version here: use resampling='multinomial'"
         )
     state = init(model, prompt_ids, cfg, pad=pad)
+    if on_degenerate == "keep":
+        state = SMCState(state.t, state.particles, state.carry, torch.zeros(len(prompt_ids), dtype=torch.long))
     infos: list[StepInfo] = []
     try:
         while state.t < cfg.max_new_tokens and bool(state.running.any()):
-            state, info = step(model, state, cfg, generator=generator, pad=pad, reference=reference, name_prompt=name_prompt)
+            state, info = step(model, state, cfg, generator=generator, pad=pad, reference=reference, name_prompt=name_prompt,
+                               on_degenerate=on_degenerate)  # fmt: skip
             infos.append(info)
             if callback is not None:
                 callback(state, info)

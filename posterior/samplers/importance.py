@@ -9,10 +9,20 @@ as proposal the weights are exp(r/beta). With a fine-tuned model as ``proposal``
 log Ẑ say how close that model is to pi*: this is how sampled and fine-tuned posteriors are compared.
 A proposal that gives probability 0 where the prior does not is refused (``check_support``): its
 weights could never see that part of pi*.
+
+A prompt none of whose n draws has positive weight (a hard constraint none met) has Ẑ = 0 in this
+run, an honest draw of the unbiased estimator: the sampler raises
+:class:`~posterior.errors.DegenerateWeightsError` (there are no samples of pi* to return) with the
+run's result as ``e.result`` (log Ẑ = -inf there, ``info["degenerate"]``), as SMC does.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
+
+from posterior.errors import DegenerateWeightsError
 from posterior.priors.base import Prior
 from posterior.samplers.common import draw, make_result, tilted_weights
 from posterior.samplers.registry import register_sampler
@@ -30,7 +40,16 @@ def importance_sampling(
     proposal: Prior | None = None,  # default: the prior itself
 ):
     d = draw(post, prompts, n, max_new_tokens, generator=generator, proposal=proposal, progress=progress)
-    tw = tilted_weights(d, post.beta, prompts, what="importance weights")
+    try:
+        tw = tilted_weights(d, post.beta, prompts, what="importance weights")
+    except DegenerateWeightsError as e:
+        e.result = _degenerate_result(post, prompts, d, proposal)
+        raise DegenerateWeightsError(
+            f"{e}. This run's estimate for them is Z^ = 0 (log Z^ = -inf), a legitimate draw of the unbiased estimator, "
+            "kept in e.result (info['degenerate'] flags the prompts); averaging only runs that found a sample biases "
+            "Z^ upwards",
+            rows=e.rows,
+        ) from e
     info = {"proposal": "prior" if proposal is None else type(proposal).__name__}
     if proposal is not None:
         info["proposal_support"] = d.support
@@ -38,4 +57,23 @@ def importance_sampling(
         post, "is", prompts, d.cont,
         log_prior=d.log_prior, rewards=d.rewards, log_weights=tw.stats.log_weights, log_Z=tw.log_Z, ess=tw.stats.ess,
         kl=tw.kl, exact_scale=True, info=info,
+    )  # fmt: skip
+
+
+def _degenerate_result(post, prompts, d, proposal):
+    """The run's result where some prompt has no draw of positive weight: log Ẑ = -inf, weights 0,
+    ESS 0 there (the other prompts as usual), ``info["degenerate"]`` flagging them."""
+    from posterior.diagnostics.tilt import reward_shift, scaled
+    from posterior.diagnostics.weights import log_weight_stats
+    from posterior.results import SampleResult
+
+    shift = reward_shift(d.rewards)
+    stats = log_weight_stats(d.relative_log_weights(post.beta, shift))
+    dead = stats.degenerate
+    log_Z = torch.where(dead, -math.inf, scaled(shift, post.beta) + stats.log_mean)
+    info = {"proposal": "prior" if proposal is None else type(proposal).__name__, "degenerate": dead}
+    return SampleResult(
+        method="is", beta=post.beta, prompts=None if prompts is None else list(prompts), texts=d.cont.texts,
+        tokens=d.cont.tokens, lengths=d.cont.lengths, log_weights=stats.log_weights.float(), rewards=d.rewards,
+        log_prior=d.log_prior.float(), log_Z=log_Z.double(), ess=stats.ess.float(), info=info, prior=post.prior.describe(),
     )  # fmt: skip

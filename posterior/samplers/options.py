@@ -119,6 +119,17 @@ def python_object(name, value):
     return value
 
 
+def movable_particles(name, value) -> int:
+    """Particles of a particle Gibbs sweep: >= 2, since with one (the reference) a chain never moves."""
+    value = check_int(name, value, 1)
+    if value < 2:
+        raise ValueError(
+            f"{name} must be >= 2 for particle Gibbs, got {value!r}: a sweep with one particle keeps its reference, "
+            "so every chain would stay at its first state (a draw of the first sweep, not of pi*)"
+        )
+    return value
+
+
 def check_burn_in(steps: int, burn_in: int | None) -> int:
     """MCMC burn-in: None means ``steps // 2``; it must leave a step to keep (< steps)."""
     burn_in = steps // 2 if burn_in is None else burn_in
@@ -172,7 +183,7 @@ METHOD_OPTIONS: dict[str, dict[str, Option]] = {
         "samples": Option("final", choice(*SAMPLES)),
     },
     "pgibbs": {
-        "particles": Option(16, integer(1)),
+        "particles": Option(16, movable_particles),  # >= 2: one particle never moves
         "steps": Option(16, integer(1)),
         "burn_in": Option(None, optional(integer(0))),  # None: steps // 2
         **_SMC_MODEL,

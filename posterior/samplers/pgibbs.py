@@ -10,10 +10,18 @@ resampling while the other N-1 ancestors are drawn multinomially from all N weig
 ``reference`` hook, ``posterior.samplers.engine``). The next state is particle k drawn with
 probability ∝ its final weight, reference included. This kernel leaves pi* invariant for any N >= 1
 (ibid., Theorem 5), so after burn-in every chain's state is a draw from pi* — no weights, no bias
-from a finite N; a larger N only mixes faster (N = 1 never moves).
+from a finite N; a larger N only mixes faster. N = 1 never moves (the reference is the only
+particle), so the chain would return its first state, a draw of the first sweep, labelled a sample
+of pi*: ``particles`` < 2 is refused (the option table's check, shared by the library, the command
+line and the server).
 
 The first sweep has no reference (plain SMC with multinomial resampling): its pick is a draw from
-the SMC approximation, which burn-in forgets. n chains per prompt run as one batch: the engine sees
+the SMC approximation, which burn-in forgets. Under a hard constraint a first sweep may lose every
+particle of a chain: that chain has no state in the support yet, so its next sweep runs without a
+reference again (a retry), until one gives it a state; the other chains run on untouched (any
+starting state in the support is valid: burn-in forgets it). ``info["restarts"]`` counts these
+retries per prompt and ``info["outside_support"]`` the chains still without a state in the
+support at the end (weight 0 in the result). n chains per prompt run as one batch: the engine sees
 P·n rows of ``particles`` particles. Like MH, the result holds each chain's final state with
 uniform weights (log Z: None; pgibbs gives no unbiased estimate of Z), and ``info`` has the split
 R-hat and MCMC ESS of the kept reward traces across chains (Gelman & Rubin 1992; Geyer 1992), the
@@ -48,18 +56,25 @@ def pick(log_weights: torch.Tensor, *, generator) -> torch.Tensor:
 
 
 def sweep(model_of, rows, cfg, reference: Reference | None, *, generator, pad, name_prompt):
-    """One conditional SMC sweep over B = len(rows) chains; returns the picked trajectories
-    (tokens (B, T), lengths (B,)), their rewards and log pi0 (B,), and which picks were free (B,)."""
-    state, _ = run(model_of(), rows, cfg, generator=generator, pad=pad, reference=reference, name_prompt=name_prompt)
+    """One conditional SMC sweep over B = len(rows) chains (a chain whose reference row has length
+    0 runs a plain SMC sweep); returns the picked trajectories (tokens (B, T), lengths (B,)), their
+    rewards and log pi0 (B,), and which picks were free (B,). A chain whose particles all died
+    (weight 0: only without a reference) picks particle 0 with reward -inf: no state in the support."""
+    state, _ = run(model_of(), rows, cfg, generator=generator, pad=pad, reference=reference, name_prompt=name_prompt,
+                   on_degenerate="keep")  # fmt: skip
     p = state.particles
     B, N = p.lengths.shape
-    k = pick(p.log_weights, generator=generator)  # (B,)
+    dead = state.dead_at > 0  # (B,)
+    k = torch.zeros(B, dtype=torch.long)
+    if not bool(dead.all()):
+        k[~dead] = pick(p.log_weights[~dead], generator=generator)  # (B,)
     b = torch.arange(B)
     lengths = p.lengths[b, k]
     T = max(1, int(lengths.max()))
     tokens = widen(p.tokens[b, k], T, pad)[:, :T]
-    reward = torch.where(p.ended[b, k], p.psi[b, k], -math.inf)
-    return tokens, lengths, reward, p.log_prior[b, k], k != 0
+    reward = torch.where(p.ended[b, k] & ~dead, p.psi[b, k], -math.inf)
+    free = (k != 0) | (torch.ones(B, dtype=torch.bool) if reference is None else ~reference.rows)
+    return tokens, lengths, reward, p.log_prior[b, k], free
 
 
 @register_sampler("pgibbs")
@@ -108,11 +123,15 @@ def particle_gibbs(
 
     reference = None
     trace, moved = [], []
+    restarts = torch.zeros(P * n, dtype=torch.long)  # sweeps a chain ran without a reference after the first
     for s in tqdm(range(steps), desc="pgibbs", unit="sweep", disable=not progress, leave=False):
         tokens, lengths, reward, log_prior, free = sweep(model_of, rows, cfg, reference, generator=generator, pad=pad, name_prompt=name_prompt)
         if reference is not None:
             moved.append(free)
-        reference = Reference(tokens, lengths)
+            restarts += (~reference.rows).long()
+        # a chain whose state is outside the support (its first sweeps lost every particle) has no
+        # reference: its next sweep is a fresh SMC sweep (length 0: particle 0 free, not kept)
+        reference = Reference(tokens, torch.where(torch.isfinite(reward), lengths, 0))
         trace.append(reward.view(P, n))
         if callback is not None:
             cont_texts = prior.texts_of(tokens.view(P, n, -1), lengths.view(P, n))
@@ -133,6 +152,7 @@ def particle_gibbs(
         "twist": twist_name,
         "r_hat": r_hat, "mcmc_ess": mcmc_ess, "reward_trace": finite_mean(trace_t, 1),
         "moved": moved_t.mean((1, 2)) if moved else torch.full((P,), math.nan, dtype=torch.float64),
+        "restarts": restarts.view(P, n).sum(1), "outside_support": (~torch.isfinite(rew)).sum(1),
     }  # fmt: skip
     cont = Continuations(cont_tokens, cont_lengths, log_prior.view(P, n).float(), texts)
     return make_result(

@@ -30,9 +30,16 @@ blocks), and only the duplicates start anew after resampling (exactly block SMC;
 ``smc_model``).
 
 Resampling: per prompt, when ESS < ess_threshold·N (1 = every boundary, 0 = never), with a scheme
-registered in ``posterior.samplers.resampling``. A prompt whose particles all die raises
-:class:`~posterior.errors.DegenerateWeightsError` naming the step and the prompt. Per-step numerics
-go through ``posterior.kernels`` (Triton on CUDA, float64 CPU paths); weights are float64.
+registered in ``posterior.samplers.resampling``. Per-step numerics go through ``posterior.kernels``
+(Triton on CUDA, float64 CPU paths); weights are float64.
+
+A prompt whose particles all die (a hard constraint none of them met) has Ẑ = 0 in this run: a
+legitimate draw of the unbiased estimator (E[Ẑ] = Z counts the zeros; averaging only the runs that
+survived biases Ẑ upwards). The other prompts run on; the run's result is built with log Ẑ = -inf
+for those prompts (``info["degenerate"]`` flags them, ``info["dead_at_token"]`` says when) and,
+since the caller asked for samples of pi* that do not exist, it raises
+:class:`~posterior.errors.DegenerateWeightsError` naming the step and the prompts, with that
+honest result as ``e.result`` (``pst.bounds`` uses it).
 
 Hard constraints. ``Contains`` is 0/-inf with no prefix semantics: its auto twist is none, a
 particle dies when it ends without the substring, and with ``proposal="tilted"`` an ending token is
@@ -165,7 +172,7 @@ def sequential_monte_carlo(
 
     state, infos = run(
         model, prompt_ids, cfg, generator=generator, pad=pad, reference=reference, callback=on_step,
-        name_prompt=lambda p: prompt_name(prompts, p),
+        name_prompt=lambda p: prompt_name(prompts, p), on_degenerate="keep",
     )  # fmt: skip
     bar.close()
 
@@ -173,8 +180,10 @@ def sequential_monte_carlo(
     T = max(1, int(p.lengths.max()))
     tokens = widen(p.tokens.reshape(P * n, -1), T, pad)[:, :T].reshape(P, n, T)
     texts = prior.texts_of(tokens, p.lengths)
-    stats = normalize_prompts(p.log_weights, prompts, what="SMC weights")
     rewards = torch.where(p.ended, p.psi, -math.inf)  # killed before ending: -inf
+    if bool((state.dead_at > 0).any()):
+        _raise_degenerate(post, prompts, state, infos, tokens, texts, rewards, model, proposal, resampling, block_size, return_ancestry)
+    stats = normalize_prompts(p.log_weights, prompts, what="SMC weights")
     cont = Continuations(tokens, p.lengths, p.log_prior.float(), texts)
     stacked = stack_infos(infos, P, n)
     info = {
@@ -190,3 +199,51 @@ def sequential_monte_carlo(
         post, "smc", prompts, cont, log_prior=p.log_prior, rewards=rewards,
         log_weights=stats.log_weights, log_Z=stats.log_mean, ess=stats.ess, info=info,
     )  # fmt: skip
+
+
+def _raise_degenerate(post, prompts, state, infos, tokens, texts, rewards, model, proposal, resampling, block_size, return_ancestry):
+    """Every particle of some prompt died: raise DegenerateWeightsError naming the step(s) and the
+    prompts, with the run's honest result as ``e.result`` (log Ẑ = -inf there, every weight 0,
+    ``info["degenerate"]``)."""
+    from posterior.diagnostics.weights import log_weight_stats
+    from posterior.errors import DegenerateWeightsError
+    from posterior.results import SampleResult
+
+    p = state.particles
+    P, n = p.lengths.shape
+    T = model.pot.max_new_tokens
+    dead = state.dead_at > 0  # (P,)
+    stats = log_weight_stats(p.log_weights)  # never raises: -inf / 0 on the dead prompts
+    stacked = stack_infos(infos, P, n)
+    info = {
+        "proposal": proposal, "twist": "none" if model.pot.twist is None else model.pot.twist.name,
+        "resampling": resampling, "block_size": block_size,
+        **{k: v for k, v in stacked.items() if k != "ancestry"},
+        "degenerate": dead, "dead_at_token": state.dead_at.clone(),
+    }  # fmt: skip
+    if return_ancestry:
+        info["ancestry"] = stacked["ancestry"]
+    result = SampleResult(
+        method="smc", beta=post.beta, prompts=None if prompts is None else list(prompts), texts=texts, tokens=tokens,
+        lengths=p.lengths, log_weights=stats.log_weights.float(), rewards=rewards, log_prior=p.log_prior.float(),
+        log_Z=torch.where(dead, -math.inf, stats.log_mean.double()), ess=stats.ess.float(), info=info,
+        prior=post.prior.describe(),
+    )  # fmt: skip
+    groups: dict[int, list[int]] = {}
+    for row in dead.nonzero().squeeze(1).tolist():
+        groups.setdefault(int(state.dead_at[row]), []).append(row)
+    where = "; ".join(
+        (f"SMC step {t} (token {t} of max_new_tokens={T})" if block_size == 1 else f"SMC block ending at token {t} of max_new_tokens={T}")
+        + f": every one of the {n} particles of prompt(s) {', '.join(prompt_name(prompts, r) for r in rows)} has weight 0"
+        for t, rows in sorted(groups.items())
+    )  # fmt: skip
+    err = DegenerateWeightsError(
+        f"{where} (log-weight -inf: the reward or the twist is -inf on all of them), so there are no samples of pi* "
+        "to return for them. This run's estimate for them is Z^ = 0 (log Z^ = -inf), a legitimate draw of the unbiased "
+        "estimator, kept in e.result (info['degenerate'] flags the prompts): to estimate log Z, keep such runs (pst.bounds "
+        "does) — retrying until a run survives biases log Z^ upwards. For samples, use more particles or "
+        "proposal='tilted' with a twist that favours the constraint, or relax the constraint",
+        rows=dead.nonzero().squeeze(1).tolist(),
+    )
+    err.result = result
+    raise err

@@ -298,11 +298,13 @@ def stage(args, text: str) -> None:
 
 
 def check_plot_path(path: str | None, example: str) -> None:
-    """``--plot PATH`` before anything runs: not a folder, and its folder exists."""
+    """``--plot PATH`` before anything runs: a file can be written there
+    (:func:`posterior.validate.check_output_file`)."""
+    from posterior.validate import check_output_file
+
     if path is None:
         return
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"--plot {path!r} is a folder; give a file name such as {example}")
-    if not os.path.isdir(parent):
-        raise ValueError(f"--plot {path!r}: folder {parent!r} does not exist")
+    try:
+        check_output_file("--plot", path)
+    except ValueError as e:
+        raise ValueError(str(e).replace("give a file name", f"give a file name such as {example}")) from None

@@ -49,7 +49,7 @@ def add_parser(subparsers):
 def check(args) -> str:
     """Every argument, before the model (or torch) loads; returns the folder the policy is saved to."""
     from posterior.train.objective_names import POLICY_OBJECTIVES, TWIST_OBJECTIVES, policy_objective
-    from posterior.validate import check_int, check_real
+    from posterior.validate import check_int, check_output_folder, check_real
 
     options.check_model(args, backends=("hf",), command="posterior train")
     options.check_posterior(args)
@@ -73,21 +73,11 @@ def check(args) -> str:
     out = args.out or (os.path.join(args.checkpoint_dir, what) if args.checkpoint_dir else None)
     if out is None:
         raise ValueError(f"give --out (or --checkpoint-dir) to save the trained {what}")
-    for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--out", out)):
+    for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--out", out)):  # written only after training
         if path is not None:
-            _check_folder(flag, path)
+            check_output_folder(flag, path)
     options.check_device(args)
     return out
-
-
-def _check_folder(flag: str, path: str) -> None:
-    """``path`` is a folder or can become one: it and its nearest existing ancestor are not files."""
-    here = os.path.abspath(path)
-    while not os.path.exists(here) and os.path.dirname(here) != here:
-        here = os.path.dirname(here)
-    if not os.path.isdir(here):
-        what = "is a file" if here == os.path.abspath(path) else f"is inside {here!r}, which is a file"
-        raise ValueError(f"{flag} {path!r} {what}, not a folder")
 
 
 def run(args) -> int:

@@ -389,3 +389,31 @@ def test_output_path_checks_accept_what_can_be_written_and_create_nothing(tmp_pa
         check_output_folder("--out", tmp_path / "p.png" / "x")
     with pytest.raises(ValueError, match=r"--plot '.*p.png/x.png': folder '.*p.png' cannot exist: '.*p.png' is a file"):
         check_output_file("--plot", tmp_path / "p.png" / "x.png")
+
+
+def test_huge_n_model_file_and_lora_rank_with_twist_fail_before_any_work(tmp_path):
+    """Issue 25 item 11: ``-n 100000000000`` went on to allocate (the sampler's tensors alone need
+    terabytes); ``--model FILE`` failed inside transformers ("the config file ... is not a valid
+    JSON file"); ``--lora-rank`` with ``--twist`` was silently ignored. Each now fails at once."""
+    model_file = tmp_path / "model.bin"
+    model_file.write_bytes(b"not a model")
+    out = ["--out", str(tmp_path / "p")]
+    assert_fails_fast([
+        (["sample", "Hi", "-n", "100000000000"], "-n 100000000000: 100000000000 sequences x 1 prompt(s) need at least"),
+        (["sample", "Hi", "-n", "100000000000"], "GiB of memory"),
+        (["compare", "Hi", "-n", "100000000000"], "-n 100000000000: 100000000000 sequences"),
+        (["overopt", "Hi", "-n", "100000000000"], "-n 100000000000: 100000000000 sequences"),
+        (["overopt", "Hi", "--smc-n", "100000000000"], "--smc-n 100000000000: 100000000000 sequences"),
+        (["train", "Hi", "--batch-size", "100000000000", *out], "--batch-size 100000000000: 100000000000 sequences"),
+        (["sample", "Hi", "--model", str(model_file)], f"--model {str(model_file)!r} is a file, not a folder"),
+        (["train", "Hi", "--twist", "--lora-rank", "4", *out], "--lora-rank 4 sets a policy's adapter; --twist trains a twist"),
+        (["train", "Hi", "--twist", "--lora-rank", "0", *out], "--lora-rank 0 sets a policy's adapter"),
+    ], tmp_path)  # fmt: skip
+
+
+def test_n_within_memory_passes_the_check():
+    from argparse import Namespace
+
+    from posterior.cli.options import check_memory
+
+    check_memory(Namespace(prompts=["a", "b"], max_new_tokens=32, model=None), "-n", 4096)  # 4096 x 2 x ~196 KB: 1.6 GB

@@ -9,13 +9,20 @@ What counts as a number is decided here once: Python ints and floats, numpy scal
 (A module of its own rather than more helpers in :mod:`posterior.errors`: that module holds the
 error classes; a reader looking for the checks finds them by name here. ``posterior.errors``
 re-exports the old names ``check_int``, ``check_real``, ``is_int``, ``is_real`` and ``as_plain``.)
+
+Output paths too (:func:`check_output_file`, :func:`check_output_folder`): every command that writes
+a file checks where before any work, asking the file system (a probe file created and removed), so
+a run never ends with "not saved".
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
+import stat
 import sys
+import tempfile
 from collections.abc import Iterable
 
 #: The largest float32 (``torch.finfo(torch.float32).max``), as a constant: no torch needed.
@@ -143,6 +150,73 @@ def check_sampling(temperature, top_k, top_p) -> tuple[float, int | None, float 
     return float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p)
 
 
+# --------------------------------------------------------------------------------------------------
+# Output paths: checked before any work, so a run never ends with "could not save"
+# --------------------------------------------------------------------------------------------------
+def _nearest_existing(path: str) -> str:
+    here = os.path.abspath(path)
+    while not os.path.lexists(here) and os.path.dirname(here) != here:
+        here = os.path.dirname(here)
+    return here
+
+
+def _probe_folder(name: str, path: str, folder: str) -> None:
+    """Create and remove an empty file in ``folder``: what a write there needs (permissions, a
+    read-only file system, a pseudo file system such as /proc), asked of the system itself."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".posterior-write-check-", dir=folder)
+    except OSError as e:
+        where = "it takes" if os.path.abspath(path) == folder else f"folder {folder!r} takes"
+        raise ValueError(f"{name} {path!r} cannot be written: {where} no new files ({e.strerror or type(e).__name__})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(name: str, path) -> str:
+    """``path`` as a str, if a file can be written there: a regular file or a new name (not a
+    folder, device, pipe or socket), in an existing folder where new files can be created, and
+    writable if it exists. Else ``ValueError`` naming ``name`` (e.g. ``"--plot"``) and the path.
+
+    Called before any work (a model load, a sweep), so a run cannot end with its result unsaved.
+    A full disk is not detected (nothing is written to test it)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)):
+        raise ValueError(f"{name} must be a file path, got {path!r}")
+    path = str(os.fspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} is a folder; give a file name inside it")
+    if os.path.lexists(path):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:  # a dangling link
+            raise ValueError(f"{name} {path!r} cannot be written ({e.strerror or type(e).__name__})") from None
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{name} {path!r} is not a regular file (a device, pipe or socket); give a file name")
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{name} {path!r} exists and is not writable")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        nearest = _nearest_existing(parent)
+        why = "does not exist" if os.path.isdir(nearest) else f"cannot exist: {nearest!r} is a file"
+        raise ValueError(f"{name} {path!r}: folder {parent!r} {why}")
+    _probe_folder(name, path, parent)
+    return path
+
+
+def check_output_folder(name: str, path) -> str:
+    """``path`` as a str, if it is a folder, or can become one, where files can be written: it
+    (or its nearest existing ancestor, where it will be created) is a folder that takes new
+    files. Else ``ValueError`` naming ``name`` (e.g. ``"--out"``) and the path. Nothing is created."""
+    if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)):
+        raise ValueError(f"{name} must be a folder path, got {path!r}")
+    path = str(os.fspath(path))
+    here = _nearest_existing(path)
+    if not os.path.isdir(here):
+        what = "is a file" if here == os.path.abspath(path) else f"is inside {here!r}, which is a file"
+        raise ValueError(f"{name} {path!r} {what}, not a folder")
+    _probe_folder(name, path, here)
+    return path
+
+
 def as_plain(value):
     """numpy / one-element torch scalars as Python int, float or bool; other values unchanged
     (so method options given as ``np.int64(8)`` reach every sampler as ``8``)."""
@@ -161,6 +235,7 @@ def as_plain(value):
 
 
 __all__ = [
-    "FLOAT32_MAX", "SEED_MAX", "as_plain", "check_bool", "check_choice", "check_int", "check_optional_int", "check_prob",
-    "check_real", "check_sampling", "check_seed", "is_int", "is_real",
+    "FLOAT32_MAX", "SEED_MAX", "as_plain", "check_bool", "check_choice", "check_int", "check_optional_int",
+    "check_output_file", "check_output_folder", "check_prob", "check_real", "check_sampling", "check_seed", "is_int",
+    "is_real",
 ]  # fmt: skip

@@ -317,3 +317,103 @@ def test_objective_names_are_the_training_tables():
     assert get_objective("dpg").name == ALIASES["dpg"] == "forward_kl"
     with pytest.raises(ValueError, match="unknown objective 'nope'"):
         get_objective("nope")
+
+
+# --------------------------------------------------------------------------------------------------
+# Output paths (issue 25 item 6): every path a subcommand writes is checked before any work
+# --------------------------------------------------------------------------------------------------
+def _unwritable_folders(tmp_path) -> list[str]:
+    """Existing folders that take no new files here: a pseudo file system (/sys: EACCES, also for
+    root), and a folder without write permission where permissions bind (not for root)."""
+    out = []
+    if os.path.isdir("/sys") and _refuses_files("/sys"):
+        out.append("/sys")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if _refuses_files(str(locked)):
+        out.append(str(locked))
+    return out
+
+
+def _refuses_files(folder: str) -> bool:
+    try:
+        open(os.path.join(folder, ".posterior-test-probe"), "wb").close()
+    except OSError:
+        return True
+    os.unlink(os.path.join(folder, ".posterior-test-probe"))
+    return False
+
+
+def test_unwritable_output_path_fails_before_any_work(tmp_path):
+    """``posterior train --out UNWRITABLE`` trained for minutes and only then said "the policy was not
+    saved"; ``--plot`` onto a read-only folder or a device swept, then failed. Now every output path
+    of every subcommand that writes (train --out and --checkpoint-dir; compare and overopt --plot;
+    batch --out is checked by posterior/cli/batch.py) fails at once, exit 2, one line, nothing heavy
+    imported (so no model loaded)."""
+    folders = _unwritable_folders(tmp_path)
+    if not folders:
+        pytest.skip("no folder here refuses new files (not Linux, and permissions do not bind)")
+    cases = []
+    for folder in folders:
+        sub = os.path.join(folder, "posterior-test", "policy")  # a folder to create inside it
+        cases += [
+            (["train", "Hi", "--out", sub], f"--out {sub!r} cannot be written: folder {folder!r} takes no new files"),
+            (["train", "Hi", "--out", folder], f"--out {folder!r} cannot be written: it takes no new files"),
+            (["train", "Hi", "--twist", "--checkpoint-dir", sub, "--out", str(tmp_path / "t")],
+             f"--checkpoint-dir {sub!r} cannot be written"),
+            (["train", "Hi", "--checkpoint-dir", sub], f"--checkpoint-dir {sub!r} cannot be written"),
+            (["compare", "Hi", "--plot", os.path.join(folder, "f.png")], "takes no new files"),
+            (["overopt", "Hi", "--plot", os.path.join(folder, "o.png")], "takes no new files"),
+        ]  # fmt: skip
+    cases += [
+        (["compare", "Hi", "--plot", "/dev/full"], "--plot '/dev/full' is not a regular file"),
+        (["overopt", "Hi", "--plot", "/dev/null"], "--plot '/dev/null' is not a regular file"),
+        (["overopt", "Hi", "--plot", str(tmp_path / "no" / "o.png")], "does not exist"),
+        (["overopt", "Hi", "--plot", str(tmp_path)], "is a folder; give a file name such as overopt.png"),
+    ]  # fmt: skip
+    assert_fails_fast(cases, tmp_path)
+    assert not any(name.startswith(".posterior-write-check") for name in os.listdir(tmp_path))
+
+
+def test_output_path_checks_accept_what_can_be_written_and_create_nothing(tmp_path):
+    from posterior.validate import check_output_file, check_output_folder
+
+    new = tmp_path / "a" / "b" / "policy"
+    assert check_output_folder("--out", new) == str(new) and not (tmp_path / "a").exists()
+    assert check_output_file("--plot", tmp_path / "p.png") == str(tmp_path / "p.png") and os.listdir(tmp_path) == []
+    (tmp_path / "p.png").write_bytes(b"old")
+    check_output_file("--plot", tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes() == b"old" and os.listdir(tmp_path) == ["p.png"]
+    with pytest.raises(ValueError, match=r"--out '.*p.png/x' is inside '.*p.png', which is a file, not a folder"):
+        check_output_folder("--out", tmp_path / "p.png" / "x")
+    with pytest.raises(ValueError, match=r"--plot '.*p.png/x.png': folder '.*p.png' cannot exist: '.*p.png' is a file"):
+        check_output_file("--plot", tmp_path / "p.png" / "x.png")
+
+
+def test_huge_n_model_file_and_lora_rank_with_twist_fail_before_any_work(tmp_path):
+    """Issue 25 item 11: ``-n 100000000000`` went on to allocate (the sampler's tensors alone need
+    terabytes); ``--model FILE`` failed inside transformers ("the config file ... is not a valid
+    JSON file"); ``--lora-rank`` with ``--twist`` was silently ignored. Each now fails at once."""
+    model_file = tmp_path / "model.bin"
+    model_file.write_bytes(b"not a model")
+    out = ["--out", str(tmp_path / "p")]
+    assert_fails_fast([
+        (["sample", "Hi", "-n", "100000000000"], "-n 100000000000: 100000000000 sequences x 1 prompt(s) need at least"),
+        (["sample", "Hi", "-n", "100000000000"], "GiB of memory"),
+        (["compare", "Hi", "-n", "100000000000"], "-n 100000000000: 100000000000 sequences"),
+        (["overopt", "Hi", "-n", "100000000000"], "-n 100000000000: 100000000000 sequences"),
+        (["overopt", "Hi", "--smc-n", "100000000000"], "--smc-n 100000000000: 100000000000 sequences"),
+        (["train", "Hi", "--batch-size", "100000000000", *out], "--batch-size 100000000000: 100000000000 sequences"),
+        (["sample", "Hi", "--model", str(model_file)], f"--model {str(model_file)!r} is a file, not a folder"),
+        (["train", "Hi", "--twist", "--lora-rank", "4", *out], "--lora-rank 4 sets a policy's adapter; --twist trains a twist"),
+        (["train", "Hi", "--twist", "--lora-rank", "0", *out], "--lora-rank 0 sets a policy's adapter"),
+    ], tmp_path)  # fmt: skip
+
+
+def test_n_within_memory_passes_the_check():
+    from argparse import Namespace
+
+    from posterior.cli.options import check_memory
+
+    check_memory(Namespace(prompts=["a", "b"], max_new_tokens=32, model=None), "-n", 4096)  # 4096 x 2 x ~196 KB: 1.6 GB

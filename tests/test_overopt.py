@@ -317,6 +317,41 @@ def test_a_second_sweep_reuses_the_pool_of_the_first(prior):
         pst.overoptimization(prior, PROXY, GOLD, betas=[1.0], methods=["is"], n=200, max_new_tokens=M, draws=first.draws)
 
 
+def test_a_pool_drawn_from_another_prior_is_refused(prior):
+    """``draws=`` took any Continuations of the right shape: a pool of another prior (even another
+    vocabulary) was reweighted as if drawn from this one, a silently wrong sweep (issue 25 item 5).
+    The pool now records what it was drawn from and a mismatch is refused, naming it."""
+    from posterior.priors.callable import CallablePrior
+
+    kw = dict(betas=[1.0], methods=["is"], n=50, max_new_tokens=M)
+    first = pst.overoptimization(prior, PROXY, GOLD, **kw)
+    same = markov_prior(seed=3)  # another object with the same next-token law: the same prior
+    assert pst.overoptimization(same, PROXY, GOLD, draws=first.draws, **kw).pool["reused"]
+    other_vocab = markov_prior(vocab=("a", "b", "d", "<eos>"), seed=3)  # same law, other tokens
+    other_law = markov_prior(seed=4)
+    hotter = CallablePrior(prior.vocab, prior.next_logprobs, temperature=2.0)
+    for other, field in ((other_vocab, "fingerprint"), (other_law, "fingerprint"), (hotter, "describe")):
+        with pytest.raises(ValueError, match=f"draws were drawn from another prior: its {field} is"):
+            pst.overoptimization(other, PROXY, GOLD, draws=first.draws, **kw)
+    with pytest.raises(ValueError, match=r"draws were drawn with prompts=None; this sweep has prompts=\['a'\]"):
+        pst.overoptimization(prior, PROXY, GOLD, draws=first.draws, prompts=["a"], **kw)
+    with pytest.raises(ValueError, match=f"draws were drawn with max_new_tokens={M}; this sweep has max_new_tokens={M + 1}"):
+        pst.overoptimization(prior, PROXY, GOLD, draws=first.draws, **{**kw, "max_new_tokens": M + 1})
+    plain = prior.sample(prior.encode_prompts(None), 50, M, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="these Continuations record nothing"):
+        pst.overoptimization(prior, PROXY, GOLD, draws=plain, **kw)
+
+
+def test_a_pool_of_other_weights_is_refused_on_hf_priors():
+    from posterior.testing import tiny_hf_prior
+
+    kw = dict(betas=[1.0], methods=["is"], n=4, max_new_tokens=3, prompts=["ab"])
+    first = pst.overoptimization(tiny_hf_prior("gpt2", seed=0), PROXY, GOLD, **kw)
+    assert pst.overoptimization(tiny_hf_prior("gpt2", seed=0), PROXY, GOLD, draws=first.draws, **kw).pool["reused"]
+    with pytest.raises(ValueError, match="draws were drawn from another prior: its fingerprint is 'weights "):
+        pst.overoptimization(tiny_hf_prior("gpt2", seed=1), PROXY, GOLD, draws=first.draws, **kw)
+
+
 def test_two_prompts_average_their_exact_values(prior):
     prompts = ["a", "c"]
     rep = pst.overoptimization(prior, PROXY, GOLD, betas=[1.0, 0.5], methods=["is"], n=3000, max_new_tokens=3,

@@ -37,3 +37,32 @@ def test_weighted_sum_algebra():
     with pytest.raises(ValueError, match="must be finite and non-zero"):
         WeightedSum([(math.nan, Sentiment())])
     assert not r.accepts_prefixes and (0.5 * Sentiment()).accepts_prefixes
+
+
+def test_reward_returning_an_int_too_large_for_a_float_is_a_reward_error():
+    """A Python int beyond float64 raised a bare OverflowError from torch (issue 25 item 11)."""
+    with pytest.raises(RewardError, match=r"returned an int too large for a float for text 'b' \(an int of 401 digits\)"):
+        Callable(lambda ts: [1.0, 10**400])(["a", "b"])
+    with pytest.raises(RewardError, match="an int too large for a float"):
+        Callable(lambda ts: [10**5000 for _ in ts])(["a"])
+    assert Callable(lambda ts: [2**1000 for _ in ts])(["a"]).tolist() == [float(2**1000)]  # large but a float
+
+
+def test_reward_that_mutates_its_input_list_is_a_reward_error():
+    """A reward that sorted or popped the list it was given returned values for other texts (or a
+    wrong count), silently paired with the caller's texts (issue 25 item 11)."""
+
+    def sorts(ts):
+        ts.sort()
+        return [float(t == "a") for t in ts]
+
+    def pops(ts):
+        ts.pop()
+        return [0.0] * (len(ts) + 1)
+
+    with pytest.raises(RewardError, match=r"changed the list of texts it was given \(text #0 'b' became 'a'\)"):
+        Callable(sorts)(["b", "a"])
+    with pytest.raises(RewardError, match=r"changed the list of texts it was given \(2 texts became 1\)"):
+        Callable(pops)(["b", "a"])
+    texts = ["b", "a"]
+    assert Callable(lambda ts: [float(t == "a") for t in ts])(texts).tolist() == [0.0, 1.0] and texts == ["b", "a"]

@@ -202,6 +202,39 @@ def test_tabular_save_and_load(tmp_path):
     assert torch.equal(loaded.logits, policy.logits)
 
 
+def test_nan_policy_files_are_refused_at_load_naming_the_folder(tmp_path):
+    """A policy saved with NaN weights (a damaged file, or a run saved after it diverged) loaded
+    silently and sampled NaN log-probabilities everywhere (issue 25 item 11)."""
+    from safetensors.torch import load_file, save_file
+
+    from posterior.errors import CheckpointError
+
+    prior = markov_prior()
+    folder = random_policy(prior, 2).save(tmp_path / "tab")
+    saved = torch.load(folder / "tabular_policy.pt")
+    torch.save({**saved, "logits": saved["logits"].masked_fill(saved["logits"] > 0, float("-inf"))}, folder / "tabular_policy.pt")
+    assert load_policy(prior, folder) is not None  # a -inf logit: a token never drawn
+    torch.save({**saved, "logits": saved["logits"].masked_fill(saved["logits"] > 0, float("nan"))}, folder / "tabular_policy.pt")
+    with pytest.raises(CheckpointError, match=f"tabular policy folder {folder} holds \\d+ non-finite value\\(s\\) \\(nan\\)"):
+        load_policy(prior, folder)
+
+    hf = tiny_hf_prior("gpt2")
+    lora = policy_from(hf, lora_rank=2).save(tmp_path / "lora")
+    weights = lora / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    key = sorted(state)[0]
+    save_file({**state, key: torch.full_like(state[key], float("nan"))}, str(weights))
+    with pytest.raises(CheckpointError, match=f"policy folder {lora} holds \\d+ non-finite value\\(s\\) \\(nan\\)"):
+        load_policy(hf, lora)
+    full = policy_from(hf).save(tmp_path / "full")
+    weights = full / "model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k in sorted(state) if state[k].is_floating_point())
+    save_file({**state, key: torch.full_like(state[key], float("inf"))}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"policy folder {full} holds \\d+ non-finite value\\(s\\) \\(inf\\)"):
+        load_policy(hf, full)
+
+
 # --- pure losses on exact toys -----------------------------------------------------------------
 def test_rloo_reverse_kl_gradient_is_beta_times_the_exact_reverse_kl_gradient(toy):
     prior, _, exact = toy

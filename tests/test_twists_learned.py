@@ -139,6 +139,50 @@ def test_save_and_load_round_trip_and_refuse_another_prior(markov, tmp_path):
         pst.twists.load(tmp_path, prior)
 
 
+def test_damaged_or_nan_twist_files_are_refused_at_load_naming_the_folder(markov, tmp_path):
+    """A twist whose weights were NaN loaded silently and turned every SMC weight NaN; a damaged
+    twist.json or weights file raised json / safetensors errors naming no folder (issue 25 item 11)."""
+    from safetensors.torch import load_file, save_file
+
+    from posterior.errors import CheckpointError
+
+    prior = markov[0]
+    folder = random_twist(prior).save(tmp_path / "tw")
+    weights = folder / "twist.safetensors"
+    values = load_file(str(weights))["values"]
+    save_file({"values": values.masked_fill(values > 0, float("-inf"))}, str(weights))  # psi = -inf: never; allowed
+    assert bool(torch.isneginf(pst.twists.load(folder, prior).values_table).any())
+    for bad, text in ((float("nan"), "nan"), (float("inf"), "inf")):
+        save_file({"values": values.masked_fill(values > 1, bad)}, str(weights))
+        with pytest.raises(CheckpointError, match=f"tabular twist folder {folder} holds \\d+ non-finite value\\(s\\) \\({text}\\)"):
+            pst.twists.load(folder, prior)
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated
+    with pytest.raises(CheckpointError, match=f"twist folder {folder} cannot be loaded: it is damaged"):
+        pst.twists.load(folder, prior)
+    (folder / "twist.json").write_text('{"kind": "tabular", ')
+    with pytest.raises(CheckpointError, match=f"twist folder {folder}: twist.json is damaged"):
+        pst.twists.load(folder, prior)
+    with pytest.raises(CheckpointError, match=f"twist folder {folder / 'twist.json'} is a file"):
+        pst.twists.load(folder / "twist.json", prior)
+
+
+def test_a_nan_head_twist_is_refused_at_load_naming_the_folder(tmp_path):
+    """A head twist's NaN weights loaded silently; a NaN in its probe read as "another prior"."""
+    from safetensors.torch import load_file, save_file
+
+    from posterior.errors import CheckpointError
+    from posterior.testing import tiny_hf_prior
+
+    prior = tiny_hf_prior("llama")
+    folder = pst.twists.learned(prior).save(tmp_path / "head")
+    saved = load_file(str(folder / "twist.safetensors"))
+    assert pst.twists.load(folder, prior) is not None
+    for key in ("param.b", "probe"):
+        save_file({**saved, key: torch.full_like(saved[key], float("nan"))}, str(folder / "twist.safetensors"))
+        with pytest.raises(CheckpointError, match=f"head twist folder {folder} holds \\d+ non-finite value\\(s\\) \\(nan\\) in '{key}'"):
+            pst.twists.load(folder, prior)
+
+
 # --- objectives: exact gradients on enumerated batches -------------------------------------------
 def states_kl(twist, exact, prior):
     """sum_t KL(pi*_t || pi^psi_t) by enumeration, with the graph to the twist's table."""

@@ -177,6 +177,11 @@ def check_model(args, *, backends=("hf", "vllm"), command: str = "") -> None:
     requested_threads(args.threads)  # a bad $POSTERIOR_THREADS fails here
     if args.model is not None and not os.path.exists(args.model):
         raise ValueError(f"--model {args.model!r}: no such folder")
+    if args.model is not None and not os.path.isdir(args.model) and not (args.backend == "vllm" and args.model.endswith(".gguf")):
+        raise ValueError(
+            f"--model {args.model!r} is a file, not a folder: give the folder of a transformers model (config.json, "
+            "weights, tokenizer), or for a GGUF file --model ITS_FOLDER --gguf-file NAME"
+        )  # fmt: skip
 
 
 def check_device(args) -> None:
@@ -188,6 +193,7 @@ def check_device(args) -> None:
 
 
 def check_posterior(args) -> None:
+    """Prompts, reward, beta, max-new-tokens; and ``-n`` (where the command has it) against memory."""
     from posterior.validate import check_int, check_real
 
     check_real("beta", args.beta, positive=True)
@@ -196,6 +202,56 @@ def check_posterior(args) -> None:
         if not prompt:
             raise ValueError(f"prompt #{i} is the empty string; give no prompt for an unconditional sample")
     check_reward_spec(args.reward)
+    if isinstance(getattr(args, "n", None), int):
+        check_memory(args, "-n", args.n)
+
+
+DEFAULT_VOCAB_SIZE = 49152  # SmolLM2-135M-Instruct's vocabulary (the default model; its GGUF is not read here)
+
+
+def _vocab_size(args) -> int:
+    """The model's vocabulary size where it is known without loading it (the default model, or
+    ``config.json`` in --model FOLDER); 0 where it is not (a GGUF file, an unreadable config)."""
+    model = getattr(args, "model", None)
+    if model is None:
+        return DEFAULT_VOCAB_SIZE
+    if getattr(args, "gguf_file", None) is not None:
+        return 0
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            config = json.load(f)
+        size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return size if isinstance(size, int) and size > 0 else 0
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(args, flag: str, rows: int) -> None:
+    """``rows`` sequences per prompt (``-n``, ``--batch-size``) before anything is allocated: the
+    sampler's own tensors for them (int64 tokens, max_new_tokens per row, and one decoding step's
+    float32 log-probabilities over the vocabulary) must fit in this machine's memory. A lower
+    bound on what sampling needs (the model's activations and caches come on top): a value it
+    refuses cannot run here; one it passes may still be too large."""
+    total = memory_bytes()
+    if total is None or rows <= 0:
+        return
+    prompts = max(1, len(getattr(args, "prompts", None) or []))
+    vocab = _vocab_size(args)
+    need = prompts * rows * (8 * args.max_new_tokens + 4 * vocab)
+    if need > total:
+        vocab_txt = f" and one step's log-probabilities over {vocab} tokens" if vocab else ""
+        raise ValueError(
+            f"{flag} {rows}: {rows} sequences x {prompts} prompt(s) need at least {need / 2**30:.3g} GiB for their tokens "
+            f"({args.max_new_tokens} per sequence){vocab_txt}; this machine has {total / 2**30:.3g} GiB of memory"
+        )  # fmt: skip
 
 
 def check_reward_spec(spec: str) -> None:
@@ -298,11 +354,13 @@ def stage(args, text: str) -> None:
 
 
 def check_plot_path(path: str | None, example: str) -> None:
-    """``--plot PATH`` before anything runs: not a folder, and its folder exists."""
+    """``--plot PATH`` before anything runs: a file can be written there
+    (:func:`posterior.validate.check_output_file`)."""
+    from posterior.validate import check_output_file
+
     if path is None:
         return
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"--plot {path!r} is a folder; give a file name such as {example}")
-    if not os.path.isdir(parent):
-        raise ValueError(f"--plot {path!r}: folder {parent!r} does not exist")
+    try:
+        check_output_file("--plot", path)
+    except ValueError as e:
+        raise ValueError(str(e).replace("give a file name", f"give a file name such as {example}")) from None

@@ -65,6 +65,9 @@ def check(args) -> tuple[list[str], dict, dict]:
     if args.smc_n is not None:
         check_int("smc_n", args.smc_n, 1)
     check_int("max_new_tokens", args.max_new_tokens, 1)
+    options.check_memory(args, "-n", args.n)
+    if args.smc_n is not None:
+        options.check_memory(args, "--smc-n", args.smc_n)
     for i, prompt in enumerate(args.prompts):
         if not prompt:
             raise ValueError(f"prompt #{i} is the empty string; give no prompt for an unconditional sample")

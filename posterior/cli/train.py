@@ -19,6 +19,7 @@ import time
 from posterior.cli import options, output
 
 SHOWN = ("reward_mean", "kl_prior", "kl_target_forward", "kl_target_reverse", "ess", "log_Z")
+LORA_RANK = 8  # --lora-rank's default
 TWIST_SHOWN = ("loss", "reward_mean", "ess", "log_Z", "log_Z_batch")  # kl_* are not defined for twists
 
 
@@ -37,7 +38,8 @@ def add_parser(subparsers):
     p.add_argument("--steps", type=int, default=60, help="optimiser steps (a resumed run counts steps done)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per prompt and step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 trains a full copy of the model (policies)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help=f"LoRA rank of a policy (default {LORA_RANK}); 0 trains a full copy of the model (not with --twist)")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoints + metrics.jsonl; resumes a run found there")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
     p.add_argument("--out", default=None, help="folder to save the trained policy or twist (default: CHECKPOINT_DIR/policy or /twist)")
@@ -49,7 +51,7 @@ def add_parser(subparsers):
 def check(args) -> str:
     """Every argument, before the model (or torch) loads; returns the folder the policy is saved to."""
     from posterior.train.objective_names import POLICY_OBJECTIVES, TWIST_OBJECTIVES, policy_objective
-    from posterior.validate import check_int, check_real
+    from posterior.validate import check_int, check_output_folder, check_real
 
     options.check_model(args, backends=("hf",), command="posterior train")
     options.check_posterior(args)
@@ -67,27 +69,22 @@ def check(args) -> str:
     check_int("batch_size", args.batch_size, min_batch)
     check_real("lr", args.lr, positive=True)
     check_int("checkpoint_every", args.checkpoint_every, 1)
+    if args.twist and args.lora_rank is not None:
+        raise ValueError(f"--lora-rank {args.lora_rank} sets a policy's adapter; --twist trains a twist head, which has none")
+    if args.lora_rank is None:
+        args.lora_rank = LORA_RANK
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0: full copy), got {args.lora_rank}")
+    options.check_memory(args, "--batch-size", args.batch_size)
     what = "twist" if args.twist else "policy"
     out = args.out or (os.path.join(args.checkpoint_dir, what) if args.checkpoint_dir else None)
     if out is None:
         raise ValueError(f"give --out (or --checkpoint-dir) to save the trained {what}")
-    for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--out", out)):
+    for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--out", out)):  # written only after training
         if path is not None:
-            _check_folder(flag, path)
+            check_output_folder(flag, path)
     options.check_device(args)
     return out
-
-
-def _check_folder(flag: str, path: str) -> None:
-    """``path`` is a folder or can become one: it and its nearest existing ancestor are not files."""
-    here = os.path.abspath(path)
-    while not os.path.exists(here) and os.path.dirname(here) != here:
-        here = os.path.dirname(here)
-    if not os.path.isdir(here):
-        what = "is a file" if here == os.path.abspath(path) else f"is inside {here!r}, which is a file"
-        raise ValueError(f"{flag} {path!r} {what}, not a folder")
 
 
 def run(args) -> int:

@@ -17,10 +17,10 @@ __getattr__, __dir__ = lazy_names(__name__, {
     **dict.fromkeys(["best_of_for_kl", "exact_best_of", "kl_bound", "pooled_best_of", "pooled_is"], "posterior.overopt.estimators"),
     **dict.fromkeys(["GaoFit", "fit_gao", "gao_curve", "gao_peak"], "posterior.overopt.fits"),
     **dict.fromkeys(["ROW_KEYS", "OveroptReport"], "posterior.overopt.report"),
-    "overoptimization": "posterior.overopt.sweep",
+    **dict.fromkeys(["Pool", "overoptimization"], "posterior.overopt.sweep"),
 })  # fmt: skip
 
 __all__ = [
-    "GaoFit", "METHODS", "OveroptReport", "ROW_KEYS", "best_of_for_kl", "exact_best_of", "fit_gao", "gao_curve",
+    "GaoFit", "METHODS", "OveroptReport", "Pool", "ROW_KEYS", "best_of_for_kl", "exact_best_of", "fit_gao", "gao_curve",
     "gao_peak", "kl_bound", "overoptimization", "pooled_best_of", "pooled_is",
 ]

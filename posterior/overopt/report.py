@@ -64,7 +64,7 @@ class OveroptReport:
     prior_exact: dict | None = None
     notes: list[str] = field(default_factory=list)
     num_prompts: int = 1
-    draws: object = field(default=None, repr=False)  # the pool's Continuations, for draws= of another sweep
+    draws: object = field(default=None, repr=False)  # the pool (sweep.Pool: draws + what they were drawn from), for draws= of another sweep
 
     def rows_of(self, method: str) -> list[dict]:
         out = [r for r in self.rows if r["method"] == method]

@@ -30,6 +30,7 @@ d (alpha - b log d), d = sqrt(KL).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ from posterior.overopt.estimators import best_of_for_kl, exact_best_of, kl_bound
 from posterior.overopt.fits import fit_gao
 from posterior.overopt.report import ROW_KEYS, OveroptReport
 from posterior.posterior import Posterior, _check_prompts, _check_seed
-from posterior.priors.base import Prior
+from posterior.priors.base import Continuations, Prior
 from posterior.rewards.base import Reward, as_reward
 from posterior.rewards.ensemble import Ensemble
 from posterior.seeds import derive_seed
@@ -226,15 +227,42 @@ def _interp_beta(kl_peak: float, kls: list[tuple[float, float]]) -> float | None
     return kls[0][1] if kls and kls[0][0] == kl_peak else None
 
 
-def _check_draws(draws, P: int, n: int, max_new_tokens: int):
-    from posterior.priors.base import Continuations
+@dataclasses.dataclass(frozen=True)
+class Pool(Continuations):
+    """A sweep's shared pool (``rep.draws``): the prior draws, and what they were drawn from
+    (``source``: the prior's name, description and content fingerprint, the prompts and
+    max_new_tokens), so that ``draws=`` of another sweep is refused unless it samples the same
+    distribution."""
 
+    source: dict | None = dataclasses.field(default=None, repr=False)
+
+
+def _pool_source(prior: Prior, prompts: list[str] | None, max_new_tokens: int) -> dict:
+    """What a pool was drawn from. The prior's fingerprint is the one training checkpoints record
+    (weights sample / next-token log-probs / vocabulary; see posterior.train.checkpoint)."""
+    from posterior.train.checkpoint import prior_fingerprint
+
+    return {"prior": prior_fingerprint(prior), "prompts": prompts, "max_new_tokens": max_new_tokens}
+
+
+def _check_draws(draws, P: int, n: int, max_new_tokens: int, source: dict) -> Pool:
     if not isinstance(draws, Continuations):
         raise ValueError(f"draws must be the Continuations of an earlier sweep (rep.draws), got {type(draws).__name__}")
+    if not isinstance(draws, Pool) or draws.source is None:
+        raise ValueError("draws must be rep.draws of an earlier sweep, which records the prior it was drawn from; "
+                         "these Continuations record nothing, so they could be draws of another prior")  # fmt: skip
     if tuple(draws.lengths.shape) != (P, n):
         raise ValueError(f"draws hold {tuple(draws.lengths.shape)} (prompts, samples); this sweep needs ({P}, {n})")
-    if int(draws.lengths.max()) > max_new_tokens:
-        raise ValueError(f"draws are up to {int(draws.lengths.max())} tokens long; max_new_tokens is {max_new_tokens}")
+    was, now = draws.source, source
+    for key in ("name", "describe", "fingerprint"):
+        if was["prior"].get(key) != now["prior"].get(key):
+            raise ValueError(
+                f"draws were drawn from another prior: its {key} is {was['prior'].get(key)!r}, this sweep's prior's is "
+                f"{now['prior'].get(key)!r}; sample a new pool (draws=None) for this prior"
+            )  # fmt: skip
+    for key in ("prompts", "max_new_tokens"):
+        if was[key] != now[key]:
+            raise ValueError(f"draws were drawn with {key}={was[key]!r}; this sweep has {key}={now[key]!r}")
     return draws
 
 
@@ -254,7 +282,7 @@ def overoptimization(
     smc_options: dict | None = None,  # Posterior.sample options for "smc", e.g. {"ess_threshold": 0.5}
     exact: bool = False,  # add rows computed by enumeration (an enumerable prior only)
     exact_limit: int = 200_000,  # largest support enumerated with exact=True
-    draws=None,  # the pool of an earlier sweep (``rep.draws``): same prior, prompts, n, max_new_tokens
+    draws=None,  # the pool of an earlier sweep (``rep.draws``): same prior, prompts, n, max_new_tokens (checked)
 ) -> OveroptReport:
     """Proxy and gold reward against KL(·||pi0) over a sweep of beta; see the module docstring.
 
@@ -269,9 +297,11 @@ def overoptimization(
     policies : dict name -> trained policy (any Prior over the prior's tokens), measured on n samples
     n : prior draws per prompt in the shared pool (IS and best-of-k), and SMC particles (``smc_n``)
     max_new_tokens, prompts, seed : as in ``Posterior.sample``
-    draws : Continuations, optional
+    draws : Pool, optional
         Reuse the prior draws of an earlier sweep (``rep.draws``) instead of sampling a new pool,
         e.g. to sweep a second proxy over the same draws (a paired comparison, one sampling pass).
+        The pool records what it was drawn from; another prior (weights, vocabulary, sampling
+        settings), other prompts, another n or max_new_tokens is refused, naming the difference.
 
     Returns
     -------
@@ -314,12 +344,14 @@ def overoptimization(
     prompt_ids = prior.encode_prompts(prompts)
     prior.check_lengths(prompt_ids, max_new_tokens, prompts)
     gen = torch.Generator(device=prior.device).manual_seed(seed)
+    source = _pool_source(prior, prompts, max_new_tokens)
+    if draws is not None:
+        pool = _check_draws(draws, len(prompt_ids), n, max_new_tokens, source)
     t0 = time.perf_counter()
     if draws is None:
         with torch.no_grad():
-            pool = prior.sample(prompt_ids, n, max_new_tokens, generator=gen)
-    else:
-        pool = _check_draws(draws, len(prompt_ids), n, max_new_tokens)
+            drawn = prior.sample(prompt_ids, n, max_new_tokens, generator=gen)
+        pool = Pool(**{f.name: getattr(drawn, f.name) for f in dataclasses.fields(Continuations)}, source=source)
     r, r_members = score(proxy, pool.texts, prompts)  # (P, N), (M, P, N) or None
     g, g_members = score(gold, pool.texts, prompts)
     pool_seconds = time.perf_counter() - t0
@@ -421,4 +453,4 @@ def overoptimization(
     )  # fmt: skip
 
 
-__all__ = ["METHODS", "overoptimization", "score"]
+__all__ = ["METHODS", "Pool", "overoptimization", "score"]

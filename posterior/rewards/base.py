@@ -48,8 +48,9 @@ class Reward(abc.ABC):
         texts = list(texts)
         if not texts:
             return torch.zeros(0, dtype=torch.float64)
+        given = list(texts)  # the reward gets its own list: a reward that sorts or pops it is caught below
         try:
-            out = self.score(texts)
+            out = self.score(given)
         except RewardError:
             raise
         except Exception as e:  # locate the text that breaks it
@@ -59,8 +60,18 @@ class Reward(abc.ABC):
                 except Exception as e1:
                     raise RewardError(f"reward {self.name} raised {type(e1).__name__}: {e1} on text {t!r}") from e1
             raise RewardError(f"reward {self.name} raised {type(e).__name__}: {e} on a batch of {len(texts)} texts") from e
+        if given != texts:  # its values could belong to other texts, or another order
+            raise RewardError(
+                f"reward {self.name} changed the list of texts it was given ({_first_change(texts, given)}); a reward "
+                "must not modify its input: copy it first (texts = list(texts))"
+            )
         try:
             out = torch.as_tensor(out, dtype=torch.float64).detach().cpu()
+        except OverflowError:  # a Python int beyond float64 (|r| >= 2**1024)
+            i = next((i for i, v in enumerate(out) if isinstance(v, int) and _overflows(v)), None) if isinstance(out, (list, tuple)) else None
+            where = f" for text {texts[i]!r}" if i is not None and i < len(texts) else ""
+            raise RewardError(f"reward {self.name} returned an int too large for a float{where} "
+                              f"({_int_digits(out[i]) if where else 'over 1.8e308'}); rewards must be finite or -inf") from None  # fmt: skip
         except (TypeError, ValueError, RuntimeError) as e:
             raise RewardError(f"reward {self.name} returned {type(out).__name__}, not a list of floats: {e}") from e
         if out.shape != (len(texts),):
@@ -85,6 +96,25 @@ class Reward(abc.ABC):
         return WeightedSum([(float(weight) * w, r) for w, r in _terms(self)])
 
     __rmul__ = __mul__
+
+
+def _first_change(before: list[str], after: list) -> str:
+    if len(after) != len(before):
+        return f"{len(before)} texts became {len(after)}"
+    i = next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
+    return f"text #{i} {before[i]!r} became {after[i]!r}"
+
+
+def _overflows(v: int) -> bool:
+    try:
+        float(v)
+    except OverflowError:
+        return True
+    return False
+
+
+def _int_digits(v: int) -> str:
+    return f"an int of {len(str(abs(v)))} digits" if abs(v) < 10**4000 else "an int of over 4000 digits"
 
 
 def _terms(r: Reward) -> list[tuple[float, Reward]]:

@@ -34,7 +34,7 @@ from posterior.priors.base import GRAD, DecodeState, Prior, StepwisePrior, budge
 from posterior.priors.callable import CallablePrior
 from posterior.priors.hf import HFPrior
 from posterior.priors.prefix_index import PrefixIndex
-from posterior.train.checkpoint import first_line, load_file
+from posterior.train.checkpoint import check_finite, first_line, load_file
 from posterior.validate import check_int, check_optional_int
 
 TABULAR_FILE = "tabular_policy.pt"
@@ -454,8 +454,12 @@ def load_policy(prior: Prior, path: str | os.PathLike) -> Prior:
             raise CheckpointError(f"tabular policy {path / TABULAR_FILE} is not a saved TabularPolicy", path / TABULAR_FILE)
         if saved["vocab"] != list(prior.vocab):
             raise ValueError(f"{path}: the tabular policy's vocabulary {saved['vocab']} differs from the prior's {prior.vocab}")
-        policy = TabularPolicy(prior, saved["max_new_tokens"], prompts=saved["prompts"])
-        policy.load_trainable_state({"logits": saved["logits"]})
+        check_finite({"logits": saved["logits"]}, "tabular policy folder", path, allow_neg_inf=True)  # -inf: never drawn
+        try:
+            policy = TabularPolicy(prior, saved["max_new_tokens"], prompts=saved["prompts"])
+            policy.load_trainable_state({"logits": saved["logits"]})
+        except (TypeError, AttributeError) as e:  # fields of the wrong type: a file damaged or not ours
+            raise CheckpointError(f"tabular policy folder {path} is damaged ({type(e).__name__}: {first_line(e)})", path) from None
         return policy
     lora, full = (path / "adapter_config.json").is_file(), (path / "config.json").is_file()
     if not (lora or full):
@@ -475,12 +479,17 @@ def load_policy(prior: Prior, path: str | os.PathLike) -> Prior:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(_shallow_copy(prior.model), str(path), is_trainable=True)
-            return HFPolicy(model, prior, lora=True, max_new_tokens=meta.get("max_new_tokens"))
+            policy = HFPolicy(model, prior, lora=True, max_new_tokens=meta.get("max_new_tokens"))
+            check_finite(policy.trainable_state(), "policy folder", path)  # the adapter's weights
+            return policy
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=prior.model.dtype)
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError) as e:  # torn weights, foreign configs
         raise CheckpointError(f"policy folder {path} cannot be loaded ({type(e).__name__}: {first_line(e)})", path) from None
+    check_finite(dict(model.named_parameters()), "policy folder", path)
     return HFPolicy(model.to(prior.device), prior, lora=False, max_new_tokens=meta.get("max_new_tokens"))
 
 

@@ -222,7 +222,13 @@ class HeadTwist(TrainableTwist):
                 f"the head twist in {str(path)!r} was trained on a prior with vocab_size={cfg['vocab_size']}, "
                 f"hidden_size={cfg['hidden_size']}; this prior has {twist.vocab_size}, {twist.hidden_size}"
             )
+        from posterior.errors import CheckpointError
+        from posterior.train.checkpoint import check_finite
+
         saved = load_file(str(path / WEIGHTS))
+        if "probe" not in saved:
+            raise CheckpointError(f"head twist folder {path} is damaged: {WEIGHTS} holds no 'probe' (it holds {sorted(saved)[:6]})", path)
+        check_finite(saved, "head twist folder", path)  # before the probe: NaN there reads as "another prior"
         probe = twist._probe()
         # float32 vs bfloat16 copies of one model agree to ~1e-2 relative; another model does not
         if not torch.allclose(saved["probe"], probe, rtol=2e-2, atol=2e-2 * float(probe.abs().max())):

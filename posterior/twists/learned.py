@@ -115,20 +115,46 @@ def learned(prior: Prior, *, max_new_tokens: int | None = None, prompts: Sequenc
 
 
 def load(path: str | os.PathLike, prior: Prior) -> TrainableTwist:
-    """A twist saved by ``twist.save(path)``, over ``prior`` (the prior it was trained for)."""
+    """A twist saved by ``twist.save(path)``, over ``prior`` (the prior it was trained for).
+
+    A missing, damaged or foreign folder, and weights that are not finite (NaN, +inf; -inf only
+    where a table allows it), raise :class:`~posterior.errors.CheckpointError` naming the folder."""
+    from safetensors import SafetensorError
+
+    from posterior.errors import CheckpointError
+    from posterior.train.checkpoint import check_finite, first_line
+
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"twist folder {path} does not exist", path)
+    if not path.is_dir():
+        raise CheckpointError(f"twist folder {path} is a file, not a folder saved by twist.save", path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
-        raise ValueError(f"{path} holds no saved twist (no {CONFIG_FILE})")
-    config = json.loads(cfg_file.read_text())
+        raise CheckpointError(f"{path} holds no saved twist (no {CONFIG_FILE})", path)
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"twist folder {path}: {CONFIG_FILE} is damaged (not JSON: {first_line(e)})", path) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"twist folder {path}: {CONFIG_FILE} holds a {type(config).__name__}, not a twist's config", path)
     name = config.get("kind")
     if name not in KINDS:
         raise ValueError(f"{path}: twist kind {name!r} is not registered (known: {sorted(KINDS)})")
     saved, now = config.get("prior"), prior_fingerprint(prior)
     if saved is not None and saved != now:
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"twist folder {path}: {CONFIG_FILE} records the prior as {saved!r}, not a fingerprint", path)
         diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
         raise ValueError(f"{path} holds a {name} twist for another prior: {diff} (saved, given)")
-    return KINDS[name].load(path, prior, config)
+    try:
+        twist = KINDS[name].load(path, prior, config)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, OSError, SafetensorError, RuntimeError) as e:  # torn weights, a config missing fields
+        raise CheckpointError(f"twist folder {path} cannot be loaded: it is damaged ({type(e).__name__}: {first_line(e)})", path) from None
+    check_finite(twist.trainable_state(), f"{name} twist folder", path, allow_neg_inf=name == "tabular")  # psi = -inf: never
+    return twist
 
 
 import posterior.twists.head  # noqa: E402, F401  (registers the "head" kind)

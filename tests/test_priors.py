@@ -104,3 +104,89 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     out = process_logits(lp, 1.0, 2, None).exp()
     assert out.tolist()[0] == pytest.approx([0.625, 0.375, 0.0, 0.0])
     assert torch.isneginf(process_logits(lp, 1.0, None, 0.5)[0, 1:]).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Local files only: a hub name fails at once, with no network attempt (issue 25.7)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def network_attempts(monkeypatch):
+    """Every DNS lookup or connect made while the test runs, each refused (so none can succeed)."""
+    import socket
+
+    attempts = []
+
+    def refuse(kind):
+        def call(*args, **kwargs):
+            attempts.append((kind, args[1:3] if kind == "connect" else args[:2]))
+            raise OSError(f"test: no network ({kind})")
+
+        return call
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
+    return attempts
+
+
+@pytest.mark.parametrize("name", ["gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_hub_name_fails_at_once_without_network(name, network_attempts):
+    """Before the fix transformers asked the Hub (huggingface_hub fetches a registry to build its
+    headers even with local_files_only=True): 25 s per call where DNS answers slowly."""
+    import time
+
+    from posterior.priors.hf import HFPrior
+    from posterior.priors.vllm import VLLMPrior
+
+    import transformers  # noqa: F401 - imported before the clock starts: the check is what is timed
+
+    for load in (HFPrior.from_pretrained, VLLMPrior.from_pretrained):
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"from '{name}' \(local files only\): no such folder.*never downloads"):
+            load(name)
+        assert time.perf_counter() - t0 < 0.5  # measured: 0.0002 s
+    assert network_attempts == []
+
+
+def test_gguf_file_missing_from_its_folder_is_named(tmp_path, network_attempts):
+    from posterior.priors.hf import HFPrior
+
+    with pytest.raises(ValueError, match=r"no GGUF file 'model.gguf' in that folder"):
+        HFPrior.from_pretrained(str(tmp_path), gguf_file="model.gguf")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"weights.bin' \(local files only\): it is a file, not a model folder"):
+        HFPrior.from_pretrained(str(tmp_path / "weights.bin"))
+    assert network_attempts == []
+
+
+def test_local_folder_loads_offline_and_the_switches_are_restored(tmp_path, network_attempts, monkeypatch):
+    import os
+
+    from huggingface_hub import constants
+
+    from posterior.offline import offline
+    from posterior.priors.hf import HFPrior
+
+    prior = tiny_hf_prior("llama")
+    prior.model.save_pretrained(tmp_path)
+    prior.tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    import transformers
+
+    seen, real = [], transformers.AutoTokenizer.from_pretrained
+
+    def tokenizer(*args, **kwargs):  # what the switches are while transformers loads
+        seen.append((constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE"), kwargs.get("local_files_only")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
+    loaded = HFPrior.from_pretrained(str(tmp_path))
+    assert loaded.vocab_size == prior.vocab_size and network_attempts == []
+    assert seen == [(True, "1", True)]
+    assert constants.HF_HUB_OFFLINE is False and os.environ["HF_HUB_OFFLINE"] == "0" and "TRANSFORMERS_OFFLINE" not in os.environ
+    with offline(), offline():  # nested: only the outer block restores
+        assert constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert constants.HF_HUB_OFFLINE is False and os.environ["HF_HUB_OFFLINE"] == "0"

@@ -195,6 +195,52 @@ def test_similarity_real_minilm_ranks_paraphrases_first():
 # --------------------------------------------------------------------------------------------------
 # LMJudge
 # --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def network_attempts(monkeypatch):
+    """Every DNS lookup or connect made while the test runs, each refused (so none can succeed)."""
+    import socket
+
+    attempts = []
+
+    def refuse(kind):
+        def call(*args, **kwargs):
+            attempts.append(kind)
+            raise OSError(f"test: no network ({kind})")
+
+        return call
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
+    return attempts
+
+
+@pytest.mark.parametrize(
+    "make,what",
+    [
+        (lambda: from_spec("classifier:bert-base-uncased:x"), "a sequence classifier from 'bert-base-uncased'"),
+        (lambda: from_spec("classifier-logit:distilbert/distilbert-base-uncased-finetuned-sst-2-english:1"),
+         "a sequence classifier from 'distilbert/distilbert-base-uncased-finetuned-sst-2-english'"),
+        (lambda: Classifier("bert-base-uncased", label=0), "a sequence classifier from 'bert-base-uncased'"),
+        (lambda: Similarity("x", model="sentence-transformers/all-MiniLM-L6-v2"),
+         "a text encoder from 'sentence-transformers/all-MiniLM-L6-v2'"),
+    ],
+)
+def test_hub_name_reward_fails_at_once_without_network(make, what, network_attempts):
+    """Before the fix a hub name reached transformers, which asked the Hub for it (local_files_only
+    notwithstanding): 25 s per call where DNS answers slowly, then an error about the connection."""
+    import time
+
+    import transformers  # noqa: F401 - imported before the clock starts: the check is what is timed
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"cannot load {what} \(local files only\): no such folder.*never downloads"):
+        make()
+    assert time.perf_counter() - t0 < 0.5  # measured: under 1 ms
+    assert network_attempts == []
+
+
 def test_judge_equals_a_direct_computation():
     prior = tiny_hf_prior()
     model, tok = prior.model, prior.tokenizer

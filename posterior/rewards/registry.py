@@ -71,6 +71,15 @@ def check_spec(spec: str) -> None:
         CHECKS[name](arg)
 
 
+def spec_names(spec: str) -> list[str]:
+    """The registered names a spec uses: its own and, for an ensemble, its members' (checked as
+    :func:`check_spec` does); ``ValueError`` for an unknown name or a bad argument."""
+    name, arg = _split(spec)
+    if name != "ensemble":
+        return [name]
+    return [name] + [_split(part)[0] for part in _ensemble_arguments(arg)[2]]
+
+
 def from_spec(spec: str, *, prior=None) -> Reward:
     """The reward a spec names (see the module docstring); ``prior`` is needed by ``judge:``."""
     name, arg = _split(spec)

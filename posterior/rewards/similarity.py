@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from posterior.offline import local_model_path, offline
 from posterior.rewards.base import Reward
 from posterior.rewards.encoding import encoded_batches
 from posterior.validate import check_int
@@ -95,14 +96,15 @@ class Similarity(Reward):
         batch_size = check_int("batch_size", batch_size, 1)
         seq_len = None
         if model is None or isinstance(model, (str, os.PathLike)):
+            path = default_encoder_path() if model is None else local_model_path(model, what="a text encoder")
+            self._source = "all-MiniLM-L6-v2" if model is None else os.fspath(model)
             from transformers import AutoModel, AutoTokenizer
 
-            self._source = "all-MiniLM-L6-v2" if model is None else os.fspath(model)
-            path = default_encoder_path() if model is None else Path(model)
             weights, seq_len = _sentence_transformers_layout(path)
             try:
-                tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(weights), local_files_only=True)
-                model = AutoModel.from_pretrained(str(weights), local_files_only=True)
+                with offline():
+                    tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(weights), local_files_only=True)
+                    model = AutoModel.from_pretrained(str(weights), local_files_only=True)
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot load a text encoder from {str(path)!r} (local files only): {e}") from e
         else:

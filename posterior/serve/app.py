@@ -17,9 +17,12 @@ choice's rest with its weight; the first chunk says ``"stream": "prefix"``. Othe
 know any text before they end: their first chunk says ``"stream": "final"`` and the text follows
 when the run is done. In both, the deltas of a choice concatenate to its final text.
 
-Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the field,
-401 a missing or wrong key, 429 a full queue, 422 a run whose particles all got weight 0, 500
-anything else (the server carries on).
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the field
+(bad JSON, nesting deeper than :data:`~posterior.serve.protocol.MAX_JSON_DEPTH`, a lone surrogate, a
+number no float holds included), 401 a missing or wrong key, 413 a body above ``max_body_bytes``
+(refused before it is parsed), 429 a full queue, 422 a run whose particles all got weight 0, 501 a
+reward whose optional package this server lacks (naming it), 500 a failure of the server's own code
+(the server carries on): never for a client's mistake.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from posterior.serve.batcher import Batcher, Job, QueueFull, abort_when_all_cancelled
 from posterior.serve.protocol import (
+    MAX_JSON_DEPTH,
     BadRequest,
     Parsed,
     ServeConfig,
@@ -90,6 +94,8 @@ def error_status(e: BaseException) -> tuple[int, str]:
 
     if isinstance(e, DegenerateWeightsError):
         return 422, f"every sample has weight 0: {e}"
+    if _missing_package(e) is not None:  # an optional package the reward (or method) needs is not installed here
+        return 501, f"this server lacks an optional package: {e}"
     if isinstance(e, RewardError):  # the reward is the server's code: its failure is not the request's
         return 500, f"the reward failed: {e}"
     if isinstance(e, (ValueError, TypeError)):  # option values the sampler refused (names them)
@@ -97,9 +103,19 @@ def error_status(e: BaseException) -> tuple[int, str]:
     return 500, f"internal error: {type(e).__name__}: {e}"
 
 
+def _missing_package(e: BaseException) -> ImportError | None:
+    """The ImportError that ``e`` is or was raised from (a reward wraps what its ``score`` raised in
+    a RewardError), else None."""
+    for _ in range(8):
+        if e is None or isinstance(e, ImportError):
+            return e
+        e = e.__cause__
+    return None
+
+
 def _error_body(status: int, message: str, param: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            422: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")  # fmt: skip
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+            422: "invalid_request_error", 429: "rate_limit_error", 501: "not_implemented_error"}.get(status, "server_error")  # fmt: skip
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
@@ -230,10 +246,15 @@ def create_app(prior, *, config: ServeConfig | None = None):
     async def handle(request, chat: bool):
         if not authorised(request):
             return unauthorised()
+        raw = await _read_body(request, config.max_body_bytes)
+        if raw is None:
+            return error(413, f"body: larger than this server's limit of {config.max_body_bytes} bytes (--max-body-bytes)", "body")
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "body: not valid JSON", "body")
+            body = json.loads(raw)
+        except RecursionError:  # the C decoder recurses once per level: 100,000 "[" end here
+            return error(400, f"body: nested deeper than this server's limit of {MAX_JSON_DEPTH} levels", "body")
+        except ValueError as e:  # JSONDecodeError, bad UTF-8, an integer of more than 4300 digits
+            return error(400, f"body: not valid JSON ({str(e)[:200]})", "body")
         try:
             parsed = await asyncio.to_thread(
                 parse_request, body, config, chat=chat, encode=encode, context=prior.max_length,
@@ -268,6 +289,8 @@ def create_app(prior, *, config: ServeConfig | None = None):
             rewards.get(spec)
         except ValueError as e:
             raise BadRequest("posterior.reward", str(e)) from None
+        except ImportError as e:  # the reward's optional package is not installed on this server
+            raise BadRequest("posterior.reward", f"reward {spec!r} needs an optional package this server lacks: {e}", 501) from None
 
     # --- response bodies -------------------------------------------------------------------------
     def _choices(parsed: Parsed, outcome):
@@ -367,6 +390,21 @@ def create_app(prior, *, config: ServeConfig | None = None):
         return await handle(request, chat=True)
 
     return app
+
+
+async def _read_body(request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed ``limit`` bytes: from its
+    Content-Length header before reading anything, else while it streams in (chunked bodies)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _sse(obj: dict) -> str:

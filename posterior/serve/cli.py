@@ -1,16 +1,19 @@
 """``posterior serve --model PATH --backend hf|vllm --host 127.0.0.1 --port 8000 [--api-key KEY]``.
 
-Loads the prior once, then serves :func:`posterior.serve.app.create_app` with uvicorn until
+Binds the address first (a port in use fails at once, in one line, before anything loads), loads
+the prior once, then serves :func:`posterior.serve.app.create_app` with uvicorn until
 SIGTERM or Ctrl-C; on either, uvicorn stops accepting connections, lets the requests in flight
 finish (streams included), then the sampler worker ends and the process exits (0 after SIGTERM,
 130 after Ctrl-C). The line
 ``posterior: serving http://HOST:PORT`` on stderr gives the port (useful with ``--port 0``: any
 free port). The API key comes from ``--api-key`` or the environment variable POSTERIOR_API_KEY;
-without one, requests are not authenticated (fine on 127.0.0.1, not on a shared network).
+without one, requests are not authenticated (fine on 127.0.0.1, not on a shared network). Bodies
+above ``--max-body-bytes`` (default 1 MiB) are refused with 413 before they are parsed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -18,6 +21,7 @@ import sys
 import textwrap
 
 from posterior.cli import options
+from posterior.serve.protocol import ServeConfig
 
 DESCRIPTION = (
     "Serve pi*(x) ∝ pi0(x)·exp(r(x)/beta) behind an OpenAI-compatible HTTP API: /v1/completions and "
@@ -51,8 +55,13 @@ def add_parser(subparsers):
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
     s.add_argument("--batch-window-ms", type=float, default=20.0, help="how long a request waits for others to share its sampler call")
     s.add_argument("--max-batch-prompts", type=int, default=32, help="most prompts in one sampler call (1 with window 0: no batching)")
+    s.add_argument("--max-body-bytes", type=int, default=ServeConfig.max_body_bytes,
+                   help="largest request body in bytes, refused (413) before it is parsed (default 1 MiB: 16 prompts "
+                        "of 8k tokens of plain text)")  # fmt: skip
     s.add_argument("--allow-reward-paths", action="store_true",
-                   help="let requests use rewards that read files or load models (classifier:PATH:LABEL, similarity:, judge:)")
+                   help="let requests use rewards that read files or load models (classifier:PATH:LABEL, "
+                        "classifier-logit:PATH:LABEL, similarity:TEXT); rewards that do neither (sentiment, afinn, "
+                        "textblob, contains:, length:, repetition, judge:, ensembles of these) are always allowed")  # fmt: skip
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
     options.add_model_options(s)
     return s
@@ -60,8 +69,6 @@ def add_parser(subparsers):
 
 def check(args):
     """Every argument, before the model (or torch) loads; returns the ServeConfig (api key and limits)."""
-    from posterior.serve.protocol import ServeConfig
-
     options.check_model(args, command="posterior serve")
     if args.chat:
         raise ValueError("posterior serve takes no --chat: /v1/chat/completions applies the model's chat template itself")
@@ -74,31 +81,56 @@ def check(args):
     try:
         config = ServeConfig(model_name=name, max_n=args.max_n, max_tokens=args.max_tokens, max_prompts=args.max_prompts,
                              allow_reward_paths=args.allow_reward_paths, window_s=args.batch_window_ms / 1000.0,
-                             max_batch_prompts=args.max_batch_prompts, max_queue=args.max_queue, api_key=key)  # fmt: skip
+                             max_batch_prompts=args.max_batch_prompts, max_queue=args.max_queue, api_key=key,
+                             max_body_bytes=args.max_body_bytes)  # fmt: skip
     except ValueError as e:  # name the option, not the field
         raise ValueError(f"{e} (posterior serve option --{str(e).split()[0].replace('_', '-')})") from None
     options.check_device(args)
     return config
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), not yet listening: the address is ours before the model
+    loads, so a port in use fails at once, in one line (``ValueError``), instead of after it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # reuse a port in TIME_WAIT, never one in use
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        in_use = e.errno == errno.EADDRINUSE
+        why = "the port is in use (another server?); choose another --port, or --port 0 for any free one" if in_use else e.strerror or e
+        raise ValueError(f"posterior serve cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
 def run(args) -> int:
     config = check(args)
+    sock = bind(args.host, args.port)
     try:
-        import uvicorn
+        try:
+            import uvicorn
 
-        from posterior.serve.app import create_app
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(f"posterior serve needs FastAPI and uvicorn: pip install 'posterior-align[serve]' ({e})") from e
-    if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        options.stage(args, f"warning: serving on {args.host} without an API key (--api-key or POSTERIOR_API_KEY)")
-    options.stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")
-    prior = options.load_prior(args)
+            from posterior.serve.app import create_app
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(f"posterior serve needs FastAPI and uvicorn: pip install 'posterior-align[serve]' ({e})") from e
+        if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            options.stage(args, f"warning: serving on {args.host} without an API key (--api-key or POSTERIOR_API_KEY)")
+        options.stage(args, f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'}")
+        prior = options.load_prior(args)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(prior, config=config)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    sock.listen(2048)  # from now on connections wait in the backlog until uvicorn accepts them
+    # Until here a client is refused (bound, not listening); from now on connections wait in the
+    # backlog until uvicorn accepts them.
+    try:
+        sock.listen(2048)
+    except OSError as e:  # another process bound the port too (SO_REUSEADDR) and listened first
+        prior.close()
+        sock.close()
+        raise ValueError(f"posterior serve cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=None))
     options.stage(args, f"serving http://{args.host}:{port} (model {config.model_name!r}; SIGTERM or Ctrl-C drains and stops)")
@@ -114,4 +146,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["add_parser", "check", "run"]
+__all__ = ["add_parser", "bind", "check", "run"]

@@ -2,10 +2,17 @@
 
 Requests (``/v1/completions``: ``prompt``; ``/v1/chat/completions``: ``messages``) are checked
 here before anything runs; a bad one raises :class:`BadRequest` naming the field. What a request
-may ask for is bounded by :class:`ServeConfig`, fixed at start: the model, which rewards (registry
-names; those that read files or load models only with ``allow_reward_paths``), ``n`` and
-``max_tokens`` limits, and method options as JSON scalars only (options that take Python objects,
-``callback``, ``proposal`` of "is"/"qrs", ``init_texts``, are refused).
+may ask for is bounded by :class:`ServeConfig`, fixed at start: the body's size (413 above
+``max_body_bytes``, checked before parsing), the model, which rewards (registry names: those that
+read no file and load no model, :data:`SAFE_REWARDS`, always; the others, :data:`GATED_REWARDS` and
+rewards registered by the caller, only with ``allow_reward_paths``), ``n`` and ``max_tokens``
+limits, and method options as JSON scalars only (options that take Python objects, ``callback``,
+``proposal`` of "is"/"qrs", ``init_texts``, are refused).
+
+A body is JSON of at most :data:`MAX_JSON_DEPTH` levels of nesting whose strings are valid Unicode
+(JSON can write a lone UTF-16 surrogate, ``"\ud800"``, which no text can hold), and a number is a
+number a float can hold (JSON integers are unbounded: ``1`` followed by 400 zeros is not a beta):
+each refused with a 400 naming the field, never a 500.
 
 The request's ``model`` is accepted and ignored (the server serves one model, listed by
 ``/v1/models``); ``temperature`` / ``top_p`` other than 1 and fields such as ``stop`` or
@@ -28,8 +35,19 @@ from dataclasses import dataclass
 from typing import Any
 
 
-# Rewards a request may name without ``allow_reward_paths``: they read no file and load no model.
-SAFE_REWARDS = frozenset({"sentiment", "negative-sentiment", "contains"})
+# Rewards a request may name without ``allow_reward_paths``: they read no file a request names and
+# load no model (lexicons their packages install; "judge" asks the served model itself). An
+# ensemble is allowed when all its members are.
+SAFE_REWARDS = frozenset({"sentiment", "negative-sentiment", "contains", "afinn", "textblob", "length", "repetition",
+                          "judge", "ensemble"})  # fmt: skip
+# The built-in rewards that need ``allow_reward_paths``, and why.
+GATED_REWARDS = {
+    "classifier": "reads the model folder the request names",
+    "classifier-logit": "reads the model folder the request names",
+    "similarity": "loads an encoder model",
+}
+# Deepest nesting of objects and lists a body may have (an OpenAI body needs 4).
+MAX_JSON_DEPTH = 32
 # Method options that take Python objects (or belong to the server): never from a request.
 REFUSED_OPTIONS = {"callback": None, "init_texts": None, "proposal": ("is", "qrs")}
 # OpenAI fields accepted and ignored, and fields accepted only at the value that means "off".
@@ -65,14 +83,18 @@ class ServeConfig:
     default_max_tokens: int = 16  # OpenAI's default for completions
     max_prompts: int = 16  # largest list of prompts in one /v1/completions request
     max_option_int: int = 4096  # largest integer method option (steps, best_of, ...): bounds a request's work
-    allow_reward_paths: bool = False  # allow classifier:PATH, classifier-logit:, similarity:, judge: rewards
+    allow_reward_paths: bool = False  # also allow GATED_REWARDS (classifier:PATH, classifier-logit:, similarity:) and registered ones
     window_s: float = 0.02  # batching window
     max_batch_prompts: int = 32  # most prompts per sampler call
     max_queue: int = 64  # most requests waiting; more get 429
     api_key: str | None = None  # Bearer key; None: no authentication
+    # Largest request body, checked before parsing (413 above it). 1 MiB holds 16 prompts of 8k
+    # tokens of plain text; raise it for longer contexts or heavily escaped (non-ASCII) prompts.
+    max_body_bytes: int = 1 << 20
 
     def __post_init__(self):
-        for name in ("max_n", "default_max_tokens", "max_prompts", "max_option_int", "max_batch_prompts", "max_queue"):
+        for name in ("max_n", "default_max_tokens", "max_prompts", "max_option_int", "max_batch_prompts", "max_queue",
+                     "max_body_bytes"):  # fmt: skip
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -116,10 +138,62 @@ def _int(body: dict, name: str, default, lo: int, hi: int | None, why_hi: str = 
     if v is None:
         v = default
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise BadRequest(name, f"must be an int >= {lo}, got {v!r}")
+        raise BadRequest(name, f"must be an int >= {lo}, got {shown(v)}")
     if hi is not None and v > hi:
-        raise BadRequest(name, f"is {v}, above this server's limit of {hi}{why_hi}")
+        raise BadRequest(name, f"is {shown(v)}, above this server's limit of {hi}{why_hi}")
     return v
+
+
+def shown(v) -> str:
+    """``repr(v)`` for an error message, an integer too long to read given by its digits."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**30:
+        return f"{'a negative' if v < 0 else 'an'} integer of {len(str(abs(v)))} digits"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _as_float(v) -> float | None:
+    """``v`` as a float, or None where it is not a number a float can hold (JSON's integers are
+    unbounded: 10**400 has no float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return None
+
+
+def check_json(body, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse (400, naming the field) a parsed body nested deeper than ``max_depth`` or holding a
+    string (value or key) that is not valid Unicode (a lone surrogate). Iterative: no recursion limit."""
+    stack = [(body, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(where, value)
+        elif isinstance(value, (dict, list)):
+            if depth >= max_depth:
+                raise BadRequest(where or "body", f"is nested deeper than this server's limit of {max_depth} levels")
+            for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
+                child = f"{where}[{k}]" if isinstance(k, int) else (f"{where}.{_printable(k)}" if where else _printable(k))
+                if isinstance(k, str):
+                    _check_text(child, k)
+                stack.append((v, child, depth + 1))
+
+
+def _printable(key: str) -> str:
+    """A field name for an error message: at most 40 characters, lone surrogates escaped (an error
+    body holding one could not be written as UTF-8)."""
+    return key[:40].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_text(where: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(
+            where, f"is not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start} (JSON \\u escapes must pair)"
+        ) from None
 
 
 def _check_openai_fields(body: dict, handled: set[str]) -> None:
@@ -151,14 +225,12 @@ def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward
     name = reward.partition(":")[0]
     if name not in reward_names:
         raise BadRequest("posterior.reward", f"unknown reward {name!r}; registered: {', '.join(sorted(reward_names))}")
-    if name not in SAFE_REWARDS and not config.allow_reward_paths:
-        raise BadRequest(
-            "posterior.reward", f"reward {name!r} reads files or loads models, which this server does not allow "
-            f"(start it with --allow-reward-paths); allowed: {', '.join(sorted(SAFE_REWARDS))}",
-        )  # fmt: skip
+    if not config.allow_reward_paths:
+        _check_allowed(reward)
     beta = obj.get("beta", 0.1)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise BadRequest("posterior.beta", f"must be a finite number > 0, got {beta!r}")
+    value = _as_float(beta)
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise BadRequest("posterior.beta", f"must be a finite number > 0, got {shown(beta)}")
     method = obj.get("method", "is")
     if not isinstance(method, str) or method not in SAMPLERS:
         raise BadRequest("posterior.method", f"unknown method {method!r}; choose one of {sorted(SAMPLERS)}")
@@ -179,10 +251,30 @@ def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward
             raise BadRequest(field, f"must be finite, got {v!r}")
         default = known[k]  # an option whose default has a type takes that type (ints for floats too)
         if v is not None and default is not None and not _same_kind(v, default):
-            raise BadRequest(field, f"takes {type(default).__name__} values (default {default!r}), got {v!r}")
-        if isinstance(v, int) and not isinstance(v, bool) and v > config.max_option_int:
-            raise BadRequest(field, f"is {v}, above this server's limit of {config.max_option_int} for integer options")
-    return Settings(reward, float(beta), method, tuple(sorted(options.items())), n, max_tokens)
+            raise BadRequest(field, f"takes {type(default).__name__} values (default {default!r}), got {shown(v)}")
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > config.max_option_int:
+            raise BadRequest(field, f"is {shown(v)}, outside this server's limit of ±{config.max_option_int} for integer options")
+    return Settings(reward, value, method, tuple(sorted(options.items())), n, max_tokens)
+
+
+def _check_allowed(spec: str) -> None:
+    """Refuse (400 ``posterior.reward``) a reward that reads a file or loads a model, or that is not
+    a built-in one known not to, when the server was started without ``allow_reward_paths``."""
+    from posterior.rewards.registry import spec_names
+
+    try:
+        names = spec_names(spec)
+    except ValueError as e:
+        raise BadRequest("posterior.reward", str(e)) from None
+    for name in names:
+        if name in SAFE_REWARDS:
+            continue
+        why = GATED_REWARDS.get(name, "is not a built-in reward known to read no file and load no model")
+        what = f"reward {name!r}" + ("" if name == spec.partition(":")[0] else f" in {shown(spec)}")
+        raise BadRequest(
+            "posterior.reward", f"{what} {why}, which this server does not allow (start it with --allow-reward-paths); "
+            f"allowed: {', '.join(sorted(SAFE_REWARDS))}",
+        )  # fmt: skip
 
 
 def _same_kind(value, default) -> bool:
@@ -202,6 +294,7 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
     ``render_chat(messages) -> prompt text`` for chat requests."""
     if not isinstance(body, dict):
         raise BadRequest("body", "must be a JSON object")
+    check_json(body)
     if chat:
         prompts = [_render(body.get("messages"), render_chat)]
         many = False
@@ -346,4 +439,5 @@ def now() -> int:
     return int(time.time())
 
 
-__all__ = ["BadRequest", "Parsed", "ServeConfig", "Settings", "parse_request", "summary"]
+__all__ = ["BadRequest", "GATED_REWARDS", "MAX_JSON_DEPTH", "Parsed", "SAFE_REWARDS", "ServeConfig", "Settings", "check_json",
+           "parse_request", "summary"]

@@ -17,6 +17,7 @@ import json
 import torch
 
 import posterior as pst
+from posterior.threads import default_threads
 
 
 def main() -> None:
@@ -31,9 +32,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--frontier-n", type=int, default=128, help="prior draws per prompt for the frontier")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per free core)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())  # the fast choice on a shared machine
 
     prior = pst.load_default_prior()
     post = pst.Posterior(prior, pst.rewards.Sentiment(), beta=args.beta)

@@ -7,6 +7,9 @@ import torch
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
+from posterior.threads import default_threads
+
+torch.set_num_threads(default_threads())  # one thread per free core: the fast choice on a shared machine
 
 # Vocabulary ["a", "b", <eos>]; each step draws a, b, EOS with probabilities 0.5, 0.3, 0.2.
 prior = pst.CallablePrior(["a", "b", "<eos>"], lambda ids: torch.tensor([0.5, 0.3, 0.2]).log().expand(ids.shape[0], 3))

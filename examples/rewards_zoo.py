@@ -8,8 +8,12 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
-import posterior as pst
+import torch
 
+import posterior as pst
+from posterior.threads import default_threads
+
+torch.set_num_threads(default_threads())  # one thread per free core: the fast choice on a shared machine
 prior = pst.load_default_prior()
 rewards = {
     "negative-sentiment (by name, as --reward takes it)": pst.rewards.from_spec("negative-sentiment"),

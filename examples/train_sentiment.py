@@ -26,6 +26,7 @@ import time
 import torch
 
 import posterior as pst
+from posterior.threads import default_threads
 
 
 def main() -> None:
@@ -40,12 +41,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per free core)")
     ap.add_argument("--gpu", action="store_true", help="the longer setting on CUDA: 500 steps, batch 32, 32 tokens")
     args = ap.parse_args()
     if args.gpu:
         args.steps, args.batch_size, args.max_new_tokens, args.lr = 500, 32, 32, 5e-4
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())  # the fast choice on a shared machine
     prompts = args.prompt or ["The movie was"]
 
     # one GPU per process under `accelerate launch` (LOCAL_RANK), the prior next to the policy

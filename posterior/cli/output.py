@@ -147,23 +147,54 @@ def json_line(obj: dict) -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+# A report row's KL fields, as a table heads them. Every KL is >= 0; an estimate may not be.
+KL_FIELDS = {"kl_prior": "KL(.|pi0)", "kl_target_forward": "KL(pi*|q)", "kl_target_reverse": "KL(q|pi*)"}
+
+
+def negative_kl_notes(rows) -> list[str]:
+    """One note per KL estimate below 0 in a report's rows (``compare``, ``overopt``): a KL is never
+    negative, so such a number is estimation noise around a small KL, not a finding."""
+    notes = []
+    for r in rows:
+        for key, label in KL_FIELDS.items():
+            v = r.get(key)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0):
+                continue
+            se = r.get(f"{key}_se")
+            se_txt = f" ± {num(se)} (standard error)" if isinstance(se, (int, float)) and math.isfinite(se) else ""
+            where = r.get("name") or r.get("method") or "a row"
+            if r.get("beta") is not None and "beta" not in str(where):
+                where = f"{where} at beta {num(r['beta'])}"
+            notes.append(f"{where}: {label} = {num(v)}{se_txt} is a noisy estimate below 0: the true KL is >= 0 "
+                         "(more samples narrow the estimate)")  # fmt: skip
+    return notes
+
+
 def print_report(rep, *, as_json: bool, plot_path: str | None) -> str | None:
     """Print a report that has ``rows`` (``compare``, ``overopt``): JSON lines (one per row, then a
     summary) or its text table; then draw its plot. The report is printed before the plot, which may
-    still fail: returns that failure's text (None when the plot was drawn or not asked for)."""
+    still fail: returns that failure's text (None when the plot was drawn or not asked for). A KL
+    estimate below 0 gets a note saying it is noise (:func:`negative_kl_notes`): in the summary's
+    ``notes`` (JSON), after the table (text)."""
     plot = plot_error = None
     if plot_path:
         try:
             plot = rep.plot(plot_path)
         except (OSError, ValueError) as e:
             plot_error = f"{type(e).__name__}: {e}"
+    kl_notes = negative_kl_notes(rep.rows)
     if as_json:
         js = rep.to_json()
         for row in js["rows"]:
             json_line(row)
-        json_line({"summary": True, **{k: v for k, v in js.items() if k != "rows"}, "plot": None if plot is None else str(plot)})
+        summary = {"summary": True, **{k: v for k, v in js.items() if k != "rows"}, "plot": None if plot is None else str(plot)}
+        if kl_notes:
+            summary["notes"] = list(summary.get("notes") or []) + kl_notes
+        json_line(summary)
     else:
         print(rep.format_table())
+        for note in kl_notes:
+            print(f"note: {note}")
         if plot is not None:
             print(f"plot: {plot}")
     return plot_error

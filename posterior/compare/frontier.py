@@ -85,4 +85,42 @@ def estimated_frontier(rewards: torch.Tensor, betas: Sequence[float]) -> list[Fr
     return out
 
 
-__all__ = ["FrontierPoint", "default_betas", "estimated_frontier", "exact_frontier"]
+def reward_on_frontier(points: Sequence[FrontierPoint], x: float) -> float | None:
+    """The frontier curve's reward at KL ``x``: linear between ``points`` (sorted by KL), None
+    outside their KL range (an estimated frontier ends where its reweighted draws run out, at
+    KL <= log N: there is no curve, and so no band, beyond it)."""
+    if not points or x < points[0].kl_prior or x > points[-1].kl_prior:
+        return None
+    for a, b in zip(points, points[1:]):
+        if x <= b.kl_prior:
+            t = 0.0 if b.kl_prior == a.kl_prior else (x - a.kl_prior) / (b.kl_prior - a.kl_prior)
+            return a.reward_mean + t * (b.reward_mean - a.reward_mean)
+    return points[-1].reward_mean
+
+
+def draw_bound_band(ax, points: Sequence[FrontierPoint], beta: float, log_z_upper: float, xs: Sequence[float]) -> list[float]:
+    """Draw on matplotlib Axes ``ax`` the bound line reward <= beta·(KL + U) over ``xs`` (it holds
+    for every distribution, so it runs across the plot) and the band between it and the frontier
+    curve, only where the curve is (between its first and last point). Returns the curve's rewards
+    at the points of the band (for the axis limits)."""
+    top = [beta * (x + log_z_upper) for x in xs]
+    ax.plot(xs, top, ":", color="0.45", label=f"bound line: reward <= {beta:g}·(KL + {log_z_upper:.3g})")
+    inside = sorted({x for x in xs if reward_on_frontier(points, x) is not None} | {p.kl_prior for p in points})
+    curve = [reward_on_frontier(points, x) for x in inside]
+    if len(inside) >= 2:
+        ax.fill_between(inside, curve, [beta * (x + log_z_upper) for x in inside], color="0.85", alpha=0.6,
+                        label="frontier band (estimate .. bound line), where the estimate exists")  # fmt: skip
+    return curve
+
+
+def error_bar_key(ax, z: float) -> None:
+    """A legend entry saying what the error bars are: horizontal, the row's bracket on KL(·‖pi0)
+    (each end an estimated bound moved out by z standard errors; best-of-k: [0, its bound]);
+    vertical, its mean reward ± z standard errors (where the reward is an estimate)."""
+    ax.errorbar([math.nan], [math.nan], xerr=[[1.0], [1.0]], yerr=[[1.0], [1.0]], fmt="none", ecolor="0.3",
+                elinewidth=1, capsize=3,
+                label=f"error bars: horizontal, KL bracket (ends ±{z:g} SE;\nbest-of-k [0, bound]); vertical, reward ±{z:g} SE")  # fmt: skip
+
+
+__all__ = ["FrontierPoint", "default_betas", "draw_bound_band", "error_bar_key", "estimated_frontier", "exact_frontier",
+           "reward_on_frontier"]

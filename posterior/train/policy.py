@@ -19,6 +19,7 @@ parallelism under ``accelerate``).
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import itertools
 import json
@@ -167,6 +168,21 @@ def _shallow_copy(model):
     return copy.deepcopy(model, memo)
 
 
+@contextlib.contextmanager
+def _peft_warnings():
+    """While peft wraps a model: silence the two warnings it raises about what it does itself.
+
+    GPT-2's Conv1D layers: peft sets fan_in_fan_out itself and says so. And peft (0.21, the newest
+    release) reads the model's ``is_gradient_checkpointing`` in ``PeftModel.__init__``, an alias
+    transformers 5.2x deprecates with a FutureWarning in favour of ``is_activation_checkpointing``:
+    every LoRA policy built or loaded would print it, though nothing posterior passes is
+    deprecated. Only these two messages are silenced, only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def _lora_policy(prior: HFPrior, rank: int, *, alpha: float | None, target_modules, max_new_tokens, seed: int) -> HFPolicy:
     try:
         from peft import LoraConfig, get_peft_model
@@ -179,10 +195,8 @@ def _lora_policy(prior: HFPrior, rank: int, *, alpha: float | None, target_modul
     devices = [prior.device] if prior.device.type == "cuda" else []
     # peft draws the A matrices from the global RNG: seed it here and restore it afterwards, so
     # the policy depends on ``seed`` only (B = 0, so q = pi0 whatever A is).
-    with warnings.catch_warnings(), torch.random.fork_rng(devices=devices):
+    with _peft_warnings(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        # GPT-2's Conv1D layers: peft sets fan_in_fan_out itself and says so.
-        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
         model = get_peft_model(_shallow_copy(prior.model), cfg)
     return HFPolicy(model, prior, lora=True, max_new_tokens=max_new_tokens)
 
@@ -478,7 +492,8 @@ def load_policy(prior: Prior, path: str | os.PathLike) -> Prior:
         if lora:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(_shallow_copy(prior.model), str(path), is_trainable=True)
+            with _peft_warnings():
+                model = PeftModel.from_pretrained(_shallow_copy(prior.model), str(path), is_trainable=True)
             policy = HFPolicy(model, prior, lora=True, max_new_tokens=meta.get("max_new_tokens"))
             check_finite(policy.trainable_state(), "policy folder", path)  # the adapter's weights
             return policy

@@ -71,7 +71,7 @@ def llama_generate_runner(prior, prompt_ids, N: int, T: int):
                 chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
                 ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
                 try:
-                    toks = [ll.llama_sampler_sample(chain, prior._ctx, 0)] * N  # the prompt's one output row
+                    toks = [ll.llama_sampler_sample(chain, prior._ctx, -1)] * N  # the prompt's last token (its one output)
                     for t in range(T - 1):
                         prior._decode(toks, [L + t] * N, ids, [True] * N)
                         toks = [ll.llama_sampler_sample(chain, prior._ctx, i) for i in range(N)]

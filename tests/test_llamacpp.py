@@ -375,3 +375,21 @@ def test_cli_sample_backend_llamacpp():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 5 and lines[-1]["method"] == "smc"
+
+
+def test_cli_backend_llamacpp_refuses_what_it_cannot_run(tmp_path):
+    """Checked before anything loads: a folder without --gguf-file, a GPU device."""
+    import argparse
+
+    from posterior.cli import options
+
+    p = argparse.ArgumentParser()
+    options.add_model_options(p)
+    args = p.parse_args(["--backend", "llamacpp", "--model", str(tmp_path)])
+    with pytest.raises(ValueError, match="needs a GGUF file"):
+        options.check_model(args)
+    args = p.parse_args(["--backend", "llamacpp", "--device", "cuda"])
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        options.check_model(args)
+    args = p.parse_args(["--backend", "llamacpp", "--engine-option", "n_ctx=512"])
+    options.check_model(args)  # engine options go to LlamaCppPrior

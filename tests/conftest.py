@@ -76,3 +76,25 @@ def pooled_tv(res, exact) -> float:
 
 
 __all__ = ["a_minus_c", "base3_reward", "pooled_tv", "exact_posterior", "tv_tolerance", "tv_to_exact", "torch"]
+
+
+@pytest.fixture
+def network_attempts(monkeypatch):
+    """Every DNS lookup or connect made while the test runs, each refused (so none can succeed):
+    a list of (kind, address arguments)."""
+    import socket
+
+    attempts = []
+
+    def refuse(kind):
+        def call(*args, **kwargs):
+            attempts.append((kind, args[1:3] if kind == "connect" else args[:2]))
+            raise OSError(f"test: no network ({kind})")
+
+        return call
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
+    return attempts

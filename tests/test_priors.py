@@ -109,27 +109,6 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 # --------------------------------------------------------------------------------------------------
 # Local files only: a hub name fails at once, with no network attempt (issue 25.7)
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture
-def network_attempts(monkeypatch):
-    """Every DNS lookup or connect made while the test runs, each refused (so none can succeed)."""
-    import socket
-
-    attempts = []
-
-    def refuse(kind):
-        def call(*args, **kwargs):
-            attempts.append((kind, args[1:3] if kind == "connect" else args[:2]))
-            raise OSError(f"test: no network ({kind})")
-
-        return call
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
-    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
-    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
-    return attempts
-
-
 @pytest.mark.parametrize("name", ["gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct"])
 def test_hub_name_fails_at_once_without_network(name, network_attempts):
     """Before the fix transformers asked the Hub (huggingface_hub fetches a registry to build its

@@ -195,27 +195,6 @@ def test_similarity_real_minilm_ranks_paraphrases_first():
 # --------------------------------------------------------------------------------------------------
 # LMJudge
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture
-def network_attempts(monkeypatch):
-    """Every DNS lookup or connect made while the test runs, each refused (so none can succeed)."""
-    import socket
-
-    attempts = []
-
-    def refuse(kind):
-        def call(*args, **kwargs):
-            attempts.append(kind)
-            raise OSError(f"test: no network ({kind})")
-
-        return call
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
-    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
-    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
-    return attempts
-
-
 @pytest.mark.parametrize(
     "make,what",
     [

@@ -275,27 +275,10 @@ class LlamaCppPrior(StepwisePrior):
         self._vocab_key = None
 
     @classmethod
-    def from_gguf(
-        cls,
-        path: str | os.PathLike,
-        *,
-        chat: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_ids: Sequence[int] | None = None,
-        n_ctx: int = 4096,
-        n_threads: int | None = None,
-        kv_type: str = "f32",
-        flash_attn: bool = True,
-        n_ubatch: int = 32,
-        n_batch: int = 512,
-        max_rows: int = 255,
-    ) -> "LlamaCppPrior":
-        """Load any GGUF file (the parameters are the constructor's)."""
-        return cls(path, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_ids=eos_token_ids,
-                   n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn, n_ubatch=n_ubatch,
-                   n_batch=n_batch, max_rows=max_rows)  # fmt: skip
+    def from_gguf(cls, path: str | os.PathLike, **options) -> "LlamaCppPrior":
+        """Load any GGUF file; ``options`` are the constructor's keyword arguments (checked there, an
+        unknown one is a TypeError naming it)."""
+        return cls(path, **options)
 
     def close(self) -> None:
         """Free the llama.cpp context and model (the prior cannot be used afterwards)."""

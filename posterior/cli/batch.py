@@ -86,7 +86,7 @@ def run(args) -> int:
         settings["model_files"] = files_fingerprint(spec.model)
     try:
         report = run_job(
-            functools.partial(options.load_posterior, spec), args.prompts_file, args.out, n=args.n, method=args.method,
+            functools.partial(options.load_posterior, argparse.Namespace(**vars(spec), quiet=args.quiet)), args.prompts_file, args.out, n=args.n, method=args.method,
             max_new_tokens=args.max_new_tokens, seed=args.seed, options=method_options, batch_size=args.batch_size,
             ray=args.ray, workers=args.workers, ray_address=args.ray_address, settings=settings, format=args.format,
             progress=not args.quiet, allow_changes=args.allow_change,

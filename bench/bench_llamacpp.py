@@ -31,6 +31,7 @@ Peak RSS 906 MiB after the llama.cpp rows, 1427 MiB with HF; KV cache 180 MiB.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -96,7 +97,9 @@ def main(argv=None) -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp and torch threads")
-    parser.add_argument("--no-hf", action="store_true", help="llama.cpp rows only")
+    parser.add_argument("--no-hf", action="store_true", help="no HF rows")
+    parser.add_argument("--weights", default="stored,f32", help="llama.cpp weights variants (LlamaCppPrior weights=)")
+    parser.add_argument("--vllm", action="store_true", help="add vLLM rows (plain, SMC at block sizes > 1; engine start ~30 s)")
     args = parser.parse_args(argv)
 
     import posterior as pst
@@ -108,12 +111,11 @@ def main(argv=None) -> None:
     owner = pst.load_default_prior(backend="llamacpp", n_threads=args.threads)
     load_s = time.perf_counter() - t0
     never = owner.vocab_size - 1  # an id the model does not emit within T steps: no sequence ends early
-    lprior = LlamaCppPrior.from_gguf(owner.path, eos_token_ids=[never], n_threads=args.threads)
+    path = owner.path
     owner.close()
     reward = pst.rewards.Sentiment()
-    lpost = pst.Posterior(lprior, reward, beta=args.beta)
-    prompt_ids = lprior.encode_prompts([args.prompt])[0]
     blocks = [int(b) for b in args.blocks.split(",") if b]
+    variants = [w for w in args.weights.split(",") if w]
 
     def sampler(post, method, **options):
         def run(seed: int):
@@ -138,12 +140,23 @@ def main(argv=None) -> None:
                 print(f"  repeat {r}: {name} {times[name][-1]:.3f} s", flush=True)
         return times
 
-    llama_methods = {"llama.cpp generate": llama_generate_runner(lprior, prompt_ids, N, T), "llama plain": sampler(lpost, "is")}
-    for b in blocks:
-        llama_methods[f"llama smc b{b}"] = sampler(lpost, "smc", block_size=b)
+    # the llama.cpp rows of every weights variant alternate in one table: "llama" runs the file's
+    # own weights, "llama[f32]" the float32 copy (weights="f32": HF's numbers)
+    lpriors, llama_methods, group = {}, {}, {}
+    for w in variants:
+        tag = "llama" if w == "stored" else f"llama[{w}]"
+        lprior = lpriors[tag] = LlamaCppPrior.from_gguf(path, weights=w, eos_token_ids=[never], n_threads=args.threads)
+        lpost = pst.Posterior(lprior, reward, beta=args.beta)
+        prompt_ids = lprior.encode_prompts([args.prompt])[0]
+        rows = {f"{tag} generate": llama_generate_runner(lprior, prompt_ids, N, T), f"{tag} plain": sampler(lpost, "is")}
+        for b in blocks:
+            rows[f"{tag} smc b{b}"] = sampler(lpost, "smc", block_size=b)
+        llama_methods.update(rows)
+        group.update({name: tag for name in rows})
     times = table(llama_methods)
     llama_peak = peak_rss_mib()
     resampled = {}
+    lpost = pst.Posterior(next(iter(lpriors.values())), reward, beta=args.beta)
     for b in blocks:  # how often SMC resampled in repeat 0's random path (resampling is on)
         res = lpost.sample(n=N, method="smc", max_new_tokens=T, prompts=[args.prompt], generator=torch.Generator().manual_seed(0), block_size=b)
         resampled[b] = int(res.info["resampled"].sum())
@@ -167,27 +180,41 @@ def main(argv=None) -> None:
         for b in blocks:
             hf_methods[f"hf smc b{b}"] = sampler(hpost, "smc", block_size=b)
         times.update(table(hf_methods))
+        group.update({name: "hf" for name in hf_methods})
+        del hprior, hf, hpost, model
+    if args.vllm:  # the same tokens over vLLM's CPU engine (the dequantised weights, as HF)
+        vowner = pst.load_default_prior(backend="vllm")
+        vprior = pst.VLLMPrior(vowner.llm, eos_token_ids=[never])
+        vpost = pst.Posterior(vprior, reward, beta=args.beta)
+        vllm_methods = {"vllm plain": sampler(vpost, "is")}
+        for b in blocks:
+            if b > 1:  # vLLM runs blocks (decode-ahead); token-level SMC is not its mode
+                vllm_methods[f"vllm smc b{b}"] = sampler(vpost, "smc", block_size=b)
+        times.update(table(vllm_methods))
+        group.update({name: "vllm" for name in vllm_methods})
+        vowner.close()
 
+    lprior = next(iter(lpriors.values()))
     s = lprior.settings
     kv_mib = lprior.kv_cache_bytes() / 2**20
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"N x T = {N} x {T} ({N * T} tokens), prompt {args.prompt!r} ({len(prompt_ids)} tokens), Sentiment reward, "
-          f"beta = {args.beta}, {args.repeats} repeats (medians), {args.threads} thread(s); llama.cpp: "
-          f"{lprior.path.name}, load {load_s:.2f} s, flash attention {s['flash_attn']}, KV {s['kv_type']}, n_ubatch {s['n_ubatch']}")
-    print(f"{'method':<20}{'median s':>10}{'min s':>9}{'max s':>9}{'tok/s':>9}{'x plain':>9}{'x generate':>11}")
+    print(f"N x T = {N} x {T} ({N * T} tokens), prompt {args.prompt!r}, Sentiment reward, beta = {args.beta}, "
+          f"{args.repeats} repeats (medians), {args.threads} thread(s); llama.cpp: {path.name} (weights: "
+          f"{', '.join(variants)}), load {load_s:.2f} s, flash attention {s['flash_attn']}, KV {s['kv_type']}, n_ubatch {s['n_ubatch']}")
+    print(f"{'method':<24}{'median s':>10}{'min s':>9}{'max s':>9}{'tok/s':>9}{'x plain':>9}{'x generate':>11}{'x hf plain':>11}")
     for name in times:
-        llama = not name.startswith("hf")
-        plain = med["llama plain" if llama else "hf plain"]
-        gen = med["llama.cpp generate" if llama else "hf generate"]
+        tag = group[name]
+        plain = med[f"{tag} plain"]
+        gen = med.get(f"{tag} generate", math.nan)
+        hf = med.get("hf plain", math.nan)
         ts = times[name]
-        print(f"{name:<20}{med[name]:>10.3f}{min(ts):>9.3f}{max(ts):>9.3f}{N * T / med[name]:>9.0f}{med[name] / plain:>9.2f}{med[name] / gen:>11.2f}")
+        print(f"{name:<24}{med[name]:>10.3f}{min(ts):>9.3f}{max(ts):>9.3f}{N * T / med[name]:>9.0f}{med[name] / plain:>9.2f}"
+              f"{med[name] / gen:>11.2f}{med[name] / hf:>11.2f}")
     print("SMC resamplings in repeat 0's path: " + ", ".join(f"b{b}: {k} of {T // b} boundaries" for b, k in resampled.items()))
-    if not args.no_hf:
-        print(f"llama plain / hf plain = {med['llama plain'] / med['hf plain']:.2f}; "
-              f"llama.cpp generate / hf generate = {med['llama.cpp generate'] / med['hf generate']:.2f}")
     print(f"peak RSS: {llama_peak:.0f} MiB after the llama.cpp rows (before HF loads), {peak_rss_mib():.0f} MiB at the end; "
-          f"llama.cpp KV cache {kv_mib:.0f} MiB ({s['n_ctx']} cells, {s['kv_type']})")
-    lprior.close()
+          f"llama.cpp KV cache {kv_mib:.0f} MiB per prior ({s['n_ctx']} cells, {s['kv_type']})")
+    for lp in lpriors.values():
+        lp.close()
 
 
 if __name__ == "__main__":

@@ -160,6 +160,32 @@ def test_bad_input_is_refused_before_loading(tmp_path):
         LlamaCppPrior.from_gguf(f, kv_type="q8")
     with pytest.raises(ValueError, match="no engine option"):
         pst.load_default_prior(backend="llamacpp", n_gpu_layers=3)
+    with pytest.raises(ValueError, match="weights must be one of .*'q8'"):
+        LlamaCppPrior.from_gguf(f, weights="q8")
+
+
+@needs_llama
+def test_f32_copy_is_written_once_per_source_file(tiny, tmp_path, monkeypatch):
+    """weights="f32" runs a float32 copy written into the cache once, named after the source's
+    digest: loading again reuses it, another file gets its own copy, and the copy's log-probs equal
+    the source's (the tiny GGUF is float32 already)."""
+    from posterior.priors.llamacpp import f32_copy
+
+    monkeypatch.setenv("POSTERIOR_CACHE", str(tmp_path / "cache"))
+    prior, _ = tiny
+    copy = f32_copy(prior.path)
+    assert copy.parent == tmp_path / "cache" / "llamacpp" and copy.suffix == ".gguf"
+    stamp = copy.stat().st_mtime_ns
+    assert f32_copy(prior.path) == copy and copy.stat().st_mtime_ns == stamp
+    other = tmp_path / "other.gguf"
+    other.write_bytes(prior.path.read_bytes() + b"\0" * 64)  # another file (trailing bytes: llama.cpp ignores them)
+    assert f32_copy(other) != copy
+    assert [p.name for p in copy.parent.iterdir() if p.name.endswith(".tmp")] == []
+    f32 = LlamaCppPrior.from_gguf(prior.path, weights="f32", n_threads=1, n_ctx=256)
+    ids = [prior.encode_prompts(None)[0] + [0, 1, 0]]
+    assert f32.weights_path == copy and f32.describe()["weights"] == "f32"
+    assert torch.equal(f32.start(ids).logprobs, prior.start(ids).logprobs)
+    f32.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,6 +386,25 @@ def test_log_probs_agree_with_hf_over_the_same_weights(smol, hf_default):
     diff = (lp - lh).abs()
     assert diff.max().item() < HF_TOLERANCE, diff.max().item()
     assert diff.sum().item() / cont.lengths.sum().item() < HF_MEAN_TOLERANCE
+
+
+@needs_llama
+@pytest.mark.slow
+def test_f32_weights_agree_with_hf_to_float_rounding(smol, hf_default, tmp_path, monkeypatch):
+    """weights="f32" runs the numbers HF's dequantisation gives. Measured over these 538 tokens:
+    max |log p_llama.cpp - log p_HF| 1.4e-2 with flash attention (ggml's CPU kernel rounds Q to
+    f16 for the K.Q products) and 2.7e-5 without (float32 rounding; mean 3.5e-6 per token), against 0.88 for the stored
+    4-bit weights (the test above)."""
+    monkeypatch.setenv("POSTERIOR_CACHE", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+    ids = smol.encode_prompts(["The movie was", "My favourite food is", "Once upon a time"])
+    cont = smol.sample(ids, 8, 24, generator=g)
+    lh = hf_default.token_log_probs(ids, cont.tokens, cont.lengths)
+    for flash_attn, tol in ((True, 0.05), (False, 1e-3)):
+        f32 = LlamaCppPrior.from_gguf(smol.path, weights="f32", flash_attn=flash_attn, n_threads=1, n_ctx=1024)
+        diff = (f32.token_log_probs(ids, cont.tokens, cont.lengths) - lh).abs().max().item()
+        f32.close()
+        assert diff < tol, (flash_attn, diff)
 
 
 @needs_llama

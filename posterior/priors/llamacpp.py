@@ -61,9 +61,14 @@ partial sums (layout-dependent): ``n_threads=1`` keeps that case exact too.
 Not exact, by design: agreement with :class:`~posterior.priors.hf.HFPrior` over the same weights.
 HF dequantises the GGUF file to float32 and runs float32 matmuls; llama.cpp keeps the 4-bit
 weights and quantises activations to 8 bits for the matrix products (Q4_1 x Q8_1 dot products),
-so log-probs differ by a measured amount (tests/test_llamacpp.py states the tolerance). And the
-float32 K/V cache (``kv_type="f32"``, the default) is what makes the agreement close; "f16" halves
-the cache memory and keeps the fork exactness above, but rounds keys and values to half precision.
+so log-probs differ by a measured amount (max 0.88 per token on the default model; tests/
+test_llamacpp.py states the tolerance). ``weights="f32"`` runs a float32 copy of the file instead
+(:func:`f32_copy`, written once into the cache): HF's own numbers, so the difference falls to
+1.4e-2 with flash attention (its CPU kernel rounds queries to f16) and 2.7e-5 without (float32
+rounding; forks then agree with their sources to float rounding rather than bitwise, point 1).
+And the float32 K/V cache (``kv_type="f32"``, the default) is what makes the agreement close;
+"f16" halves the cache memory and keeps the fork exactness above, but rounds keys and values to
+half precision.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ from posterior.validate import check_int
 
 INSTALL = "pip install 'posterior-align[llamacpp]' (or: pip install llama-cpp-python==0.3.36, a source build of a few minutes)"
 KV_TYPES = {"f32": 0, "f16": 1}  # GGML_TYPE_F32, GGML_TYPE_F16
+WEIGHTS = ("stored", "f32")  # run the file's weights, or a float32 copy (f32_copy)
 FA_TILE_Q = 64  # ggml-cpu's GGML_FA_TILE_Q: ubatches of this many queries take the tiled (layout-dependent) kernel
 _LOG_ERRORS: list[str] = []  # llama.cpp's last error lines (for our exceptions), via the log callback below
 _LOG_CALLBACK = None  # the ctypes callback object must outlive every llama.cpp call
@@ -176,6 +182,12 @@ class LlamaCppPrior(StepwisePrior):
     max_rows : int
         Sequence ids (rows of all live decode states together), at most 255 (llama.cpp allows 256
         sequences; one is the graveyard).
+    weights : "stored" or "f32"
+        "stored" runs the file's own (e.g. 4-bit) weights. "f32" runs a float32 copy that
+        llama.cpp writes once into the cache (:func:`f32_copy`): the numbers HF's dequantisation
+        gives, so log-probs agree with :class:`~posterior.priors.hf.HFPrior` to float rounding,
+        at 4-6x the memory, and faster on CPUs where llama.cpp has no tiled kernel for the stored
+        type (Q4_1 on AVX2: bench/bench_llamacpp.py).
     """
 
     def __init__(
@@ -194,14 +206,13 @@ class LlamaCppPrior(StepwisePrior):
         n_ubatch: int = 32,
         n_batch: int = 512,
         max_rows: int = 255,
+        weights: str = "stored",
     ):
         temperature, top_k, top_p = validate_sampling(temperature, top_k, top_p)
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"LlamaCppPrior needs a .gguf file; {str(path)!r} is not a file")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic)")
+        check_gguf_file(path)
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
         n_ctx = check_int("n_ctx", n_ctx, 16)
@@ -215,12 +226,13 @@ class LlamaCppPrior(StepwisePrior):
         self.path, self.chat = path, bool(chat)
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
         self.settings = dict(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn,
-                             n_ubatch=n_ubatch, n_batch=n_batch, max_rows=max_rows)  # fmt: skip
+                             n_ubatch=n_ubatch, n_batch=n_batch, max_rows=max_rows, weights=weights)  # fmt: skip
+        self.weights_path = path if weights == "stored" else f32_copy(path)  # the file llama.cpp runs
         self._lock = threading.RLock()
         self._model = self._ctx = self._batch = None
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = 0
-        model = llama.llama_model_load_from_file(str(path).encode(), mparams)
+        model = llama.llama_model_load_from_file(str(self.weights_path).encode(), mparams)
         if not model:
             raise ValueError(f"llama.cpp cannot load {str(path)!r}{_last_errors()}")
         self._model = model
@@ -331,7 +343,7 @@ class LlamaCppPrior(StepwisePrior):
     def describe(self) -> dict:
         s = self.settings
         return {**super().describe(), "model": str(self.path), "chat": self.chat, "backend": "llama.cpp",
-                "kv_type": s["kv_type"], "flash_attn": s["flash_attn"], "n_ctx": s["n_ctx"]}  # fmt: skip
+                "kv_type": s["kv_type"], "flash_attn": s["flash_attn"], "n_ctx": s["n_ctx"], "weights": s["weights"]}  # fmt: skip
 
     # --- text ----------------------------------------------------------------------------------
     def token_text(self, token_id: int) -> str:
@@ -640,7 +652,7 @@ class LlamaCppPrior(StepwisePrior):
             )  # fmt: skip
 
 
-ENGINE_OPTIONS = ("eos_token_ids", "n_ctx", "n_threads", "kv_type", "flash_attn", "n_ubatch", "n_batch", "max_rows")
+ENGINE_OPTIONS = ("eos_token_ids", "n_ctx", "n_threads", "kv_type", "flash_attn", "n_ubatch", "n_batch", "max_rows", "weights")
 
 
 def check_engine_options(options: dict) -> dict:
@@ -651,6 +663,44 @@ def check_engine_options(options: dict) -> dict:
     if unknown:
         raise ValueError(f"LlamaCppPrior has no engine option(s) {unknown}; its engine options are {list(ENGINE_OPTIONS)}")
     return options
+
+
+def check_gguf_file(path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(f"LlamaCppPrior needs a .gguf file; {str(path)!r} is not a file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic)")
+
+
+def f32_copy(path: Path) -> Path:
+    """A float32 copy of the GGUF file ``path``, written once by llama.cpp (``llama_model_quantize``
+    to ``LLAMA_FTYPE_ALL_F32``: every tensor dequantised with ggml's own routines) into
+    ``$POSTERIOR_CACHE/llamacpp/`` (default ``~/.cache/posterior``) under a name that carries the
+    source's sampled digest, so another file (or a changed one) never reuses it; written to a
+    temporary name and renamed, so a copy that exists is whole. About 1 s for the default model."""
+    from posterior.priors.default import cache_dir, sampled_digest
+
+    out = cache_dir() / "llamacpp" / f"{path.stem}-{sampled_digest(path)[:16]}-f32.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    llama = _llama()
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = llama.LLAMA_FTYPE_ALL_F32
+    params.allow_requantize = True  # the source is quantised: "requantising" to f32 is dequantising
+    params.nthread = torch.get_num_threads()
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        import ctypes
+
+        rc = llama.llama_model_quantize(str(path).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ValueError(f"llama.cpp could not write a float32 copy of {str(path)!r} (code {rc}){_last_errors()}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def ctypes_buffer(n: int):

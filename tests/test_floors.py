@@ -48,3 +48,37 @@ def test_floors_script_finds_an_up_import_inside_a_function_and_a_circle(tmp_pat
         "circle: posterior.samplers.b <-> posterior.samplers.c",
         "floors: 1 up-import(s), 1 circle(s)",
     ]
+
+
+def test_enumerable_is_one_answer_and_support_size_is_exact_on_a_full_support_toy():
+    """``posterior.exact.enumerable`` answers "can this prior be enumerated" for compare and
+    overoptimization: step-wise and small; support_size counts a full-support toy exactly."""
+    from posterior.exact import enumerable, enumerate_continuations, support_size
+    from posterior.testing import SequencePrior, markov_prior
+
+    prior = markov_prior()
+    for T in (1, 2, 3):
+        seqs, _ = enumerate_continuations(prior, T)
+        assert support_size(prior, T) == len(seqs)
+    assert enumerable(prior, 3, limit=support_size(prior, 3))
+    assert not enumerable(prior, 3, limit=support_size(prior, 3) - 1)
+    assert not enumerable(SequencePrior(prior), 1)  # no next-token distributions
+
+
+def test_moved_checks_keep_their_old_names():
+    """_check_prompts / _check_seed moved to posterior.validate (public); posterior.posterior keeps
+    the old names, and pst.bounds is the runner above the samplers."""
+    import posterior as pst
+    from posterior import validate
+    from posterior.posterior import _check_prompts, _check_seed
+
+    assert _check_prompts(["a", "b"]) == validate.check_prompts(["a", "b"]) == ["a", "b"]
+    assert validate.check_prompts("a") == ["a"] and validate.check_prompts(None) is None
+    assert _check_seed(7) == 7 and _check_seed(None) is None
+    for bad in ([], [""], [3]):
+        try:
+            validate.check_prompts(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"check_prompts accepted {bad!r}")
+    assert pst.bounds.__module__ == "posterior.bounds" and pst.Bounds.__module__ == "posterior.diagnostics.bounds"

@@ -66,12 +66,12 @@ import torch
 from tqdm.auto import tqdm
 
 from posterior.errors import CheckpointError
-from posterior.posterior import Posterior, _check_prompts
+from posterior.posterior import Posterior
 from posterior.samplers.common import check_proposal
 from posterior.seeds import derive_seed
 from posterior.train import checkpoint as ckpt
 from posterior.train.steps import StepInput, check_twist, get_step
-from posterior.validate import check_bool, check_choice, check_int, check_real, check_seed
+from posterior.validate import check_bool, check_choice, check_int, check_prompts, check_real, check_seed
 
 FORMAT = 1  # checkpoint payload version
 # Metrics that are Monte Carlo estimates from the step's batch (a KL estimate can come out negative,
@@ -188,7 +188,7 @@ def fit(
     distill_method = check_choice("distill_method", distill_method, ("smc", "is"))
     distill_resample = check_bool("distill_resample", distill_resample)
     seed = check_seed("seed", seed)
-    prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
+    prompts = check_prompts(prompts)
     allow_changes = _check_allow_changes(allow_changes)
     if checkpoint_dir is not None:
         ckpt.check_directory(Path(checkpoint_dir))

@@ -5,6 +5,7 @@ Exact answers come from enumerating a small support (``posterior.exact``): a tab
 ``markov_prior`` (max_new_tokens 3: 40 sequences) for training to convergence.
 """
 
+import dataclasses
 import itertools
 import json
 import math
@@ -467,6 +468,58 @@ def test_fit_input_errors(markov):
     other = policy_from(two_token_prior(), max_new_tokens=3)
     with pytest.raises(ValueError, match="different tokenizer/vocabulary"):
         pst.train.fit(post, other, objective="rl", **kw)
+
+
+def test_fit_config_and_keywords_train_bit_for_bit_alike(markov, tmp_path):
+    """fit(post, policy, FitConfig(...)) is fit(post, policy, **keywords): one list of settings,
+    the same draws and weights; keywords given with a config replace its fields."""
+    prior, post, _ = markov
+    kw = dict(objective="js", steps=6, **CONVERGE)
+    a, b, c = (policy_from(prior, max_new_tokens=3) for _ in range(3))
+    run_a = pst.train.fit(post, a, **kw)
+    run_b = pst.train.fit(post, b, pst.train.FitConfig(**kw))
+    run_c = pst.train.fit(post, c, pst.train.FitConfig(**{**kw, "lr": 0.5, "steps": 1}), lr=kw["lr"], steps=6)
+    for policy in (b, c):
+        assert torch.equal(policy.logits, a.logits)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+    assert strip(run_b.metrics) == strip(run_c.metrics) == strip(run_a.metrics)
+    assert run_b.config == run_a.config
+
+
+def test_fit_config_refuses_bad_values_naming_the_field():
+    from posterior.train.config import FitConfig, identity_fields
+
+    base = dict(objective="dpg", max_new_tokens=3)
+    bad = [
+        ({"objective": "nope"}, "unknown objective 'nope'"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive int, got 0"),
+        ({"steps": 0}, "steps must be a positive int, got 0"),
+        ({"batch_size": 1}, "batch_size must be an int >= 2, got 1"),  # dpg is on-policy: leave-one-out
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"prompts": []}, "prompts is an empty list"),
+        ({"seed": -1}, "seed"),
+        ({"checkpoint_every": 0}, "checkpoint_every must be a positive int, got 0"),
+        ({"progress": "yes"}, "progress"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be a finite number > 0"),
+        ({"distill_method": "mh"}, "distill_method"),
+        ({"distill_resample": 1}, "distill_resample"),
+        ({"sampler_options": [("ess_threshold", 0.5)]}, "sampler_options must be a dict"),
+        ({"allow_changes": ("lr_typo",)}, r"allow_changes names unknown field\(s\) \['lr_typo'\]"),
+        ({"checkpoint_dir": 3}, "checkpoint_dir must be a path"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            FitConfig(**{**base, **change})
+    assert FitConfig(**{**base, "objective": "distill"}, batch_size=1).batch_size == 1  # off-policy: one sample suffices
+    cfg = FitConfig(**base, prompts="hi", lr=torch.tensor(0.5))
+    assert cfg.prompts == ("hi",) and type(cfg.lr) is float  # normalised once
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['step'\]"):
+        pst.train.fit(pst.Posterior(two_token_prior(), count_a, beta=1.0), None, objective="dpg", step=3)
+    assert set(identity_fields()) == {"trains", "objective", "batch_size", "lr", "max_new_tokens", "prompts", "seed", "beta",
+                                      "max_grad_norm", "world_size", "distill_method", "distill_resample", "sampler_options",
+                                      "prior", "reward", "policy"}  # what a checkpoint's config records  # fmt: skip
 
 
 # --- SIGKILL and resume ------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class Posterior:
         """
         texts = list(texts)
         prompts = None if prompt is None else [prompt]
-        prompt_ids = self.prior.encode_prompts(check_prompts(prompts))
+        prompt_ids = self.prior.encode_prompts(_check_prompts(prompts))
         ids = [self.prior.encode_text(t) + ([self.prior.eos_token_ids[0]] if ended else []) for t in texts]
         T = max((len(i) for i in ids), default=0)
         if T == 0:
@@ -110,9 +110,9 @@ class Posterior:
         options = {k: as_plain(v) for k, v in options.items()}
         if not isinstance(as_plain(progress), bool):
             raise ValueError(f"progress must be a bool, got {progress!r}")
-        prompts = check_prompts(prompts)
+        prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
         if generator is None:
-            seed = secrets.randbits(63) if seed is None else check_seed("seed", seed)
+            seed = secrets.randbits(63) if seed is None else _check_seed(seed)
             generator = torch.Generator(device=self.prior.device)
             generator.manual_seed(seed)
         else:

@@ -82,3 +82,18 @@ def test_moved_checks_keep_their_old_names():
             continue
         raise AssertionError(f"check_prompts accepted {bad!r}")
     assert pst.bounds.__module__ == "posterior.bounds" and pst.Bounds.__module__ == "posterior.diagnostics.bounds"
+
+
+def test_bounds_stays_a_function_whatever_is_imported_first():
+    """The runner moved up to posterior/bounds.py, a module named like the public function:
+    importing the module first must not replace ``pst.bounds`` (posterior.lazy keeps the name)."""
+    code = (
+        "import posterior as pst\n"
+        "import posterior.bounds\n"
+        "from posterior.bounds import Bounds, bounds\n"
+        "assert pst.bounds is bounds and pst.Bounds is Bounds and callable(pst.bounds)\n"
+        "assert pst.train.FitConfig.__module__ == 'posterior.train.config'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

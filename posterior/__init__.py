@@ -25,7 +25,7 @@ __getattr__, __dir__ = lazy_names(__name__, {
     "SAMPLERS": "posterior.samplers",
     "SampleResult": "posterior.results",
     "VLLMPrior": "posterior.priors",
-    "bounds": "posterior.diagnostics.bounds",
+    "bounds": "posterior.bounds",
     "compare": "posterior.compare",
     "generate": "posterior.generate",
     "load_default_prior": "posterior.priors",

@@ -13,6 +13,10 @@ beta, and only log Z needs c/beta, which raises a ``ValueError`` where it overfl
 
 This is the ground truth every sampler is tested against. Sequences are keyed by their token
 tuple (EOS included when present), since distinct token sequences may share a text.
+
+Whether a prior can be enumerated is answered here once (:func:`enumerable`): it walks next-token
+distributions (the ``NEXT_TOKEN`` capability) and its support is small. ``compare`` and
+``overoptimization`` ask it before computing exact rows.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Sequence
 import torch
 
 from posterior.diagnostics.tilt import reward_shift, scaled
-from posterior.priors.base import Prior
+from posterior.priors.base import NEXT_TOKEN, Prior
 from posterior.rewards.base import as_reward
 from posterior.validate import check_real
 
@@ -48,10 +52,30 @@ class ExactPosterior:
         return float((p * (self.log_posterior - self.log_prior)).nansum())
 
 
+def support_size(prior: Prior, max_new_tokens: int) -> int:
+    """The number of continuations of one prompt when every token has positive probability (an
+    upper bound otherwise): W non-EOS tokens, E EOS tokens, T = max_new_tokens,
+    sum_{t<T} W^t·E (ended by EOS) + W^T (cut at T tokens)."""
+    E = len(set(prior.eos_token_ids))
+    W = prior.vocab_size - E
+    return E * sum(W**t for t in range(max_new_tokens)) + W**max_new_tokens
+
+
+def enumerable(prior: Prior, max_new_tokens: int, *, limit: int = 200_000) -> bool:
+    """Whether :func:`enumerate_continuations` can list ``prior``'s support: the prior gives
+    next-token distributions (``NEXT_TOKEN``) and :func:`support_size` is at most ``limit``."""
+    return prior.has(NEXT_TOKEN) and support_size(prior, max_new_tokens) <= limit
+
+
 def enumerate_continuations(
     prior: Prior, max_new_tokens: int, prompt: str | None = None, *, max_sequences: int = 200_000
 ) -> tuple[list[tuple[int, ...]], torch.Tensor]:
     """Every continuation of ``prompt`` with its log pi0, breadth first (one batched call per depth)."""
+    if not prior.has(NEXT_TOKEN):
+        raise ValueError(
+            f"enumerating a prior's support walks its next-token distributions; {type(prior).__name__} has no "
+            f"{NEXT_TOKEN!r} capability (use a step-wise prior: HFPrior, CallablePrior)"
+        )
     prompt_ids = prior.encode_prompts(None if prompt is None else [prompt])
     eos = set(prior.eos_token_ids)
     state = prior.start(prompt_ids, copies=1)

@@ -18,7 +18,7 @@ from posterior.priors.base import Prior
 from posterior.results import SampleResult
 from posterior.rewards.base import Reward, RewardError, as_reward
 from posterior.samplers.registry import get_sampler, sampler_options
-from posterior.validate import as_plain, check_int, check_real, check_seed
+from posterior.validate import as_plain, check_int, check_prompts, check_real, check_seed
 
 
 class Posterior:
@@ -125,11 +125,6 @@ class Posterior:
         return res
 
 
-def _check_seed(seed) -> int:
-    """A seed is an int in [0, 2**64) (numpy / torch integers accepted)."""
-    return check_seed("seed", seed, or_none=True)
-
-
 def _check_generator(generator, device: torch.device) -> None:
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: {generator!r}")
@@ -140,18 +135,14 @@ def _check_generator(generator, device: torch.device) -> None:
         )
 
 
-def _check_prompts(prompts):
-    if prompts is None:
-        return None
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is an empty list; pass None for one unconditional prompt")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"prompt #{i} must be a str, got {type(p).__name__}: {p!r}")
-        if not p:
-            raise ValueError(f"prompt #{i} is the empty string; pass prompts=None for an unconditional sample")
-    return prompts
+# The old private names of the prompt and seed checks, importable as before: the checks are
+# posterior.validate's (issue 28.5).
+_check_prompts = check_prompts
+
+
+def _check_seed(seed) -> int | None:
+    """A seed is an int in [0, 2**64) (numpy / torch integers accepted), or None."""
+    return check_seed("seed", seed, or_none=True)
 
 
 __all__ = ["Posterior"]

@@ -6,9 +6,10 @@ What counts as a number is decided here once: Python ints and floats, numpy scal
 ``np.bool_``) is never a number (``n=True`` is a mistake, not 1). So ``fit``, ``Posterior.sample``,
 ``compare``, the samplers and the rewards accept and refuse the same values.
 
-(A module of its own rather than more helpers in :mod:`posterior.errors`: that module holds the
-error classes; a reader looking for the checks finds them by name here. ``posterior.errors``
-re-exports the old names ``check_int``, ``check_real``, ``is_int``, ``is_real`` and ``as_plain``.)
+Every validator of the package lives here, and only here (:mod:`posterior.errors` holds the error
+classes): numbers, seeds and choices; prompts (:func:`check_prompts`); devices and transformers
+models (:func:`check_device`, :func:`check_hf_model`); tensors loaded from a file
+(:func:`check_finite`). None of them imports torch before it is called.
 
 Output paths too (:func:`check_output_file`, :func:`check_output_folder`): every command that writes
 a file checks where before any work, asking the file system (a probe file created and removed), so
@@ -24,6 +25,8 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterable
+
+from posterior.errors import CheckpointError
 
 #: The largest float32 (``torch.finfo(torch.float32).max``), as a constant: no torch needed.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -217,6 +220,95 @@ def check_output_folder(name: str, path) -> str:
     return path
 
 
+def check_prompts(prompts) -> list[str] | None:
+    """Prompts as a list of non-empty strs, or None (one unconditional prompt); one str is one prompt."""
+    if prompts is None:
+        return None
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is an empty list; pass None for one unconditional prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt #{i} must be a str, got {type(p).__name__}: {p!r}")
+        if not p:
+            raise ValueError(f"prompt #{i} is the empty string; pass prompts=None for an unconditional sample")
+    return prompts
+
+
+def check_device(device):
+    """``device`` as a ``torch.device`` that exists here, or ``ValueError`` naming it."""
+    import torch
+
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r} ({e})") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} is not available: torch.cuda.is_available() is False")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} is not available on this machine")
+    return dev
+
+
+def bidirectional_encoder(config) -> str | None:
+    """Why a transformers config is not a causal LM (None if it is one): encoder families (BERT,
+    RoBERTa, ...) carry ``is_decoder=False``; AutoModelForCausalLM still loads them as an "LM head"
+    that attends both ways and keeps no KV cache."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "is_encoder_decoder", False):
+        return f"{getattr(text, 'model_type', type(text).__name__)!r} is an encoder-decoder model; use a decoder-only model"
+    if getattr(text, "is_decoder", True) is False:
+        kind = getattr(text, "model_type", type(text).__name__)
+        return (
+            f"{kind!r} is a bidirectional encoder (config.is_decoder=False), not a left-to-right language model; "
+            "use a decoder-only model (GPT-2, Llama, SmolLM2, ...)"
+        )
+    return None
+
+
+def check_hf_model(model, tokenizer) -> None:
+    """``HFPrior(model, tokenizer)`` takes a loaded causal LM and its tokenizer, in that order."""
+    import torch
+
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config") and callable(getattr(model, "generate", None))):
+        raise ValueError(
+            "model must be a loaded transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(path)), "
+            f"got {type(model).__name__}: {str(model)[:80]!r}; to load from a folder use HFPrior.from_pretrained(path)"
+        )
+    if not_causal := bidirectional_encoder(model.config):
+        raise ValueError(f"model {type(model).__name__} is not a causal LM: {not_causal}")
+    if not (callable(getattr(tokenizer, "decode", None)) and callable(getattr(tokenizer, "get_vocab", None))):
+        raise ValueError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}: {str(tokenizer)[:80]!r}")
+
+
+def check_finite(state: dict, what: str, path, *, allow_neg_inf: bool = False) -> None:
+    """Every floating tensor of a loaded ``state`` is finite (or -inf, with ``allow_neg_inf``: a
+    table entry that is never taken), else :class:`CheckpointError` naming the file or folder: a
+    NaN weight would turn every result NaN far from its cause (a damaged file, or a run saved
+    after it diverged)."""
+    import torch
+
+    for name, t in state.items():
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            continue
+        bad = torch.isnan(t) | torch.isposinf(t)
+        if not allow_neg_inf:
+            bad |= torch.isneginf(t)
+        if bool(bad.any()):
+            first = t.reshape(-1)[bad.reshape(-1)][0].item()
+            raise CheckpointError(
+                f"{what} {path} holds {int(bad.sum())} non-finite value(s) ({first}) in {name!r}: the file is damaged, "
+                "or was saved after training diverged", path,
+            )  # fmt: skip
+
+
 def as_plain(value):
     """numpy / one-element torch scalars as Python int, float or bool; other values unchanged
     (so method options given as ``np.int64(8)`` reach every sampler as ``8``)."""
@@ -235,7 +327,7 @@ def as_plain(value):
 
 
 __all__ = [
-    "FLOAT32_MAX", "SEED_MAX", "as_plain", "check_bool", "check_choice", "check_int", "check_optional_int",
-    "check_output_file", "check_output_folder", "check_prob", "check_real", "check_sampling", "check_seed", "is_int",
-    "is_real",
+    "FLOAT32_MAX", "SEED_MAX", "as_plain", "bidirectional_encoder", "check_bool", "check_choice", "check_device",
+    "check_finite", "check_hf_model", "check_int", "check_optional_int", "check_output_file", "check_output_folder",
+    "check_prob", "check_prompts", "check_real", "check_sampling", "check_seed", "is_int", "is_real",
 ]  # fmt: skip

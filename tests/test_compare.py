@@ -14,6 +14,8 @@ from posterior.compare import ROW_KEYS, ComparisonReport, compare, distinct_n
 from posterior.compare.frontier import default_betas, estimated_frontier, exact_frontier
 from posterior.exact import exact_posterior
 from posterior.testing import markov_prior
+from posterior.rewards import Callable
+from posterior.testing import two_token_prior
 
 BETA = 0.5
 M = 3
@@ -186,3 +188,29 @@ def test_cli_compare_bounds_takes_max_draws_and_shows_progress_on_stderr(model_d
     assert "--bounds-max-draws" in capsys.readouterr().err
     assert main(args[:-4] + ["--bounds-max-draws", "10", "--quiet"]) == 2  # without --bounds it has no use
     assert "needs --bounds" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Moved from test_hardening2.py (issue 19, hardening round two); each test is named after the failure it pins down
+# --------------------------------------------------------------------------------------------------
+T = 3  # two_token_prior at max_new_tokens=3: 15 continuations
+
+
+def count_a(scale: float = 1.0):
+    return Callable(lambda ts: [scale * t.count("a") for t in ts], name="count_a")
+
+
+def test_consistency_one_validator_module_compare_refuses_empty_methods_non_policies_and_best_of_above_n():
+    """methods=[] gave an empty table; policies={'x': 3} an AttributeError; best_of=8 with n=4
+    silently decoded 8 sequences per prompt where every other row decoded 4."""
+    post = pst.Posterior(two_token_prior(), count_a(), beta=1.0)
+    with pytest.raises(ValueError, match="nothing to compare"):
+        pst.compare(post, methods=[], n=4, max_new_tokens=T)
+    with pytest.raises(ValueError, match=r"policies\['x'\] must be a policy .*got int"):
+        pst.compare(post, methods=["is"], policies={"x": 3}, n=4, max_new_tokens=T)
+    with pytest.raises(ValueError, match=r"method 'bon': best_of=8 exceeds n=4"):
+        pst.compare(post, methods=["is", "bon"], n=4, max_new_tokens=T, method_options={"bon": {"best_of": 8}})
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        pst.compare(post, methods=["is", "nope"], n=4, max_new_tokens=T)
+    rep = pst.compare(post, methods="is", n=4, max_new_tokens=T)  # one name, not the letters of it
+    assert [r["name"] for r in rep.rows] == ["is"]

@@ -8,6 +8,7 @@ import torch
 import posterior as pst
 from posterior.rewards import Callable, Contains, RewardError
 from posterior.testing import tiny_hf_prior, two_token_prior
+import numpy as np
 
 
 @pytest.fixture
@@ -148,3 +149,87 @@ def test_bad_sampling_modifiers(kw, match):
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot load a causal LM from"):
         pst.HFPrior.from_pretrained(str(tmp_path / "nowhere"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Moved from test_hardening.py (issue 11: numbers never silently wrong, inputs checked at the boundary); each test is named after what broke
+# --------------------------------------------------------------------------------------------------
+T = 3  # two_token_prior at max_new_tokens=3: 15 continuations; only "aaa" has three a's
+
+
+def count_a(scale: float, *, prefixes: bool = False):
+    return Callable(lambda ts: [scale * t.count("a") for t in ts], name=f"{scale:g}*count_a", accepts_prefixes=prefixes)
+
+
+def test_numpy_and_torch_scalars_are_accepted_where_ints_and_floats_are():
+    prior = two_token_prior()
+    plain = pst.Posterior(prior, count_a(1.0), beta=0.5)
+    npy = pst.Posterior(prior, count_a(1.0), beta=np.float32(0.5))
+    tch = pst.Posterior(prior, count_a(1.0), beta=torch.tensor(0.5, dtype=torch.float64))
+    assert npy.beta == tch.beta == 0.5 and isinstance(npy.beta, float)
+    for method, kw, kw_np in [
+        ("is", {}, {}),
+        ("bon", {"best_of": 2}, {"best_of": np.int64(2)}),
+        ("smc", {"lookahead": 2, "ess_threshold": 0.5}, {"lookahead": np.int32(2), "ess_threshold": np.float64(0.5)}),
+        ("rejection", {"reward_upper_bound": 3.0, "batch_size": 4}, {"reward_upper_bound": np.float64(3), "batch_size": torch.tensor(4)}),
+        ("mh", {"steps": 4}, {"steps": np.int64(4)}),
+    ]:
+        a = plain.sample(n=8, method=method, max_new_tokens=T, seed=1, **kw)
+        b = npy.sample(n=np.int64(8), method=method, max_new_tokens=torch.tensor(T), seed=np.int64(1), **kw_np)
+        assert torch.equal(a.tokens, b.tokens), method
+
+
+@pytest.mark.parametrize("name, kw", [("n", {"n": np.float64(2.0)}), ("n", {"n": torch.tensor([1, 2])}),
+                                      ("max_new_tokens", {"max_new_tokens": np.bool_(True)}),
+                                      ("n", {"n": True})])
+def test_non_integer_counts_are_refused_naming_the_value(name, kw):
+    post = pst.Posterior(two_token_prior(), count_a(1.0), beta=0.5)
+    kw = {"n": 2, "max_new_tokens": 2, **kw}
+    with pytest.raises(ValueError, match=rf"{name} must be a positive int, got"):
+        post.sample(**kw)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, "0", True])
+def test_bad_seeds_are_refused_naming_the_value(seed):
+    post = pst.Posterior(two_token_prior(), count_a(1.0), beta=0.5)
+    with pytest.raises(ValueError, match=rf"seed must be an int in \[0, 2\*\*64\) or None .*got {seed!r}"):
+        post.sample(n=2, max_new_tokens=T, seed=seed)
+
+
+@pytest.mark.parametrize("generator", [0, "cpu", np.random.default_rng(0)])
+def test_generator_of_the_wrong_type_is_refused(generator):
+    post = pst.Posterior(two_token_prior(), count_a(1.0), beta=0.5)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator or None, got"):
+        post.sample(n=2, max_new_tokens=T, generator=generator)
+
+
+@pytest.mark.parametrize("method, kw, match", [
+    ("rejection", {"reward_upper_bound": 3.0, "batch_size": 0}, "batch_size must be a positive int, got 0"),
+    ("rejection", {"reward_upper_bound": 3.0, "max_draws": 2.5}, "max_draws must be a positive int, got 2.5"),
+    ("qrs", {"batch_size": "8"}, "batch_size must be a positive int, got '8'"),
+    ("qrs", {"max_draws": -1}, "max_draws must be a positive int, got -1"),
+    ("rejection", {"reward_upper_bound": math.nan}, "reward_upper_bound must be a finite number, got nan"),
+])
+def test_batch_size_max_draws_and_bounds_are_validated(method, kw, match):
+    post = pst.Posterior(two_token_prior(), count_a(1.0), beta=0.5)
+    with pytest.raises(ValueError, match=match):
+        post.sample(n=4, method=method, max_new_tokens=T, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Moved from test_hardening2.py (issue 19, hardening round two); each test is named after the failure it pins down
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [np.int64(3), np.int32(3), torch.tensor(3), 3])
+def test_consistency_one_validator_module_accepts_numpy_and_torch_scalars_and_refuses_bools(value):
+    from posterior.validate import check_int, check_prob, check_real, check_seed
+
+    assert check_int("k", value, 1) == 3 and type(check_int("k", value, 1)) is int
+    assert check_real("x", value, positive=True) == 3.0 and check_seed("seed", value) == 3
+    for bad in (True, np.bool_(True), torch.tensor(True)):
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            check_int("k", bad, 1)
+        with pytest.raises(ValueError, match="x must be a finite number"):
+            check_real("x", bad)
+    assert check_prob("w", np.float32(0.25)) == 0.25
+    with pytest.raises(ValueError, match=r"w must be a finite number in \[0, 1\], got 1.5"):
+        check_prob("w", 1.5)

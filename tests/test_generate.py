@@ -332,3 +332,23 @@ def test_one_dimensional_ids_unconditional_and_mask_inferred_from_pad(tiny):
     # No attention mask: as in model.generate, a pad id that is not EOS marks padding.
     padded = pst.generate(model, tok, torch.tensor([[0, 0] + row]), pad_token_id=0, **kw)
     assert padded.result.prompts == ["hello"] and padded.result.texts == one.result.texts
+
+
+# --------------------------------------------------------------------------------------------------
+# Moved from test_hardening2.py (issue 19, hardening round two); each test is named after the failure it pins down
+# --------------------------------------------------------------------------------------------------
+def count_a_h19(scale: float = 1.0):
+    return Callable(lambda ts: [scale * t.count("a") for t in ts], name="count_a")
+
+
+def test_consistency_one_validator_module_generate_refuses_a_zero_inside_the_attention_mask():
+    """A 0 between prompt tokens silently dropped that token from the prompt."""
+    prior = tiny_hf_prior("llama")
+    model, tok = prior.model, prior.tokenizer
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    with pytest.raises(ValueError, match=r"input row #1: attention_mask has a 0 at position 2, between prompt tokens"):
+        pst.generate(model, tok, ids, attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]]), reward=count_a_h19(),
+                     beta=0.5, max_new_tokens=2)  # fmt: skip
+    out = pst.generate(model, tok, ids, attention_mask=torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), reward=count_a_h19(),
+                       beta=0.5, n=2, max_new_tokens=2)  # left padding is still padding  # fmt: skip
+    assert out.sequences.shape[0] == 4

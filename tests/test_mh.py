@@ -13,6 +13,7 @@ from posterior.priors.base import StepwisePrior
 from posterior.diagnostics.mcmc import reward_trace_diagnostics
 from posterior.samplers import mh
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
+from posterior.rewards import Callable
 
 
 def count_a(texts):
@@ -473,3 +474,23 @@ def test_default_model_sentiment_reward_rises_with_steps():
     print("reward trace:", [round(float(x), 3) for x in trace], "acceptance:", float(res.info["acceptance_rate"][0]))
     assert float(trace[-4:].mean()) > float(trace[0]) + 0.2
     assert float(res.reward_mean()[0]) > float(trace[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Moved from test_hardening2.py (issue 19, hardening round two); each test is named after the failure it pins down
+# --------------------------------------------------------------------------------------------------
+T = 3  # two_token_prior at max_new_tokens=3: 15 continuations
+
+
+def count_a_h19(scale: float = 1.0):
+    return Callable(lambda ts: [scale * t.count("a") for t in ts], name="count_a")
+
+
+def test_consistency_one_validator_module_mh_summary_says_why_r_hat_is_undefined():
+    """One kept state per chain printed a bare NaN for R-hat."""
+    post = pst.Posterior(two_token_prior(), count_a_h19(), beta=1.0)
+    res = post.sample(n=4, method="mh", max_new_tokens=T, seed=0, steps=2, burn_in=1)
+    assert res.info["r_hat"] is None and "split R-hat needs >= 4 kept states per chain; this run kept 1" in res.info["r_hat_note"]
+    text = res.format_summary()
+    assert "NaN" not in text and "R-hat          undefined   split R-hat needs >= 4 kept states per chain" in text
+    assert res.summary()["r_hat"] is None

@@ -6,6 +6,9 @@ import torch
 
 from posterior.priors.base import Prior, process_logits
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
+import numpy as np
+import posterior as pst
+from posterior.errors import CheckpointError
 
 PROMPTS = ["hello there, friend", "a", "what is it?"]  # different lengths: left padding
 
@@ -169,3 +172,105 @@ def test_local_folder_loads_offline_and_the_switches_are_restored(tmp_path, netw
     with offline(), offline():  # nested: only the outer block restores
         assert constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
     assert constants.HF_HUB_OFFLINE is False and os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+# --------------------------------------------------------------------------------------------------
+# Moved from test_hardening.py (issue 11: numbers never silently wrong, inputs checked at the boundary); each test is named after what broke
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, match", [
+    ({"temperature": 1e-40}, "temperature=1e-40 is too small: 1/temperature overflows float32"),
+    ({"top_p": "0.9"}, "top_p must be a number in \\(0, 1\\] or None, got '0.9'"),
+    ({"top_k": 2.0}, "top_k must be a positive int or None, got 2.0"),
+])
+def test_prior_sampling_modifiers_are_validated(kw, match):
+    with pytest.raises(ValueError, match=match):
+        pst.CallablePrior(["a", "<eos>"], lambda ids: torch.zeros(ids.shape[0], 2).log_softmax(-1), **kw)
+    with pytest.raises(ValueError, match=match):
+        tiny_hf_prior("gpt2", **kw)
+
+
+def test_prior_sampling_modifiers_accept_numpy_scalars():
+    prior = tiny_hf_prior("gpt2", temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9))
+    assert (prior.temperature, prior.top_k, prior.top_p) == (0.5, 5, 0.9)
+    assert type(prior.top_k) is int and type(prior.top_p) is float
+
+
+@pytest.mark.parametrize("device, match", [("nonsense", "device must be a torch device"),
+                                           ("cuda:0", "device 'cuda:0' (is not available|does not exist)")])
+def test_bad_device_is_refused_naming_it(device, match):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.device_count()}"
+        match = "does not exist"
+    base = tiny_hf_prior("gpt2")
+    with pytest.raises(ValueError, match=match):
+        pst.HFPrior(base.model, base.tokenizer, device=device)
+
+
+def test_hf_prior_given_something_that_is_not_a_model_is_refused():
+    base = tiny_hf_prior("gpt2")
+    with pytest.raises(ValueError, match="model must be a loaded transformers causal LM .*got str"):
+        pst.HFPrior("gpt2", base.tokenizer)
+    with pytest.raises(ValueError, match="model must be a loaded transformers causal LM"):
+        pst.HFPrior(base.tokenizer, base.model)  # swapped
+    with pytest.raises(ValueError, match="tokenizer must be a transformers tokenizer, got NoneType"):
+        pst.HFPrior(base.model, None)
+
+
+def test_checkpoint_that_is_not_a_causal_lm_fails_at_load_naming_its_path(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from posterior.testing import char_tokenizer
+
+    path = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2)).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    with pytest.raises(ValueError, match=rf"{str(path)!r} is not a transformers causal LM checkpoint"):
+        pst.HFPrior.from_pretrained(str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Moved from test_hardening2.py (issue 19, hardening round two); each test is named after the failure it pins down
+# --------------------------------------------------------------------------------------------------
+def test_consistency_one_validator_module_bert_folder_is_not_a_causal_lm(tmp_path):
+    """An encoder folder loaded as a cache-less BertLMHeadModel and failed mid-sampling with
+    "cannot gather rows of a NoneType cache"."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from posterior.priors.hf import HFPrior
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForMaskedLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is not a transformers causal LM checkpoint: 'bert' is a bidirectional encoder"):
+        HFPrior.from_pretrained(str(tmp_path))
+
+
+def test_default_model_cache_prefilled_or_altered_is_refused(tmp_path, monkeypatch):
+    """A cache folder pre-filled by someone else was loaded without a check."""
+    from posterior.priors import default as D
+
+    monkeypatch.setenv("POSTERIOR_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    # a folder at the cache path with weights and a done.json but no record (an old or foreign cache)
+    st = gguf.stat()
+    key = D.hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{D.CACHE_FORMAT}".encode()).hexdigest()[:16]
+    folder = D.cache_dir() / f"{gguf.stem}-{key}"
+    folder.mkdir(parents=True)
+    weights = folder / D.WEIGHTS
+    weights.write_bytes(np.random.default_rng(0).bytes(3 << 20))
+    (folder / "done.json").write_text('{"gguf": "x", "size": 1}')
+    with pytest.raises(CheckpointError, match="has no integrity record"):
+        D._converted(gguf)  # never reaches the conversion
+    # with its record, it verifies; any change to the weights or the GGUF file is refused
+    D.write_record(folder, gguf, D.sha256_file(gguf))
+    assert D._converted(gguf) == folder
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1  # inside the header MiB (the tensor index)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"does not match its record: model.safetensors differs"):
+        D._converted(gguf)
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match=r"model.safetensors has \d+ bytes, \d+ were written"):
+        D._converted(gguf)
+    with pytest.raises(CheckpointError, match="made from another GGUF file"):
+        D.verify_cache(folder, "0" * 64)

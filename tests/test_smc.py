@@ -13,6 +13,7 @@ from posterior.exact import empirical, exact_posterior, sequence_keys, total_var
 from posterior.kernels.schemes import RESAMPLERS
 from posterior.samplers.smc import resample_decision, resample_weights, tilted_log_weight
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
+from posterior.rewards import Callable
 
 BETA = 0.5
 T = 4
@@ -424,3 +425,38 @@ def test_smc_prompts_whose_particles_live_are_unaffected_by_one_that_dies():
     assert e.value.rows == [1] and res.info["degenerate"].tolist() == [False, True]
     assert math.isfinite(res.log_Z[0].item()) and res.log_Z[1].item() == -math.inf
     assert res.ess[0] > 1 and all("a" in t for t, w in zip(res.texts[0], res.log_weights[0].tolist()) if w > -math.inf)
+
+
+# --------------------------------------------------------------------------------------------------
+# Moved from test_hardening.py (issue 11: numbers never silently wrong, inputs checked at the boundary); each test is named after what broke
+# --------------------------------------------------------------------------------------------------
+T_h11 = 3  # two_token_prior at max_new_tokens=3: 15 continuations; only "aaa" has three a's
+
+
+P_AAA = 0.5**3  # pi0("aaa")
+
+
+def count_a(scale: float, *, prefixes: bool = False):
+    return Callable(lambda ts: [scale * t.count("a") for t in ts], name=f"{scale:g}*count_a", accepts_prefixes=prefixes)
+
+
+def const(c: float, *, prefixes: bool = False):
+    return Callable(lambda ts: [c] * len(ts), name=f"const{c:g}", accepts_prefixes=prefixes)
+
+
+def test_smc_weights_log_z_and_kl_stay_exact_at_r_over_beta_1e9():
+    post = pst.Posterior(two_token_prior(), count_a(1e6, prefixes=True), beta=1e-3)
+    res = post.sample(n=2000, method="smc", max_new_tokens=T_h11, seed=0)
+    w = res.log_weights[0].double().exp()
+    assert sum(wi for wi, t in zip(w.tolist(), res.texts[0]) if t == "aaa") == pytest.approx(1.0, abs=1e-6)  # float32 weights
+    assert torch.logsumexp(res.log_weights.double(), -1).item() == pytest.approx(0.0, abs=1e-6)
+    # Each of the 3 steps keeps the "a" particles (fraction 1/2): sd of log(k/N) ~ sqrt(1/N) per step.
+    tol = 4 * math.sqrt(3 / 2000)
+    assert res.kl().item() == pytest.approx(math.log(8), abs=tol)
+    assert res.log_Z.item() - 3e9 == pytest.approx(math.log(P_AAA), abs=tol + 1e-6)
+
+
+def test_constant_reward_gives_kl_zero_for_smc_without_a_twist():
+    post = pst.Posterior(markov_prior(), const(1e6), beta=1e-3)
+    res = post.sample(n=64, method="smc", max_new_tokens=T_h11, seed=7)
+    assert res.kl().item() == pytest.approx(0.0, abs=1e-9)

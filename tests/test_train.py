@@ -5,6 +5,7 @@ Exact answers come from enumerating a small support (``posterior.exact``): a tab
 ``markov_prior`` (max_new_tokens 3: 40 sequences) for training to convergence.
 """
 
+import dataclasses
 import itertools
 import json
 import math
@@ -27,6 +28,12 @@ from posterior.train import objectives as O
 from posterior.train import policy_from
 from posterior.train.checkpoint import latest_step, remove_temporaries, steps_of
 from posterior.train.policy import TabularPolicy, load_policy
+import numpy as np
+from posterior.errors import CheckpointError
+from posterior.rewards import Callable
+from posterior.train import fit
+from posterior.train import load_policy as load_policy_h19
+from posterior.train.checkpoint import checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 BETA = 0.5
@@ -469,6 +476,58 @@ def test_fit_input_errors(markov):
         pst.train.fit(post, other, objective="rl", **kw)
 
 
+def test_fit_config_and_keywords_train_bit_for_bit_alike(markov, tmp_path):
+    """fit(post, policy, FitConfig(...)) is fit(post, policy, **keywords): one list of settings,
+    the same draws and weights; keywords given with a config replace its fields."""
+    prior, post, _ = markov
+    kw = dict(objective="js", steps=6, **CONVERGE)
+    a, b, c = (policy_from(prior, max_new_tokens=3) for _ in range(3))
+    run_a = pst.train.fit(post, a, **kw)
+    run_b = pst.train.fit(post, b, pst.train.FitConfig(**kw))
+    run_c = pst.train.fit(post, c, pst.train.FitConfig(**{**kw, "lr": 0.5, "steps": 1}), lr=kw["lr"], steps=6)
+    for policy in (b, c):
+        assert torch.equal(policy.logits, a.logits)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+    assert strip(run_b.metrics) == strip(run_c.metrics) == strip(run_a.metrics)
+    assert run_b.config == run_a.config
+
+
+def test_fit_config_refuses_bad_values_naming_the_field():
+    from posterior.train.config import FitConfig, identity_fields
+
+    base = dict(objective="dpg", max_new_tokens=3)
+    bad = [
+        ({"objective": "nope"}, "unknown objective 'nope'"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive int, got 0"),
+        ({"steps": 0}, "steps must be a positive int, got 0"),
+        ({"batch_size": 1}, "batch_size must be an int >= 2, got 1"),  # dpg is on-policy: leave-one-out
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"prompts": []}, "prompts is an empty list"),
+        ({"seed": -1}, "seed"),
+        ({"checkpoint_every": 0}, "checkpoint_every must be a positive int, got 0"),
+        ({"progress": "yes"}, "progress"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be a finite number > 0"),
+        ({"distill_method": "mh"}, "distill_method"),
+        ({"distill_resample": 1}, "distill_resample"),
+        ({"sampler_options": [("ess_threshold", 0.5)]}, "sampler_options must be a dict"),
+        ({"allow_changes": ("lr_typo",)}, r"allow_changes names unknown field\(s\) \['lr_typo'\]"),
+        ({"checkpoint_dir": 3}, "checkpoint_dir must be a path"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            FitConfig(**{**base, **change})
+    assert FitConfig(**{**base, "objective": "distill"}, batch_size=1).batch_size == 1  # off-policy: one sample suffices
+    cfg = FitConfig(**base, prompts="hi", lr=torch.tensor(0.5))
+    assert cfg.prompts == ("hi",) and type(cfg.lr) is float  # normalised once
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['step'\]"):
+        pst.train.fit(pst.Posterior(two_token_prior(), count_a, beta=1.0), None, objective="dpg", step=3)
+    assert set(identity_fields()) == {"trains", "objective", "batch_size", "lr", "max_new_tokens", "prompts", "seed", "beta",
+                                      "max_grad_norm", "world_size", "distill_method", "distill_resample", "sampler_options",
+                                      "prior", "reward", "policy"}  # what a checkpoint's config records  # fmt: skip
+
+
 # --- SIGKILL and resume ------------------------------------------------------------------------
 TABULAR_SCRIPT = """
 import sys, time, torch
@@ -658,3 +717,185 @@ def test_lora_policy_on_the_default_model_starts_at_pi0_and_trains():
     assert [m["step"] for m in run.metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in run.metrics)
     assert torch.equal(prior.log_prob(ids, cont.tokens, cont.lengths), lp0)
     assert not torch.equal(policy.log_prob(ids, cont.tokens, cont.lengths), lp0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Moved from test_hardening2.py (issue 19, hardening round two); each test is named after the failure it pins down
+# --------------------------------------------------------------------------------------------------
+T = 3  # two_token_prior at max_new_tokens=3: 15 continuations
+
+
+def count_a_h19(scale: float = 1.0):
+    return Callable(lambda ts: [scale * t.count("a") for t in ts], name="count_a")
+
+
+def const(c: float):
+    return Callable(lambda ts: [c] * len(ts), name="const")
+
+
+def _fit(directory, *, prior=None, reward=None, beta=1.0, objective="forward_kl", steps=2, prompts=None, **kw):
+    prior = prior or two_token_prior()
+    post = pst.Posterior(prior, reward or count_a_h19(), beta=beta)
+    policy = policy_from(prior, max_new_tokens=T, prompts=prompts)
+    args = dict(steps=steps, batch_size=4, lr=0.1, max_new_tokens=T, checkpoint_dir=directory, checkpoint_every=1)
+    return fit(post, policy, objective=objective, prompts=prompts, **{**args, **kw})
+
+
+def _damage(path, how):
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(b"not a checkpoint at all\n" * 10)
+    elif how == "foreign":  # a torch file, but not ours
+        torch.save({"weights": torch.zeros(2)}, path)
+    elif how == "code":  # a pickle that would run code under weights_only=False
+        import pickle
+
+        path.write_bytes(pickle.dumps(np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(reward=count_a_h19(2.0)), "reward.fingerprint"),  # same name, other values
+    (dict(prior=markov_prior(("a", "b", "<eos>"), seed=1)), "prior.fingerprint"),  # same vocabulary, other pi0
+    (dict(beta=2.0), "beta: 1.0 -> 2.0"),
+    (dict(prompts=["a"]), "prompts: None -> ['a']"),
+    (dict(objective="js"), "objective: 'forward_kl' -> 'js'"),
+    (dict(seed=1), "seed: 0 -> 1"),
+    (dict(batch_size=3), "batch_size: 4 -> 3"),
+])  # fmt: skip
+def test_checkpoint_belongs_to_one_run_resume_of_another_run_is_refused(tmp_path, change, field):
+    """Resuming into the directory of another run (reward, prior, beta, prompts, objective,
+    hyper-parameters) continued and mixed both runs' metrics and running log Z."""
+    _fit(tmp_path)
+    with pytest.raises(ValueError, match="other settings") as e:
+        _fit(tmp_path, steps=4, **change)
+    assert field in str(e.value)
+    assert sorted(steps_of(tmp_path)[0]) == [1, 2]  # nothing written by the refused run
+
+
+def test_checkpoint_belongs_to_one_run_names_every_differing_field_and_allows_a_deliberate_change(tmp_path):
+    _fit(tmp_path)
+    with pytest.raises(ValueError) as e:
+        _fit(tmp_path, steps=4, lr=0.2, batch_size=3)
+    assert "batch_size: 4 -> 3" in str(e.value) and "lr: 0.1 -> 0.2" in str(e.value)
+    run = _fit(tmp_path, steps=4, lr=0.2, allow_changes=("lr",))  # steps may grow; lr on purpose
+    assert run.resumed_from == 2 and [m["step"] for m in run.metrics] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="allow_changes names unknown field"):
+        _fit(tmp_path, steps=5, allow_changes=("lr_typo",))
+
+
+def test_checkpoint_belongs_to_one_run_hf_prior_weights_are_fingerprinted(tmp_path):
+    """Two HF priors of the same architecture and tokenizer but other weights are two runs."""
+    kw = dict(objective="reverse_kl", steps=1, batch_size=2, lr=1e-2, max_new_tokens=3, prompts=["hi"],
+              checkpoint_dir=tmp_path)  # fmt: skip
+    for seed, steps in ((0, 1), (0, 2)):  # the same prior resumes
+        prior = tiny_hf_prior("gpt2", seed=seed)
+        fit(pst.Posterior(prior, count_a_h19(), beta=1.0), policy_from(prior, lora_rank=2), **{**kw, "steps": steps})
+    prior = tiny_hf_prior("gpt2", seed=1)
+    with pytest.raises(ValueError, match=r"prior\.fingerprint"):
+        fit(pst.Posterior(prior, count_a_h19(), beta=1.0), policy_from(prior, lora_rank=2), **{**kw, "steps": 3})
+    with pytest.raises(ValueError, match=r"policy\.kind: 'lora' -> 'full'"):
+        prior = tiny_hf_prior("gpt2", seed=0)
+        fit(pst.Posterior(prior, count_a_h19(), beta=1.0), policy_from(prior), **{**kw, "steps": 3})
+
+
+def test_dpg_training_with_every_reward_neg_inf_raises_naming_the_step(tmp_path):
+    """forward_kl with no sample of positive weight 'trained' (no gradient) and wrote 'nan' metrics.
+    A rare constraint may take a few steps to be met (no gradient until then): undefined metrics
+    are None meanwhile, and a run in which no sample ever had positive weight raises."""
+    prior = two_token_prior()
+    post = pst.Posterior(prior, const(-math.inf), beta=1.0)
+    with pytest.warns(UserWarning, match="no sample of some prompt has had positive posterior weight yet"):
+        with pytest.raises(ValueError, match="forward_kl: by step 3 no sample of prompt 0 has had positive posterior weight"):
+            fit(post, policy_from(prior, max_new_tokens=T), objective="dpg", steps=3, batch_size=4, lr=0.1,
+                max_new_tokens=T, metrics_path=tmp_path / "m.jsonl")  # fmt: skip
+    text = (tmp_path / "m.jsonl").read_text()
+    assert "nan" not in text and '"kl_target_forward": null' in text
+    with pytest.raises(ValueError, match="js, step 1: no sample of prompt 0"):  # f-DPG needs log Z at once
+        fit(post, policy_from(prior, max_new_tokens=T), objective="js", steps=3, batch_size=4, lr=0.1, max_new_tokens=T)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "garbage", "foreign", "code"])
+def test_damaged_training_state_raises_checkpoint_error_naming_the_file(tmp_path, how):
+    """Raw OSError / EOFError / UnpicklingError (suggesting weights_only=False) reached the user."""
+    _fit(tmp_path, steps=1)
+    path = checkpoint_path(tmp_path, 0, 1)
+    _damage(path, how)
+    with pytest.raises(CheckpointError) as e:
+        _fit(tmp_path, steps=2)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg and "weights_only" not in msg
+    assert isinstance(e.value, ValueError)
+
+
+def test_damaged_training_state_torn_latest_checkpoint_falls_back_to_the_previous_and_says_so(tmp_path):
+    _fit(tmp_path, steps=2)
+    _damage(checkpoint_path(tmp_path, 0, 2), "truncated")
+    with pytest.warns(UserWarning, match=r"step00000002\.pt is truncated.*resuming from the previous checkpoint, step 1"):
+        run = _fit(tmp_path, steps=3)
+    assert run.resumed_from == 1 and [m["step"] for m in run.metrics] == [1, 2, 3]
+
+
+def test_damaged_training_state_checkpoint_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(CheckpointError, match=f"checkpoint_dir {f} cannot be a folder: {f} is a file"):
+        _fit(f)
+    with pytest.raises(CheckpointError, match=f"{f} is a file"):
+        _fit(f / "sub")
+
+
+def test_damaged_training_state_load_policy_on_missing_empty_or_damaged_folders(tmp_path):
+    """load_policy on an empty folder said it "holds an HF policy"."""
+    prior = two_token_prior()
+    with pytest.raises(CheckpointError, match=f"policy folder {tmp_path / 'nope'} does not exist"):
+        load_policy_h19(prior, tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="is empty"):
+        load_policy_h19(prior, tmp_path / "empty")
+    saved = policy_from(prior, max_new_tokens=T).save(tmp_path / "tab")
+    _damage(saved / "tabular_policy.pt", "truncated")
+    with pytest.raises(CheckpointError, match="tabular_policy.pt is truncated"):
+        load_policy_h19(prior, saved)
+    hf = tiny_hf_prior("gpt2")
+    saved = policy_from(hf, lora_rank=2).save(tmp_path / "lora")
+    _damage(saved / "adapter_model.safetensors", "garbage")
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        load_policy_h19(hf, saved)
+
+
+def test_consistency_one_validator_module_fit_takes_numpy_scalars_and_refuses_negative_seeds_as_sample_does():
+    """fit refused np.int64 steps that Posterior.sample accepts for n, and took seed=-1 that sample refuses."""
+    prior = two_token_prior()
+    post = pst.Posterior(prior, count_a_h19(), beta=np.float64(1.0))
+    run = fit(post, policy_from(prior, max_new_tokens=T), objective="dpg", steps=np.int64(2), batch_size=np.int32(4),
+              lr=np.float32(0.1), max_new_tokens=torch.tensor(T), seed=np.uint64(2**64 - 1))  # fmt: skip
+    assert len(run.metrics) == 2 and run.config["batch_size"] == 4 and type(run.config["lr"]) is float
+    for seed in (-1, 2**64, True):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+            post.sample(n=2, max_new_tokens=T, seed=seed)
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+            fit(post, policy_from(prior, max_new_tokens=T), objective="dpg", steps=1, batch_size=4, lr=0.1,
+                max_new_tokens=T, seed=seed)  # fmt: skip
+
+
+def test_output_details_training_metrics_name_their_estimates(tmp_path):
+    """Issue 19 item 12: a metrics row's KL can be a negative estimate; every row says which fields
+    are estimates (in the returned run and in metrics.jsonl)."""
+    import json
+
+    import posterior as pst
+    from posterior.testing import markov_prior
+
+    prior = markov_prior(seed=3)
+    post = pst.Posterior(prior, pst.rewards.Callable(lambda ts: [float(t.count("a")) for t in ts]), beta=0.5)
+    policy = pst.train.policy_from(prior, max_new_tokens=3)
+    run = pst.train.fit(post, policy, objective="dpg", steps=2, batch_size=4, lr=0.05, max_new_tokens=3,
+                        checkpoint_dir=tmp_path)  # fmt: skip
+    for row in run.metrics:
+        assert {"kl_target_forward", "kl_target_reverse", "kl_prior", "log_Z"} <= set(row["estimates"])
+        assert "loss" not in row["estimates"] and "step" not in row["estimates"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["estimates"] == run.metrics[-1]["estimates"]

@@ -51,3 +51,15 @@ def test_all_neg_inf_row_is_flagged_not_nan():
 def test_nan_and_pos_inf_log_weights_raise(bad):
     with pytest.raises(ValueError, match="non-finite value"):
         normalize(torch.tensor([[0.0, bad]]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Moved from test_hardening.py (issue 11: numbers never silently wrong, inputs checked at the boundary); each test is named after what broke
+# --------------------------------------------------------------------------------------------------
+def test_normalised_weights_keep_log_n_when_log_weights_are_1e17():
+    """logsumexp([1e17] * 3) == 1e17 in float64: subtracting it left three weights of 1 each."""
+    lw = torch.tensor([[1e17, 1e17, 1e17, -math.inf]], dtype=torch.float64)
+    s = log_weight_stats(lw)
+    assert s.log_weights.exp()[0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0], rel=1e-15)
+    assert s.ess.item() == pytest.approx(3.0, rel=1e-15)
+    assert s.log_mean.item() == 1e17  # 1e17 + log(3/4) rounds to 1e17

@@ -583,8 +583,16 @@ def run(
         if not stream:
             check_identity(out, identity, resumed=bool(done), allow_changes=allow_changes)
 
-    # Built here unless Ray workers build it (they send its identity to ``check``); before the
-    # bar, so that its ETA is sampling's.
+    def check_workers(identities: list[dict]) -> None:  # Ray: one identity per actor
+        for k, other in enumerate(identities[1:], 1):
+            diff = _differences(identities[0], other)
+            if diff:
+                raise ValueError(f"Ray worker {k} built another posterior than worker 0 ({_said(diff)}); the builder must "
+                                 "build the same posterior in every process (no unseeded randomness)")  # fmt: skip
+        check(identities[0])
+
+    # Built here unless Ray workers build it (they send their identities to ``check_workers``);
+    # before the bar, so that its ETA is sampling's.
     post = posterior if is_post else (posterior() if todo and not ray else None)
     if post is not None:
         check(posterior_identity(post, prompts))
@@ -601,8 +609,9 @@ def run(
             if ray and todo:
                 from posterior.batch.ray_workers import run_ray
 
-                run_ray(posterior, todo, spec, emit, workers=workers, batch_size=batch_size, address=ray_address,
-                        check=None if is_post else check, probe_prompts=prompts)  # fmt: skip
+                run_ray(posterior, todo, spec, emit, line=sample_line, identity=posterior_identity, workers=workers,
+                        batch_size=batch_size, address=ray_address, check=None if is_post else check_workers,
+                        probe_prompts=prompts)  # fmt: skip
             else:
                 for i, prompt, extra in todo:
                     emit(sample_line(post, i, prompt, spec, extra))

@@ -4,7 +4,9 @@ The driver cuts the prompts still to do into tasks of ``batch_size`` prompts, ke
 tasks in flight per actor, and writes the returned lines in prompt order (results that arrive
 early wait in a buffer; no task is sent more than a bounded window ahead of the next line to
 write, so the buffer stays small). A worker computes each line exactly as a local run does
-(:func:`posterior.batch.jobs.sample_line`), so the output is the same bytes.
+(with the ``line`` function the job passes in, :func:`posterior.batch.jobs.sample_line`), so the
+output is the same bytes. The job hands this module what it needs (``line``, ``identity``,
+``check``): nothing here imports the job, which imports this module.
 
 Ray is imported only here, and only when ``--ray`` is asked for (an optional extra:
 ``pip install "posterior-align[ray]"``).
@@ -31,26 +33,23 @@ def _ray():
 class _Worker:
     """A Ray actor: builds (or receives) the posterior once, then samples tasks of prompts."""
 
-    def __init__(self, source):
+    def __init__(self, source, line, identity):
         import torch
 
         from posterior.posterior import Posterior
 
         torch.set_num_threads(THREADS_PER_WORKER)
         self.post = source if isinstance(source, Posterior) else source()
+        self.line, self.identity_of = line, identity
 
     def pid(self) -> int:
         return os.getpid()
 
     def identity(self, prompts) -> dict:
-        from posterior.batch.jobs import posterior_identity
-
-        return posterior_identity(self.post, prompts)
+        return self.identity_of(self.post, prompts)
 
     def run(self, jobs, spec) -> list[tuple[int, str]]:
-        from posterior.batch.jobs import sample_line
-
-        return [(i, sample_line(self.post, i, prompt, spec, fields)) for i, prompt, fields in jobs]
+        return [(i, self.line(self.post, i, prompt, spec, fields)) for i, prompt, fields in jobs]
 
 
 def _get(ray, refs):
@@ -58,18 +57,6 @@ def _get(ray, refs):
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
         raise e.as_instanceof_cause() from None  # the worker's ValueError etc., not a wrapper
-
-
-def _check_identities(ray, actors, prompts, check) -> None:
-    from posterior.batch.jobs import _differences, _said
-
-    identities = _get(ray, [a.identity.remote(prompts) for a in actors])
-    for k, other in enumerate(identities[1:], 1):
-        diff = _differences(identities[0], other)
-        if diff:
-            raise ValueError(f"Ray worker {k} built another posterior than worker 0 ({_said(diff)}); the builder must "
-                             "build the same posterior in every process (no unseeded randomness)")  # fmt: skip
-    check(identities[0])
 
 
 def start(address: str | None, workers: int) -> bool:
@@ -85,14 +72,15 @@ def start(address: str | None, workers: int) -> bool:
     return True
 
 
-def run_ray(source, todo, spec, emit: Callable[[str], None], *, workers: int, batch_size: int,
-            address: str | None = None, check: Callable[[dict], None] | None = None,
-            probe_prompts=None) -> None:  # fmt: skip
+def run_ray(source, todo, spec, emit: Callable[[str], None], *, line: Callable[..., str], identity: Callable[..., dict],
+            workers: int, batch_size: int, address: str | None = None,
+            check: Callable[[list[dict]], None] | None = None, probe_prompts=None) -> None:  # fmt: skip
     """Sample ``todo`` ([(index, prompt, fields)], in prompt order) on ``workers`` actors; ``emit``
-    gets each line in the order of ``todo``. ``source`` is a Posterior or a callable building one.
-    With ``check``, every actor first reports the identity of the posterior it built
-    (:func:`posterior.batch.jobs.posterior_identity` over ``probe_prompts``): actors that built
-    different posteriors are an error, and ``check`` gets the identity before any task is sent."""
+    gets each line in the order of ``todo``. ``source`` is a Posterior or a callable building one;
+    an actor makes each line with ``line(post, index, prompt, spec, fields)``. With ``check``,
+    every actor first reports the identity of the posterior it built (``identity(post,
+    probe_prompts)``), and ``check`` gets the list of them, one per actor, before any task is sent
+    (it raises where the actors built different posteriors)."""
     ray = _ray()
     from posterior.posterior import Posterior
 
@@ -101,9 +89,9 @@ def run_ray(source, todo, spec, emit: Callable[[str], None], *, workers: int, ba
     try:
         handle = ray.put(source) if isinstance(source, Posterior) else source
         Worker = ray.remote(num_cpus=1)(_Worker)
-        actors = [Worker.remote(handle) for _ in range(workers)]
+        actors = [Worker.remote(handle, line, identity) for _ in range(workers)]
         if check is not None:
-            _check_identities(ray, actors, probe_prompts, check)
+            check(_get(ray, [a.identity.remote(probe_prompts) for a in actors]))
         tasks = deque(todo[k : k + batch_size] for k in range(0, len(todo), batch_size))
         position = {i: pos for pos, (i, *_) in enumerate(todo)}
         window = WINDOW_TASKS_PER_WORKER * workers * batch_size

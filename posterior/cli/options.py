@@ -193,7 +193,7 @@ def check_model(args, *, backends=("hf", "vllm", "llamacpp"), command: str = "")
 
 def check_device(args) -> None:
     """``--device`` exists here (torch is imported to ask: call this after every other check)."""
-    from posterior.errors import check_device as check
+    from posterior.validate import check_device as check
 
     if getattr(args, "device", None) is not None:
         check(args.device)

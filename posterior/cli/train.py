@@ -24,6 +24,7 @@ TWIST_SHOWN = ("loss", "reward_mean", "ess", "log_Z", "log_Z_batch")  # kl_* are
 
 
 def add_parser(subparsers):
+    from posterior.train.config import default, help_of  # the settings' defaults and help, once (no torch)
     from posterior.train.objective_names import ALIASES, POLICY_OBJECTIVES, TWIST_OBJECTIVES
 
     p = options.add_subparser(subparsers, "train", help="fit a policy (LoRA adapter) to pi* and save it",
@@ -35,13 +36,12 @@ def add_parser(subparsers):
                         "(default: dpg, with --twist ctl)")
     p.add_argument("--twist", action="store_true",
                    help="train a learned twist for SMC (pst.twists.learned) instead of a policy")
-    p.add_argument("--steps", type=int, default=60, help="optimiser steps (a resumed run counts steps done)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per prompt and step")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    for name, kind in (("steps", int), ("batch_size", int), ("lr", float)):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default(name), help=help_of(name))
     p.add_argument("--lora-rank", type=int, default=None,
                    help=f"LoRA rank of a policy (default {LORA_RANK}); 0 trains a full copy of the model (not with --twist)")
-    p.add_argument("--checkpoint-dir", default=None, help="checkpoints + metrics.jsonl; resumes a run found there")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
+    p.add_argument("--checkpoint-dir", default=None, help=help_of("checkpoint_dir"))
+    p.add_argument("--checkpoint-every", type=int, default=default("checkpoint_every"), help=help_of("checkpoint_every"))
     p.add_argument("--out", default=None, help="folder to save the trained policy or twist (default: CHECKPOINT_DIR/policy or /twist)")
     options.add_output_options(p)
     options.add_model_options(p)
@@ -49,9 +49,11 @@ def add_parser(subparsers):
 
 
 def check(args) -> str:
-    """Every argument, before the model (or torch) loads; returns the folder the policy is saved to."""
-    from posterior.train.objective_names import POLICY_OBJECTIVES, TWIST_OBJECTIVES, policy_objective
-    from posterior.validate import check_int, check_output_folder, check_real
+    """Every argument, before the model (or torch) loads; returns the folder the policy is saved to.
+    The training settings are checked by building their ``FitConfig`` (kept as ``args.fit_config``)."""
+    from posterior.train.config import FitConfig
+    from posterior.train.objective_names import TWIST_OBJECTIVES
+    from posterior.validate import check_output_folder
 
     options.check_model(args, backends=("hf",), command="posterior train")
     options.check_posterior(args)
@@ -60,15 +62,13 @@ def check(args) -> str:
     if args.twist:
         if args.objective not in TWIST_OBJECTIVES:
             raise ValueError(f"--objective {args.objective} trains a policy; a twist (--twist) trains with one of {sorted(TWIST_OBJECTIVES)}")
-        min_batch = 1
-    else:
-        if args.objective in TWIST_OBJECTIVES:
-            raise ValueError(f"--objective {args.objective} trains a twist: add --twist")
-        min_batch = 2 if POLICY_OBJECTIVES[policy_objective(args.objective)].on_policy else 1
-    check_int("steps", args.steps, 1)
-    check_int("batch_size", args.batch_size, min_batch)
-    check_real("lr", args.lr, positive=True)
-    check_int("checkpoint_every", args.checkpoint_every, 1)
+    elif args.objective in TWIST_OBJECTIVES:
+        raise ValueError(f"--objective {args.objective} trains a twist: add --twist")
+    args.fit_config = FitConfig(
+        objective=args.objective, max_new_tokens=args.max_new_tokens, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, prompts=args.prompts or None, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+    )  # fmt: skip
     if args.twist and args.lora_rank is not None:
         raise ValueError(f"--lora-rank {args.lora_rank} sets a policy's adapter; --twist trains a twist head, which has none")
     if args.lora_rank is None:
@@ -103,11 +103,7 @@ def run(args) -> int:
             policy = pst.train.policy_from(post.prior, lora_rank=args.lora_rank or None, seed=args.seed)
         options.stage(args, f"training: objective {args.objective}, {args.steps} steps of batch {args.batch_size}")
         t0 = time.perf_counter()
-        run_ = pst.train.fit(
-            post, policy, objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-            max_new_tokens=args.max_new_tokens, prompts=args.prompts or None, seed=args.seed,
-            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, progress=progress,
-        )  # fmt: skip
+        run_ = pst.train.fit(post, policy, args.fit_config)
         seconds = time.perf_counter() - t0
     summary = {"trained": "twist" if args.twist else "policy", "objective": canonical, "requested_objective": args.objective, "steps": run_.steps,
                "resumed_from": run_.resumed_from, "seconds": seconds, "saved": None,

@@ -21,7 +21,7 @@ On an enumerable prior (a ``CallablePrior`` whose support has at most ``exact_li
 the policy rows and the frontier are exact (computed by enumeration), and each row's
 ``estimates`` lists the fields that are estimates.
 
-Brackets (``bounds=True``, :mod:`posterior.diagnostics.bounds`). One rejection run gives exact
+Brackets (``bounds=True``, :mod:`posterior.bounds`). One rejection run gives exact
 samples of pi*, shared by every row. IS and SMC rows get their own two-sided estimates of log Z
 and the bracket they imply on KL(pi*‖pi0) (``log_Z_bracket``, ``kl_prior_bracket``); other rows
 that target pi* get the IS bracket; best-of-k gets [0, its bound]; policies get brackets on
@@ -55,12 +55,13 @@ from tqdm.auto import tqdm
 from posterior.compare.frontier import (FrontierPoint, default_betas, draw_bound_band, error_bar_key, estimated_frontier,
                                         exact_frontier)
 from posterior.diagnostics.weights import log_weight_stats
-from posterior.posterior import Posterior, _check_prompts
+from posterior.exact import enumerable
+from posterior.posterior import Posterior
 from posterior.priors.base import Prior
 from posterior.seeds import derive_seed
 from posterior.samplers.common import check_proposal
 from posterior.samplers.registry import get_sampler, sampler_options
-from posterior.validate import check_int, check_real, check_seed
+from posterior.validate import check_int, check_prompts, check_real, check_seed
 
 ROW_KEYS = ("name", "kind", "reward_mean", "kl_prior", "kl_target_forward", "kl_target_reverse", "log_Z",
             "distinct_2", "seconds", "forward_tokens")  # fmt: skip
@@ -351,13 +352,7 @@ def _plain_se(x: torch.Tensor) -> float | None:
 
 
 def _enumerable(prior, policy, max_new_tokens, prompts, limit) -> bool:
-    from posterior.priors.base import NEXT_TOKEN
-
-    # Enumeration walks next-token distributions of both (start / extend / select).
-    if not (prior.has(NEXT_TOKEN) and policy.has(NEXT_TOKEN)):
-        return False
-    V = prior.vocab_size - len(prior.eos_token_ids)
-    return sum(V**t for t in range(max_new_tokens + 1)) <= limit
+    return enumerable(prior, max_new_tokens, limit=limit) and enumerable(policy, max_new_tokens, limit=limit)
 
 
 def _exact_policy_values(post, policy, max_new_tokens, prompts) -> dict:
@@ -490,7 +485,7 @@ def compare(
     names = methods + list(policies)
     if len(set(names)) != len(names):
         raise ValueError(f"row names must be unique; methods and policies give {names}")
-    prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
+    prompts = check_prompts(prompts)
     if not isinstance(progress, bool):
         raise ValueError(f"progress must be a bool, got {progress!r}")
     if bounds:  # the brackets' arguments, before anything samples
@@ -561,8 +556,9 @@ def _attach_brackets(rows, post, policies, *, n, max_new_tokens, prompts, seed, 
                      max_draws=None, progress=False):
     """Brackets on every row (module doc); returns the bound line (beta, U) or None. With
     ``progress``, a bar on stderr over the rows' bracket runs (each of which shows its own)."""
-    from posterior.diagnostics import bounds as B
-    from posterior.errors import DegenerateWeightsError, check_int, check_real
+    from posterior.bounds import METHODS as BOUND_METHODS
+    from posterior.bounds import Bounds, bounds
+    from posterior.errors import DegenerateWeightsError
 
     repeats = check_int("bounds_repeats", repeats, 2)
     z = check_real("bounds_z", z)
@@ -587,12 +583,12 @@ def _attach_brackets(rows, post, policies, *, n, max_new_tokens, prompts, seed, 
     else:
         notes.append(f"brackets: reward {post.reward.name} declares no upper bound: lower sides of log Z only, no KL(pi*||.) brackets")
     bar.update(1)
-    cache: dict[str, B.Bounds] = {}
+    cache: dict[str, Bounds] = {}
 
     def run(method, **kw):
         key = method + repr(sorted(kw.items(), key=lambda kv: kv[0]))
         if key not in cache:
-            cache[key] = B.bounds(post, n=n, repeats=repeats, max_new_tokens=max_new_tokens, prompts=prompts,
+            cache[key] = bounds(post, n=n, repeats=repeats, max_new_tokens=max_new_tokens, prompts=prompts,
                                   method=method, exact_samples=exact, seed=derive_seed(seed, f"bounds {method}"), z=z,
                                   progress=progress, **kw)  # fmt: skip
             for note in cache[key].notes:  # degenerate runs, too few repeats: said once per bracket run
@@ -613,7 +609,7 @@ def _attach_brackets(rows, post, policies, *, n, max_new_tokens, prompts, seed, 
                 continue
             if not r.get("targets_posterior", True):
                 continue
-            own = r["name"] in B.METHODS
+            own = r["name"] in BOUND_METHODS
             opts = {k: v for k, v in method_options.get(r["name"], {}).items()} if r["name"] == "smc" else {}
             b = run(r["name"], **opts) if own else run("is")
             r["bracket_from"] = r["name"] if own else "is"

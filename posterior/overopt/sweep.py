@@ -38,16 +38,17 @@ from collections.abc import Sequence
 import torch
 
 from posterior.diagnostics.weights import weighted_mean
-from posterior.errors import check_int
+from posterior.exact import enumerable
 from posterior.overopt import METHODS
 from posterior.overopt.estimators import best_of_for_kl, exact_best_of, kl_bound, pooled_best_of, pooled_is
 from posterior.overopt.fits import fit_gao
 from posterior.overopt.report import ROW_KEYS, OveroptReport
-from posterior.posterior import Posterior, _check_prompts, _check_seed
+from posterior.posterior import Posterior
 from posterior.priors.base import Continuations, Prior
 from posterior.rewards.base import Reward, as_reward
 from posterior.rewards.ensemble import Ensemble
 from posterior.seeds import derive_seed
+from posterior.validate import check_int, check_prompts, check_seed
 
 FIT_FORM = {"bon": "bon", "bon-exact": "bon"}  # every other method: "rl"
 
@@ -328,17 +329,17 @@ def overoptimization(
     n = check_int("n", n, 2)
     smc_n = n if smc_n is None else check_int("smc_n", smc_n, 1)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    seed = _check_seed(seed)
+    seed = check_seed("seed", seed, or_none=True)
     smc_options = dict(smc_options or {})
     if smc_options and "smc" not in methods:
         raise ValueError(f"smc_options {sorted(smc_options)} given but 'smc' is not in methods {methods}")
-    prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
+    prompts = check_prompts(prompts)
     proxy, gold = _reward(proxy, prior, "proxy"), _reward(gold, prior, "gold")
-    if exact:
-        from posterior.priors.callable import CallablePrior
-
-        if not isinstance(prior, CallablePrior):
-            raise ValueError(f"exact=True enumerates the prior's support: it needs a CallablePrior toy, got {type(prior).__name__}")
+    if exact and not enumerable(prior, max_new_tokens, limit=exact_limit):
+        raise ValueError(
+            f"exact=True enumerates the prior's support: it needs a step-wise prior with at most exact_limit={exact_limit} "
+            f"continuations of {max_new_tokens} tokens (a CallablePrior toy), got {type(prior).__name__}"
+        )
 
     # --- the shared pool: n prior draws per prompt, one sampling pass for the whole sweep --------
     prompt_ids = prior.encode_prompts(prompts)

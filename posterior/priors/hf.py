@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from posterior.errors import bidirectional_encoder, check_device, check_hf_model
+from posterior.validate import bidirectional_encoder, check_device, check_hf_model
 from posterior.offline import local_model_path, offline
 from posterior.priors.base import GRAD, HIDDEN_STATES, DecodeState, StepwisePrior, process_logits, validate_sampling
 from posterior.priors.text import TokenizerText, eos_ids

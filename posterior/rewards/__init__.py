@@ -10,6 +10,10 @@ needs no torch."""
 
 from posterior.lazy import lazy_names
 
+# Ensemble modes (``posterior.rewards.ensemble``), here so that reward specs (``registry``) are
+# checked without torch and the ensemble and the registry need not import each other.
+ENSEMBLE_MODES = ("mean", "wco", "uwo")
+
 __getattr__, __dir__ = lazy_names(__name__, {
     **dict.fromkeys(["Callable", "Contains", "Reward", "RewardError", "Sentiment", "WeightedSum", "as_reward"],
                     "posterior.rewards.base"),

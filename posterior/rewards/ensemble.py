@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from posterior.rewards.base import Reward, as_reward
-from posterior.rewards.registry import ENSEMBLE_MODES
+from posterior.rewards import ENSEMBLE_MODES
 
 MODES = ENSEMBLE_MODES  # mean | wco | uwo
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from posterior.rewards import ENSEMBLE_MODES
 from posterior.validate import check_int, check_real
 
 if TYPE_CHECKING:  # the factories import their rewards (and torch) when called: specs are checked without torch
@@ -34,7 +35,6 @@ if TYPE_CHECKING:  # the factories import their rewards (and torch) when called:
 RewardFactory = Callable[..., "Reward"]
 REWARDS: dict[str, RewardFactory] = {}
 CHECKS: dict[str, Callable[[str | None], Any]] = {}  # torch-free argument parsers, where registered
-ENSEMBLE_MODES = ("mean", "wco", "uwo")  # posterior.rewards.ensemble.MODES, without torch
 
 
 def register_reward(name: str, *, check: Callable[[str | None], Any] | None = None):

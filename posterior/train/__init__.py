@@ -3,6 +3,8 @@
     policy = pst.train.policy_from(prior, lora_rank=8)          # q = pi0 at the start
     run = pst.train.fit(post, policy, objective="dpg", steps=200, batch_size=8, lr=1e-3,
                         max_new_tokens=16, checkpoint_dir="runs/dpg")
+    # the same settings as one object (posterior.train.config: defaults, checks and help once):
+    run = pst.train.fit(post, policy, pst.train.FitConfig(objective="dpg", steps=200, max_new_tokens=16))
     post.sample(method="is", proposal=policy)                   # how close q is to pi*
 
 Objectives (:mod:`posterior.train.objectives`): "reverse_kl" / "rl" (KL-regularised RL, RLOO),
@@ -13,6 +15,7 @@ Objectives (:mod:`posterior.train.objectives`): "reverse_kl" / "rl" (KL-regulari
 from posterior.lazy import lazy_names
 
 __getattr__, __dir__ = lazy_names(__name__, {
+    "FitConfig": "posterior.train.config",  # no torch
     "TrainRun": "posterior.train.loop",
     "fit": "posterior.train.loop",
     **dict.fromkeys(["ALIASES", "OBJECTIVES", "get_objective"], "posterior.train.objectives"),
@@ -23,6 +26,7 @@ __getattr__, __dir__ = lazy_names(__name__, {
 __all__ = [
     "ALIASES",
     "OBJECTIVES",
+    "FitConfig",
     "HFPolicy",
     "Policy",
     "TabularPolicy",

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from posterior.errors import CheckpointError
+from posterior.errors import CheckpointError, first_line
+from posterior.validate import check_finite  # noqa: F401 (its old name here)
 # The run-identity fingerprints moved to posterior/fingerprints.py (shared with batch jobs); their
 # old names here stay importable.
 from posterior.fingerprints import (  # noqa: F401
@@ -124,31 +125,6 @@ def load_file(path: Path, what: str = "checkpoint"):
         raise CheckpointError(f"{what} {path} is not a posterior {what}: it holds objects other than tensors and plain data", path) from None
     except (OSError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError) as e:
         raise CheckpointError(f"{what} {path} is truncated or not a torch file ({type(e).__name__}: {first_line(e)})", path) from None
-
-
-def check_finite(state: dict, what: str, path, *, allow_neg_inf: bool = False) -> None:
-    """Every floating tensor of a loaded ``state`` is finite (or -inf, with ``allow_neg_inf``: a
-    table entry that is never taken), else :class:`CheckpointError` naming the file or folder: a
-    NaN weight would turn every result NaN far from its cause (a damaged file, or a run saved
-    after it diverged)."""
-    for name, t in state.items():
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
-            continue
-        bad = torch.isnan(t) | torch.isposinf(t)
-        if not allow_neg_inf:
-            bad |= torch.isneginf(t)
-        if bool(bad.any()):
-            first = t.reshape(-1)[bad.reshape(-1)][0].item()
-            raise CheckpointError(
-                f"{what} {path} holds {int(bad.sum())} non-finite value(s) ({first}) in {name!r}: the file is damaged, "
-                "or was saved after training diverged", path,
-            )  # fmt: skip
-
-
-def first_line(e: Exception) -> str:
-    """An exception's first line (at most 160 characters): a one-line error a user can read."""
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:160]
 
 
 def load_checkpoint(directory: Path, rank: int, step: int) -> dict:

@@ -53,6 +53,7 @@ rank 0 writes metrics, every rank writes its own checkpoint file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -66,12 +67,13 @@ import torch
 from tqdm.auto import tqdm
 
 from posterior.errors import CheckpointError
-from posterior.posterior import Posterior, _check_prompts
+from posterior.posterior import Posterior
 from posterior.samplers.common import check_proposal
 from posterior.seeds import derive_seed
 from posterior.train import checkpoint as ckpt
+from posterior.train.config import FitConfig, identity_fields
 from posterior.train.steps import StepInput, check_twist, get_step
-from posterior.validate import check_bool, check_choice, check_int, check_real, check_seed
+from posterior.validate import check_int
 
 FORMAT = 1  # checkpoint payload version
 # Metrics that are Monte Carlo estimates from the step's batch (a KL estimate can come out negative,
@@ -115,28 +117,7 @@ def _auto_accelerator():
     return None
 
 
-def fit(
-    post: Posterior,
-    policy,
-    *,
-    objective: str,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    max_new_tokens: int,
-    prompts: Sequence[str] | str | None = None,
-    seed: int = 0,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 10,  # steps between checkpoints (one is always written at the end)
-    metrics_path: str | os.PathLike | None = None,  # default: checkpoint_dir/metrics.jsonl
-    progress: bool = False,
-    max_grad_norm: float | None = None,  # clip the gradient norm (None: no clipping)
-    distill_method: str = "smc",  # "smc" | "is": the sampler of pi* for objective="distill" and ctl's positives
-    distill_resample: bool = False,  # distill on a multinomial resample (True) or on weighted samples
-    sampler_options: dict | None = None,  # options of distill_method, e.g. {"ess_threshold": 0.5}
-    accelerator=None,  # an accelerate.Accelerator; default: one under `accelerate launch`, else none
-    allow_changes: Sequence[str] = (),  # config fields a resumed run may change on purpose, e.g. ("lr",)
-) -> TrainRun:
+def fit(post: Posterior, policy, config: FitConfig | None = None, **settings) -> TrainRun:
     """Train ``policy`` towards ``post``'s pi* in place; see the module docstring.
 
     Parameters
@@ -146,28 +127,12 @@ def fit(
     policy : HFPolicy, TabularPolicy or TrainableTwist
         What is trained: a policy from :func:`posterior.train.policy_from` (over the same tokens as
         ``post.prior``), or a twist from ``pst.twists.learned(post.prior, ...)``.
-    objective : str
-        Policies: "reverse_kl" ("rl"), "forward_kl" ("dpg"), "js", "tv", "distill" or "reward".
-        Twists: "ctl" (contrastive twist learning; positives from ``distill_method``), "regression"
-        (exp-domain least squares on prior rollouts) or "fudge" (least squares to r: not psi*).
-    steps : int
-        Total optimiser steps (a resumed run counts the steps already done).
-    batch_size : int
-        Samples per prompt and step (>= 2 for on-policy objectives: leave-one-out baselines).
-    lr : float
-        Adam learning rate.
-    max_new_tokens : int
-        Continuation length, EOS counted (the support of pi*).
-    prompts : list of str or None
-        Prompts trained on together (None: one unconditional prompt).
-    seed : int
-        Seeds the one torch.Generator every draw uses.
-    checkpoint_dir : path or None
-        Checkpoints and metrics.jsonl; an existing run there is resumed (only the same run: see
-        the module docstring).
-    allow_changes : sequence of str
-        Fields of ``TrainRun.config`` (e.g. "lr", "batch_size", "reward") that may differ from the
-        checkpoint's when resuming; "steps" is always allowed.
+    config : FitConfig, optional
+        The run's settings (:class:`posterior.train.config.FitConfig`: objective, steps,
+        batch_size, lr, max_new_tokens, prompts, seed, checkpoint_dir, allow_changes, ...).
+    **settings
+        FitConfig's fields as keywords: ``fit(post, policy, objective="dpg", steps=200, ...)``
+        builds ``FitConfig(**settings)``; with ``config`` too, they replace its fields.
 
     Returns
     -------
@@ -175,21 +140,24 @@ def fit(
     """
     if not isinstance(post, Posterior):
         raise ValueError(f"post must be a posterior.Posterior, got {type(post).__name__}")
-    step_kind = get_step(policy, objective)  # what is trained x objective -> how a step draws and scores
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(FitConfig)})
+    if unknown:
+        raise TypeError(f"fit() got unknown setting(s) {unknown}; its settings are FitConfig's fields: "
+                        f"{[f.name for f in dataclasses.fields(FitConfig)]}")  # fmt: skip
+    if config is None:
+        config = FitConfig(**settings)
+    elif not isinstance(config, FitConfig):
+        raise ValueError(f"config must be a posterior.train.FitConfig, got {type(config).__name__}: {config!r:.80}")
+    elif settings:
+        config = dataclasses.replace(config, **settings)
+    cfg = config
+    step_kind = get_step(policy, cfg.objective)  # what is trained x objective -> how a step draws and scores
     if step_kind.kind == "policy":
         check_proposal(post.prior, policy)
-    # numpy / torch scalars as Posterior.sample takes them; negative seeds refused as there
-    steps = check_int("steps", steps, 1)
-    batch_size = check_int("batch_size", batch_size, step_kind.min_batch_size)
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
-    lr = check_real("lr", lr, positive=True)
-    max_grad_norm = None if max_grad_norm is None else check_real("max_grad_norm", max_grad_norm, positive=True)
-    distill_method = check_choice("distill_method", distill_method, ("smc", "is"))
-    distill_resample = check_bool("distill_resample", distill_resample)
-    seed = check_seed("seed", seed)
-    prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
-    allow_changes = _check_allow_changes(allow_changes)
+    check_int("batch_size", cfg.batch_size, step_kind.min_batch_size)  # the step's own need (FitConfig checks the objective's)
+    steps, batch_size, max_new_tokens, lr = cfg.steps, cfg.batch_size, cfg.max_new_tokens, cfg.lr
+    checkpoint_dir, metrics_path, max_grad_norm, seed = cfg.checkpoint_dir, cfg.metrics_path, cfg.max_grad_norm, cfg.seed
+    prompts = None if cfg.prompts is None else list(cfg.prompts)
     if checkpoint_dir is not None:
         ckpt.check_directory(Path(checkpoint_dir))
     if metrics_path is not None and Path(metrics_path).is_dir():
@@ -201,11 +169,11 @@ def fit(
         q_ids = policy.encode_prompts(prompts)
         policy.check_lengths(q_ids, max_new_tokens, prompts)
     else:
-        check_twist(post, policy, max_new_tokens, resample=distill_resample)
+        check_twist(post, policy, max_new_tokens, resample=cfg.distill_resample)
         q_ids = prompt_ids
     P = len(prompt_ids)
 
-    accelerator = accelerator if accelerator is not None else _auto_accelerator()
+    accelerator = cfg.accelerator if cfg.accelerator is not None else _auto_accelerator()
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     if accelerator is not None:
@@ -221,12 +189,8 @@ def fit(
     log_Z = torch.zeros(P, dtype=torch.float64)  # running log Ẑ per prompt (meaningless while count == 0)
     count = torch.zeros(P, dtype=torch.float64)  # samples behind it
 
-    config = {
-        "trains": step_kind.kind, "objective": step_kind.objective, "batch_size": batch_size, "lr": float(lr), "max_new_tokens": max_new_tokens,
-        "prompts": prompts, "seed": seed, "beta": post.beta, "max_grad_norm": max_grad_norm, "world_size": world,
-        "distill_method": distill_method, "distill_resample": distill_resample,
-        "sampler_options": json.dumps(sampler_options or {}, sort_keys=True, default=str),
-    }  # fmt: skip
+    # What the run is (checked on resume): the config's identity fields, and what fit adds (RUN_FIELDS).
+    config = {"trains": step_kind.kind, **cfg.identity(), "objective": step_kind.objective, "beta": post.beta, "world_size": world}
     if checkpoint_dir is not None:  # what the run is, by content (cheap: see posterior.train.checkpoint)
         config.update(prior=ckpt.prior_fingerprint(prior), reward=ckpt.reward_fingerprint(post.reward, prior, prompts),
                       policy=ckpt.policy_fingerprint(policy))  # fmt: skip
@@ -238,7 +202,7 @@ def fit(
         ckpt.remove_temporaries(directory, rank)
         state = _load_latest(directory, rank, world)
         if state is not None:
-            _check_config(state, config, directory, allow_changes)
+            _check_config(state, config, directory, cfg.allow_changes)
             if state["step"] > steps:
                 raise ValueError(f"{directory} holds a checkpoint at step {state['step']}, beyond steps={steps}")
             policy.load_trainable_state(state["trainable"])
@@ -261,7 +225,7 @@ def fit(
         ckpt.save_checkpoint(directory, rank, step, payload)
 
     t0 = time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc=f"train {step_kind.objective}", unit="step", disable=not progress or rank != 0,
+    bar = tqdm(total=steps, initial=start, desc=f"train {step_kind.objective}", unit="step", disable=not cfg.progress or rank != 0,
                file=sys.stderr, leave=False)  # fmt: skip
     mfile = open(mpath, "a") if (mpath is not None and rank == 0) else None  # noqa: SIM115 (closed in finally)
     try:
@@ -269,7 +233,7 @@ def fit(
             ts = time.perf_counter()
             loss, row, log_Z, count = step_kind.run(StepInput(
                 post, policy, prompts, prompt_ids, q_ids, batch_size, max_new_tokens, generator, log_Z, count,
-                sampler=distill_method, step=step + 1, resample=distill_resample, sampler_options=sampler_options or {},
+                sampler=cfg.distill_method, step=step + 1, resample=cfg.distill_resample, sampler_options=cfg.sampler_options,
             ))  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             if accelerator is not None:
@@ -291,7 +255,7 @@ def fit(
                 mfile.flush()
             bar.update(1)
             bar.set_postfix({k: row.get(k) for k in step_kind.progress_keys}, refresh=False)
-            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 save(step + 1)
     finally:
         bar.close()
@@ -329,26 +293,9 @@ def _load_latest(directory: Path, rank: int, world: int) -> dict | None:
     return None
 
 
-def _check_allow_changes(allow_changes) -> tuple[str, ...]:
-    if isinstance(allow_changes, str):
-        allow_changes = (allow_changes,)
-    try:
-        names = tuple(allow_changes)
-    except TypeError:
-        raise ValueError(f"allow_changes must be a sequence of config field names, got {allow_changes!r}") from None
-    known = set(CONFIG_FIELDS) | {"steps"}
-    bad = [n for n in names if not isinstance(n, str) or n.split(".")[0] not in known]
-    if bad:
-        raise ValueError(f"allow_changes names unknown field(s) {bad}; choose from {sorted(known)}")
-    return names
-
-
 # The fields of a run's identity (``TrainRun.config``); nested ones (prior, reward, policy) are
-# compared field by field ("reward.fingerprint").
-CONFIG_FIELDS = (
-    "trains", "objective", "batch_size", "lr", "max_new_tokens", "prompts", "seed", "beta", "max_grad_norm", "world_size",
-    "distill_method", "distill_resample", "sampler_options", "prior", "reward", "policy",
-)  # fmt: skip
+# compared field by field ("reward.fingerprint"). FitConfig marks its own; fit adds RUN_FIELDS.
+CONFIG_FIELDS = identity_fields()
 
 
 def _flat(config: dict) -> dict:
@@ -381,4 +328,4 @@ def _check_config(state: dict, config: dict, directory: Path, allow_changes: Seq
         )
 
 
-__all__ = ["TrainRun", "fit"]
+__all__ = ["FitConfig", "TrainRun", "fit"]

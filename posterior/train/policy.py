@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from posterior.errors import CheckpointError
+from posterior.errors import CheckpointError, first_line
 from posterior.priors.base import GRAD, DecodeState, Prior, StepwisePrior, budgets_per_row, decode_rows
 from posterior.priors.callable import CallablePrior
 from posterior.priors.hf import HFPrior
 from posterior.priors.prefix_index import PrefixIndex
-from posterior.train.checkpoint import check_finite, first_line, load_file
-from posterior.validate import check_int, check_optional_int
+from posterior.train.checkpoint import load_file
+from posterior.validate import check_finite, check_int, check_optional_int
 
 TABULAR_FILE = "tabular_policy.pt"
 

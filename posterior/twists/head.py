@@ -39,7 +39,7 @@ import torch
 
 from posterior.priors.base import HIDDEN_STATES
 from posterior.twists.base import Prefixes, TrainableTwist
-from posterior.twists.learned import TwistKind, register
+from posterior.twists.kinds import TwistKind, register
 from posterior.twists.tabular import prior_fingerprint
 
 CONFIG = "twist.json"  # the file every saved twist has (``pst.twists.load`` reads its "kind")
@@ -70,7 +70,7 @@ class HeadTwist(TrainableTwist):
     needs_hidden = True
 
     def __init__(self, prior, *, rank: int | None = None, seed: int = 0, max_new_tokens: int | None = None):
-        from posterior.errors import is_int
+        from posterior.validate import is_int
 
         if not (hasattr(prior, "has") and prior.has(HIDDEN_STATES)):
             raise ValueError(f"a head twist needs a prior with hidden states (HFPrior), got {type(prior).__name__}")
@@ -223,7 +223,7 @@ class HeadTwist(TrainableTwist):
                 f"hidden_size={cfg['hidden_size']}; this prior has {twist.vocab_size}, {twist.hidden_size}"
             )
         from posterior.errors import CheckpointError
-        from posterior.train.checkpoint import check_finite
+        from posterior.validate import check_finite
 
         saved = load_file(str(path / WEIGHTS))
         if "probe" not in saved:

@@ -1,8 +1,8 @@
 """Learned twists: ``pst.twists.learned(prior, ...)`` picks a trainable twist by the prior's
 capabilities; ``pst.twists.load(path, prior)`` reads a saved one back.
 
-Kinds are registered in :data:`KINDS` (first match in registration order wins, unless
-``kind=`` names one):
+Kinds are registered in :data:`KINDS` (:mod:`posterior.twists.kinds`; first match in registration
+order wins, unless ``kind=`` names one):
 
 * ``"head"`` (priors with the ``HIDDEN_STATES`` capability: ``HFPrior``): a small head over the
   frozen prior's hidden states, registered by its own module;
@@ -21,32 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 from posterior.priors.base import HIDDEN_STATES, Prior
 from posterior.priors.prefix_index import MAX_TABLE_ENTRIES, table_size
 from posterior.twists.base import TrainableTwist
+from posterior.twists.kinds import KINDS, TwistKind, register
 from posterior.twists.tabular import CONFIG_FILE, TabularTwist, prior_fingerprint
-
-
-class TwistKind(NamedTuple):
-    """A kind of learned twist."""
-
-    name: str
-    applies: Callable[[Prior, int | None, Sequence[str] | None], bool]  # (prior, max_new_tokens, prompts) -> usable
-    build: Callable[..., TrainableTwist]  # build(prior, *, max_new_tokens, prompts, **options)
-    load: Callable[[Path, Prior, dict], TrainableTwist]  # load(folder, prior, config from twist.json)
-    requires: str = ""  # what ``applies`` checks, for the error when no kind applies
-
-
-KINDS: dict[str, TwistKind] = {}
-
-
-def register(kind: TwistKind) -> None:
-    """Add (or replace) a kind of learned twist; later registrations are tried after earlier ones."""
-    KINDS[kind.name] = kind
 
 
 def _tabular_applies(prior, max_new_tokens, prompts) -> bool:
@@ -122,7 +104,8 @@ def load(path: str | os.PathLike, prior: Prior) -> TrainableTwist:
     from safetensors import SafetensorError
 
     from posterior.errors import CheckpointError
-    from posterior.train.checkpoint import check_finite, first_line
+    from posterior.errors import first_line
+    from posterior.validate import check_finite
 
     path = Path(path)
     if not path.exists():

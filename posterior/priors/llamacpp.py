@@ -85,6 +85,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from posterior.priors.cache import cache_dir, sampled_digest
 from posterior.priors.base import DecodeState, StepwisePrior, process_logits, validate_sampling
 from posterior.validate import check_int
 
@@ -679,8 +680,6 @@ def f32_copy(path: Path) -> Path:
     ``$POSTERIOR_CACHE/llamacpp/`` (default ``~/.cache/posterior``) under a name that carries the
     source's sampled digest, so another file (or a changed one) never reuses it; written to a
     temporary name and renamed, so a copy that exists is whole. About 1 s for the default model."""
-    from posterior.priors.default import cache_dir, sampled_digest
-
     out = cache_dir() / "llamacpp" / f"{path.stem}-{sampled_digest(path)[:16]}-f32.gguf"
     if out.is_file():
         return out

@@ -41,7 +41,8 @@ from posterior.kernels import normalize_log_weights
 from posterior.priors.base import Continuations
 from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts, prompt_name
-from posterior.samplers.engine import EngineConfig, Reference, run, widen
+from posterior.samplers.engine import EngineConfig, Reference, widen
+from posterior.samplers.engine import run as run_engine
 from posterior.samplers.chains import ChainsInfo, run_chains
 from posterior.samplers.options import PGibbsOptions
 from posterior.samplers.registry import Method, register
@@ -60,7 +61,7 @@ def sweep(model_of, rows, cfg, reference: Reference | None, *, generator, pad, n
     0 runs a plain SMC sweep); returns the picked trajectories (tokens (B, T), lengths (B,)), their
     rewards and log pi0 (B,), and which picks were free (B,). A chain whose particles all died
     (weight 0: only without a reference) picks particle 0 with reward -inf: no state in the support."""
-    state, _ = run(model_of(), rows, cfg, generator=generator, pad=pad, reference=reference, name_prompt=name_prompt,
+    state, _ = run_engine(model_of(), rows, cfg, generator=generator, pad=pad, reference=reference, name_prompt=name_prompt,
                    on_degenerate="keep")  # fmt: skip
     p = state.particles
     B, N = p.lengths.shape

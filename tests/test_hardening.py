@@ -371,9 +371,9 @@ def test_text_summary_warns_where_it_matters():
     calm = pst.Posterior(markov_prior(), count_a(1.0), beta=50.0).sample(n=64, method="is", max_new_tokens=4, seed=0)
     assert "warning" not in calm.format_summary()
     mh = pst.Posterior(markov_prior(), count_a(1.0), beta=0.3).sample(n=8, method="mh", max_new_tokens=4, seed=0, steps=4)
-    mh.info["r_hat"] = torch.tensor([1.5], dtype=torch.float64)
+    mh.info = mh.info.replace(r_hat=torch.tensor([1.5], dtype=torch.float64))  # infos are frozen: a new one
     assert "warning: R-hat 1.500 is above 1.1" in mh.format_summary()
-    mh.info["r_hat"] = torch.tensor([1.01], dtype=torch.float64)
+    mh.info = mh.info.replace(r_hat=torch.tensor([1.01], dtype=torch.float64))
     assert "R-hat" in mh.format_summary() and "warning: R-hat" not in mh.format_summary()
 
 

@@ -46,7 +46,8 @@ class Method:
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):
             raise TypeError(f"method {self.name!r}: options must be a subclass of posterior.samplers.options.Options, got {self.options!r}")
         params = inspect.signature(self.run).parameters
-        missing = [p for p in COMMON if p not in params]
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        missing = [p for p in COMMON if p not in params and not takes_any]
         if missing:
             raise TypeError(f"method {self.name!r}: run must accept {missing}")
 

@@ -89,6 +89,10 @@ class Info(Mapping):
         inner = ", ".join(f"{k}={_short(v)}" for k, v in self.items())
         return f"{type(self).__name__}({inner})"
 
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.__repr__ = Info.__repr__  # set before @dataclass runs, so it keeps this short one (the keys, tensors by shape)
+
 
 def _short(v) -> str:
     if isinstance(v, torch.Tensor):

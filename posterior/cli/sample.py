@@ -39,7 +39,8 @@ def add_parser(subparsers):
     s.add_argument("--method", default="is", choices=sorted(OPTIONS), help="sampler, see 'method options' below")
     s.add_argument("-n", type=int, default=16, help="samples (particles, chains) per prompt")
     s.add_argument("--option", type=options.key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, e.g. best_of=8, ess_threshold=0.5, reward_upper_bound=1 (repeatable)")
+                   help="method option, e.g. best_of=8 (repeatable); every method's options with their defaults and help "
+                        "are listed under 'method options' below")
     s.add_argument("--twist", default=None, metavar="PATH",
                    help="a learned twist saved by `posterior train --twist` (method smc): pst.twists.load(PATH, prior)")
     s.add_argument("--no-prior", action="store_true", help="skip the plain prior samples shown for comparison")

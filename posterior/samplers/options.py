@@ -335,11 +335,8 @@ OPTIONS: dict[str, type[Options]] = {
 # --------------------------------------------------------------------------------------------------
 # Derived views (the table, as before)
 # --------------------------------------------------------------------------------------------------
-class _Table(dict):
-    """{method: {option: Option}} of the built-in methods, derived from ``OPTIONS``."""
-
-
-METHOD_OPTIONS: dict[str, dict[str, Option]] = _Table({name: cls.table() for name, cls in OPTIONS.items()})
+#: {method: {option: Option}} of the built-in methods: a view derived from ``OPTIONS``.
+METHOD_OPTIONS: dict[str, dict[str, Option]] = {name: cls.table() for name, cls in OPTIONS.items()}
 
 
 def check_option(method: str, name: str, value):

@@ -8,6 +8,7 @@ the draws are (log Z, ESS, KL(pi*||pi0), reward statistics).
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import torch
 from posterior.priors.base import Prior
 from posterior.results import SampleResult
 from posterior.rewards.base import Reward, RewardError, as_reward
-from posterior.samplers.registry import get_sampler, sampler_options
+from posterior.samplers.registry import get_method
 from posterior.validate import as_plain, check_int, check_prompts, check_real, check_seed
 
 
@@ -98,16 +99,12 @@ class Posterior:
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         if not isinstance(method, str):
             raise ValueError(f"method must be a str naming a sampler, got {method!r}")
-        fn = get_sampler(method)
-        if self.reward.needs_prompts:  # it reads prompts: one run per prompt, see rewards/prompted.py
-            from posterior.rewards.prompted import per_prompt
+        m = get_method(method)
+        if self.reward.needs_prompts:  # it reads prompts: one run per prompt (posterior.samplers.drivers)
+            from posterior.samplers.drivers import per_prompt
 
-            fn = per_prompt(fn)
-        known = sampler_options(method)
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise TypeError(f"method {method!r} has no option(s) {unknown}; its options are {sorted(known)}")
-        options = {k: as_plain(v) for k, v in options.items()}
+            m = per_prompt(m)
+        opts = m.check_options({k: as_plain(v) for k, v in options.items()})  # TypeError naming an unknown option
         if not isinstance(as_plain(progress), bool):
             raise ValueError(f"progress must be a bool, got {progress!r}")
         prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
@@ -119,10 +116,8 @@ class Posterior:
             _check_generator(generator, self.prior.device)
             seed = None  # the generator's state, not a seed, decides the draws
         t0 = time.perf_counter()
-        res = fn(self, prompts, n=n, max_new_tokens=max_new_tokens, generator=generator, progress=bool(progress), **options)
-        res.seconds = time.perf_counter() - t0
-        res.seed = seed
-        return res
+        res = m.run(self, prompts, opts, n=n, max_new_tokens=max_new_tokens, generator=generator, progress=bool(progress))
+        return dataclasses.replace(res, seconds=time.perf_counter() - t0, seed=seed)
 
 
 def _check_generator(generator, device: torch.device) -> None:

@@ -12,9 +12,92 @@ log Z is each method's own estimate (None where the method has none, e.g. best-o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
 
 import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Info(Mapping):
+    """A method's diagnostics: a typed, frozen record that still reads like a mapping.
+
+    Each method has its subclass (``SMCInfo``, ``MHInfo``, ...; blackjax's typed infos): read its
+    fields (``res.info.r_hat``) or, as before, its keys (``res.info["r_hat"]``, ``.keys()``,
+    ``in``, ``.get``). The keys are the fields that are set (not None), plus those a method always
+    reports (``always_keys``, e.g. MH's ``r_hat``, None with a ``r_hat_note`` when undefined), plus
+    the entries of ``extra``: what a hand-built result passes as a plain dict, kept as it is and
+    readable as attributes too. Frozen: change one with :meth:`replace` (a new info).
+    """
+
+    ess: Any = None  # (P,) importance-sampling ESS of the result's weights (the same tensor as res.ess)
+    degenerate: Any = None  # (P,) bool: prompts whose samples all have weight 0 (log Z^ = -inf, see e.result)
+    runs: str | None = None  # how the prompts were run (one run per prompt for a reward that reads prompts)
+    extra: Mapping = field(default_factory=dict)  # entries without a field (hand-built results, user samplers)
+
+    always_keys: ClassVar[tuple[str, ...]] = ()
+    _tail: ClassVar[tuple[str, ...]] = ("ess", "degenerate", "runs")
+
+    @classmethod
+    def of(cls, mapping: Mapping | None = None, **entries) -> "Info":
+        """An info of this class from a mapping: entries named like fields fill them, the rest go to ``extra``."""
+        if isinstance(mapping, Info):
+            mapping = dict(mapping)
+        items = {**dict(mapping or {}), **entries}
+        names = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in items.items() if k in names}, extra={k: v for k, v in items.items() if k not in names})
+
+    def replace(self, **changes) -> "Info":
+        """A copy with ``changes`` (names without a field go to ``extra``)."""
+        names = {f.name for f in fields(self)} - {"extra"}
+        extra = {**self.extra, **{k: v for k, v in changes.items() if k not in names}}
+        return replace(self, **{k: v for k, v in changes.items() if k in names}, extra=extra)
+
+    def __getattr__(self, name):  # only called when no field or attribute has the name: the extras
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+
+    def _keys(self) -> list[str]:
+        names = [f.name for f in fields(self) if f.name != "extra"]
+        order = [k for k in names if k not in self._tail] + [k for k in names if k in self._tail]
+        keys = [k for k in order if getattr(self, k) is not None or k in self.always_keys]
+        return keys + [k for k in self.extra if k not in keys]
+
+    def __getitem__(self, key):
+        if key in self.extra:
+            return self.extra[key]
+        if key in self._keys():
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys()
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def __repr__(self):
+        inner = ", ".join(f"{k}={_short(v)}" for k, v in self.items())
+        return f"{type(self).__name__}({inner})"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.__repr__ = Info.__repr__  # set before @dataclass runs, so it keeps this short one (the keys, tensors by shape)
+
+
+def _short(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"<tensor {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}>"
+    return repr(v)
 
 
 @dataclass
@@ -31,11 +114,15 @@ class SampleResult:
     log_Z: torch.Tensor | None  # (P,) estimate of log sum_x pi0(x) exp(r(x)/beta)
     ess: torch.Tensor  # (P,) importance-sampling effective sample size
     targets_posterior: bool = True  # False for best-of-n style methods: samples are not from pi*
-    info: dict = field(default_factory=dict)  # method-specific diagnostics
+    info: Info = field(default_factory=Info)  # the method's typed diagnostics (a dict is turned into an Info)
     prior: dict = field(default_factory=dict)  # how the prior was defined (temperature, top-k, ...)
     seconds: float = float("nan")
     kl_prior: torch.Tensor | None = None  # (P,) float64 KL(pi*||pi0) estimate, from unnormalised log-weights
     seed: int | None = None  # the seed the run used (drawn fresh for seed=None); None with a generator
+
+    def __post_init__(self):
+        if not isinstance(self.info, Info):
+            self.info = Info.of(self.info)
 
     @property
     def num_prompts(self) -> int:
@@ -45,7 +132,7 @@ class SampleResult:
         """Raise :class:`~posterior.errors.DegenerateWeightsError` where a prompt has no sample of
         positive weight (``info["degenerate"]``: an SMC run whose particles all died has Ẑ = 0 there,
         an honest log Z = -inf, but nothing to average)."""
-        dead = self.info.get("degenerate")
+        dead = self.info.degenerate
         if isinstance(dead, torch.Tensor) and bool(dead.any()):
             from posterior.errors import DegenerateWeightsError
 
@@ -201,7 +288,11 @@ def format_summary(res) -> str:
     if res.prior.get("modified"):
         p = res.prior
         lines.append(f"  prior modified: temperature {p.get('temperature')}, top_k {p.get('top_k')}, top_p {p.get('top_p')} (pi0 is that distribution)")
-    info = {k: v for k, v in res.info.items() if k not in _HIDDEN}
+    info = res.info
+
+    def field_(name):  # a field of the info (None where this method has no such field)
+        return getattr(info, name, None)
+
     width = 14
     for p in range(P):
         name = "<unconditional>" if res.prompts is None else repr(res.prompts[p])
@@ -227,30 +318,30 @@ def format_summary(res) -> str:
             k = float(kl[p])
             row("KL(pi*||pi0)", _num(k, ".4f") + " nats",
                 NEGATIVE_KL if k < 0 else "estimate of how far pi* moved from the prior")  # fmt: skip
-        if "kl_bound" in info:
-            row(f"KL({res.method}||pi0)", f"<= {info['kl_bound']:.4f} nats", "bound log k - (k-1)/k for k = best_of")
+        if field_("kl_bound") is not None:
+            row(f"KL({res.method}||pi0)", f"<= {field_('kl_bound'):.4f} nats", "bound log k - (k-1)/k for k = best_of")
         row("distinct", f"{distinct[p]} distinct of {N} samples")
         for key, (label, why) in _PER_PROMPT.items():
-            v = info.get(key)
-            if v is None and f"{key}_note" in info:  # undefined for this run, e.g. R-hat of 1 kept state
-                row(label, "undefined", info[f"{key}_note"])
+            v = field_(key)
+            if v is None and field_(f"{key}_note") is not None:  # undefined for this run, e.g. R-hat of 1 kept state
+                row(label, "undefined", field_(f"{key}_note"))
             elif isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == P:
                 undefined = key in _TRACE_KEYS and math.isnan(v[p].item())
                 row(label, "undefined" if undefined else _num(v[p].item()), _TRACE_KEYS[key] if undefined else why)
         for key, (label, what, over) in _SERIES.items():
-            v = info.get(key)
+            v = field_(key)
             if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == P:
                 row(label, _series(v[p].tolist(), over), what)
-        if isinstance(info.get("resampled"), torch.Tensor) and info["resampled"].dim() == 2:
-            r = info["resampled"][p]
+        if isinstance(field_("resampled"), torch.Tensor) and field_("resampled").dim() == 2:
+            r = field_("resampled")[p]
             row("resampled", f"at {int(r.sum())} of {r.numel()} steps")
-        if isinstance(info.get("acceptance_by_cut"), torch.Tensor):
-            cut = info["acceptance_by_cut"][p].tolist()
-            bins = res.info.get("acceptance_by_cut_bins", list(range(len(cut))))
+        if isinstance(field_("acceptance_by_cut"), torch.Tensor):
+            cut = field_("acceptance_by_cut")[p].tolist()
+            bins = field_("acceptance_by_cut_bins") or list(range(len(cut)))
             row("by cut", ", ".join(f"{b}+: {_num(c, '.2f')}" for b, c in zip(bins, cut)), "acceptance of suffix moves by cut position")
         for w in _warnings(res, p, distinct[p], info):
             lines.append(f"    warning: {w}")
-    shown = set(_PER_PROMPT) | set(_SERIES) | {"resampled", "num_resampling", "acceptance_by_cut", "kl_bound"}
+    shown = set(_PER_PROMPT) | set(_SERIES) | _HIDDEN | {"resampled", "num_resampling", "acceptance_by_cut", "kl_bound", "ess"}
     shown |= {f"{k}_note" for k in _PER_PROMPT}
     rest = {k: v for k, v in info.items() if k not in shown}
     if rest:
@@ -266,7 +357,7 @@ def _opt(v) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
-def _warnings(res, p: int, distinct: int, info: dict) -> list[str]:
+def _warnings(res, p: int, distinct: int, info: Info) -> list[str]:
     N = res.log_weights.shape[1]
     out = []
     if res.targets_posterior and res.method != "mh" and float(res.ess[p]) < ESS_WARN * N:
@@ -274,10 +365,10 @@ def _warnings(res, p: int, distinct: int, info: dict) -> list[str]:
             f"ESS {float(res.ess[p]):.1f} is below {ESS_WARN:.0%} of N={N}: a few samples carry the weight, so "
             "estimates are noisy; use more samples, a larger beta or a better proposal"
         )
-    r_hat = info.get("r_hat")
+    r_hat = getattr(info, "r_hat", None)
     if isinstance(r_hat, torch.Tensor) and r_hat.dim() == 1 and float(r_hat[p]) > R_HAT_WARN:
         out.append(f"R-hat {float(r_hat[p]):.3f} is above {R_HAT_WARN}: the chains have not mixed; run more steps")
-    resampled = info.get("resampled")
+    resampled = getattr(info, "resampled", None)
     if isinstance(resampled, torch.Tensor) and resampled.dim() == 2 and bool(resampled[p].any()) and distinct < N:
         out.append(
             f"{distinct} distinct of {N} samples: resampling duplicated ancestors, so the sample is less diverse than N "

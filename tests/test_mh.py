@@ -494,3 +494,43 @@ def test_consistency_one_validator_module_mh_summary_says_why_r_hat_is_undefined
     text = res.format_summary()
     assert "NaN" not in text and "R-hat          undefined   split R-hat needs >= 4 kept states per chain" in text
     assert res.summary()["r_hat"] is None
+
+
+# --------------------------------------------------------------------------------------------------
+# The chains loop shared with particle Gibbs (posterior.samplers.chains)
+# --------------------------------------------------------------------------------------------------
+def test_chains_loop_keeps_burn_in_and_thinning_and_diagnoses_the_kept_trace():
+    from posterior.samplers.chains import run_chains
+    from posterior.samplers.options import MHOptions
+
+    g = gen(3)
+    init = torch.zeros(2, 4, dtype=torch.float64)  # (P, N) a random walk per chain: the state is its reward
+
+    def step(state, s):
+        return state + torch.randn(state.shape, generator=g, dtype=torch.float64), s
+
+    seen = []
+    o = MHOptions(steps=12, burn_in=3, thin=2)
+    run = run_chains(init, step, o, rewards=lambda st: st, initial_rewards=init, keep=lambda st: st.clone(),
+                     on_step=lambda s, st: seen.append(s))  # fmt: skip
+    assert o.kept == (4, 6, 8, 10, 12) and seen == list(range(1, 13)) and [i for i in run.infos] == seen
+    assert run.trace.shape == (2, 4, 13) and torch.equal(run.trace[..., 0], init) and torch.equal(run.state, run.trace[..., 12])
+    assert [torch.equal(k, run.trace[..., s]) for k, s in zip(run.kept, o.kept)] == [True] * 5
+    r_hat, ess = reward_trace_diagnostics(run.trace[..., list(o.kept)])
+    assert torch.equal(run.r_hat, r_hat) and torch.equal(run.mcmc_ess, ess) and run.notes == {}
+    fields = run.info_fields(o)
+    assert (fields["steps"], fields["burn_in"], fields["thin"]) == (12, 3, 2) and fields["reward_trace"].shape == (2, 13)
+    short = run_chains(init, step, MHOptions(steps=4, burn_in=2), rewards=lambda st: st)  # 2 kept: no split R-hat
+    assert set(short.notes) == {"r_hat"} and "split R-hat needs >= 4 kept states per chain; this run kept 2" in short.notes["r_hat"]
+    assert short.info_fields(MHOptions(steps=4, burn_in=2))["r_hat"] is None
+    assert short.info_fields(MHOptions(steps=4, burn_in=2), none_when_too_short=False)["r_hat"] is short.r_hat
+    assert short.trace.shape == (2, 4, 4)  # no initial rewards: one column per step
+
+
+def test_mh_r_hat_is_the_chains_loop_diagnostic_of_its_kept_states():
+    post = pst.Posterior(markov_prior(), pst.rewards.Callable(count_a), beta=0.5)
+    res = post.sample(n=6, method="mh", max_new_tokens=4, seed=0, steps=10, burn_in=2, thin=2, return_chains=True)
+    chains = res.info.chains
+    assert chains.kept == (4, 6, 8, 10) and (res.info.steps, res.info.burn_in, res.info.thin) == (10, 2, 2)
+    r_hat, ess = reward_trace_diagnostics(chains.rewards[list(chains.kept)].permute(1, 2, 0))
+    assert torch.equal(res.info.r_hat, r_hat) and torch.equal(res.info.mcmc_ess, ess)

@@ -155,3 +155,17 @@ def test_pgibbs_over_http_refuses_one_particle_and_answers_hard_constraint_reque
             r = client.post("/v1/completions", json={**body(particles=2, steps=4), "seed": seed})
             assert r.status_code == 200, r.json()
             assert sum("b" in c["text"] for c in r.json()["choices"]) >= 12  # chains in the support
+
+
+def test_pgibbs_thins_like_mh_through_the_shared_chains_loop():
+    """Particle Gibbs runs the chains loop MH runs: thin= keeps every thin-th sweep after burn-in,
+    and the info says so; too few kept sweeps give a note on R-hat."""
+    prior = markov_prior()
+    post = pst.Posterior(prior, pst.rewards.Callable(count_a, accepts_prefixes=True), beta=BETA)
+    res = post.sample(n=3, method="pgibbs", max_new_tokens=T, seed=0, particles=3, steps=9, burn_in=1, thin=2)
+    info = res.info
+    assert (info.steps, info.burn_in, info.thin) == (9, 1, 2) and info.reward_trace.shape == (1, 9)
+    assert info.r_hat.shape == (1,) and info.r_hat_note is None  # kept sweeps 3, 5, 7, 9
+    short = post.sample(n=3, method="pgibbs", max_new_tokens=T, seed=0, particles=3, steps=6, thin=2)  # kept 4, 6
+    assert "split R-hat needs >= 4 kept states per chain; this run kept 2" in short.info.r_hat_note
+    assert "R-hat          undefined" in short.format_summary()

@@ -1,6 +1,7 @@
 """method="smc" against enumerated posteriors: exact identities first, then fixed-seed statistics
 with tolerances derived from the sample size, hard constraints, errors, and HF priors."""
 
+import dataclasses
 import functools
 import math
 
@@ -460,3 +461,64 @@ def test_constant_reward_gives_kl_zero_for_smc_without_a_twist():
     post = pst.Posterior(markov_prior(), const(1e6), beta=1e-3)
     res = post.sample(n=64, method="smc", max_new_tokens=T_h11, seed=7)
     assert res.kl().item() == pytest.approx(0.0, abs=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine's own config, and the per-prompt driver (issue 28, item 4)
+# --------------------------------------------------------------------------------------------------
+def test_engine_config_is_checked_once_and_holds_beta_n_and_the_horizon(post):
+    import dataclasses
+
+    from posterior.samplers.engine import EngineConfig, run
+    from posterior.samplers.smc import build_model
+    from posterior.samplers.smc_model import Potentials
+
+    for bad, name in (({"beta": 0.0}, "beta"), ({"num_particles": 0}, "num_particles"), ({"max_new_tokens": 1.5}, "max_new_tokens"),
+                      ({"ess_threshold": -0.1}, "ess_threshold"), ({"resampling": "greedy"}, "resampling")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            EngineConfig(**{"beta": 1.0, "num_particles": 4, "max_new_tokens": 3, **bad})
+    assert {"beta", "num_particles", "max_new_tokens"}.isdisjoint(f.name for f in dataclasses.fields(Potentials))
+    ids = post.prior.encode_prompts(["a"])
+    cfg = EngineConfig(beta=BETA, num_particles=4, max_new_tokens=T)
+    model = build_model(post, ids, cfg)
+    assert model.config is cfg and model.pot.beta == BETA and model.pot.num_particles == 4 and model.pot.max_new_tokens == T
+    assert len(model.pot.prompt_rows) == 4
+    with pytest.raises(ValueError, match=r"the model side was built for beta=0.5, N=4, max_new_tokens=4, the engine runs 0.5, 8, 4"):
+        run(model, ids, dataclasses.replace(cfg, num_particles=8), generator=torch.Generator().manual_seed(0), pad=3)
+    state, infos = run(build_model(post, ids, n=4, max_new_tokens=T), ids, cfg, generator=torch.Generator().manual_seed(0), pad=3)
+    assert state.particles.lengths.shape == (1, 4)  # the keyword form builds an equal config
+    with pytest.raises(ValueError, match=r"^proposal must be one of"):
+        build_model(post, ids, cfg, proposal="greedy")  # the model options are checked where the model is built
+
+
+def test_per_prompt_driver_lives_in_samplers_and_never_changes_the_results_it_stacks(post):
+    import posterior.rewards.prompted as prompted
+    from posterior.samplers import drivers
+    from posterior.samplers.registry import get_method
+
+    assert pst.samplers.per_prompt is drivers.per_prompt is prompted.per_prompt  # the old import path still works
+    assert prompted.stack_results is drivers.stack_results
+    seen = []
+    smc = get_method("smc")
+
+    def recording(post, prompts, options, **kw):
+        res = smc.run(post, prompts, options, **kw)
+        seen.append((res, res.info, dict(res.info)))
+        return res
+
+    method = drivers.per_prompt(dataclasses.replace(smc, run=recording))
+    assert method.name == "smc" and method.options is smc.options
+    res = method(post, ["a", "b"], n=4, max_new_tokens=T, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 2 and type(res.info) is type(seen[0][1]) and res.info.runs.startswith("one per prompt (2)")
+    for one, info, entries in seen:  # each prompt's own result is as its run returned it
+        assert one.info is info and dict(info) == entries and "runs" not in info and one.prompts in (["a"], ["b"])
+    from posterior.samplers.registry import SAMPLERS, register
+
+    register(dataclasses.replace(smc, name="smc_recorded", run=recording))
+    try:
+        out = post.sample(n=4, method="smc_recorded", max_new_tokens=T, prompts=["a"], seed=5)
+    finally:
+        SAMPLERS.pop("smc_recorded")
+    run_result = seen[-1][0]
+    assert out.seed == 5 and out.seconds > 0 and out is not run_result  # Posterior.sample stamps a copy
+    assert run_result.seed is None and math.isnan(run_result.seconds) and out.info is run_result.info

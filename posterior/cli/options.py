@@ -271,12 +271,13 @@ def check_reward_spec(spec: str) -> None:
 
 def check_method_options(method: str, pairs, *, prefix: str = "--option ") -> dict:
     """``--option KEY=VALUE`` pairs for ``method`` as a dict of checked values: each key given
-    once, known to the method, usable from the command line, and a value the sampler accepts (the
-    samplers' own checks, from the table in ``posterior/samplers/options.py``)."""
-    from posterior.samplers.options import METHOD_OPTIONS, check_options
+    once, a field of the method's options class (``posterior.samplers.options_for``), usable from
+    the command line, and a value its check accepts (the same check the library runs)."""
+    from posterior.samplers.registry import options_for
 
     opts = unique(pairs, prefix)
-    known = METHOD_OPTIONS[method]
+    cls = options_for(method)
+    known = cls.table()
     unknown = sorted(set(opts) - set(known))
     if unknown:
         raise ValueError(f"method {method!r} has no option(s) {unknown}; its options are {sorted(known)}")
@@ -288,11 +289,39 @@ def check_method_options(method: str, pairs, *, prefix: str = "--option ") -> di
         except ValueError as e:
             raise ValueError(f"method {method!r} option {e} ({prefix}{key}={json.dumps(value)})") from None
     try:
-        check_options(method, opts)  # and what options check together (burn_in < steps)
+        cls(**opts)  # and what options check together (burn_in < steps)
     except ValueError as e:
         given = " ".join(f"{prefix}{k}={json.dumps(v)}" for k, v in opts.items())
         raise ValueError(f"method {method!r}: {e} ({given})") from None
     return opts
+
+
+def method_options_help(width: int = 96) -> str:
+    """Every built-in method's options, one line each: ``name=default  help`` (for ``--help``)."""
+    import textwrap
+
+    from posterior.samplers.options import OPTIONS
+
+    out = []
+    for name, cls in sorted(OPTIONS.items()):
+        out.append(f"  {name}: {METHODS.get(name, '')}")
+        for key, o in cls.table().items():
+            text = f"{key}={o.default!r}" + (f" ({o.none_means})" if o.default is None and o.none_means else "")
+            text += " [library only]" if o.python_object else ""
+            out.append(textwrap.fill(f"{text}: {o.help}", width=width, initial_indent="      ", subsequent_indent="          "))
+    return "\n".join(out)
+
+
+METHODS = {
+    "is": "importance sampling of pi* from the prior (or a proposal prior)",
+    "smc": "sequential Monte Carlo over tokens (twisted, resampling)",
+    "mh": "Metropolis-Hastings chains over whole continuations",
+    "pgibbs": "particle Gibbs: chains whose kernel is one conditional SMC sweep",
+    "rejection": "exact rejection sampling; needs reward_upper_bound",
+    "qrs": "quasi-rejection sampling with bound log_bound",
+    "bon": "best of best_of prior draws by reward (not pi*)",
+    "soft_bon": "one of best_of prior draws, chosen with probability ∝ exp(r/beta) (not pi*)",
+}
 
 
 # --------------------------------------------------------------------------------------------------

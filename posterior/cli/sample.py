@@ -22,11 +22,11 @@ DESCRIPTION = (
 
 
 def add_parser(subparsers):
-    from posterior.samplers.options import METHOD_OPTIONS
+    from posterior.samplers.options import OPTIONS
 
     epilog = (
         "rewards (--reward):\n" + _reward_names() + "\n\n"
-        "method options (--option KEY=VALUE, repeatable; the values shown are the defaults):\n" + _methods_help() + "\n\n"
+        "method options (--option KEY=VALUE, repeatable; each shown with its default and help):\n" + _methods_help() + "\n\n"
         "examples:\n"
         '  posterior sample "The movie was" --reward sentiment --beta 0.1 --method smc -n 32 --max-new-tokens 32\n'
         '  posterior sample "The movie was" --method bon --option best_of=8 --json\n'
@@ -36,10 +36,11 @@ def add_parser(subparsers):
     s = options.add_subparser(subparsers, "sample", help="sample pi*(x) ∝ pi0(x)·exp(r(x)/beta) for one or more prompts",
                               description=textwrap.fill(DESCRIPTION, 96), epilog=epilog)
     options.add_posterior_options(s, max_new_tokens=32)
-    s.add_argument("--method", default="is", choices=sorted(METHOD_OPTIONS), help="sampler, see 'method options' below")
+    s.add_argument("--method", default="is", choices=sorted(OPTIONS), help="sampler, see 'method options' below")
     s.add_argument("-n", type=int, default=16, help="samples (particles, chains) per prompt")
     s.add_argument("--option", type=options.key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, e.g. best_of=8, ess_threshold=0.5, reward_upper_bound=1 (repeatable)")
+                   help="method option, e.g. best_of=8 (repeatable); every method's options with their defaults and help "
+                        "are listed under 'method options' below")
     s.add_argument("--twist", default=None, metavar="PATH",
                    help="a learned twist saved by `posterior train --twist` (method smc): pst.twists.load(PATH, prior)")
     s.add_argument("--no-prior", action="store_true", help="skip the plain prior samples shown for comparison")
@@ -140,35 +141,10 @@ def _reward_names() -> str:
 
 
 def _methods_help() -> str:
-    from posterior.samplers.options import METHOD_OPTIONS
-
-    out = []
-    for name, known in sorted(METHOD_OPTIONS.items()):
-        opts = ", ".join(
-            f"{k}={o.default!r}"
-            + (f" ({NONE_MEANS[k]})" if o.default is None and k in NONE_MEANS else "")
-            + (" [library only]" if o.python_object else "")
-            for k, o in known.items()
-        )
-        out.append(f"  {name}: {METHODS.get(name, '')}")
-        out.append(textwrap.fill(opts or "(no options)", width=96, initial_indent="      ", subsequent_indent="      "))
-    return "\n".join(out)
+    return options.method_options_help()
 
 
-METHODS = {
-    "is": "importance sampling of pi* from the prior (or a proposal prior)",
-    "smc": "sequential Monte Carlo over tokens (twisted, resampling)",
-    "mh": "Metropolis-Hastings chains over whole continuations",
-    "pgibbs": "particle Gibbs: chains whose kernel is one conditional SMC sweep",
-    "rejection": "exact rejection sampling; needs reward_upper_bound",
-    "qrs": "quasi-rejection sampling with bound log_bound",
-    "bon": "best of best_of prior draws by reward (not pi*)",
-    "soft_bon": "one of best_of prior draws, chosen with probability ∝ exp(r/beta) (not pi*)",
-}
-NONE_MEANS = {  # what a None default stands for
-    "burn_in": "steps // 2", "batch_size": "n", "max_draws": "1000·n", "log_bound": "largest pilot log-weight",
-    "reward_upper_bound": "required", "proposal": "the prior", "init_texts": "prior draws", "callback": "none",
-}
+METHODS = options.METHODS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +198,7 @@ def _print_text(res, base, base_error, show: int, load_s: float) -> None:
         differ = bool(live.numel() and (live.max() - live.min()) > 1e-9 * live.max())
         if not res.targets_posterior:
             order = torch.argsort(r, descending=True, stable=True)[:show].tolist()
-            print(f"--- {res.method} outputs (beta={res.beta:g}, each the pick of {res.info.get('best_of', '?')} "
+            print(f"--- {res.method} outputs (beta={res.beta:g}, each the pick of {getattr(res.info, 'best_of', None) or '?'} "
                   f"prior draws), highest reward first; r = reward")
         elif differ:
             order = torch.argsort(w, descending=True, stable=True)[:show].tolist()

@@ -1,14 +1,20 @@
-"""Samplers of pi*, registered by name in ``SAMPLERS`` (see ``registry.py``); their options as data
-in ``options.py``. The names below are imported on first use (``posterior.samplers.options`` needs
-no torch); ``SAMPLERS`` then holds every built-in sampler."""
+"""Sampling methods of pi*, registered by name in ``SAMPLERS`` as ``Method(name, options, info,
+run)`` (see ``registry.py``); their options are frozen dataclasses in ``options.py`` (no torch):
+``options_for("smc")`` is ``SMCOptions``. The names below are imported on first use;
+``SAMPLERS`` then holds every built-in method."""
 
 from posterior.lazy import lazy_names
 
 _getattr, __dir__ = lazy_names(__name__, {
     "SAMPLERS": "posterior.samplers.registry",
     "RESAMPLERS": "posterior.samplers.resampling",
+    "Method": "posterior.samplers.registry",
+    "get_method": "posterior.samplers.registry",
     "get_sampler": "posterior.samplers.registry",
     "get_resampler": "posterior.samplers.resampling",
+    "options_for": "posterior.samplers.registry",
+    "per_prompt": "posterior.samplers.drivers",
+    "register": "posterior.samplers.registry",
     "register_sampler": "posterior.samplers.registry",
     "register_resampler": "posterior.samplers.resampling",
     "sampler_options": "posterior.samplers.registry",
@@ -16,11 +22,14 @@ _getattr, __dir__ = lazy_names(__name__, {
 
 
 def __getattr__(name: str):
-    if name == "SAMPLERS":  # the registry with every built-in sampler in it
+    if name == "SAMPLERS":  # the registry with every built-in method in it
         from posterior.samplers.registry import load_builtins
 
         load_builtins()
     return _getattr(name)
 
 
-__all__ = ["SAMPLERS", "RESAMPLERS", "get_sampler", "get_resampler", "register_sampler", "register_resampler", "sampler_options"]
+__all__ = [
+    "SAMPLERS", "RESAMPLERS", "Method", "get_method", "get_sampler", "get_resampler", "options_for", "per_prompt",
+    "register", "register_sampler", "register_resampler", "sampler_options",
+]  # fmt: skip

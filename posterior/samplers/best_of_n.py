@@ -14,18 +14,27 @@ carry uniform weights, ``targets_posterior=False`` and no log Z. A group whose k
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from posterior.errors import DegenerateWeightsError
+from posterior.results import Info
 from posterior.samplers.common import draw, make_result, prompt_name, select, uniform_log_weights
-from posterior.samplers.registry import register_sampler
-from posterior.samplers.options import check_option
+from posterior.samplers.options import BoNOptions, SoftBoNOptions
+from posterior.samplers.registry import Method, register
 
 
-def _groups(method: str, post, prompts, n: int, best_of, max_new_tokens: int, generator, progress):
+@dataclass(frozen=True, eq=False)
+class BoNInfo(Info):
+    """``res.info`` of ``method="bon"`` and ``"soft_bon"``."""
+
+    best_of: int | None = None  # k, prior draws per output
+    kl_bound: float | None = None  # bon: KL(BoN || pi0) <= log k - (k-1)/k
+
+
+def _groups(method: str, post, prompts, n: int, best_of: int, max_new_tokens: int, generator, progress):
     """n·k prior draws per prompt, rewards grouped (P, n, k); every group has a finite reward."""
-    best_of = check_option(method, "best_of", best_of)
     d = draw(post, prompts, n * best_of, max_new_tokens, generator=generator, progress=progress)
     P = d.rewards.shape[0]
     groups = d.rewards.view(P, n, best_of)  # (P, n, k)
@@ -40,9 +49,8 @@ def _groups(method: str, post, prompts, n: int, best_of, max_new_tokens: int, ge
     return d, groups, best_of
 
 
-@register_sampler("bon")
-def best_of_n(post, prompts, *, n: int, max_new_tokens: int, generator, progress: bool = False, best_of: int = 4):
-    d, groups, best_of = _groups("bon", post, prompts, n, best_of, max_new_tokens, generator, progress)
+def best_of_n(post, prompts, options: BoNOptions, *, n: int, max_new_tokens: int, generator, progress: bool = False):
+    d, groups, best_of = _groups("bon", post, prompts, n, options.best_of, max_new_tokens, generator, progress)
     P = groups.shape[0]
     pick = torch.arange(n)[None, :] * best_of + groups.argmax(-1)  # (P, n) first max in each group
     cont, (log_prior, rewards) = select(d.cont, pick, d.log_prior, d.rewards)
@@ -50,13 +58,12 @@ def best_of_n(post, prompts, *, n: int, max_new_tokens: int, generator, progress
         post, "bon", prompts, cont,
         log_prior=log_prior, rewards=rewards, log_weights=uniform_log_weights(P, n), log_Z=None,
         targets_posterior=False, exact_scale=True,
-        info={"best_of": best_of, "kl_bound": math.log(best_of) - (best_of - 1) / best_of},
+        info=BoNInfo(best_of=best_of, kl_bound=math.log(best_of) - (best_of - 1) / best_of),
     )  # fmt: skip
 
 
-@register_sampler("soft_bon")
-def soft_best_of_n(post, prompts, *, n: int, max_new_tokens: int, generator, progress: bool = False, best_of: int = 4):
-    d, groups, best_of = _groups("soft_bon", post, prompts, n, best_of, max_new_tokens, generator, progress)
+def soft_best_of_n(post, prompts, options: SoftBoNOptions, *, n: int, max_new_tokens: int, generator, progress: bool = False):
+    d, groups, best_of = _groups("soft_bon", post, prompts, n, options.best_of, max_new_tokens, generator, progress)
     P = groups.shape[0]
     logits = ((groups - groups.amax(-1, keepdim=True)) / post.beta).view(P * n, best_of)  # (P·n, k) max 0
     probs = torch.softmax(logits, -1).to(generator.device)
@@ -66,5 +73,9 @@ def soft_best_of_n(post, prompts, *, n: int, max_new_tokens: int, generator, pro
     return make_result(
         post, "soft_bon", prompts, cont,
         log_prior=log_prior, rewards=rewards, log_weights=uniform_log_weights(P, n), log_Z=None,
-        targets_posterior=False, exact_scale=True, info={"best_of": best_of},
+        targets_posterior=False, exact_scale=True, info=BoNInfo(best_of=best_of),
     )  # fmt: skip
+
+
+BON = register(Method("bon", BoNOptions, BoNInfo, best_of_n))
+SOFT_BON = register(Method("soft_bon", SoftBoNOptions, BoNInfo, soft_best_of_n))

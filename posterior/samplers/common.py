@@ -18,7 +18,7 @@ from posterior.diagnostics.tilt import check_resolution, kl_estimate, relative_l
 from posterior.diagnostics.weights import WeightStats, check_log_weights, log_weight_stats
 from posterior.errors import DegenerateWeightsError
 from posterior.priors.base import NEXT_TOKEN, Continuations, Prior
-from posterior.results import SampleResult
+from posterior.results import Info, SampleResult
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,8 @@ def make_result(post, method: str, prompts, cont: Continuations, *, log_prior, r
                 ess=None, targets_posterior=True, info=None, kl=None, exact_scale=False) -> SampleResult:
     """Assemble a :class:`SampleResult`.
 
-    ``kl`` (P,) is the sampler's own KL̂(pi*||pi0) (see :func:`tilted_weights`); without it, it is
+    ``info`` is the method's typed info (a dict becomes an :class:`~posterior.results.Info`); its
+    ``ess`` is set to the result's. ``kl`` (P,) is the sampler's own KL̂(pi*||pi0) (see :func:`tilted_weights`); without it, it is
     computed here from the float64 normalised weights and log Z. A sampler that formed its weights
     from reward differences passes ``exact_scale=True``; others (which add log pi0 to r/beta)
     are refused by :func:`~posterior.diagnostics.tilt.check_resolution` when |r/beta| is too large
@@ -210,6 +211,8 @@ def make_result(post, method: str, prompts, cont: Continuations, *, log_prior, r
         shift = reward_shift(rewards)
         kl = kl_estimate(log_weights.double(), rewards, post.beta, shift, log_Z - scaled(shift, post.beta))
     _check_finite(method, post.beta, log_Z, kl)
+    ess = torch.full((P,), float(N)) if ess is None else ess.float()
+    info = (info if isinstance(info, Info) else Info.of(info)).replace(ess=ess)
     return SampleResult(
         method=method,
         beta=post.beta,
@@ -221,9 +224,9 @@ def make_result(post, method: str, prompts, cont: Continuations, *, log_prior, r
         rewards=rewards,
         log_prior=log_prior.float(),
         log_Z=log_Z,
-        ess=torch.full((P,), float(N)) if ess is None else ess.float(),
+        ess=ess,
         targets_posterior=targets_posterior,
-        info=dict(info or {}),
+        info=info,
         prior=post.prior.describe(),
         kl_prior=None if kl is None or not targets_posterior else kl.double(),
     )

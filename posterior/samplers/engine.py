@@ -52,14 +52,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
 from posterior.errors import DegenerateWeightsError
 from posterior.kernels import normalize_log_weights, resample
-from posterior.samplers.options import check_option
+from posterior.samplers.options import Options, ess_threshold_field, integer, resampling_field
+from posterior.validate import check_real
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,19 +104,26 @@ class StepInfo(NamedTuple):
     tokens: int  # tokens per running particle after the step (state.t)
 
 
+def _positive_real(name, value) -> float:
+    return check_real(name, value, positive=True)
+
+
 @dataclass(frozen=True)
-class EngineConfig:
-    """What the algorithm needs (the model side has its own options)."""
+class EngineConfig(Options):
+    """The engine's own config, checked once on construction (each field's check, as every
+    method's options): the problem's size — beta, N and the horizon, held here only (the model
+    side's :class:`~posterior.samplers.smc_model.Potentials` reads them from this config) — and
+    the resampling rule."""
 
-    beta: float
-    num_particles: int
-    max_new_tokens: int
-    ess_threshold: float = 0.5  # resample a prompt when ESS < ess_threshold · N (1: always, 0: never)
-    resampling: str = "systematic"  # a name in posterior.samplers.resampling.RESAMPLERS
+    beta: float = field(metadata={"check": _positive_real, "help": "temperature of pi* (> 0)"})
+    num_particles: int = field(metadata={"check": integer(1), "help": "N, particles per prompt"})
+    max_new_tokens: int = field(metadata={"check": integer(1), "help": "the horizon T, tokens per particle (EOS counted)"})
+    ess_threshold: float = ess_threshold_field("N")
+    resampling: str = resampling_field()
 
-    def __post_init__(self):
-        check_option("smc", "ess_threshold", self.ess_threshold)
-        check_option("smc", "resampling", self.resampling)
+    def same_problem(self, other: EngineConfig) -> bool:
+        """Same beta, N and horizon (the resampling rule may differ)."""
+        return (self.beta, self.num_particles, self.max_new_tokens) == (other.beta, other.num_particles, other.max_new_tokens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +174,11 @@ class SMCModel:
 
     def advance(self, carry: Any, particles: Particles, src: torch.Tensor, running: torch.Tensor, resampled: torch.Tensor) -> Any:
         raise NotImplementedError
+
+    @property
+    def config(self) -> EngineConfig | None:
+        """The engine config the model was built for (its beta, N and horizon), or None."""
+        return None
 
     def close(self, carry: Any) -> None:
         """Release what the carry holds outside this process (requests running in a serving
@@ -406,6 +419,11 @@ def run(
     ``on_degenerate`` as in :func:`step` ("keep": a prompt whose particles all die ends with every
     weight 0 and log Ẑ = -inf, ``state.dead_at`` > 0, and the others run on).
     """
+    if model.config is not None and not model.config.same_problem(cfg):
+        raise ValueError(
+            f"the model side was built for beta={model.config.beta}, N={model.config.num_particles}, "
+            f"max_new_tokens={model.config.max_new_tokens}, the engine runs {cfg.beta}, {cfg.num_particles}, {cfg.max_new_tokens}"
+        )
     if reference is not None and cfg.resampling != "multinomial":
         raise ValueError(
             f"conditional SMC (a reference particle) resamples the N-1 free particles multinomially; "

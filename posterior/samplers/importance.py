@@ -13,32 +13,33 @@ weights could never see that part of pi*.
 A prompt none of whose n draws has positive weight (a hard constraint none met) has Ẑ = 0 in this
 run, an honest draw of the unbiased estimator: the sampler raises
 :class:`~posterior.errors.DegenerateWeightsError` (there are no samples of pi* to return) with the
-run's result as ``e.result`` (log Ẑ = -inf there, ``info["degenerate"]``), as SMC does.
+run's result as ``e.result`` (log Ẑ = -inf there, ``info.degenerate``), as SMC does.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from posterior.errors import DegenerateWeightsError
-from posterior.priors.base import Prior
+from posterior.results import Info
 from posterior.samplers.common import draw, make_result, tilted_weights
-from posterior.samplers.registry import register_sampler
+from posterior.samplers.options import ISOptions
+from posterior.samplers.registry import Method, register
 
 
-@register_sampler("is")
-def importance_sampling(
-    post,
-    prompts,
-    *,
-    n: int,
-    max_new_tokens: int,
-    generator,
-    progress: bool = False,
-    proposal: Prior | None = None,  # default: the prior itself
-):
+@dataclass(frozen=True, eq=False)
+class ISInfo(Info):
+    """``res.info`` of ``method="is"``."""
+
+    proposal: str | None = None  # "prior", or the proposal prior's class name
+    proposal_support: str | None = None  # how the proposal's support was checked (with a proposal)
+
+
+def run(post, prompts, options: ISOptions, *, n: int, max_new_tokens: int, generator, progress: bool = False):
+    proposal = options.proposal  # default: the prior itself
     d = draw(post, prompts, n, max_new_tokens, generator=generator, proposal=proposal, progress=progress)
     try:
         tw = tilted_weights(d, post.beta, prompts, what="importance weights")
@@ -50,14 +51,16 @@ def importance_sampling(
             "Z^ upwards",
             rows=e.rows,
         ) from e
-    info = {"proposal": "prior" if proposal is None else type(proposal).__name__}
-    if proposal is not None:
-        info["proposal_support"] = d.support
+    info = ISInfo(proposal="prior" if proposal is None else type(proposal).__name__,
+                  proposal_support=None if proposal is None else d.support)  # fmt: skip
     return make_result(
         post, "is", prompts, d.cont,
         log_prior=d.log_prior, rewards=d.rewards, log_weights=tw.stats.log_weights, log_Z=tw.log_Z, ess=tw.stats.ess,
         kl=tw.kl, exact_scale=True, info=info,
     )  # fmt: skip
+
+
+METHOD = register(Method("is", ISOptions, ISInfo, run))
 
 
 def _degenerate_result(post, prompts, d, proposal):
@@ -71,7 +74,7 @@ def _degenerate_result(post, prompts, d, proposal):
     stats = log_weight_stats(d.relative_log_weights(post.beta, shift))
     dead = stats.degenerate
     log_Z = torch.where(dead, -math.inf, scaled(shift, post.beta) + stats.log_mean)
-    info = {"proposal": "prior" if proposal is None else type(proposal).__name__, "degenerate": dead}
+    info = ISInfo(proposal="prior" if proposal is None else type(proposal).__name__, degenerate=dead, ess=stats.ess.float())
     return SampleResult(
         method="is", beta=post.beta, prompts=None if prompts is None else list(prompts), texts=d.cont.texts,
         tokens=d.cont.tokens, lengths=d.cont.lengths, log_weights=stats.log_weights.float(), rewards=d.rewards,

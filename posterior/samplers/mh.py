@@ -71,12 +71,12 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from posterior.diagnostics.mcmc import finite_mean, reward_trace_diagnostics, too_short
 from posterior.priors.base import NEXT_TOKEN, PREFIX_CACHE, Continuations, DecodeState, Extension, Prior, decode_rows
 from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts
-from posterior.samplers.options import check_burn_in, check_option
-from posterior.samplers.registry import register_sampler
+from posterior.samplers.chains import ChainsInfo, run_chains
+from posterior.samplers.options import MHOptions
+from posterior.samplers.registry import Method, register
 from posterior.validate import check_int
 
 # --------------------------------------------------------------------------------------------------
@@ -126,15 +126,14 @@ class StepInfo(NamedTuple):
 
 @dataclass(frozen=True)
 class MHConfig:
-    """What one MH step does."""
+    """What one MH step does (``move`` and ``mixture_weight`` as in :class:`MHOptions`)."""
 
     max_new_tokens: int  # M: longest continuation, EOS counted
-    move: str = "suffix"  # "independence" | "suffix" | "mixture"
-    mixture_weight: float = 0.5  # probability of an independence step under "mixture"
+    move: str = MHOptions.move
+    mixture_weight: float = MHOptions.mixture_weight
 
     def __post_init__(self):
-        check_option("mh", "move", self.move)
-        check_option("mh", "mixture_weight", self.mixture_weight)
+        MHOptions(move=self.move, mixture_weight=self.mixture_weight)  # the options' own checks
         check_int("max_new_tokens", self.max_new_tokens, 1)
 
 
@@ -472,77 +471,65 @@ def _init_tokens(prior: Prior, init_texts, P: int, n: int, M: int):
     return tokens, lengths
 
 
-@register_sampler("mh")
-def metropolis_hastings(
-    post,
-    prompts,
-    *,
-    n: int,
-    max_new_tokens: int,
-    generator,
-    progress: bool = False,
-    move: str = "suffix",  # "suffix" | "independence" | "mixture"
-    mixture_weight: float = 0.5,  # probability of an independence step under move="mixture"
-    steps: int = 16,  # MH steps per chain
-    burn_in: int | None = None,  # steps discarded before the kept trace; None: steps // 2
-    thin: int = 1,  # keep every thin-th state after burn-in, counted back from the last
-    init_texts: Sequence[Sequence[str]] | None = None,  # [P][n] starting texts; None: prior draws
-    callback: Callable | None = None,  # fn(StepReport) after every step (UIs, logs)
-    return_chains: bool = False,  # res.info["chains"]: every state of every chain (MHChains)
-    samples: str = "final",  # "final": the n final states; "all": every kept state (n · kept)
-):
-    """Metropolis–Hastings chains over continuations; see the module docstring."""
-    steps = check_option("mh", "steps", steps)
-    burn_in = check_burn_in(steps, check_option("mh", "burn_in", burn_in))
-    thin = check_option("mh", "thin", thin)
-    check_option("mh", "samples", samples)
-    check_option("mh", "callback", callback)
-    check_option("mh", "return_chains", return_chains)
-    config = MHConfig(max_new_tokens=max_new_tokens, move=move, mixture_weight=mixture_weight)
+@dataclass(frozen=True, eq=False)
+class MHInfo(ChainsInfo):
+    """``res.info`` of ``method="mh"`` (with the chains' fields: steps, burn_in, thin, r_hat, mcmc_ess, reward_trace)."""
 
+    move: str | None = None
+    samples: str | None = None
+    acceptance_rate: torch.Tensor | None = None  # (P,) over all steps and chains
+    acceptance_rate_per_chain: torch.Tensor | None = None  # (P, N)
+    acceptance_by_cut: torch.Tensor | None = None  # (P, bins) suffix moves by cut index; NaN where no move had such a cut
+    acceptance_by_cut_bins: list | None = None  # first cut index of each bin
+    mixture_weight: float | None = None  # move="mixture"
+    acceptance_rate_independence: torch.Tensor | None = None  # (P,) move="mixture"
+    acceptance_rate_suffix: torch.Tensor | None = None  # (P,) move="mixture"
+    chains: MHChains | None = None  # return_chains=True
+
+
+def run(post, prompts, options: MHOptions, *, n: int, max_new_tokens: int, generator, progress: bool = False):
+    """Metropolis–Hastings chains over continuations; see the module docstring."""
+    o = options
+    config = MHConfig(max_new_tokens=max_new_tokens, move=o.move, mixture_weight=o.mixture_weight)
     prior = post.prior
     prompt_ids = prior.encode_prompts(prompts)
     prior.check_lengths(prompt_ids, max_new_tokens, prompts)
     P, M = len(prompt_ids), max_new_tokens
     init_tokens = init_lengths = None
-    if init_texts is not None:
-        init_tokens, init_lengths = _init_tokens(prior, init_texts, P, n, M)
+    if o.init_texts is not None:
+        init_tokens, init_lengths = _init_tokens(prior, o.init_texts, P, n, M)
     prompt_rows = [prompt_ids[b // n] for b in range(P * n)]
-    kept = tuple(s for s in range(burn_in + 1, steps + 1) if (steps - s) % thin == 0)
 
     state = init(post, prompt_ids, n, max_new_tokens=M, generator=generator, init_tokens=init_tokens, init_lengths=init_lengths)
-    history = [state] if return_chains else []
-    kept_states = []
-    rewards = [state.rewards]  # (P, N) per step
-    infos: list[StepInfo] = []
-    for s in tqdm(range(1, steps + 1), desc="mh", unit="step", disable=not progress, leave=False):
-        state, info = step(post, prompt_rows, state, config=config, generator=generator)
-        infos.append(info)
-        rewards.append(state.rewards)
-        if return_chains:
+    history = [state] if o.return_chains else []
+
+    def on_step(s, state):
+        if o.return_chains:
             history.append(state._replace(decode=None))
-        if s in kept and samples == "all":
-            kept_states.append(state._replace(decode=None))
-        if callback is not None:
+        if o.callback is not None:
             P_, N_ = state.lengths.shape
-            callback(StepReport(s, 0, state.texts, torch.full((P_, N_), -math.log(N_)), torch.full((P_,), float(N_))))
+            o.callback(StepReport(s, 0, state.texts, torch.full((P_, N_), -math.log(N_)), torch.full((P_,), float(N_))))
+
+    chains = run_chains(
+        state, lambda st, s: step(post, prompt_rows, st, config=config, generator=generator), o,
+        rewards=lambda st: st.rewards, initial_rewards=state.rewards,
+        keep=(lambda st: st._replace(decode=None)) if o.samples == "all" else None,
+        on_step=on_step, progress=progress, desc="mh",
+    )  # fmt: skip
+    state, infos = chains.state, chains.infos
 
     # --- diagnostics -------------------------------------------------------------------------------
     acc = torch.stack([i.accepted for i in infos]).double()  # (S, P, N)
     cuts = torch.stack([i.cut for i in infos])  # (S, P, N)
     indep = torch.stack([i.independence for i in infos])  # (S, P, N)
-    trace = torch.stack(rewards, dim=-1)  # (P, N, S + 1)
-    r_hat, mcmc_ess = reward_trace_diagnostics(trace[..., list(kept)])
     info = {
-        "move": move,
-        "steps": steps,
-        "burn_in": burn_in,
-        "thin": thin,
-        "samples": samples,
+        "move": o.move,
+        "samples": o.samples,
         "acceptance_rate": acc.mean((0, 2)),  # (P,)
         "acceptance_rate_per_chain": acc.mean(0),  # (P, N)
+        **chains.info_fields(o),
     }
-    if move != "independence":
+    if o.move != "independence":
         nbins = min(8, M)
         bin_of = cuts * nbins // M  # (S, P, N)
         suffix_moves = ~indep
@@ -554,16 +541,11 @@ def metropolis_hastings(
             counts[:, b] = sel.sum((0, 2))
         info["acceptance_by_cut"] = _rate(hits, counts)  # (P, bins); NaN where no move had such a cut
         info["acceptance_by_cut_bins"] = [-(-b * M // nbins) for b in range(nbins)]  # first cut index of each bin
-    if move == "mixture":
-        info["mixture_weight"] = float(mixture_weight)
+    if o.move == "mixture":
+        info["mixture_weight"] = float(o.mixture_weight)
         info["acceptance_rate_independence"] = _rate((acc * indep).sum((0, 2)), indep.double().sum((0, 2)))
         info["acceptance_rate_suffix"] = _rate((acc * ~indep).sum((0, 2)), (~indep).double().sum((0, 2)))
-    info["r_hat"] = r_hat
-    info["mcmc_ess"] = mcmc_ess
-    for key, why in too_short(len(kept), steps=steps, burn_in=burn_in, thin=thin).items():
-        info[key], info[f"{key}_note"] = None, why  # undefined for every prompt: say why, not NaN
-    info["reward_trace"] = finite_mean(trace, 1)  # (P, S + 1) mean finite reward over chains
-    if return_chains:
+    if o.return_chains:
         info["chains"] = MHChains(
             tokens=torch.stack([h.tokens for h in history]),
             lengths=torch.stack([h.lengths for h in history]),
@@ -572,17 +554,17 @@ def metropolis_hastings(
             texts=[h.texts for h in history],
             accepted=acc.bool(),
             cut=cuts,
-            kept=kept,
+            kept=o.kept,
         )
 
     # --- samples -----------------------------------------------------------------------------------
-    out = [state] if samples == "final" else kept_states
+    out = [state] if o.samples == "final" else chains.kept
     K = len(out)
-    tokens = torch.stack([o.tokens for o in out], 2).reshape(P, n * K, M)  # (P, N·K, M) chain-major
-    lengths = torch.stack([o.lengths for o in out], 2).reshape(P, n * K)
-    log_prior = torch.stack([o.log_prior for o in out], 2).reshape(P, n * K)
-    rew = torch.stack([o.rewards for o in out], 2).reshape(P, n * K)
-    texts = [[o.texts[p][i] for i in range(n) for o in out] for p in range(P)]
+    tokens = torch.stack([o_.tokens for o_ in out], 2).reshape(P, n * K, M)  # (P, N·K, M) chain-major
+    lengths = torch.stack([o_.lengths for o_ in out], 2).reshape(P, n * K)
+    log_prior = torch.stack([o_.log_prior for o_ in out], 2).reshape(P, n * K)
+    rew = torch.stack([o_.rewards for o_ in out], 2).reshape(P, n * K)
+    texts = [[o_.texts[p][i] for i in range(n) for o_ in out] for p in range(P)]
     # Uniform weights over the states inside the support; states with reward -inf (chains that
     # never reached it) get weight 0, and a prompt with none inside raises DegenerateWeightsError.
     inside = torch.where(torch.isfinite(rew) & torch.isfinite(log_prior), 0.0, -math.inf)
@@ -591,5 +573,8 @@ def metropolis_hastings(
     return make_result(
         post, "mh", prompts, cont,
         log_prior=log_prior, rewards=rew, log_weights=stats.log_weights, log_Z=None, ess=stats.ess,
-        targets_posterior=True, info=info,
-    )
+        targets_posterior=True, info=MHInfo.of(info),
+    )  # fmt: skip
+
+
+METHOD = register(Method("mh", MHOptions, MHInfo, run))

@@ -32,19 +32,20 @@ kept otherwise) — particle Gibbs' acceptance rate.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
-from posterior.diagnostics.mcmc import finite_mean, reward_trace_diagnostics
 from posterior.kernels import normalize_log_weights
 from posterior.priors.base import Continuations
 from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts, prompt_name
-from posterior.samplers.engine import EngineConfig, Reference, run, widen
-from posterior.samplers.options import check_burn_in, check_option
-from posterior.samplers.registry import register_sampler
+from posterior.samplers.engine import EngineConfig, Reference, widen
+from posterior.samplers.engine import run as run_engine
+from posterior.samplers.chains import ChainsInfo, run_chains
+from posterior.samplers.options import PGibbsOptions
+from posterior.samplers.registry import Method, register
 from posterior.samplers.smc import build_model
 
 
@@ -60,7 +61,7 @@ def sweep(model_of, rows, cfg, reference: Reference | None, *, generator, pad, n
     0 runs a plain SMC sweep); returns the picked trajectories (tokens (B, T), lengths (B,)), their
     rewards and log pi0 (B,), and which picks were free (B,). A chain whose particles all died
     (weight 0: only without a reference) picks particle 0 with reward -inf: no state in the support."""
-    state, _ = run(model_of(), rows, cfg, generator=generator, pad=pad, reference=reference, name_prompt=name_prompt,
+    state, _ = run_engine(model_of(), rows, cfg, generator=generator, pad=pad, reference=reference, name_prompt=name_prompt,
                    on_degenerate="keep")  # fmt: skip
     p = state.particles
     B, N = p.lengths.shape
@@ -77,43 +78,33 @@ def sweep(model_of, rows, cfg, reference: Reference | None, *, generator, pad, n
     return tokens, lengths, reward, p.log_prior[b, k], free
 
 
-@register_sampler("pgibbs")
-def particle_gibbs(
-    post,
-    prompts,
-    *,
-    n: int,
-    max_new_tokens: int,
-    generator,
-    progress: bool = False,
-    particles: int = 16,  # particles per conditional SMC sweep (N >= 2 to move)
-    steps: int = 16,  # sweeps per chain
-    burn_in: int | None = None,  # sweeps discarded before the kept trace; None: steps // 2
-    ess_threshold: float = 0.5,  # as SMC's: resample a chain's sweep when ESS < ess_threshold · particles
-    twist="auto",  # as SMC's
-    proposal: str = "bootstrap",  # as SMC's
-    lookahead: int = 8,  # as SMC's
-    block_size: int = 1,  # as SMC's
-    decode_ahead: bool = True,  # as SMC's (sequence-level priors)
-    check_twist: bool = True,  # as SMC's
-    callback: Callable | None = None,  # fn(StepReport) after every sweep
-):
+@dataclass(frozen=True, eq=False)
+class PGibbsInfo(ChainsInfo):
+    """``res.info`` of ``method="pgibbs"`` (with the chains' fields: steps, burn_in, thin, r_hat, mcmc_ess, reward_trace)."""
+
+    particles: int | None = None
+    proposal: str | None = None
+    block_size: int | None = None
+    twist: str | None = None  # the twist's name ("none": no twist)
+    moved: torch.Tensor | None = None  # (P,) fraction of sweeps whose pick was a free particle (the acceptance rate)
+    restarts: torch.Tensor | None = None  # (P,) sweeps run afresh for chains with no state in the support yet
+    outside_support: torch.Tensor | None = None  # (P,) chains still without a state in the support (weight 0)
+
+
+def run(post, prompts, options: PGibbsOptions, *, n: int, max_new_tokens: int, generator, progress: bool = False):
     """n particle Gibbs chains per prompt; see the module docstring."""
-    particles = check_option("pgibbs", "particles", particles)
-    steps = check_option("pgibbs", "steps", steps)
-    burn_in = check_burn_in(steps, check_option("pgibbs", "burn_in", burn_in))
-    check_option("pgibbs", "callback", callback)
+    o = options
     prior = post.prior
     prompt_ids = prior.encode_prompts(prompts)
     prior.check_lengths(prompt_ids, max_new_tokens, prompts)
     P = len(prompt_ids)
     rows = [ids for ids in prompt_ids for _ in range(n)]  # chain b continues prompt b // n
-    cfg = EngineConfig(beta=post.beta, num_particles=particles, max_new_tokens=max_new_tokens,
-                       ess_threshold=ess_threshold, resampling="multinomial")  # fmt: skip
+    cfg = EngineConfig(beta=post.beta, num_particles=o.particles, max_new_tokens=max_new_tokens,
+                       ess_threshold=o.ess_threshold, resampling="multinomial")  # fmt: skip
 
     def model_of():
-        return build_model(post, rows, n=particles, max_new_tokens=max_new_tokens, twist=twist, proposal=proposal,
-                           lookahead=lookahead, block_size=block_size, decode_ahead=decode_ahead, check_twist=check_twist)  # fmt: skip
+        return build_model(post, rows, cfg, twist=o.twist, proposal=o.proposal, lookahead=o.lookahead,
+                           block_size=o.block_size, decode_ahead=o.decode_ahead, check_twist=o.check_twist)  # fmt: skip
 
     twist_name = getattr(model_of().pot.twist, "name", "none")  # also validates the options before any sweep
     pad = prior.eos_token_ids[0]
@@ -121,44 +112,59 @@ def particle_gibbs(
     def name_prompt(b):
         return f"{prompt_name(prompts, b // n)} (chain {b % n})"
 
-    reference = None
-    trace, moved = [], []
+    moved = []
     restarts = torch.zeros(P * n, dtype=torch.long)  # sweeps a chain ran without a reference after the first
-    for s in tqdm(range(steps), desc="pgibbs", unit="sweep", disable=not progress, leave=False):
+
+    def one_sweep(state, s):
+        reference = None if state is None else state.reference
         tokens, lengths, reward, log_prior, free = sweep(model_of, rows, cfg, reference, generator=generator, pad=pad, name_prompt=name_prompt)
         if reference is not None:
             moved.append(free)
-            restarts += (~reference.rows).long()
+            restarts.add_((~reference.rows).long())
         # a chain whose state is outside the support (its first sweeps lost every particle) has no
         # reference: its next sweep is a fresh SMC sweep (length 0: particle 0 free, not kept)
-        reference = Reference(tokens, torch.where(torch.isfinite(reward), lengths, 0))
-        trace.append(reward.view(P, n))
-        if callback is not None:
-            cont_texts = prior.texts_of(tokens.view(P, n, -1), lengths.view(P, n))
-            callback(StepReport(s + 1, int(lengths.max()), cont_texts, torch.full((P, n), -math.log(n)), torch.full((P,), float(n))))
+        return _Chains(tokens, lengths, reward, log_prior, Reference(tokens, torch.where(torch.isfinite(reward), lengths, 0))), None
 
-    trace_t = torch.stack(trace, -1)  # (P, n, steps)
-    r_hat, mcmc_ess = reward_trace_diagnostics(trace_t[..., burn_in:])
+    def on_step(s, state):
+        if o.callback is not None:
+            texts = prior.texts_of(state.tokens.view(P, n, -1), state.lengths.view(P, n))
+            o.callback(StepReport(s, int(state.lengths.max()), texts, torch.full((P, n), -math.log(n)), torch.full((P,), float(n))))
+
+    chains = run_chains(None, one_sweep, o, rewards=lambda st: st.reward.view(P, n), on_step=on_step, progress=progress,
+                        desc="pgibbs")  # fmt: skip
+    last = chains.state
     moved_t = torch.stack(moved, -1).double().view(P, n, -1) if moved else torch.zeros(P, n, 0, dtype=torch.float64)
-    T = tokens.shape[1]
-    cont_tokens = tokens.view(P, n, T)
-    cont_lengths = lengths.view(P, n)
+    T = last.tokens.shape[1]
+    cont_tokens = last.tokens.view(P, n, T)
+    cont_lengths = last.lengths.view(P, n)
     texts = prior.texts_of(cont_tokens, cont_lengths)
-    rew = reward.view(P, n)
+    rew = last.reward.view(P, n)
     inside = torch.where(torch.isfinite(rew), 0.0, -math.inf)  # a chain outside the support: weight 0
     stats = normalize_prompts(inside, prompts, what="pgibbs final states")
-    info = {
-        "particles": particles, "steps": steps, "burn_in": burn_in, "proposal": proposal, "block_size": block_size,
-        "twist": twist_name,
-        "r_hat": r_hat, "mcmc_ess": mcmc_ess, "reward_trace": finite_mean(trace_t, 1),
-        "moved": moved_t.mean((1, 2)) if moved else torch.full((P,), math.nan, dtype=torch.float64),
-        "restarts": restarts.view(P, n).sum(1), "outside_support": (~torch.isfinite(rew)).sum(1),
-    }  # fmt: skip
-    cont = Continuations(cont_tokens, cont_lengths, log_prior.view(P, n).float(), texts)
+    info = PGibbsInfo(
+        particles=o.particles, proposal=o.proposal, block_size=o.block_size, twist=twist_name,
+        **chains.info_fields(o, none_when_too_short=False),
+        moved=moved_t.mean((1, 2)) if moved else torch.full((P,), math.nan, dtype=torch.float64),
+        restarts=restarts.view(P, n).sum(1), outside_support=(~torch.isfinite(rew)).sum(1),
+    )  # fmt: skip
+    cont = Continuations(cont_tokens, cont_lengths, last.log_prior.view(P, n).float(), texts)
     return make_result(
-        post, "pgibbs", prompts, cont, log_prior=log_prior.view(P, n), rewards=rew,
+        post, "pgibbs", prompts, cont, log_prior=last.log_prior.view(P, n), rewards=rew,
         log_weights=stats.log_weights, log_Z=None, ess=stats.ess, info=info,
     )  # fmt: skip
 
 
-__all__ = ["particle_gibbs", "pick", "sweep"]
+class _Chains(NamedTuple):
+    """The chains' states after a sweep (B = P·n rows) and the reference of the next sweep."""
+
+    tokens: torch.Tensor  # (B, T) int64
+    lengths: torch.Tensor  # (B,)
+    reward: torch.Tensor  # (B,) float64 (-inf: outside the support)
+    log_prior: torch.Tensor  # (B,) float64
+    reference: Reference
+
+
+METHOD = register(Method("pgibbs", PGibbsOptions, PGibbsInfo, run))
+
+
+__all__ = ["METHOD", "PGibbsInfo", "pick", "run", "sweep"]

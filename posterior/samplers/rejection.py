@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -41,10 +42,11 @@ from posterior.diagnostics.qrs import qrs_estimates
 from posterior.diagnostics.tilt import kl_estimate, relative_log_weights, reward_shift, scaled
 from posterior.diagnostics.weights import log_weight_stats
 from posterior.errors import DegenerateWeightsError
-from posterior.priors.base import Continuations, Prior
+from posterior.priors.base import Continuations
+from posterior.results import Info
 from posterior.samplers.common import draw, make_result, prompt_name, uniform_log_weights
-from posterior.samplers.options import check_option
-from posterior.samplers.registry import register_sampler
+from posterior.samplers.options import BatchingOptions, QRSOptions, RejectionOptions
+from posterior.samplers.registry import Method, register
 
 DRAWS_PER_SAMPLE = 1000  # default max_draws = DRAWS_PER_SAMPLE · n per prompt
 
@@ -168,26 +170,37 @@ def _check_budget(what, prompts, p, log_acc, accepted, n, max_draws):
         )
 
 
-def _check_batching(method, n, batch_size, max_draws):
-    batch_size, max_draws = check_option(method, "batch_size", batch_size), check_option(method, "max_draws", max_draws)
-    batch = n if batch_size is None else batch_size
-    cap = DRAWS_PER_SAMPLE * n if max_draws is None else max_draws
+def _batching(o: BatchingOptions, n: int) -> tuple[int, int]:
+    """Draws per round and the cap per prompt: the options, or n and 1000·n for None."""
+    batch = n if o.batch_size is None else o.batch_size
+    cap = DRAWS_PER_SAMPLE * n if o.max_draws is None else o.max_draws
     return batch, cap
 
 
-@register_sampler("rejection")
-def rejection_sampling(
-    post,
-    prompts,
-    *,
-    n: int,
-    max_new_tokens: int,
-    generator,
-    progress: bool = False,
-    reward_upper_bound: float | None = None,  # R >= r(x) for every x (default: the reward's upper_bound)
-    batch_size: int | None = None,  # prior draws per prompt per round (default n)
-    max_draws: int | None = None,  # per prompt, before giving up with an error (default 1000·n)
-):
+@dataclass(frozen=True, eq=False)
+class RejectionInfo(Info):
+    """``res.info`` of ``method="rejection"``; tensors are (P,)."""
+
+    acceptance_rate: torch.Tensor | None = None  # acceptances / draws
+    draws: torch.Tensor | None = None  # proposal draws up to the last acceptance
+    max_draws: int | None = None  # the cap per prompt
+    acceptances: int | None = None  # m: acceptances drawn (2 for n = 1: an unbiased log Z)
+
+
+@dataclass(frozen=True, eq=False)
+class QRSInfo(Info):
+    """``res.info`` of ``method="qrs"``; tensors are (P,)."""
+
+    log_bound: torch.Tensor | None = None  # log B per prompt
+    acceptance_rate: torch.Tensor | None = None
+    tv_estimate: torch.Tensor | None = None  # estimate of TV(pi*, p_B)
+    kl_estimate: torch.Tensor | None = None  # estimate of KL(pi*||p_B)
+    draws: torch.Tensor | None = None
+    max_draws: int | None = None
+
+
+def rejection_sampling(post, prompts, options: RejectionOptions, *, n: int, max_new_tokens: int, generator, progress: bool = False):
+    reward_upper_bound = options.reward_upper_bound  # R >= r(x) for every x (None: the reward's upper_bound)
     if reward_upper_bound is None:
         reward_upper_bound = post.reward.upper_bound
     if reward_upper_bound is None:
@@ -196,10 +209,10 @@ def rejection_sampling(
             "(e.g. 1.0 for Sentiment, 0.0 for Contains)"
         )
     try:
-        R = check_option("rejection", "reward_upper_bound", reward_upper_bound)
+        R = RejectionOptions.table()["reward_upper_bound"].check("reward_upper_bound", reward_upper_bound)  # the reward's bound
     except ValueError as e:
         raise ValueError(f"rejection sampling needs a finite reward_upper_bound >= every reward: {e}") from None
-    batch, cap = _check_batching("rejection", n, batch_size, max_draws)
+    batch, cap = _batching(options, n)
     P = 1 if prompts is None else len(prompts)
     offset = scaled(torch.full((P,), R, dtype=torch.float64), post.beta, what="reward_upper_bound")  # R/beta
 
@@ -229,25 +242,13 @@ def rejection_sampling(
         post, "rejection", prompts, cont,
         log_prior=log_prior, rewards=rewards, log_weights=log_weights, log_Z=log_rate + offset,
         kl=kl, exact_scale=True,
-        info={"acceptance_rate": rate, "draws": draws, "max_draws": cap, "acceptances": m},
+        info=RejectionInfo(acceptance_rate=rate, draws=draws, max_draws=cap, acceptances=m),
     )  # fmt: skip
 
 
-@register_sampler("qrs")
-def quasi_rejection_sampling(
-    post,
-    prompts,
-    *,
-    n: int,
-    max_new_tokens: int,
-    generator,
-    progress: bool = False,
-    log_bound: float | None = None,  # log B; default: per prompt, the largest log-weight of a pilot batch
-    proposal: Prior | None = None,  # default: the prior
-    batch_size: int | None = None,  # proposal draws per prompt per round (default n)
-    max_draws: int | None = None,  # per prompt, before giving up with an error (default 1000·n)
-):
-    batch, cap = _check_batching("qrs", n, batch_size, max_draws)
+def quasi_rejection_sampling(post, prompts, options: QRSOptions, *, n: int, max_new_tokens: int, generator, progress: bool = False):
+    log_bound, proposal = options.log_bound, options.proposal  # None: the pilot's largest log-weight; the prior
+    batch, cap = _batching(options, n)
     P = 1 if prompts is None else len(prompts)
     if log_bound is None:
         pilot = draw(post, prompts, batch, max_new_tokens, generator=generator, proposal=proposal)
@@ -268,7 +269,7 @@ def quasi_rejection_sampling(
                     "infinite weight: the proposal gives it probability 0 where the prior does not); pass a finite log_bound"
                 )
     else:
-        L = check_option("qrs", "log_bound", log_bound)
+        L = log_bound
         shift = torch.full((P,), post.beta * L, dtype=torch.float64)  # c = beta·log B, relative bound 0
         offset = scaled(shift, post.beta, what="beta·log_bound")
         bound = torch.zeros(P, dtype=torch.float64)
@@ -292,15 +293,19 @@ def quasi_rejection_sampling(
         post, "qrs", prompts, cont,
         log_prior=log_prior, rewards=rewards, log_weights=uniform_log_weights(*rewards.shape), log_Z=log_Z,
         kl=kl, exact_scale=True,
-        info={
-            "log_bound": offset + bound,
-            "acceptance_rate": torch.tensor([e["acceptance_rate"] for e in est], dtype=torch.float64),
-            "tv_estimate": torch.tensor([e["tv"] for e in est], dtype=torch.float64),
-            "kl_estimate": torch.tensor([e["kl"] for e in est], dtype=torch.float64),
-            "draws": draws,
-            "max_draws": cap,
-        },
+        info=QRSInfo(
+            log_bound=offset + bound,
+            acceptance_rate=torch.tensor([e["acceptance_rate"] for e in est], dtype=torch.float64),
+            tv_estimate=torch.tensor([e["tv"] for e in est], dtype=torch.float64),
+            kl_estimate=torch.tensor([e["kl"] for e in est], dtype=torch.float64),
+            draws=draws,
+            max_draws=cap,
+        ),
     )  # fmt: skip
 
 
-__all__ = ["draws_needed", "qrs_estimates", "quasi_rejection_sampling", "rejection_sampling"]
+REJECTION = register(Method("rejection", RejectionOptions, RejectionInfo, rejection_sampling))
+QRS = register(Method("qrs", QRSOptions, QRSInfo, quasi_rejection_sampling))
+
+
+__all__ = ["QRSInfo", "RejectionInfo", "draws_needed", "qrs_estimates", "quasi_rejection_sampling", "rejection_sampling"]

@@ -36,7 +36,7 @@ registered in ``posterior.samplers.resampling``. Per-step numerics go through ``
 A prompt whose particles all die (a hard constraint none of them met) has Ẑ = 0 in this run: a
 legitimate draw of the unbiased estimator (E[Ẑ] = Z counts the zeros; averaging only the runs that
 survived biases Ẑ upwards). The other prompts run on; the run's result is built with log Ẑ = -inf
-for those prompts (``info["degenerate"]`` flags them, ``info["dead_at_token"]`` says when) and,
+for those prompts (``info.degenerate`` flags them, ``info.dead_at_token`` says when) and,
 since the caller asked for samples of pi* that do not exist, it raises
 :class:`~posterior.errors.DegenerateWeightsError` naming the step and the prompts, with that
 honest result as ``e.result`` (``pst.bounds`` uses it).
@@ -50,7 +50,7 @@ prefixes that satisfy it, e.g. ``twist=lambda ts: [0.0 if "great" in t else -3.0
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -60,23 +60,24 @@ from posterior.priors.base import NEXT_TOKEN, Continuations
 from posterior.rewards.base import Reward
 from posterior.samplers.callbacks import StepReport
 from posterior.samplers.common import make_result, normalize_prompts, prompt_name
-from posterior.samplers.engine import EngineConfig, Reference, resample_decision, resample_weights, run, stack_infos, widen
-from posterior.samplers.options import check_option
-from posterior.samplers.registry import register_sampler
+from posterior.results import Info
+from posterior.samplers.engine import EngineConfig, Reference, resample_decision, resample_weights, stack_infos, widen
+from posterior.samplers.engine import run as run_engine
+from posterior.samplers.options import SMCModelOptions, SMCOptions
+from posterior.samplers.registry import Method, register
 from posterior.samplers.smc_model import BlockModel, Potentials, TokenModel, tilted_log_weight
 from posterior.twists import Callable as CallableTwist
 from posterior.twists import Twist, from_reward
 
 # Re-exported: the pure numerics tests and variants use (they live in engine / smc_model).
-__all__ = ["resample_decision", "resample_weights", "resolve_twist", "sequential_monte_carlo", "tilted_log_weight"]
+__all__ = ["METHOD", "SMCInfo", "build_model", "resample_decision", "resample_weights", "resolve_twist", "run", "tilted_log_weight"]
 
 
 def resolve_twist(post, twist) -> Twist | None:
     """"auto": ``from_reward(post.reward)`` if it accepts prefixes, else None (no twist); None; a
     Twist as it is; a Reward read on prefixes; a function of texts (-inf allowed where no completion
-    can have a finite reward)."""
-    twist = check_option("smc", "twist", twist)  # a str is "auto"
-    if isinstance(twist, str):
+    can have a finite reward). ``twist`` is an option value already checked (``SMCModelOptions``)."""
+    if isinstance(twist, str):  # "auto": the option's check refuses any other string
         return from_reward(post.reward) if post.reward.accepts_prefixes else None
     if twist is None or isinstance(twist, Twist):
         return twist
@@ -87,74 +88,86 @@ def resolve_twist(post, twist) -> Twist | None:
     raise ValueError(f'twist must be "auto", None, a Twist, a Reward or a function of texts, got {twist!r}')
 
 
-def build_model(post, prompt_ids, *, n, max_new_tokens, twist, proposal, lookahead, block_size, decode_ahead, check_twist):
+_M = SMCModelOptions  # the model options' defaults, written once (posterior.samplers.options)
+
+
+def build_model(
+    post, prompt_ids, cfg: EngineConfig | None = None, *, n: int | None = None, max_new_tokens: int | None = None,
+    twist=_M.twist, proposal: str = _M.proposal, lookahead: int = _M.lookahead, block_size: int = _M.block_size,
+    decode_ahead: bool | int = _M.decode_ahead, check_twist: bool = _M.check_twist,
+):  # fmt: skip
     """The model side for ``post``'s prior: token steps where it has next-token distributions,
-    blocks of ``continue_prefixes`` otherwise."""
+    blocks of ``continue_prefixes`` otherwise. ``cfg`` is the engine config the model is built
+    for (beta, N and the horizon live there); without it, one is made from ``post.beta``, ``n``
+    and ``max_new_tokens``. The model options are checked here, once (``SMCModelOptions``)."""
     prior = post.prior
-    proposal = check_option("smc", "proposal", proposal)
-    lookahead = check_option("smc", "lookahead", lookahead)
-    block_size = check_option("smc", "block_size", block_size)
-    decode_ahead = check_option("smc", "decode_ahead", decode_ahead)
-    check_twist = check_option("smc", "check_twist", check_twist)
+    if cfg is None:
+        cfg = EngineConfig(beta=post.beta, num_particles=n, max_new_tokens=max_new_tokens)
+    o = SMCModelOptions(twist=twist, proposal=proposal, lookahead=lookahead, block_size=block_size,
+                        decode_ahead=decode_ahead, check_twist=check_twist)  # fmt: skip
     stepwise = prior.has(NEXT_TOKEN)
-    if proposal == "tilted" and not stepwise:
+    if o.proposal == "tilted" and not stepwise:
         raise ValueError(
             f"proposal='tilted' needs next-token distributions (a step-wise prior: HFPrior, CallablePrior); "
             f"{type(prior).__name__} gives sequences only: use proposal='bootstrap' with block_size=B"
         )
     pot = Potentials(
-        prior=prior, reward=post.reward, twist=resolve_twist(post, twist), beta=post.beta,
-        prompt_rows=[p for p in prompt_ids for _ in range(n)], num_particles=n, max_new_tokens=max_new_tokens,
-        check_twist=check_twist,
+        prior=prior, reward=post.reward, twist=resolve_twist(post, o.twist), cfg=cfg,
+        prompt_rows=[p for p in prompt_ids for _ in range(cfg.num_particles)], check_twist=o.check_twist,
     )  # fmt: skip
     if stepwise:
-        return TokenModel(pot, proposal=proposal, lookahead=lookahead, block_size=block_size)
-    return BlockModel(pot, block_size=block_size, decode_ahead=decode_ahead)
+        return TokenModel(pot, proposal=o.proposal, lookahead=o.lookahead, block_size=o.block_size)
+    return BlockModel(pot, block_size=o.block_size, decode_ahead=o.decode_ahead)
 
 
-@register_sampler("smc")
-def sequential_monte_carlo(
-    post,
-    prompts,
-    *,
-    n: int,
-    max_new_tokens: int,
-    generator,
-    progress: bool = False,
-    ess_threshold: float = 0.5,  # resample a prompt when its ESS < ess_threshold · n (1: always, 0: never)
-    resampling: str = "systematic",  # multinomial | stratified | systematic | residual
-    twist="auto",  # "auto" (reward if it accepts prefixes, else none) | None | Twist | Reward | fn(texts)
-    proposal: str = "bootstrap",  # "bootstrap" (the prior) | "tilted" (look-ahead; step-wise priors)
-    lookahead: int = 8,  # candidates per particle and step scored by the tilted proposal (non-dense twists)
-    block_size: int = 1,  # tokens between reweighting / resampling (sequence-level priors: per block)
-    decode_ahead: bool | int = True,  # sequence-level priors: True: streamed (STREAM) or adaptive; k: k blocks; False: one call per block
-    check_twist: bool = True,  # roll out particles a twist kills: raise if a completion has finite reward
-    return_ancestry: bool = False,  # res.info["ancestry"] (P, n, steps)
-    callback: Callable | None = None,  # fn(StepReport) after every step (UIs, logs)
-    reference=None,  # conditional SMC: (tokens (P, T), lengths (P,)) particle 0 of each prompt follows
-):
+@dataclass(frozen=True, eq=False)
+class SMCInfo(Info):
+    """``res.info`` of ``method="smc"``; per-step arrays are (P, steps)."""
+
+    proposal: str | None = None
+    twist: str | None = None  # the twist's name ("none": no twist)
+    resampling: str | None = None
+    block_size: int | None = None
+    ess_per_step: torch.Tensor | None = None  # (P, steps) ESS after each step, before resampling
+    resampled: torch.Tensor | None = None  # (P, steps) bool
+    log_Z_increments: torch.Tensor | None = None  # (P, steps) float64, summing to log Z
+    num_resampling: torch.Tensor | None = None  # (P,) resampling steps
+    ancestry: torch.Tensor | None = None  # (P, n, steps) with return_ancestry=True
+    dead_at_token: torch.Tensor | None = None  # (P,) where every particle of a prompt died (degenerate runs)
+
+
+def _info(state, infos, model, o: SMCOptions, P: int, n: int, **extra) -> SMCInfo:
+    stacked = stack_infos(infos, P, n)
+    if not o.return_ancestry:
+        del stacked["ancestry"]
+    twist = "none" if model.pot.twist is None else model.pot.twist.name
+    return SMCInfo(proposal=o.proposal, twist=twist, resampling=o.resampling, block_size=o.block_size, **stacked, **extra)
+
+
+def run(post, prompts, options: SMCOptions, *, n: int, max_new_tokens: int, generator, progress: bool = False):
     """Twisted SMC over tokens (see the module docstring for the targets and weights).
 
     Returns
     -------
     SampleResult
         log_weights (P, n) normalised final weights; log_Z (P,) the SMC estimate; ess (P,) final.
-        ``info``: "ess_per_step" (P, steps), "resampled" (P, steps) bool, "log_Z_increments"
-        (P, steps) summing to log_Z, "ancestry" (P, n, steps) with ``return_ancestry``, and the
-        options used. Particles killed by a -inf twist before ending report reward -inf.
+        ``info`` (:class:`SMCInfo`): ess_per_step (P, steps), resampled (P, steps) bool,
+        log_Z_increments (P, steps) summing to log_Z, ancestry (P, n, steps) with
+        ``return_ancestry``, and the options used. Particles killed by a -inf twist before ending
+        report reward -inf.
     """
+    o = options
     prior = post.prior
-    cfg = EngineConfig(beta=post.beta, num_particles=n, max_new_tokens=max_new_tokens, ess_threshold=ess_threshold, resampling=resampling)
-    check_option("smc", "callback", callback)
-    check_option("smc", "return_ancestry", return_ancestry)
+    cfg = EngineConfig(beta=post.beta, num_particles=n, max_new_tokens=max_new_tokens, ess_threshold=o.ess_threshold, resampling=o.resampling)
     prompt_ids = prior.encode_prompts(prompts)
     model = build_model(
-        post, prompt_ids, n=n, max_new_tokens=max_new_tokens, twist=twist, proposal=proposal, lookahead=lookahead,
-        block_size=block_size, decode_ahead=decode_ahead, check_twist=check_twist,
+        post, prompt_ids, cfg, twist=o.twist, proposal=o.proposal, lookahead=o.lookahead, block_size=o.block_size,
+        decode_ahead=o.decode_ahead, check_twist=o.check_twist,
     )  # fmt: skip
     prior.check_lengths(prompt_ids, max_new_tokens, prompts)
-    if reference is not None:
-        tokens, lengths = reference
+    reference = None
+    if o.reference is not None:
+        tokens, lengths = o.reference
         reference = Reference(torch.as_tensor(tokens, dtype=torch.long).cpu(), torch.as_tensor(lengths, dtype=torch.long).cpu())
     pad = prior.eos_token_ids[0]
     P = len(prompt_ids)
@@ -165,12 +178,12 @@ def sequential_monte_carlo(
     def on_step(state, info):
         bar.update(state.t - bar.n)
         steps[0] += 1
-        if callback is not None:
+        if o.callback is not None:
             p = state.particles
             stats = normalize_log_weights(p.log_weights)
-            callback(StepReport(steps[0], state.t, prior.texts_of(p.tokens, p.lengths), stats.log_weights, stats.ess))
+            o.callback(StepReport(steps[0], state.t, prior.texts_of(p.tokens, p.lengths), stats.log_weights, stats.ess))
 
-    state, infos = run(
+    state, infos = run_engine(
         model, prompt_ids, cfg, generator=generator, pad=pad, reference=reference, callback=on_step,
         name_prompt=lambda p: prompt_name(prompts, p), on_degenerate="keep",
     )  # fmt: skip
@@ -182,29 +195,22 @@ def sequential_monte_carlo(
     texts = prior.texts_of(tokens, p.lengths)
     rewards = torch.where(p.ended, p.psi, -math.inf)  # killed before ending: -inf
     if bool((state.dead_at > 0).any()):
-        _raise_degenerate(post, prompts, state, infos, tokens, texts, rewards, model, proposal, resampling, block_size, return_ancestry)
+        _raise_degenerate(post, prompts, state, infos, tokens, texts, rewards, model, o)
     stats = normalize_prompts(p.log_weights, prompts, what="SMC weights")
     cont = Continuations(tokens, p.lengths, p.log_prior.float(), texts)
-    stacked = stack_infos(infos, P, n)
-    info = {
-        "proposal": proposal,
-        "twist": "none" if model.pot.twist is None else model.pot.twist.name,
-        "resampling": resampling,
-        "block_size": block_size,
-        **{k: v for k, v in stacked.items() if k != "ancestry"},
-    }
-    if return_ancestry:
-        info["ancestry"] = stacked["ancestry"]
     return make_result(
         post, "smc", prompts, cont, log_prior=p.log_prior, rewards=rewards,
-        log_weights=stats.log_weights, log_Z=stats.log_mean, ess=stats.ess, info=info,
+        log_weights=stats.log_weights, log_Z=stats.log_mean, ess=stats.ess, info=_info(state, infos, model, o, P, n),
     )  # fmt: skip
 
 
-def _raise_degenerate(post, prompts, state, infos, tokens, texts, rewards, model, proposal, resampling, block_size, return_ancestry):
+METHOD = register(Method("smc", SMCOptions, SMCInfo, run))
+
+
+def _raise_degenerate(post, prompts, state, infos, tokens, texts, rewards, model, o: SMCOptions):
     """Every particle of some prompt died: raise DegenerateWeightsError naming the step(s) and the
     prompts, with the run's honest result as ``e.result`` (log Ẑ = -inf there, every weight 0,
-    ``info["degenerate"]``)."""
+    ``info.degenerate``)."""
     from posterior.diagnostics.weights import log_weight_stats
     from posterior.errors import DegenerateWeightsError
     from posterior.results import SampleResult
@@ -214,21 +220,14 @@ def _raise_degenerate(post, prompts, state, infos, tokens, texts, rewards, model
     T = model.pot.max_new_tokens
     dead = state.dead_at > 0  # (P,)
     stats = log_weight_stats(p.log_weights)  # never raises: -inf / 0 on the dead prompts
-    stacked = stack_infos(infos, P, n)
-    info = {
-        "proposal": proposal, "twist": "none" if model.pot.twist is None else model.pot.twist.name,
-        "resampling": resampling, "block_size": block_size,
-        **{k: v for k, v in stacked.items() if k != "ancestry"},
-        "degenerate": dead, "dead_at_token": state.dead_at.clone(),
-    }  # fmt: skip
-    if return_ancestry:
-        info["ancestry"] = stacked["ancestry"]
+    info = _info(state, infos, model, o, P, n, degenerate=dead, dead_at_token=state.dead_at.clone(), ess=stats.ess.float())
     result = SampleResult(
         method="smc", beta=post.beta, prompts=None if prompts is None else list(prompts), texts=texts, tokens=tokens,
         lengths=p.lengths, log_weights=stats.log_weights.float(), rewards=rewards, log_prior=p.log_prior.float(),
         log_Z=torch.where(dead, -math.inf, stats.log_mean.double()), ess=stats.ess.float(), info=info,
         prior=post.prior.describe(),
     )  # fmt: skip
+    block_size = o.block_size
     groups: dict[int, list[int]] = {}
     for row in dead.nonzero().squeeze(1).tolist():
         groups.setdefault(int(state.dead_at[row]), []).append(row)

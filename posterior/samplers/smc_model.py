@@ -77,7 +77,7 @@ from posterior.kernels import tilted_sample
 from posterior.priors.base import DecodeState, HIDDEN_STATES, STREAM, Prior, request_seeds
 from posterior.priors.stream import Stream
 from posterior.rewards.base import Reward
-from posterior.samplers.engine import Forced, Move, Particles, SMCModel, SMCState
+from posterior.samplers.engine import EngineConfig, Forced, Move, Particles, SMCModel, SMCState
 from posterior.samplers.options import PROPOSALS
 from posterior.twists.base import Prefixes, Twist
 
@@ -118,11 +118,21 @@ class Potentials:
     prior: Prior
     reward: Reward
     twist: Twist | None
-    beta: float
+    cfg: EngineConfig  # beta, N and the horizon (held there only)
     prompt_rows: list[list[int]]  # P·N: each flat particle's prompt ids
-    num_particles: int
-    max_new_tokens: int
     check_twist: bool = True
+
+    @property
+    def beta(self) -> float:
+        return self.cfg.beta
+
+    @property
+    def num_particles(self) -> int:
+        return self.cfg.num_particles
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.cfg.max_new_tokens
 
     @property
     def defers_reward(self) -> bool:
@@ -251,6 +261,10 @@ class TokenModel(SMCModel):
     @property
     def prior(self) -> Prior:
         return self.pot.prior
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.pot.cfg
 
     def init(self, prompt_ids, num_particles):
         P = len(prompt_ids)
@@ -514,6 +528,10 @@ class BlockModel(SMCModel):
     @property
     def prior(self) -> Prior:
         return self.pot.prior
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.pot.cfg
 
     def init(self, prompt_ids, num_particles):
         B, T = len(prompt_ids) * num_particles, self.pot.max_new_tokens

@@ -7,7 +7,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "floors.py"
-PROMPTED = ROOT / "posterior" / "rewards" / "prompted.py"
 
 
 def run(root: Path) -> tuple[int, list[str]]:
@@ -16,18 +15,9 @@ def run(root: Path) -> tuple[int, list[str]]:
     return out.returncode, out.stdout.splitlines()
 
 
-def pending_per_prompt(line: str) -> bool:
-    """``per_prompt`` (a sampler driver) still in rewards/prompted.py imports results: it moves to
-    samplers/ with issue 28.4; while it is there, its one up-import is the only one allowed."""
-    return line.startswith("up: posterior/rewards/prompted.py:") and "def per_prompt" in PROMPTED.read_text()
-
-
 def test_floors_script_reports_nothing():
     rc, lines = run(ROOT)
-    found = [ln for ln in lines[:-1] if not pending_per_prompt(ln)]
-    assert found == [], "\n".join(lines)
-    assert lines[-1] in ("floors: 0 up-import(s), 0 circle(s)", "floors: 1 up-import(s), 0 circle(s)")
-    assert rc == (1 if len(lines) > 1 else 0)
+    assert lines == ["floors: 0 up-import(s), 0 circle(s)"] and rc == 0, "\n".join(lines)
 
 
 def test_floors_script_finds_an_up_import_inside_a_function_and_a_circle(tmp_path):

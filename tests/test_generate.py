@@ -14,7 +14,7 @@ import torch
 import posterior as pst
 from posterior.exact import exact_posterior
 from posterior.rewards import Callable, RewardError, from_trl
-from posterior.rewards.prompted import stack_results
+from posterior.samplers.drivers import stack_results
 from posterior.testing import tiny_hf_prior, two_token_prior
 
 PROMPTS = ["hello", "good day"]

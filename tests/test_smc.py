@@ -492,12 +492,10 @@ def test_engine_config_is_checked_once_and_holds_beta_n_and_the_horizon(post):
 
 
 def test_per_prompt_driver_lives_in_samplers_and_never_changes_the_results_it_stacks(post):
-    import posterior.rewards.prompted as prompted
     from posterior.samplers import drivers
     from posterior.samplers.registry import get_method
 
-    assert pst.samplers.per_prompt is drivers.per_prompt is prompted.per_prompt  # the old import path still works
-    assert prompted.stack_results is drivers.stack_results
+    assert pst.samplers.per_prompt is drivers.per_prompt
     seen = []
     smc = get_method("smc")
 

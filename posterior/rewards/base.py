@@ -24,7 +24,7 @@ class Reward(abc.ABC):
     #: True when the reward is meaningful on partial texts (SMC may then use it as a twist).
     accepts_prefixes: bool = False
     #: True when the reward reads each text's prompt: samplers then score it through
-    #: ``for_prompt(prompt, index)``, one prompt at a time (see ``posterior.rewards.prompted``).
+    #: ``for_prompt(prompt, index)``, one prompt at a time (the per-prompt driver: ``posterior.samplers.drivers``).
     needs_prompts: bool = False
     #: R >= r(x) for every text, or None when unknown. Rejection sampling with this R gives exact
     #: samples of pi* (``pst.bounds`` uses it for the upper side of its brackets).

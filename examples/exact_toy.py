@@ -1,6 +1,10 @@
 """An exact toy prior: enumerate the posterior and check a sampler against it.
 
     python examples/exact_toy.py
+
+Takes about 33 s here (2026-12-05, this project's 2 CPU cores shared with other jobs at load 5, one
+thread), almost all of it importing torch; the sampling itself is a second. No model is loaded, so
+there is no ``--toy`` switch: CI runs it as it is.
 """
 
 import torch

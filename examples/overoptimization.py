@@ -1,12 +1,17 @@
 """Reward overoptimisation on the default model: optimise one real scorer, watch another.
 
     python examples/overoptimization.py --plot runs/overopt.png --plot-ensemble runs/overopt_ens.png
+    python examples/overoptimization.py --toy     # a tiny random model at small sizes
 
 Proxy: VADER sentiment. Gold: AFINN-165 sentiment, a different lexicon that nothing optimises.
 Then the same sweep with a conservative ensemble proxy, uwo(VADER, TextBlob) = mean - 0.5·variance
 (Coste et al. 2023), over the SAME prior draws (``draws=rep.draws``: a paired comparison, one
 sampling pass): does the gold peak move to a larger KL? IS and best-of-k reweight the pool; SMC
 runs once per beta. Gao et al.'s forms are fitted to each gold curve.
+
+Takes about 85 s here (both sweeps, load 1.2, one thread; 566 s at load 8-10; recorded 2026-12-05 on
+this project's 2 CPU cores shared with other jobs; docs/benchmarks.md). ``--toy`` (a tiny random
+model, 2 betas, a pool of 8): about 40 s at load 6, mostly imports (what CI runs).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 import torch
 
 import posterior as pst
+from posterior.testing import tiny_hf_prior
 from posterior.threads import default_threads
 
 
@@ -48,11 +54,14 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write both reports here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per free core)")
+    ap.add_argument("--toy", action="store_true", help="a tiny random model at small sizes (what CI runs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or default_threads())  # the fast choice on a shared machine
+    if args.toy:
+        args.betas, args.n, args.smc_n, args.max_new_tokens = "0.1,1.0", 8, 4, 4
     betas = [float(b) for b in args.betas.split(",")]
 
-    prior = pst.load_default_prior()
+    prior = tiny_hf_prior("llama") if args.toy else pst.load_default_prior()
     common = dict(betas=betas, methods=["is", "smc", "bon"], n=args.n, smc_n=args.smc_n, max_new_tokens=args.max_new_tokens,
                   prompts=[args.prompt], seed=args.seed)  # fmt: skip
     t0, c0 = time.perf_counter(), time.process_time()

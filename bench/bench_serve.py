@@ -36,7 +36,7 @@ def start(args, mode: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    cmd = [sys.executable, "-m", "posterior", "serve", "--port", "0", "--log-level", "warning",
+    cmd = [sys.executable, "-m", "posterior", "serve", "--port", "0", "--log-level", "warning", "--served-model-name", "m",
            "--max-queue", str(args.clients * 2), *MODES[mode]]  # fmt: skip
     if args.model:
         cmd += ["--model", args.model]

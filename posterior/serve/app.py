@@ -44,10 +44,11 @@ from posterior.serve.protocol import (
     BadRequest,
     Parsed,
     ServeConfig,
+    Served,
     Settings,
     choice_stats,
+    choose,
     completion_tokens,
-    finish_reasons,
     new_id,
     now,
     parse_request,
@@ -113,10 +114,42 @@ def _missing_package(e: BaseException) -> ImportError | None:
     return None
 
 
-def _error_body(status: int, message: str, param: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+def _error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
             422: "invalid_request_error", 429: "rate_limit_error", 501: "not_implemented_error"}.get(status, "server_error")  # fmt: skip
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": status if code is None else code}}
+
+
+class _Priors:
+    """The per-request prior of each (temperature, top_k, top_p, stop, stop_token_ids): the served
+    prior with those sampling parameters (``Prior.with_sampling``, sharing the model) and stopped
+    at the stop strings (:func:`posterior.priors.stop.stop_string_prior`); a small LRU."""
+
+    def __init__(self, prior, size: int = 32):
+        self.prior, self.size = prior, size
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, settings: Settings):
+        from posterior.priors.stop import stop_string_prior
+
+        key = (settings.temperature, settings.top_k, settings.top_p, settings.stop, settings.stop_token_ids)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        base = self.prior
+        if (settings.temperature, settings.top_k, settings.top_p) != (base.temperature, base.top_k, base.top_p):
+            try:
+                base = base.with_sampling(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+            except ValueError as e:
+                raise BadRequest("temperature", f"this server's prior cannot take these sampling parameters: {e}") from None
+        prior = stop_string_prior(base, list(settings.stop), list(settings.stop_token_ids))
+        with self._lock:
+            self._cache[key] = prior
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return prior
 
 
 def _chat_renderer(prior):
@@ -156,6 +189,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
     if getattr(prior, "chat", False):
         raise ValueError("serve a prior made with chat=False: /v1/chat/completions applies the chat template itself")
     rewards = _Rewards(prior)
+    priors = _Priors(prior)
     render_chat = _chat_renderer(prior)
     eos = set(prior.eos_token_ids)
     cleans_spaces = bool(getattr(getattr(prior, "tokenizer", None), "clean_up_tokenization_spaces", False))
@@ -166,20 +200,22 @@ def create_app(prior, *, config: ServeConfig | None = None):
 
     # --- the worker's side ---------------------------------------------------------------------
     def run(settings: Settings, prompts, seed, callback):
-        post = Posterior(prior, rewards.get(settings.reward), settings.beta)
+        p = priors.get(settings)
+        post = Posterior(p, rewards.get(settings.reward), settings.beta)
         options = dict(settings.options)
         if callback is not None:
             options["callback"] = callback
-        res = post.sample(n=settings.n, method=settings.method, max_new_tokens=settings.max_tokens, prompts=prompts,
+        res = post.sample(n=settings.runs, method=settings.method, max_new_tokens=settings.max_tokens, prompts=prompts,
                           seed=seed, **options)  # fmt: skip
-        return res, res.seed
+        stopped = p.hit if settings.stop else None
+        return choose(res, settings, res.seed, eos=p.eos_token_ids, stopped=stopped), res.seed
 
     def make_callback(jobs: list[Job], offsets: list[int]):
         settings: Settings = jobs[0].settings
         if "callback" not in sampler_options(settings.method):
             return None
         prefix = settings.method == "smc" and not rewards.get(settings.reward).needs_prompts
-        trackers = {id(j): PrefixTracker(len(j.prompts) * settings.n, cleans_spaces=cleans_spaces) for j in jobs}
+        trackers = {id(j): PrefixTracker(len(j.prompts) * settings.n, cleans_spaces=cleans_spaces, stops=settings.stop) for j in jobs}
 
         def callback(report):
             abort_when_all_cancelled(jobs)
@@ -189,9 +225,9 @@ def create_app(prior, *, config: ServeConfig | None = None):
                 if not job.stream or job.cancelled.is_set():
                     continue
                 deltas = {}
-                for k in range(len(job.prompts)):
+                for k in range(len(job.prompts)):  # every choice is drawn from the particles alive at the end
                     lw = report.log_weights[off + k].tolist()
-                    deltas.update(trackers[id(job)].update(k * settings.n, report.texts[off + k], lw))
+                    deltas.update(trackers[id(job)].update_shared(k * settings.n, settings.n, report.texts[off + k], lw))
                 if deltas:
                     job.sent_deltas = True
                     job.emit("delta", deltas)
@@ -213,8 +249,8 @@ def create_app(prior, *, config: ServeConfig | None = None):
                   docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.batcher, app.state.config = batcher, config
 
-    def error(status: int, message: str, param: str | None = None, headers=None):
-        return JSONResponse(_error_body(status, message, param), status_code=status, headers=headers)
+    def error(status: int, message: str, param: str | None = None, headers=None, code=None):
+        return JSONResponse(_error_body(status, message, param, code), status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request, exc):  # a failing request never takes the server down
@@ -233,11 +269,22 @@ def create_app(prior, *, config: ServeConfig | None = None):
         return {"status": "ok", "model": config.model_name, "waiting": batcher.waiting, "running": batcher.running,
                 "calls": batcher.calls, "aborted": batcher.aborted}  # fmt: skip
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": started, "owned_by": "posterior", "max_model_len": prior.max_length}
+
     @app.get("/v1/models")
     async def models(request: Request):
         if not authorised(request):
             return unauthorised()
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": started, "owned_by": "posterior"}]}
+        return {"object": "list", "data": [model_card(name) for name in config.model_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        if not authorised(request):
+            return unauthorised()
+        if model_id not in config.model_names:
+            return error(404, f"The model `{model_id[:200]}` does not exist or you do not have access to it.", "model", code="model_not_found")
+        return model_card(model_id)
 
     def unauthorised():
         return error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
@@ -258,11 +305,13 @@ def create_app(prior, *, config: ServeConfig | None = None):
         try:
             parsed = await asyncio.to_thread(
                 parse_request, body, config, chat=chat, encode=encode, context=prior.max_length,
-                reward_names=set(REWARDS), render_chat=render_chat,
+                reward_names=set(REWARDS), render_chat=render_chat, sampling=(prior.temperature, prior.top_k, prior.top_p),
+                vocab_size=prior.vocab_size,
             )  # fmt: skip
             await asyncio.to_thread(_reward_or_400, parsed.settings.reward)
+            await asyncio.to_thread(priors.get, parsed.settings)
         except BadRequest as e:
-            return error(e.status, str(e), e.field)
+            return error(e.status, str(e), e.field, code=e.code)
         job = Job(parsed.settings, parsed.prompts, parsed.seed, stream=parsed.stream).bind(asyncio.get_running_loop())
         try:
             batcher.submit(job)
@@ -294,14 +343,16 @@ def create_app(prior, *, config: ServeConfig | None = None):
 
     # --- response bodies -------------------------------------------------------------------------
     def _choices(parsed: Parsed, outcome):
-        res, n = outcome.result, parsed.settings.n
+        served: Served = outcome.result
+        res, n = served.result, parsed.settings.n
         for k in range(len(parsed.prompts)):
             p = outcome.first + k
-            reasons = finish_reasons(res, p, eos)
             for i in range(n):
-                yield k * n + i, res.texts[p][i], reasons[i], choice_stats(res, p, i)
+                j = served.picks[p][i]
+                yield k * n + i, res.texts[p][j], served.finish[p][j], choice_stats(served, p, i)
 
     def _usage(parsed: Parsed, outcome) -> dict:
+        eos = set(priors.get(parsed.settings).eos_token_ids)
         done = sum(completion_tokens(outcome.result, outcome.first + k, eos) for k in range(len(parsed.prompts)))
         prompt = sum(parsed.prompt_tokens)
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
@@ -327,9 +378,11 @@ def create_app(prior, *, config: ServeConfig | None = None):
         }
 
     async def _stream(job: Job, parsed: Parsed, chat: bool):
+        """Every chunk carries choices (OpenAI clients read ``chunk.choices[0]``), except the usage
+        chunk that ``stream_options.include_usage`` asks for, which is OpenAI's ``choices: []``."""
         cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         total = len(parsed.prompts) * parsed.settings.n
-        prefix = parsed.settings.method == "smc"
+        prefix = parsed.settings.method == "smc" and parsed.settings.reward is not None
 
         def chunk(choices, **extra):
             return _sse({"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
@@ -349,8 +402,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
                 f"{parsed.settings.method}: no text is known before the run ends; it is sent when done (not incremental)")  # fmt: skip
         sent = [""] * total
         try:
-            first = [delta(i, "", role=True) for i in range(total)] if chat else []
-            yield chunk(first, posterior={"stream": "prefix" if prefix else "final", "note": note})
+            yield chunk([delta(i, "", role=True) for i in range(total)], posterior={"stream": "prefix" if prefix else "final", "note": note})
             while True:
                 event = await job.events.get()
                 if event[0] == "delta":
@@ -358,7 +410,8 @@ def create_app(prior, *, config: ServeConfig | None = None):
                     for idx, text in sorted(event[1].items()):
                         sent[idx] += text
                         out.append(delta(idx, text))
-                    yield chunk(out)
+                    if out:
+                        yield chunk(out)
                 elif event[0] == "error":
                     yield _sse(_error_body(event[1], event[2]))
                     return
@@ -371,11 +424,9 @@ def create_app(prior, *, config: ServeConfig | None = None):
                             yield _sse(_error_body(500, f"internal error: streamed text of choice {idx} is not a prefix of its final text"))
                             return
                         out.append(delta(idx, text[len(sent[idx]) :], reason, stats))
-                    yield chunk(out)
-                    extra = {"posterior": _summary(parsed, outcome)}
+                    yield chunk(out, posterior=_summary(parsed, outcome))
                     if parsed.include_usage:
-                        extra["usage"] = _usage(parsed, outcome)
-                    yield chunk([], **extra)
+                        yield chunk([], usage=_usage(parsed, outcome))
                     yield "data: [DONE]\n\n"
                     return
         finally:

@@ -749,3 +749,17 @@ def test_bad_serve_options_fail_before_the_model_loads(capsys, tmp_path):
     assert "max_n must be a positive int" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_chat_without_max_tokens_runs_to_the_rest_of_the_context(server, client):
+    """Before issue 26 chat's default was 16 tokens (OpenAI's is the rest of the context): LiteLLM
+    and LangChain chat calls without max_tokens were cut at 16."""
+    openai = pytest.importorskip("openai")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    context = httpx.get(server + "/v1/models/m", headers=auth, timeout=60).json()["max_model_len"]
+    out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], seed=0)
+    c = out.choices[0]
+    assert c.finish_reason == "stop" or out.usage.completion_tokens == context - out.usage.prompt_tokens, (out.usage, context)
+    assert out.usage.completion_tokens > 16 or c.finish_reason == "stop"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)

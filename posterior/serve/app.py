@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -43,9 +44,11 @@ from posterior.serve.protocol import (
     MAX_JSON_DEPTH,
     BadRequest,
     Parsed,
+    Prompt,
     ServeConfig,
     Served,
     Settings,
+    check_json,
     choice_stats,
     choose,
     completion_tokens,
@@ -54,6 +57,7 @@ from posterior.serve.protocol import (
     parse_request,
     summary,
 )
+from posterior.serve.logprobs import Scored, chat_logprobs, completion_logprobs, echo_scores, forced, join, visible
 from posterior.serve.streaming import PrefixTracker
 
 log = logging.getLogger("posterior.serve")
@@ -201,14 +205,36 @@ def create_app(prior, *, config: ServeConfig | None = None):
     # --- the worker's side ---------------------------------------------------------------------
     def run(settings: Settings, prompts, seed, callback):
         p = priors.get(settings)
-        post = Posterior(p, rewards.get(settings.reward), settings.beta)
-        options = dict(settings.options)
-        if callback is not None:
-            options["callback"] = callback
-        res = post.sample(n=settings.runs, method=settings.method, max_new_tokens=settings.max_tokens, prompts=prompts,
-                          seed=seed, **options)  # fmt: skip
-        stopped = p.hit if settings.stop else None
-        return choose(res, settings, res.seed, eos=p.eos_token_ids, stopped=stopped), res.seed
+        if settings.max_tokens == 0:  # echo only: score the prompts, sample nothing
+            served, used = Served(None, [[0] * settings.n for _ in prompts], [["length"] for _ in prompts], "echo"), seed
+        else:
+            post = Posterior(p, rewards.get(settings.reward), settings.beta)
+            options = dict(settings.options)
+            if callback is not None:
+                options["callback"] = callback
+            res = post.sample(n=settings.runs, method=settings.method, max_new_tokens=settings.max_tokens, prompts=list(prompts),
+                              seed=seed, **options)  # fmt: skip
+            stopped = p.hit if settings.stop else None
+            served, used = choose(res, settings, res.seed, eos=p.eos_token_ids, stopped=stopped), res.seed
+        if settings.logprobs is not None or settings.echo:
+            served = _score(served, p, settings, prompts)
+        return served, used
+
+    def _score(served: Served, p, settings: Settings, prompts) -> Served:
+        """Attach the prior's token log-probs of the returned tokens (logprobs) and of the prompts
+        (echo); the stop strings change no token before the stop, so the unstopped prior scores."""
+        k = settings.logprobs or 0
+        scorer = getattr(p, "base", p)
+        ids = [q.ids if isinstance(q, Prompt) and q.ids is not None else prior.encode_prompts([q])[0] for q in prompts]
+        scored = {}
+        if served.result is not None and settings.logprobs is not None:
+            res = served.result
+            keys = sorted({(q, j) for q in range(len(prompts)) for j in served.picks[q]})
+            seqs = [visible(p, res.tokens[q, j, : res.lengths[q, j]].tolist()) for q, j in keys]
+            contexts = [prior.encode_prompts([str(prompts[q])])[0] for q, _ in keys]
+            scored = dict(zip(keys, forced(scorer, contexts, seqs, k)))
+        echoed = [echo_scores(scorer, i, k) for i in ids] if settings.echo else None
+        return dataclasses.replace(served, scored=scored, echoed=echoed)
 
     def make_callback(jobs: list[Job], offsets: list[int]):
         settings: Settings = jobs[0].settings
@@ -286,6 +312,70 @@ def create_app(prior, *, config: ServeConfig | None = None):
             return error(404, f"The model `{model_id[:200]}` does not exist or you do not have access to it.", "model", code="model_not_found")
         return model_card(model_id)
 
+    async def _json_body(request):
+        raw = await _read_body(request, config.max_body_bytes)
+        if raw is None:
+            raise BadRequest("body", f"larger than this server's limit of {config.max_body_bytes} bytes (--max-body-bytes)", 413)
+        try:
+            body = json.loads(raw)
+        except (RecursionError, ValueError) as e:
+            raise BadRequest("body", f"not valid JSON ({str(e)[:200]})") from None
+        if not isinstance(body, dict):
+            raise BadRequest("body", "must be a JSON object")
+        check_json(body)
+        model = body.get("model")
+        if model is not None and model not in config.model_names:
+            raise BadRequest("model", f"The model `{str(model)[:200]}` does not exist or you do not have access to it.", 404,
+                             code="model_not_found", plain=True)  # fmt: skip
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's /tokenize: {prompt} or {messages} -> {count, max_model_len, tokens}; the ids are
+        those the sampler conditions on (``add_special_tokens`` as the prior encodes prompts)."""
+        if not authorised(request):
+            return unauthorised()
+        try:
+            body = await _json_body(request)
+            extra = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"})
+            if extra:
+                raise BadRequest(extra[0], "unknown field")
+            if "messages" in body:
+                from posterior.serve.protocol import _render
+
+                text = await asyncio.to_thread(_render, body["messages"], render_chat)
+            else:
+                text = body.get("prompt")
+                if not isinstance(text, str):
+                    raise BadRequest("prompt", f"must be a string, got {type(text).__name__}")
+            try:
+                ids = await asyncio.to_thread(encode, text)
+            except ValueError as e:
+                raise BadRequest("prompt", str(e)) from None
+        except BadRequest as e:
+            return error(e.status, str(e), e.field, code=e.code)
+        out = {"count": len(ids), "max_model_len": prior.max_length, "tokens": ids, "token_strs": None}
+        if body.get("return_token_strs"):
+            out["token_strs"] = [prior.decode([i]) for i in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's /detokenize: {tokens} -> {prompt}."""
+        if not authorised(request):
+            return unauthorised()
+        try:
+            body = await _json_body(request)
+            extra = sorted(set(body) - {"model", "tokens"})
+            if extra:
+                raise BadRequest(extra[0], "unknown field")
+            from posterior.serve.protocol import _token_ids
+
+            ids = _token_ids("tokens", body.get("tokens") if isinstance(body.get("tokens"), list) else [None], prior.vocab_size)
+        except BadRequest as e:
+            return error(e.status, str(e), e.field, code=e.code)
+        return {"prompt": await asyncio.to_thread(prior.decode, ids)}
+
     def unauthorised():
         return error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                      headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
@@ -306,13 +396,14 @@ def create_app(prior, *, config: ServeConfig | None = None):
             parsed = await asyncio.to_thread(
                 parse_request, body, config, chat=chat, encode=encode, context=prior.max_length,
                 reward_names=set(REWARDS), render_chat=render_chat, sampling=(prior.temperature, prior.top_k, prior.top_p),
-                vocab_size=prior.vocab_size,
+                vocab_size=prior.vocab_size, decode=prior.decode,
             )  # fmt: skip
             await asyncio.to_thread(_reward_or_400, parsed.settings.reward)
             await asyncio.to_thread(priors.get, parsed.settings)
         except BadRequest as e:
             return error(e.status, str(e), e.field, code=e.code)
-        job = Job(parsed.settings, parsed.prompts, parsed.seed, stream=parsed.stream).bind(asyncio.get_running_loop())
+        prompts = [Prompt.of(t, ids if parsed.settings.echo else None) for t, ids in zip(parsed.prompts, parsed.prompt_ids)]
+        job = Job(parsed.settings, prompts, parsed.seed, stream=parsed.stream).bind(asyncio.get_running_loop())
         try:
             batcher.submit(job)
         except QueueFull as e:
@@ -349,7 +440,27 @@ def create_app(prior, *, config: ServeConfig | None = None):
             p = outcome.first + k
             for i in range(n):
                 j = served.picks[p][i]
-                yield k * n + i, res.texts[p][j], served.finish[p][j], choice_stats(served, p, i)
+                text = "" if res is None else res.texts[p][j]
+                yield k * n + i, text, served.finish[p][j], choice_stats(served, p, i)
+
+    def token_text(i: int) -> str:
+        return prior.decode([i])
+
+    def _logprobs(parsed: Parsed, outcome, chat: bool) -> list:
+        """Per choice: its logprobs object (None unless asked), echo's prompt scores first."""
+        served: Served = outcome.result
+        out = []
+        for k in range(len(parsed.prompts)):
+            p = outcome.first + k
+            for i in range(parsed.settings.n):
+                if parsed.settings.logprobs is None:
+                    out.append(None)
+                    continue
+                sc = served.scored.get((p, served.picks[p][i]), Scored([], [], []))
+                if served.echoed is not None:
+                    sc = join(served.echoed[p], sc)
+                out.append(chat_logprobs(token_text, sc) if chat else completion_logprobs(token_text, sc))
+        return out
 
     def _usage(parsed: Parsed, outcome) -> dict:
         eos = set(priors.get(parsed.settings).eos_token_ids)
@@ -363,8 +474,11 @@ def create_app(prior, *, config: ServeConfig | None = None):
 
     def _complete(parsed: Parsed, outcome, chat: bool) -> dict:
         choices = []
+        logprobs = _logprobs(parsed, outcome, chat)
         for idx, text, reason, stats in _choices(parsed, outcome):
-            c = {"index": idx, "finish_reason": reason, "logprobs": None, "posterior": stats}
+            if parsed.settings.echo:
+                text = parsed.prompts[idx // parsed.settings.n] + text
+            c = {"index": idx, "finish_reason": reason, "logprobs": logprobs[idx], "posterior": stats}
             c.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             choices.append(c)
         return {

@@ -79,8 +79,7 @@ REFUSED_OPTIONS = {"callback": None, "init_texts": None, "proposal": ("is", "qrs
 # OpenAI fields accepted and ignored, and fields accepted only at the value that means "off".
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"})
 ONLY_DEFAULT = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "suffix": (None, ""), "best_of": (None, 1),
     "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
     "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
     "functions": (None, []), "function_call": (None, "none"), "modalities": (None, ["text"]),
@@ -162,6 +161,8 @@ class Settings:
     mode: bool = False  # temperature 0: every choice is the highest-weight sequence
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: no log-probs; k: each token's and its k most likely alternatives'
+    echo: bool = False  # the prompt (and its token log-probs, first null) before the completion
 
     @property
     def population(self) -> bool:
@@ -188,6 +189,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     many: bool  # ``prompt`` was a list: per-prompt numbers are lists
+    prompt_ids: list[list[int]] = dataclasses.field(default_factory=list)  # per prompt (as given, for token-id prompts and echo)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,7 +369,7 @@ def _same_kind(value, default) -> bool:
 
 
 def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int | None, reward_names, render_chat=None,
-                  sampling=(1.0, None, None), vocab_size: int | None = None) -> Parsed:  # fmt: skip
+                  sampling=(1.0, None, None), vocab_size: int | None = None, decode=None) -> Parsed:  # fmt: skip
     """Check a request body; ``encode(prompt) -> token ids`` (for the context check),
     ``render_chat(messages) -> prompt text`` for chat requests, ``sampling`` the server prior's
     (temperature, top_k, top_p): a request's defaults."""
@@ -379,27 +381,50 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
         raise BadRequest("model", f"The model `{shown(model) if not isinstance(model, str) else model[:200]}` does not exist or "
                          f"you do not have access to it. This server serves {', '.join(map(repr, config.model_names))}.",
                          404, code="model_not_found", plain=True)  # fmt: skip
-    common = {"model", "n", "max_tokens", "seed", "stream", "posterior", "temperature", "top_p", "top_k", "stop", "stop_token_ids"}
+    common = {"model", "n", "max_tokens", "seed", "stream", "posterior", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
+              "logprobs", "top_logprobs"}  # fmt: skip
+    given_ids: list[list[int] | None] = []
     if chat:
         prompts = [_render(body.get("messages"), render_chat)]
         many = False
         handled = common | {"messages", "max_completion_tokens"}
+        given_ids = [None]
     else:
         prompt = body.get("prompt")
-        many = isinstance(prompt, list)
-        prompts = prompt if many else [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            prompt = [prompt]  # one prompt of token ids (OpenAI: an array of tokens)
+            many = False
+        else:
+            many = isinstance(prompt, list)
+        prompts = prompt if isinstance(prompt, list) else [prompt]
         if not prompts:
             raise BadRequest("prompt", "is an empty list")
         if len(prompts) > config.max_prompts:
             raise BadRequest("prompt", f"has {len(prompts)} prompts, above this server's limit of {config.max_prompts}")
+        texts = []
         for i, p in enumerate(prompts):
             where = f"prompt[{i}]" if many else "prompt"
-            if not isinstance(p, str):
-                raise BadRequest(where, f"must be a string (token-id prompts are not supported), got {type(p).__name__}")
+            if isinstance(p, list):  # token ids: checked, then decoded (the sampler takes text)
+                ids = _token_ids(where, p, vocab_size)
+                text = decode(ids) if decode is not None else None
+                if text is None:
+                    raise BadRequest(where, "token-id prompts need a prior with a tokenizer")
+                given_ids.append(ids)
+                p = text
+            elif not isinstance(p, str):
+                raise BadRequest(where, f"must be a string or a list of token ids, got {type(p).__name__}")
+            else:
+                given_ids.append(None)
             if not p:
                 raise BadRequest(where, "is empty")
-        handled = common | {"prompt"}
+            texts.append(p)
+        prompts = texts
+        handled = common | {"prompt", "echo"}
     _check_openai_fields(body, handled)
+    echo = body.get("echo") or False
+    if not isinstance(echo, bool):
+        raise BadRequest("echo", f"must be a bool, got {shown(echo)}")
+    logprobs = _logprobs(body, chat)
     n = _int(body, "n", 1, 1, config.max_n, " (--max-n)")
     temperature, top_k, top_p, mode = _sampling(body, sampling)
     stop, stop_ids = _stops(body, vocab_size)
@@ -414,12 +439,16 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
     so = body.get("stream_options") or {}
     include_usage = bool(isinstance(so, dict) and so.get("include_usage"))
     ids_of = []
-    for i, p in enumerate(prompts):
+    for i, (p, given) in enumerate(zip(prompts, given_ids)):
         where = "messages" if chat else (f"prompt[{i}]" if many else "prompt")
         try:
-            ids_of.append(encode(p))
+            ids = encode(p)
         except ValueError as e:
             raise BadRequest(where, str(e)) from None
+        if given is not None and ids != given and ids[len(ids) - len(given) :] != given:
+            raise BadRequest(where, f"these token ids do not come back from their own text (they decode to {shown(p)}, which "
+                             f"encodes to other ids): the sampler takes text; send the text")  # fmt: skip
+        ids_of.append(given if given is not None and echo else ids)
     mt_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     limit = config.max_tokens if config.max_tokens is not None else context
     default = config.default_max_tokens
@@ -428,17 +457,50 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
         default = default if config.max_tokens is None else min(default, config.max_tokens)
     elif chat and config.max_tokens is not None:
         default = config.max_tokens
-    max_tokens = _int(body, mt_name, default, 1, limit, " (--max-tokens or the model's context)")
+    max_tokens = _int(body, mt_name, default, 0 if echo else 1, limit, " (--max-tokens or the model's context)" if echo else
+                      " (--max-tokens or the model's context; 0 only with echo)")  # fmt: skip
     settings = parse_posterior(body.get("posterior"), config, n=n, max_tokens=max_tokens, reward_names=reward_names)
     settings = dataclasses.replace(settings, temperature=temperature, top_k=top_k, top_p=top_p, mode=mode, stop=stop,
-                                   stop_token_ids=stop_ids)  # fmt: skip
+                                   stop_token_ids=stop_ids, logprobs=logprobs, echo=echo)  # fmt: skip
+    if stream and (echo or logprobs is not None):
+        raise BadRequest("echo" if echo else "logprobs", "cannot be streamed by this server; send stream: false")
     for i, ids in enumerate(ids_of):
         where = "messages" if chat else (f"prompt[{i}]" if many else "prompt")
         if context is not None and len(ids) + max_tokens > context:
             raise BadRequest(
                 where, f"has {len(ids)} tokens; with max_tokens={max_tokens} that exceeds the model's context of {context} tokens"
             )
-    return Parsed(settings, list(prompts), [len(ids) for ids in ids_of], seed, stream, include_usage, many)
+    return Parsed(settings, list(prompts), [len(ids) for ids in ids_of], seed, stream, include_usage, many, ids_of)
+
+
+def _token_ids(where: str, ids: list, vocab_size: int | None) -> list[int]:
+    if not ids:
+        raise BadRequest(where, "is an empty list of token ids")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+            raise BadRequest(where, f"token ids must be ints in [0, {vocab_size}), got {shown(t)}")
+    return list(ids)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token the request wants (None: no log-probs). Completions:
+    ``logprobs`` an int in [0, 5]; chat: ``logprobs: true`` and ``top_logprobs`` in [0, 20]."""
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if chat:
+        if lp is not None and not isinstance(lp, bool):
+            raise BadRequest("logprobs", f"must be a bool in chat completions, got {shown(lp)}")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+            raise BadRequest("top_logprobs", f"must be an int in [0, 20], got {shown(top)}")
+        if top is not None and not lp:
+            raise BadRequest("top_logprobs", "needs logprobs: true")
+        return (top or 0) if lp else None
+    if top is not None:
+        raise BadRequest("top_logprobs", "is a chat completions field; completions take logprobs: K")
+    if lp is None or lp is False:
+        return None
+    if isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 5:
+        raise BadRequest("logprobs", f"must be an int in [0, 5] (alternatives per token), got {shown(lp)}")
+    return lp
 
 
 def _number(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
@@ -532,10 +594,25 @@ class Served:
     ``picks[p][i]`` is the sample (particle) of prompt p that is choice i; ``finish[p][j]`` is
     "stop" where sample j ended at EOS, a stop token or a stop string, else "length"."""
 
-    result: Any  # SampleResult
+    result: Any  # SampleResult; None for echo with max_tokens 0 (nothing sampled)
     picks: list[list[int]]  # (P, n)
     finish: list[list[str]]  # (P, N)
-    how: str  # "resampled" | "mode" | "independent"
+    how: str  # "resampled" | "mode" | "independent" | "echo"
+    scored: dict = dataclasses.field(default_factory=dict)  # (p, j) -> logprobs.Scored of sample j's returned tokens
+    echoed: list | None = None  # per prompt: logprobs.Scored of its own tokens (echo)
+
+
+class Prompt(str):
+    """A prompt's text that carries the token ids a client sent (echo scores those ids); ``ids``
+    is None for a text prompt."""
+
+    ids: list[int] | None = None
+
+    @classmethod
+    def of(cls, text: str, ids: list[int] | None) -> "Prompt":
+        out = cls(text)
+        out.ids = ids
+        return out
 
 
 def choose(result, settings: Settings, call_seed: int, *, eos, stopped=None) -> Served:
@@ -589,6 +666,8 @@ def choose(result, settings: Settings, call_seed: int, *, eos, stopped=None) -> 
 
 def choice_stats(served: Served, p: int, i: int) -> dict:
     res, j = served.result, served.picks[p][i]
+    if res is None:
+        return {"reward": None, "log_weight": None, "log_prior": None, "particle": None, "particle_log_weight": None}
     drawn = served.how != "independent"
     return {
         "reward": finite(res.rewards[p, j]),
@@ -602,6 +681,8 @@ def choice_stats(served: Served, p: int, i: int) -> dict:
 def completion_tokens(served: Served, p: int, eos: set[int]) -> int:
     """Tokens of prompt p's choices, a final EOS not counted (OpenAI counts the text's tokens)."""
     res, out = served.result, 0
+    if res is None:
+        return 0
     for j in served.picks[p]:
         L = int(res.lengths[p, j])
         out += L - (L > 0 and int(res.tokens[p, j, L - 1]) in eos)
@@ -611,6 +692,10 @@ def completion_tokens(served: Served, p: int, eos: set[int]) -> int:
 def summary(served: Served, outcome_first: int, count: int, *, settings: Settings, seed, requests: int, prompts: int, many: bool) -> dict:
     """The response's top-level ``posterior`` object for prompts first .. first + count - 1."""
     result = served.result
+    if result is None:  # echo with max_tokens 0: nothing was sampled
+        return {"method": None, "reward": settings.reward, "beta": settings.beta, "prior_only": settings.reward is None,
+                "particles": None, "choices": "echo", "sampling": settings.sampling, "seed": seed,
+                "batch": {"requests": requests, "prompts": prompts}}  # fmt: skip
     rows = range(outcome_first, outcome_first + count)
     kl = result.kl()
     rm = result.reward_mean()
@@ -648,5 +733,5 @@ def now() -> int:
     return int(time.time())
 
 
-__all__ = ["BadRequest", "GATED_REWARDS", "MAX_JSON_DEPTH", "POPULATION_METHODS", "Parsed", "SAFE_REWARDS", "ServeConfig", "Served",
+__all__ = ["BadRequest", "GATED_REWARDS", "MAX_JSON_DEPTH", "POPULATION_METHODS", "Parsed", "Prompt", "SAFE_REWARDS", "ServeConfig", "Served",
            "Settings", "check_json", "choose", "parse_request", "summary"]

@@ -348,8 +348,15 @@ def create_app(prior, *, config: ServeConfig | None = None):
                 text = body.get("prompt")
                 if not isinstance(text, str):
                     raise BadRequest("prompt", f"must be a string, got {type(text).__name__}")
+            special = body.get("add_special_tokens", True)
+            if not isinstance(special, bool):
+                raise BadRequest("add_special_tokens", f"must be a bool, got {special!r}")
+            tok = getattr(prior, "tokenizer", None)
             try:
-                ids = await asyncio.to_thread(encode, text)
+                if special or tok is None:
+                    ids = await asyncio.to_thread(encode, text)
+                else:
+                    ids = list((await asyncio.to_thread(tok, text, add_special_tokens=False))["input_ids"])
             except ValueError as e:
                 raise BadRequest("prompt", str(e)) from None
         except BadRequest as e:
@@ -358,6 +365,18 @@ def create_app(prior, *, config: ServeConfig | None = None):
         if body.get("return_token_strs"):
             out["token_strs"] = [prior.decode([i]) for i in ids]
         return out
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        """vLLM's /tokenizer_info (lm-eval's remote tokenizer reads it): special tokens and the
+        chat template."""
+        if not authorised(request):
+            return unauthorised()
+        tok = getattr(prior, "tokenizer", None)
+        return {"tokenizer_class": type(tok).__name__ if tok is not None else type(prior).__name__,
+                "eos_token": getattr(tok, "eos_token", None), "bos_token": getattr(tok, "bos_token", None),
+                "pad_token": getattr(tok, "pad_token", None), "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": prior.max_length}  # fmt: skip
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
@@ -444,7 +463,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
                 yield k * n + i, text, served.finish[p][j], choice_stats(served, p, i)
 
     def token_text(i: int) -> str:
-        return prior.decode([i])
+        return "" if i in eos else prior.decode([i])  # EOS carries no text (vLLM writes "")
 
     def _logprobs(parsed: Parsed, outcome, chat: bool) -> list:
         """Per choice: its logprobs object (None unless asked), echo's prompt scores first."""

@@ -7,8 +7,9 @@ given tokens < t; the first has no context and gets null (as vLLM does), so a cl
 continuation's log-probs out of one prompt (lm-eval's loglikelihood requests: ``echo``,
 ``max_tokens: 0`` or 1, ``logprobs: 1``).
 
-The returned text of a sequence cut at a stop string is scored up to the token before the one that
-completed the stop string (those tokens hold no text the client receives).
+A sequence that ended at EOS has the EOS token last, with text "" (as vLLM; lm-eval's
+loglikelihood drops the last entry, assuming one generated token). A sequence cut at a stop
+string is scored up to the token before the one that completed the stop string.
 """
 
 from __future__ import annotations
@@ -64,13 +65,13 @@ def forced(prior, contexts: list[list[int]], seqs: list[list[int]], k: int) -> l
 
 
 def visible(prior, seq: list[int]) -> list[int]:
-    """The tokens of a sequence that carry its returned text: no final EOS, and for a sequence cut
-    at a stop string, the tokens before the one that completed it."""
-    eos = set(prior.eos_token_ids)
-    if seq and seq[-1] in eos:
-        seq = seq[:-1]
+    """The tokens of a sequence that are scored: all of them, a final EOS included (as vLLM does:
+    its text is ""), except for a sequence cut at a stop string, whose tokens from the one that
+    completed the stop string on are left out (they hold no text the client receives)."""
     stops = getattr(prior, "stop_position", None)
-    at = stops(seq) if stops is not None else None
+    eos = set(prior.eos_token_ids)
+    body = seq[:-1] if seq and seq[-1] in eos else seq
+    at = stops(body) if stops is not None else None
     return seq if at is None else seq[: at - 1]
 
 

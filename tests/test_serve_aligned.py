@@ -161,3 +161,28 @@ def test_unknown_model_gets_openais_404_and_models_answer_in_openais_shape(clien
     r = client.get("/v1/models/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["toy", "toy-2"]
+
+
+@pytest.mark.slow
+def test_default_model_n1_answers_have_higher_reward_than_the_priors():
+    """The issue's check on the default model: seeded n=1 requests with Sentiment at beta 0.05
+    (before issue 26 an n=1 "is" answer was the prior's draw: equal rewards on average)."""
+    from fastapi.testclient import TestClient
+
+    prompts = ["The movie was", "I think the food", "My day has been", "The new phone is", "Our trip to the coast",
+               "The service here", "This book", "The weather today"]  # fmt: skip
+    sentiment = from_spec("sentiment")
+    aligned, plain = [], []
+    with TestClient(create_app(pst.load_default_prior(), config=ServeConfig(model_name="m", max_prompts=8))) as client:
+        for seed in range(3):
+            body = {"prompt": prompts, "n": 1, "max_tokens": 12, "seed": seed}
+            status, out = post(client, {**body, "model": "m", "posterior": {"reward": "sentiment", "beta": 0.05}})
+            assert status == 200, out
+            aligned += [c["posterior"]["reward"] for c in out["choices"]]
+            status, out = post(client, {**body, "model": "m"})
+            assert status == 200, out
+            plain += sentiment([c["text"] for c in out["choices"]]).tolist()
+    a, b = torch.tensor(aligned), torch.tensor(plain)
+    se = math.sqrt(a.var().item() / len(a) + b.var().item() / len(b))
+    print(f"n=1 mean reward: aligned {a.mean():.3f}, prior {b.mean():.3f} (se of the difference {se:.3f}, {len(a)} answers each)")
+    assert a.mean() - b.mean() > 3 * se

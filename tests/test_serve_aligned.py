@@ -186,3 +186,22 @@ def test_default_model_n1_answers_have_higher_reward_than_the_priors():
     se = math.sqrt(a.var().item() / len(a) + b.var().item() / len(b))
     print(f"n=1 mean reward: aligned {a.mean():.3f}, prior {b.mean():.3f} (se of the difference {se:.3f}, {len(a)} answers each)")
     assert a.mean() - b.mean() > 3 * se
+
+
+def test_echo_with_posterior_gives_log_pi_star_of_the_continuation_with_a_bracket(client):
+    """log pi*(continuation + EOS | context) = log pi0 + r/beta - log Z(context): the bracket holds
+    the enumerated value, the estimate is within it."""
+    prior = word_prior()
+    for beta in (0.5, 0.1):
+        status, out = post(client, {"prompt": [[0, 1], [0, 0, 0]], "echo": True, "max_tokens": 0, "logprobs": 0,
+                                    "posterior": {"reward": "sentiment", "beta": beta, "method": "smc", "particles": 64,
+                                                  "context_tokens": 1}})  # fmt: skip
+        assert status == 200, out
+        info = out["posterior"]
+        for cont, est, (lo, hi) in zip([(1, 2), (0, 0, 2)], info["log_prob"], info["log_prob_bracket"]):
+            exact = exact_posterior(prior, from_spec("sentiment"), beta, len(cont), prompt="good ")
+            want = dict(zip(exact.sequences, exact.log_posterior.tolist()))[cont]
+            assert lo <= want <= hi and lo <= est <= hi, (beta, cont, want, est, lo, hi)
+            assert hi - lo < 1.0  # informative, not a vacuous bracket
+    status, out = post(client, {"prompt": "good bad ", "posterior": {"reward": "sentiment", "context_tokens": 1}})
+    assert status == 400 and out["error"]["param"] == "posterior.context_tokens"  # needs echo

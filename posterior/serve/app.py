@@ -234,7 +234,32 @@ def create_app(prior, *, config: ServeConfig | None = None):
             contexts = [prior.encode_prompts([str(prompts[q])])[0] for q, _ in keys]
             scored = dict(zip(keys, forced(scorer, contexts, seqs, k)))
         echoed = [echo_scores(scorer, i, k) for i in ids] if settings.echo else None
-        return dataclasses.replace(served, scored=scored, echoed=echoed)
+        log_prob = None
+        if settings.context_tokens is not None and settings.reward is not None:
+            log_prob = [_log_prob(scorer, settings, i, q) for q, i in enumerate(ids)]
+        return dataclasses.replace(served, scored=scored, echoed=echoed, log_prob=log_prob)
+
+    def _log_prob(scorer, settings: Settings, ids: list[int], q: int) -> tuple[float, float, float]:
+        """log pi*(x | c) for the context c = ids[:context_tokens] and the complete continuation
+        x = the rest + EOS: log pi0(x | c) + r(x)/beta - log Z(c), with Z over continuations of at
+        most max(max_tokens, len(x)) tokens, bracketed by ``pst.bounds`` (its estimates and z=3
+        widened ends). Returns (estimate, lower, upper)."""
+        from posterior.diagnostics.bounds import bounds
+        from posterior.seeds import derive_seed
+
+        c = settings.context_tokens
+        context, cont = ids[:c], ids[c:]
+        eos0 = scorer.eos_token_ids[0]
+        lp = sum(forced(scorer, [context], [cont + [eos0]], 0)[0].logprobs)
+        reward = rewards.get(settings.reward)
+        r = float(reward([scorer.decode(cont)])[0])
+        post = Posterior(scorer, reward, settings.beta)
+        method = settings.method if settings.method in ("is", "smc") else "smc"
+        b = bounds(post, n=settings.particles, repeats=8, max_new_tokens=max(settings.max_tokens, len(cont) + 1),
+                   prompts=[scorer.decode(context)], method=method, seed=derive_seed(sum(ids) + 31 * len(ids), f"serve-log-prob-{q}"))  # fmt: skip
+        tilt = lp + r / settings.beta
+        lo_z, hi_z = float(b.log_Z_lower[0]), float(b.log_Z_upper[0])
+        return tilt - 0.5 * (lo_z + hi_z), tilt - hi_z, tilt - lo_z
 
     def make_callback(jobs: list[Job], offsets: list[int]):
         settings: Settings = jobs[0].settings

@@ -163,6 +163,7 @@ class Settings:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None: no log-probs; k: each token's and its k most likely alternatives'
     echo: bool = False  # the prompt (and its token log-probs, first null) before the completion
+    context_tokens: int | None = None  # with echo: the prompt's first tokens are the context, the rest the continuation
 
     @property
     def population(self) -> bool:
@@ -279,9 +280,13 @@ def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward
         return Settings(None, 1.0, "is", (), n, max_tokens, particles=config.default_particles)
     if not isinstance(obj, dict):
         raise BadRequest("posterior", f"must be an object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - {"reward", "beta", "method", "options", "particles"})
+    unknown = sorted(set(obj) - {"reward", "beta", "method", "options", "particles", "context_tokens"})
     if unknown:
-        raise BadRequest(f"posterior.{unknown[0]}", "unknown field; posterior takes reward, beta, method, particles, options")
+        raise BadRequest(f"posterior.{unknown[0]}", "unknown field; posterior takes reward, beta, method, particles, options, "
+                         "context_tokens")  # fmt: skip
+    context_tokens = obj.get("context_tokens")
+    if context_tokens is not None:
+        context_tokens = _int(obj, "context_tokens", None, 1, None, field="posterior.context_tokens")
     reward = obj.get("reward")
     if not isinstance(reward, str) or not reward:
         raise BadRequest("posterior.reward", f"must be a reward spec string (e.g. 'sentiment', 'contains:WORD'), got {reward!r}")
@@ -333,7 +338,8 @@ def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward
         particles = options[option]
     elif particles is None:
         particles = config.default_particles
-    return Settings(reward, value, method, tuple(sorted(options.items())), n, max_tokens, particles=particles)
+    return Settings(reward, value, method, tuple(sorted(options.items())), n, max_tokens, particles=particles,
+                    context_tokens=context_tokens)
 
 
 def _check_allowed(spec: str) -> None:
@@ -462,6 +468,13 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
     settings = parse_posterior(body.get("posterior"), config, n=n, max_tokens=max_tokens, reward_names=reward_names)
     settings = dataclasses.replace(settings, temperature=temperature, top_k=top_k, top_p=top_p, mode=mode, stop=stop,
                                    stop_token_ids=stop_ids, logprobs=logprobs, echo=echo)  # fmt: skip
+    if settings.context_tokens is not None:
+        if not echo:
+            raise BadRequest("posterior.context_tokens", "needs echo: true (it splits the echoed prompt into context and continuation)")
+        for i, ids in enumerate(ids_of):
+            if not settings.context_tokens < len(ids):
+                raise BadRequest("posterior.context_tokens", f"is {settings.context_tokens} but prompt {i} has {len(ids)} tokens: "
+                                 "the continuation after the context would be empty")  # fmt: skip
     if stream and (echo or logprobs is not None):
         raise BadRequest("echo" if echo else "logprobs", "cannot be streamed by this server; send stream: false")
     for i, ids in enumerate(ids_of):
@@ -600,6 +613,7 @@ class Served:
     how: str  # "resampled" | "mode" | "independent" | "echo"
     scored: dict = dataclasses.field(default_factory=dict)  # (p, j) -> logprobs.Scored of sample j's returned tokens
     echoed: list | None = None  # per prompt: logprobs.Scored of its own tokens (echo)
+    log_prob: list | None = None  # per prompt: (estimate, lower, upper) of log pi*(continuation | context)
 
 
 class Prompt(str):
@@ -691,6 +705,19 @@ def completion_tokens(served: Served, p: int, eos: set[int]) -> int:
 
 def summary(served: Served, outcome_first: int, count: int, *, settings: Settings, seed, requests: int, prompts: int, many: bool) -> dict:
     """The response's top-level ``posterior`` object for prompts first .. first + count - 1."""
+    out = _summary(served, outcome_first, count, settings=settings, seed=seed, requests=requests, prompts=prompts, many=many)
+    if served.log_prob is not None:
+        rows = served.log_prob[outcome_first : outcome_first + count]
+        est = [finite(e) for e, _, _ in rows]
+        bracket = [[finite(lo), finite(hi)] for _, lo, hi in rows]
+        out["log_prob"] = est if many else est[0]
+        out["log_prob_bracket"] = bracket if many else bracket[0]
+        out["log_prob_note"] = ("log pi*(continuation + EOS | context) = log pi0 + r/beta - log Z(context); log Z from "
+                                "pst.bounds (z=3 widened ends): an estimate and its bracket")  # fmt: skip
+    return out
+
+
+def _summary(served: Served, outcome_first: int, count: int, *, settings: Settings, seed, requests: int, prompts: int, many: bool) -> dict:
     result = served.result
     if result is None:  # echo with max_tokens 0: nothing was sampled
         return {"method": None, "reward": settings.reward, "beta": settings.beta, "prior_only": settings.reward is None,

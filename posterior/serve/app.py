@@ -3,8 +3,11 @@
     app = create_app(prior, config=ServeConfig(model_name="smollm2", api_key="..."))
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (OpenAI shapes, plus the
-``posterior`` request object and response fields of :mod:`posterior.serve.protocol`),
-``GET /v1/models``, ``GET /health`` (never needs the key). One worker thread owns the prior and runs
+``posterior`` request object and response fields of :mod:`posterior.serve.protocol`; ``logprobs``,
+``echo`` and token-id prompts as :mod:`posterior.serve.logprobs` says), ``GET /v1/models`` and
+``/v1/models/{id}`` (OpenAI's shapes; an unknown id is OpenAI's 404), vLLM's ``POST /tokenize``,
+``POST /detokenize`` and ``GET /tokenizer_info`` (lm-eval's remote tokenizer reads them),
+``GET /health`` (never needs the key). One worker thread owns the prior and runs
 the sampler calls (:mod:`posterior.serve.batcher`); request coroutines wait on per-request event
 queues, so the event loop never runs a model.
 
@@ -17,7 +20,14 @@ choice's rest with its weight; the first chunk says ``"stream": "prefix"``. Othe
 know any text before they end: their first chunk says ``"stream": "final"`` and the text follows
 when the run is done. In both, the deltas of a choice concatenate to its final text.
 
-Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the field
+With ``echo``, a ``posterior`` object and ``posterior.context_tokens`` (the prompt's first tokens
+are the context, the rest the continuation), the top-level ``posterior`` also has ``log_prob``, an
+estimate of log pi*(continuation + EOS | context) = log pi0 + r/beta - log Z(context), and
+``log_prob_bracket`` from :func:`posterior.bounds` (Z over continuations of at most
+max(max_tokens, continuation + 1) tokens).
+
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 404 an unknown model
+(``code: "model_not_found"``), 400 names the field
 (bad JSON, nesting deeper than :data:`~posterior.serve.protocol.MAX_JSON_DEPTH`, a lone surrogate, a
 number no float holds included), 401 a missing or wrong key, 413 a body above ``max_body_bytes``
 (refused before it is parsed), 429 a full queue, 422 a run whose particles all got weight 0, 501 a

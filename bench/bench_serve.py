@@ -4,12 +4,13 @@ Starts ``posterior serve`` (the default model unless ``--model``) once per round
 alternation: "batched" (the server's defaults: 20 ms window, up to 32 prompts per sampler call)
 and "serial" (``--batch-window-ms 0 --max-batch-prompts 1``: one request per call, the queue
 answered in order). In each, K clients send R requests each, one after another (no seed, so the
-server may batch them), and the script checks that every request was answered exactly once with
+server may batch them; with ``--seeded`` every request carries its own seed, as lm-eval's do), and
+the script checks that every request was answered exactly once with
 status 200 and n choices. Prints throughput (requests/s), p50/p99 latency per mode (median over
 rounds) and the batched/serial throughput ratio.
 
     python bench/bench_serve.py [--clients 32] [--requests 4] [--n 4] [--max-tokens 16] [--method is]
-                                [--rounds 1] [--model PATH] [--threads N]
+                                [--rounds 1] [--model PATH] [--threads N] [--seeded]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def start(args, mode: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    cmd = [sys.executable, "-m", "posterior", "serve", "--port", "0", "--log-level", "warning",
+    cmd = [sys.executable, "-m", "posterior", "serve", "--port", "0", "--log-level", "warning", "--served-model-name", "m",
            "--max-queue", str(args.clients * 2), *MODES[mode]]  # fmt: skip
     if args.model:
         cmd += ["--model", args.model]
@@ -81,8 +82,9 @@ async def load(url: str, args) -> dict:
     async def client(c: int, http: httpx.AsyncClient):
         for r in range(args.requests):
             t0 = time.perf_counter()
+            sent = {**body, "seed": c * args.requests + r} if args.seeded else body
             try:
-                resp = await http.post("/v1/completions", json=body)
+                resp = await http.post("/v1/completions", json=sent)
             except httpx.HTTPError as e:
                 failed.append(f"client {c} request {r}: {type(e).__name__}: {e}")
                 continue
@@ -115,6 +117,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="alternations batched/serial; medians are printed")
     ap.add_argument("--model", default=None, help="model folder (default: the default prior, SmolLM2-135M)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
+    ap.add_argument("--seeded", action="store_true", help="every request carries its own seed (lm-eval sends one with each)")
     args = ap.parse_args()
 
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
@@ -133,7 +136,8 @@ def main():
             for f in out["failed"][:5]:
                 print("   ", f)
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("throughput", "p50", "p99")} for m, rs in runs.items()}
-    print(f"\n{args.clients} clients x {args.requests} requests, n={args.n}, max_tokens={args.max_tokens}, method {args.method}, "
+    print(f"\n{args.clients} clients x {args.requests} {'seeded ' if args.seeded else ''}requests, n={args.n}, "
+          f"max_tokens={args.max_tokens}, method {args.method}, "
           f"{args.rounds} round(s), medians:")
     for m, v in med.items():
         print(f"  {m:8s} throughput {v['throughput']:.2f} req/s   p50 {v['p50']:.2f} s   p99 {v['p99']:.2f} s")

@@ -167,9 +167,10 @@ def toy_client():
 
 @pytest.mark.parametrize("method", ["is", "smc"])
 def test_served_sample_is_posterior_sample_and_the_exact_posterior(toy_client, method):
-    """Same seed -> the texts and weights of Posterior.sample; pooled over seeds, the weighted
-    choices match the enumerated posterior (TV within 3 sigma of the pooled ESS) and log Z its
-    exact value."""
+    """Same seed -> the population is Posterior.sample's (texts and weights) and each choice one of
+    its particles; pooled over seeds, the choices (equally weighted draws by weight) match the
+    enumerated posterior (TV within 3 sigma of the population's ESS and the draws) and log Z its
+    exact value. (Before issue 26 the choices were the particles themselves, with their weights.)"""
     T, beta, n, seeds = 3, 0.5, 256, range(6)
     prior = word_prior()
     post = pst.Posterior(prior, from_spec("sentiment"), beta)
@@ -181,19 +182,23 @@ def test_served_sample_is_posterior_sample_and_the_exact_posterior(toy_client, m
     pooled, ess, log_Z = {}, 0.0, []
     for seed in seeds:
         status, body = completion(toy_client, {"prompt": "good ", "n": n, "max_tokens": T, "seed": seed,
-                                               "posterior": {"reward": "sentiment", "beta": beta, "method": method}})
+                                               "posterior": {"reward": "sentiment", "beta": beta, "method": method, "particles": n}})
         assert status == 200, body
         res = post.sample(n=n, method=method, max_new_tokens=T, prompts=["good "], seed=seed)
-        assert [c["text"] for c in body["choices"]] == res.texts[0]
-        lw = torch.tensor([c["posterior"]["log_weight"] for c in body["choices"]], dtype=torch.float64)
-        assert torch.allclose(lw, res.log_weights[0].double(), atol=1e-6)
+        particles = [c["posterior"]["particle"] for c in body["choices"]]
+        assert [c["text"] for c in body["choices"]] == [res.texts[0][j] for j in particles]
+        lw = torch.tensor([c["posterior"]["particle_log_weight"] for c in body["choices"]], dtype=torch.float64)
+        assert torch.allclose(lw, res.log_weights[0, particles].double(), atol=1e-6)
+        assert all(c["posterior"]["log_weight"] == pytest.approx(-math.log(n)) for c in body["choices"])
         assert body["posterior"]["seed"] == seed and body["posterior"]["estimate"] is True
-        for c, w in zip(body["choices"], lw.softmax(0).tolist()):
-            pooled[key_of(c)] = pooled.get(key_of(c), 0.0) + w / len(seeds)
+        assert body["posterior"]["particles"] == n and body["posterior"]["choices"] == "resampled"
+        for c in body["choices"]:
+            pooled[key_of(c)] = pooled.get(key_of(c), 0.0) + 1 / (n * len(seeds))
         ess += body["posterior"]["ess"]
         log_Z.append(body["posterior"]["log_Z"])
     tv = 0.5 * sum(abs(pooled.get(k, 0.0) - probs.get(k, 0.0)) for k in set(pooled) | set(probs))
     n_eff = ess / 2 if method == "smc" else ess  # resampled particles are correlated
+    n_eff = 1 / (1 / n_eff + 1 / (n * len(seeds)))  # and the choices are n draws from each population
     assert tv < tv_tolerance(probs.values(), n_eff)
     assert abs(sum(log_Z) / len(log_Z) - exact.log_Z) < 6 / math.sqrt(ess)
 
@@ -229,7 +234,17 @@ def test_without_posterior_object_the_choices_are_prior_samples(toy_client):
         ({"max_tokens": "3"}, "max_tokens"),
         ({"prompt": 42}, "prompt"),
         ({"seed": -1}, "seed"),
-        ({"temperature": 0.7}, "temperature"),
+        ({"temperature": -0.5}, "temperature"),  # (0.7 was refused before issue 26: now it is the prior's)
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"stop_token_ids": [3]}, "stop_token_ids"),  # the toy has 3 tokens
+        ({"posterior": {"reward": "sentiment", "method": "mh", "particles": 4}}, "posterior.particles"),
+        ({"posterior": {"reward": "sentiment", "particles": 257}}, "posterior.particles"),
+        ({"posterior": {"reward": "sentiment", "method": "bon", "particles": 4, "options": {"best_of": 8}}}, "posterior.particles"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
         ({"frobnicate": 1}, "frobnicate"),
     ],
 )
@@ -299,7 +314,7 @@ def test_smc_stream_sends_the_shared_prefix_while_the_run_is_in_flight():
     every particle shares) for every choice — a stream that waited for the result could not."""
     prior = GatePrior(fixed=3, eos_from=5, block_at=5)
     body = {"model": "toy", "prompt": "good ", "n": 4, "max_tokens": 8, "seed": 0, "stream": True,
-            "posterior": {"reward": "sentiment", "beta": 1.0, "method": "smc"}}
+            "posterior": {"reward": "sentiment", "beta": 1.0, "method": "smc", "particles": 4}}
     with thread_server(create_app(prior, config=ServeConfig(model_name="toy"))) as url:
         with httpx.Client(base_url=url, timeout=30) as client, client.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -319,7 +334,9 @@ def test_smc_stream_sends_the_shared_prefix_while_the_run_is_in_flight():
     assert sorted(c["index"] for c in final) == [0, 1, 2, 3]
     res = pst.Posterior(GatePrior(fixed=3, eos_from=5, block_at=None), from_spec("sentiment"), 1.0).sample(
         n=4, method="smc", max_new_tokens=8, prompts=["good "], seed=0)
-    assert [got[i] for i in range(4)] == res.texts[0]  # deltas concatenate to the final texts
+    final.sort(key=lambda c: c["index"])
+    assert [got[i] for i in range(4)] == [res.texts[0][c["posterior"]["particle"]] for c in final]  # deltas concatenate to the final texts
+    assert all(ch["choices"] for ch in chunks)  # every chunk carries choices (no include_usage asked)
 
 
 def test_full_queue_gets_429_and_a_gone_client_aborts_its_run():
@@ -392,8 +409,8 @@ def test_concurrent_requests_share_one_sampler_call_and_seeded_ones_do_not():
     assert all(p["seed"] is None for p in batched if p["batch"]["requests"] > 1)
     seeded = next(r.json() for b, r in answers if "seed" in b)
     assert seeded["posterior"]["batch"] == {"requests": 1, "prompts": 1} and seeded["posterior"]["seed"] == 11
-    res = pst.Posterior(prior, from_spec("sentiment"), 0.5).sample(n=8, method="is", max_new_tokens=3, prompts=["good "], seed=11)
-    assert [c["text"] for c in seeded["choices"]] == res.texts[0]
+    res = pst.Posterior(prior, from_spec("sentiment"), 0.5).sample(n=16, method="is", max_new_tokens=3, prompts=["good "], seed=11)
+    assert [c["text"] for c in seeded["choices"]] == [res.texts[0][c["posterior"]["particle"]] for c in seeded["choices"]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,6 +422,8 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }}. {% e
 def start_server(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     env.pop("POSTERIOR_API_KEY", None)
+    if "--served-model-name" not in extra:  # the folder's name (the default) and "m", which the tests send
+        extra = ("--served-model-name", os.path.basename(model), "m", *extra)
     proc = subprocess.Popen([sys.executable, "-m", "posterior", "serve", "--model", model, "--port", "0",
                              "--log-level", "warning", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
@@ -479,14 +498,16 @@ AL = {"reward": "sentiment", "beta": 0.5, "method": "smc"}
 def test_openai_client_gets_the_texts_of_posterior_sample(client, local, chat_model):
     _, post = local
     name = os.path.basename(chat_model)
-    out = client.completions.create(model=name, prompt="the movie was", n=6, max_tokens=12, seed=5, extra_body={"posterior": AL})
+    out = client.completions.create(model=name, prompt="the movie was", n=6, max_tokens=12, seed=5,
+                                    extra_body={"posterior": {**AL, "particles": 6}})
     res = post.sample(n=6, method="smc", max_new_tokens=12, prompts=["the movie was"], seed=5)
-    assert [c.text for c in out.choices] == res.texts[0]
+    particles = [c.model_extra["posterior"]["particle"] for c in out.choices]
+    assert [c.text for c in out.choices] == [res.texts[0][j] for j in particles]
     assert [c.index for c in out.choices] == list(range(6)) and out.model == name
     extra = out.model_extra["posterior"]
     assert extra["method"] == "smc" and extra["seed"] == 5 and extra["log_Z"] == pytest.approx(res.log_Z[0].item(), abs=1e-5)
-    lw = [c.model_extra["posterior"]["log_weight"] for c in out.choices]
-    assert lw == pytest.approx(res.log_weights[0].tolist(), abs=1e-5)
+    lw = [c.model_extra["posterior"]["particle_log_weight"] for c in out.choices]
+    assert lw == pytest.approx([res.log_weights[0, j].item() for j in particles], abs=1e-5)
     assert out.usage.completion_tokens > 0 and out.usage.prompt_tokens == len(post.prior.encode_prompts(["the movie was"])[0])
 
 
@@ -494,25 +515,28 @@ def test_openai_stream_deltas_concatenate_to_every_choice(client, local):
     _, post = local
     texts, first, finals = {}, None, {}
     for chunk in client.completions.create(model="m", prompt="the movie was", n=4, max_tokens=16, seed=2, stream=True,
-                                           extra_body={"posterior": AL}):
+                                           extra_body={"posterior": {**AL, "particles": 4}}):
         first = first or chunk.model_extra.get("posterior")
+        assert chunk.choices  # no chunk without choices (include_usage was not asked for)
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + c.text
             if c.finish_reason is not None:
                 finals[c.index] = c.model_extra["posterior"]
     res = post.sample(n=4, method="smc", max_new_tokens=16, prompts=["the movie was"], seed=2)
     assert first["stream"] == "prefix" and sorted(finals) == [0, 1, 2, 3]
-    assert [texts[i] for i in range(4)] == res.texts[0]
+    assert [texts[i] for i in range(4)] == [res.texts[0][finals[i]["particle"]] for i in range(4)]
     # A method that cannot know text early says so, and still ends with the same texts.
-    texts, first = {}, None
+    texts, first, finals = {}, None, {}
     for chunk in client.completions.create(model="m", prompt="the movie was", n=3, max_tokens=8, seed=2, stream=True,
-                                           extra_body={"posterior": {**AL, "method": "is"}}):
+                                           extra_body={"posterior": {**AL, "method": "is", "particles": 3}}):
         first = first or chunk.model_extra.get("posterior")
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason is not None:
+                finals[c.index] = c.model_extra["posterior"]
     res = post.sample(n=3, method="is", max_new_tokens=8, prompts=["the movie was"], seed=2)
     assert first["stream"] == "final" and "not incremental" in first["note"]
-    assert [texts[i] for i in range(3)] == res.texts[0]
+    assert [texts[i] for i in range(3)] == [res.texts[0][finals[i]["particle"]] for i in range(3)]
 
 
 def test_chat_completions_apply_the_chat_template(client, local):
@@ -520,14 +544,15 @@ def test_chat_completions_apply_the_chat_template(client, local):
     messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "how was the movie?"}]
     prompt = prior.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     res = post.sample(n=3, method="smc", max_new_tokens=10, prompts=[prompt], seed=9)
-    out = client.chat.completions.create(model="m", messages=messages, n=3, max_tokens=10, seed=9, extra_body={"posterior": AL})
-    assert [c.message.content for c in out.choices] == res.texts[0] and out.object == "chat.completion"
+    al = {"posterior": {**AL, "particles": 3}}
+    out = client.chat.completions.create(model="m", messages=messages, n=3, max_tokens=10, seed=9, extra_body=al)
+    particles = [c.model_extra["posterior"]["particle"] for c in out.choices]
+    assert [c.message.content for c in out.choices] == [res.texts[0][j] for j in particles] and out.object == "chat.completion"
     streamed = {}
-    for chunk in client.chat.completions.create(model="m", messages=messages, n=3, max_tokens=10, seed=9, stream=True,
-                                                extra_body={"posterior": AL}):
+    for chunk in client.chat.completions.create(model="m", messages=messages, n=3, max_tokens=10, seed=9, stream=True, extra_body=al):
         for c in chunk.choices:
             streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
-    assert [streamed[i] for i in range(3)] == res.texts[0]
+    assert [streamed[i] for i in range(3)] == [res.texts[0][j] for j in particles]  # the same seed: the same choices
 
 
 def test_http_keys_models_and_errors(server, client):
@@ -724,3 +749,17 @@ def test_bad_serve_options_fail_before_the_model_loads(capsys, tmp_path):
     assert "max_n must be a positive int" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_chat_without_max_tokens_runs_to_the_rest_of_the_context(server, client):
+    """Before issue 26 chat's default was 16 tokens (OpenAI's is the rest of the context): LiteLLM
+    and LangChain chat calls without max_tokens were cut at 16."""
+    openai = pytest.importorskip("openai")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    context = httpx.get(server + "/v1/models/m", headers=auth, timeout=60).json()["max_model_len"]
+    out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], seed=0)
+    c = out.choices[0]
+    assert c.finish_reason == "stop" or out.usage.completion_tokens == context - out.usage.prompt_tokens, (out.usage, context)
+    assert out.usage.completion_tokens > 16 or c.finish_reason == "stop"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)

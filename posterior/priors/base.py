@@ -29,6 +29,7 @@ use the modified distribution, and ``describe()`` says so.
 from __future__ import annotations
 
 import abc
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
@@ -224,6 +225,18 @@ class Prior(abc.ABC):
         rows = [list(p) for p in prompt_ids for _ in range(n)]
         ext = self.continue_prefixes(rows, [[] for _ in rows], max_new_tokens, generator=generator)
         return continuations(self, ext, len(prompt_ids), n)
+
+    def with_sampling(self, *, temperature: float, top_k: int | None, top_p: float | None) -> "Prior":
+        """The same model with other sampling modifications (a per-request prior of a server).
+
+        A shallow copy: it shares the model, tokenizer and engine with ``self`` (neither owns
+        them more than the other; close only the original). Priors whose modified distribution
+        needs more than the attributes (an engine's log-prob mode) override this and refuse.
+        """
+        temperature, top_k, top_p = validate_sampling(temperature, top_k, top_p)
+        new = copy.copy(self)
+        new.temperature, new.top_k, new.top_p = temperature, top_k, top_p
+        return new
 
     def close(self) -> None:
         """Release what the prior holds outside this process (engines); a no-op by default."""

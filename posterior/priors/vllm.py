@@ -300,6 +300,17 @@ class VLLMPrior(TokenizerText, Prior):
             _shutdown_engine(llm)
             raise
 
+    def with_sampling(self, *, temperature: float, top_k: int | None, top_p: float | None) -> "VLLMPrior":
+        """As :meth:`Prior.with_sampling`; a modified prior needs the engine built with
+        ``logprobs_mode='processed_logprobs'`` (as the constructor checks)."""
+        new = super().with_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+        if new.modified and self.llm.model_config.logprobs_mode != "processed_logprobs":
+            raise ValueError(
+                f"temperature={temperature}, top_k={top_k}, top_p={top_p} need the vLLM engine built with "
+                "logprobs_mode='processed_logprobs' (this one reports the unmodified model's log-probs)"
+            )
+        return new
+
     # --- properties ----------------------------------------------------------------------------
     @property
     def modified(self) -> bool:

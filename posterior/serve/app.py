@@ -3,8 +3,11 @@
     app = create_app(prior, config=ServeConfig(model_name="smollm2", api_key="..."))
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (OpenAI shapes, plus the
-``posterior`` request object and response fields of :mod:`posterior.serve.protocol`),
-``GET /v1/models``, ``GET /health`` (never needs the key). One worker thread owns the prior and runs
+``posterior`` request object and response fields of :mod:`posterior.serve.protocol`; ``logprobs``,
+``echo`` and token-id prompts as :mod:`posterior.serve.logprobs` says), ``GET /v1/models`` and
+``/v1/models/{id}`` (OpenAI's shapes; an unknown id is OpenAI's 404), vLLM's ``POST /tokenize``,
+``POST /detokenize`` and ``GET /tokenizer_info`` (lm-eval's remote tokenizer reads them),
+``GET /health`` (never needs the key). One worker thread owns the prior and runs
 the sampler calls (:mod:`posterior.serve.batcher`); request coroutines wait on per-request event
 queues, so the event loop never runs a model.
 
@@ -17,7 +20,14 @@ choice's rest with its weight; the first chunk says ``"stream": "prefix"``. Othe
 know any text before they end: their first chunk says ``"stream": "final"`` and the text follows
 when the run is done. In both, the deltas of a choice concatenate to its final text.
 
-Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the field
+With ``echo``, a ``posterior`` object and ``posterior.context_tokens`` (the prompt's first tokens
+are the context, the rest the continuation), the top-level ``posterior`` also has ``log_prob``, an
+estimate of log pi*(continuation + EOS | context) = log pi0 + r/beta - log Z(context), and
+``log_prob_bracket`` from :func:`posterior.bounds` (Z over continuations of at most
+max(max_tokens, continuation + 1) tokens).
+
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 404 an unknown model
+(``code: "model_not_found"``), 400 names the field
 (bad JSON, nesting deeper than :data:`~posterior.serve.protocol.MAX_JSON_DEPTH`, a lone surrogate, a
 number no float holds included), 401 a missing or wrong key, 413 a body above ``max_body_bytes``
 (refused before it is parsed), 429 a full queue, 422 a run whose particles all got weight 0, 501 a
@@ -30,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -43,16 +54,20 @@ from posterior.serve.protocol import (
     MAX_JSON_DEPTH,
     BadRequest,
     Parsed,
+    Prompt,
     ServeConfig,
+    Served,
     Settings,
+    check_json,
     choice_stats,
+    choose,
     completion_tokens,
-    finish_reasons,
     new_id,
     now,
     parse_request,
     summary,
 )
+from posterior.serve.logprobs import Scored, chat_logprobs, completion_logprobs, echo_scores, forced, join, visible
 from posterior.serve.streaming import PrefixTracker
 
 log = logging.getLogger("posterior.serve")
@@ -113,10 +128,42 @@ def _missing_package(e: BaseException) -> ImportError | None:
     return None
 
 
-def _error_body(status: int, message: str, param: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+def _error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
             422: "invalid_request_error", 429: "rate_limit_error", 501: "not_implemented_error"}.get(status, "server_error")  # fmt: skip
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": status if code is None else code}}
+
+
+class _Priors:
+    """The per-request prior of each (temperature, top_k, top_p, stop, stop_token_ids): the served
+    prior with those sampling parameters (``Prior.with_sampling``, sharing the model) and stopped
+    at the stop strings (:func:`posterior.priors.stop.stop_string_prior`); a small LRU."""
+
+    def __init__(self, prior, size: int = 32):
+        self.prior, self.size = prior, size
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, settings: Settings):
+        from posterior.priors.stop import stop_string_prior
+
+        key = (settings.temperature, settings.top_k, settings.top_p, settings.stop, settings.stop_token_ids)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        base = self.prior
+        if (settings.temperature, settings.top_k, settings.top_p) != (base.temperature, base.top_k, base.top_p):
+            try:
+                base = base.with_sampling(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+            except ValueError as e:
+                raise BadRequest("temperature", f"this server's prior cannot take these sampling parameters: {e}") from None
+        prior = stop_string_prior(base, list(settings.stop), list(settings.stop_token_ids))
+        with self._lock:
+            self._cache[key] = prior
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return prior
 
 
 def _chat_renderer(prior):
@@ -156,6 +203,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
     if getattr(prior, "chat", False):
         raise ValueError("serve a prior made with chat=False: /v1/chat/completions applies the chat template itself")
     rewards = _Rewards(prior)
+    priors = _Priors(prior)
     render_chat = _chat_renderer(prior)
     eos = set(prior.eos_token_ids)
     cleans_spaces = bool(getattr(getattr(prior, "tokenizer", None), "clean_up_tokenization_spaces", False))
@@ -166,20 +214,69 @@ def create_app(prior, *, config: ServeConfig | None = None):
 
     # --- the worker's side ---------------------------------------------------------------------
     def run(settings: Settings, prompts, seed, callback):
-        post = Posterior(prior, rewards.get(settings.reward), settings.beta)
-        options = dict(settings.options)
-        if callback is not None:
-            options["callback"] = callback
-        res = post.sample(n=settings.n, method=settings.method, max_new_tokens=settings.max_tokens, prompts=prompts,
-                          seed=seed, **options)  # fmt: skip
-        return res, res.seed
+        p = priors.get(settings)
+        if settings.max_tokens == 0:  # echo only: score the prompts, sample nothing
+            served, used = Served(None, [[0] * settings.n for _ in prompts], [["length"] for _ in prompts], "echo"), seed
+        else:
+            post = Posterior(p, rewards.get(settings.reward), settings.beta)
+            options = dict(settings.options)
+            if callback is not None:
+                options["callback"] = callback
+            res = post.sample(n=settings.runs, method=settings.method, max_new_tokens=settings.max_tokens, prompts=list(prompts),
+                              seed=seed, **options)  # fmt: skip
+            stopped = p.hit if settings.stop else None
+            served, used = choose(res, settings, res.seed, eos=p.eos_token_ids, stopped=stopped), res.seed
+        if settings.logprobs is not None or settings.echo:
+            served = _score(served, p, settings, prompts)
+        return served, used
+
+    def _score(served: Served, p, settings: Settings, prompts) -> Served:
+        """Attach the prior's token log-probs of the returned tokens (logprobs) and of the prompts
+        (echo); the stop strings change no token before the stop, so the unstopped prior scores."""
+        k = settings.logprobs or 0
+        scorer = getattr(p, "base", p)
+        ids = [q.ids if isinstance(q, Prompt) and q.ids is not None else prior.encode_prompts([q])[0] for q in prompts]
+        scored = {}
+        if served.result is not None and settings.logprobs is not None:
+            res = served.result
+            keys = sorted({(q, j) for q in range(len(prompts)) for j in served.picks[q]})
+            seqs = [visible(p, res.tokens[q, j, : res.lengths[q, j]].tolist()) for q, j in keys]
+            contexts = [prior.encode_prompts([str(prompts[q])])[0] for q, _ in keys]
+            scored = dict(zip(keys, forced(scorer, contexts, seqs, k)))
+        echoed = [echo_scores(scorer, i, k) for i in ids] if settings.echo else None
+        log_prob = None
+        if settings.context_tokens is not None and settings.reward is not None:
+            log_prob = [_log_prob(scorer, settings, i, q) for q, i in enumerate(ids)]
+        return dataclasses.replace(served, scored=scored, echoed=echoed, log_prob=log_prob)
+
+    def _log_prob(scorer, settings: Settings, ids: list[int], q: int) -> tuple[float, float, float]:
+        """log pi*(x | c) for the context c = ids[:context_tokens] and the complete continuation
+        x = the rest + EOS: log pi0(x | c) + r(x)/beta - log Z(c), with Z over continuations of at
+        most max(max_tokens, len(x)) tokens, bracketed by ``pst.bounds`` (its estimates and z=3
+        widened ends). Returns (estimate, lower, upper)."""
+        from posterior.diagnostics.bounds import bounds
+        from posterior.seeds import derive_seed
+
+        c = settings.context_tokens
+        context, cont = ids[:c], ids[c:]
+        eos0 = scorer.eos_token_ids[0]
+        lp = sum(forced(scorer, [context], [cont + [eos0]], 0)[0].logprobs)
+        reward = rewards.get(settings.reward)
+        r = float(reward([scorer.decode(cont)])[0])
+        post = Posterior(scorer, reward, settings.beta)
+        method = settings.method if settings.method in ("is", "smc") else "smc"
+        b = bounds(post, n=settings.particles, repeats=8, max_new_tokens=max(settings.max_tokens, len(cont) + 1),
+                   prompts=[scorer.decode(context)], method=method, seed=derive_seed(sum(ids) + 31 * len(ids), f"serve-log-prob-{q}"))  # fmt: skip
+        tilt = lp + r / settings.beta
+        lo_z, hi_z = float(b.log_Z_lower[0]), float(b.log_Z_upper[0])
+        return tilt - 0.5 * (lo_z + hi_z), tilt - hi_z, tilt - lo_z
 
     def make_callback(jobs: list[Job], offsets: list[int]):
         settings: Settings = jobs[0].settings
         if "callback" not in sampler_options(settings.method):
             return None
         prefix = settings.method == "smc" and not rewards.get(settings.reward).needs_prompts
-        trackers = {id(j): PrefixTracker(len(j.prompts) * settings.n, cleans_spaces=cleans_spaces) for j in jobs}
+        trackers = {id(j): PrefixTracker(len(j.prompts) * settings.n, cleans_spaces=cleans_spaces, stops=settings.stop) for j in jobs}
 
         def callback(report):
             abort_when_all_cancelled(jobs)
@@ -189,9 +286,9 @@ def create_app(prior, *, config: ServeConfig | None = None):
                 if not job.stream or job.cancelled.is_set():
                     continue
                 deltas = {}
-                for k in range(len(job.prompts)):
+                for k in range(len(job.prompts)):  # every choice is drawn from the particles alive at the end
                     lw = report.log_weights[off + k].tolist()
-                    deltas.update(trackers[id(job)].update(k * settings.n, report.texts[off + k], lw))
+                    deltas.update(trackers[id(job)].update_shared(k * settings.n, settings.n, report.texts[off + k], lw))
                 if deltas:
                     job.sent_deltas = True
                     job.emit("delta", deltas)
@@ -213,8 +310,8 @@ def create_app(prior, *, config: ServeConfig | None = None):
                   docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.batcher, app.state.config = batcher, config
 
-    def error(status: int, message: str, param: str | None = None, headers=None):
-        return JSONResponse(_error_body(status, message, param), status_code=status, headers=headers)
+    def error(status: int, message: str, param: str | None = None, headers=None, code=None):
+        return JSONResponse(_error_body(status, message, param, code), status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request, exc):  # a failing request never takes the server down
@@ -233,11 +330,105 @@ def create_app(prior, *, config: ServeConfig | None = None):
         return {"status": "ok", "model": config.model_name, "waiting": batcher.waiting, "running": batcher.running,
                 "calls": batcher.calls, "aborted": batcher.aborted}  # fmt: skip
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": started, "owned_by": "posterior", "max_model_len": prior.max_length}
+
     @app.get("/v1/models")
     async def models(request: Request):
         if not authorised(request):
             return unauthorised()
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": started, "owned_by": "posterior"}]}
+        return {"object": "list", "data": [model_card(name) for name in config.model_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        if not authorised(request):
+            return unauthorised()
+        if model_id not in config.model_names:
+            return error(404, f"The model `{model_id[:200]}` does not exist or you do not have access to it.", "model", code="model_not_found")
+        return model_card(model_id)
+
+    async def _json_body(request):
+        raw = await _read_body(request, config.max_body_bytes)
+        if raw is None:
+            raise BadRequest("body", f"larger than this server's limit of {config.max_body_bytes} bytes (--max-body-bytes)", 413)
+        try:
+            body = json.loads(raw)
+        except (RecursionError, ValueError) as e:
+            raise BadRequest("body", f"not valid JSON ({str(e)[:200]})") from None
+        if not isinstance(body, dict):
+            raise BadRequest("body", "must be a JSON object")
+        check_json(body)
+        model = body.get("model")
+        if model is not None and model not in config.model_names:
+            raise BadRequest("model", f"The model `{str(model)[:200]}` does not exist or you do not have access to it.", 404,
+                             code="model_not_found", plain=True)  # fmt: skip
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's /tokenize: {prompt} or {messages} -> {count, max_model_len, tokens}; the ids are
+        those the sampler conditions on (``add_special_tokens`` as the prior encodes prompts)."""
+        if not authorised(request):
+            return unauthorised()
+        try:
+            body = await _json_body(request)
+            extra = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"})
+            if extra:
+                raise BadRequest(extra[0], "unknown field")
+            if "messages" in body:
+                from posterior.serve.protocol import _render
+
+                text = await asyncio.to_thread(_render, body["messages"], render_chat)
+            else:
+                text = body.get("prompt")
+                if not isinstance(text, str):
+                    raise BadRequest("prompt", f"must be a string, got {type(text).__name__}")
+            special = body.get("add_special_tokens", True)
+            if not isinstance(special, bool):
+                raise BadRequest("add_special_tokens", f"must be a bool, got {special!r}")
+            tok = getattr(prior, "tokenizer", None)
+            try:
+                if special or tok is None:
+                    ids = await asyncio.to_thread(encode, text)
+                else:
+                    ids = list((await asyncio.to_thread(tok, text, add_special_tokens=False))["input_ids"])
+            except ValueError as e:
+                raise BadRequest("prompt", str(e)) from None
+        except BadRequest as e:
+            return error(e.status, str(e), e.field, code=e.code)
+        out = {"count": len(ids), "max_model_len": prior.max_length, "tokens": ids, "token_strs": None}
+        if body.get("return_token_strs"):
+            out["token_strs"] = [prior.decode([i]) for i in ids]
+        return out
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        """vLLM's /tokenizer_info (lm-eval's remote tokenizer reads it): special tokens and the
+        chat template."""
+        if not authorised(request):
+            return unauthorised()
+        tok = getattr(prior, "tokenizer", None)
+        return {"tokenizer_class": type(tok).__name__ if tok is not None else type(prior).__name__,
+                "eos_token": getattr(tok, "eos_token", None), "bos_token": getattr(tok, "bos_token", None),
+                "pad_token": getattr(tok, "pad_token", None), "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": prior.max_length}  # fmt: skip
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's /detokenize: {tokens} -> {prompt}."""
+        if not authorised(request):
+            return unauthorised()
+        try:
+            body = await _json_body(request)
+            extra = sorted(set(body) - {"model", "tokens"})
+            if extra:
+                raise BadRequest(extra[0], "unknown field")
+            from posterior.serve.protocol import _token_ids
+
+            ids = _token_ids("tokens", body.get("tokens") if isinstance(body.get("tokens"), list) else [None], prior.vocab_size)
+        except BadRequest as e:
+            return error(e.status, str(e), e.field, code=e.code)
+        return {"prompt": await asyncio.to_thread(prior.decode, ids)}
 
     def unauthorised():
         return error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
@@ -258,12 +449,15 @@ def create_app(prior, *, config: ServeConfig | None = None):
         try:
             parsed = await asyncio.to_thread(
                 parse_request, body, config, chat=chat, encode=encode, context=prior.max_length,
-                reward_names=set(REWARDS), render_chat=render_chat,
+                reward_names=set(REWARDS), render_chat=render_chat, sampling=(prior.temperature, prior.top_k, prior.top_p),
+                vocab_size=prior.vocab_size, decode=prior.decode,
             )  # fmt: skip
             await asyncio.to_thread(_reward_or_400, parsed.settings.reward)
+            await asyncio.to_thread(priors.get, parsed.settings)
         except BadRequest as e:
-            return error(e.status, str(e), e.field)
-        job = Job(parsed.settings, parsed.prompts, parsed.seed, stream=parsed.stream).bind(asyncio.get_running_loop())
+            return error(e.status, str(e), e.field, code=e.code)
+        prompts = [Prompt.of(t, ids if parsed.settings.echo else None) for t, ids in zip(parsed.prompts, parsed.prompt_ids)]
+        job = Job(parsed.settings, prompts, parsed.seed, stream=parsed.stream).bind(asyncio.get_running_loop())
         try:
             batcher.submit(job)
         except QueueFull as e:
@@ -294,14 +488,36 @@ def create_app(prior, *, config: ServeConfig | None = None):
 
     # --- response bodies -------------------------------------------------------------------------
     def _choices(parsed: Parsed, outcome):
-        res, n = outcome.result, parsed.settings.n
+        served: Served = outcome.result
+        res, n = served.result, parsed.settings.n
         for k in range(len(parsed.prompts)):
             p = outcome.first + k
-            reasons = finish_reasons(res, p, eos)
             for i in range(n):
-                yield k * n + i, res.texts[p][i], reasons[i], choice_stats(res, p, i)
+                j = served.picks[p][i]
+                text = "" if res is None else res.texts[p][j]
+                yield k * n + i, text, served.finish[p][j], choice_stats(served, p, i)
+
+    def token_text(i: int) -> str:
+        return "" if i in eos else prior.decode([i])  # EOS carries no text (vLLM writes "")
+
+    def _logprobs(parsed: Parsed, outcome, chat: bool) -> list:
+        """Per choice: its logprobs object (None unless asked), echo's prompt scores first."""
+        served: Served = outcome.result
+        out = []
+        for k in range(len(parsed.prompts)):
+            p = outcome.first + k
+            for i in range(parsed.settings.n):
+                if parsed.settings.logprobs is None:
+                    out.append(None)
+                    continue
+                sc = served.scored.get((p, served.picks[p][i]), Scored([], [], []))
+                if served.echoed is not None:
+                    sc = join(served.echoed[p], sc)
+                out.append(chat_logprobs(token_text, sc) if chat else completion_logprobs(token_text, sc))
+        return out
 
     def _usage(parsed: Parsed, outcome) -> dict:
+        eos = set(priors.get(parsed.settings).eos_token_ids)
         done = sum(completion_tokens(outcome.result, outcome.first + k, eos) for k in range(len(parsed.prompts)))
         prompt = sum(parsed.prompt_tokens)
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
@@ -312,8 +528,11 @@ def create_app(prior, *, config: ServeConfig | None = None):
 
     def _complete(parsed: Parsed, outcome, chat: bool) -> dict:
         choices = []
+        logprobs = _logprobs(parsed, outcome, chat)
         for idx, text, reason, stats in _choices(parsed, outcome):
-            c = {"index": idx, "finish_reason": reason, "logprobs": None, "posterior": stats}
+            if parsed.settings.echo:
+                text = parsed.prompts[idx // parsed.settings.n] + text
+            c = {"index": idx, "finish_reason": reason, "logprobs": logprobs[idx], "posterior": stats}
             c.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             choices.append(c)
         return {
@@ -327,9 +546,11 @@ def create_app(prior, *, config: ServeConfig | None = None):
         }
 
     async def _stream(job: Job, parsed: Parsed, chat: bool):
+        """Every chunk carries choices (OpenAI clients read ``chunk.choices[0]``), except the usage
+        chunk that ``stream_options.include_usage`` asks for, which is OpenAI's ``choices: []``."""
         cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         total = len(parsed.prompts) * parsed.settings.n
-        prefix = parsed.settings.method == "smc"
+        prefix = parsed.settings.method == "smc" and parsed.settings.reward is not None
 
         def chunk(choices, **extra):
             return _sse({"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
@@ -349,8 +570,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
                 f"{parsed.settings.method}: no text is known before the run ends; it is sent when done (not incremental)")  # fmt: skip
         sent = [""] * total
         try:
-            first = [delta(i, "", role=True) for i in range(total)] if chat else []
-            yield chunk(first, posterior={"stream": "prefix" if prefix else "final", "note": note})
+            yield chunk([delta(i, "", role=True) for i in range(total)], posterior={"stream": "prefix" if prefix else "final", "note": note})
             while True:
                 event = await job.events.get()
                 if event[0] == "delta":
@@ -358,7 +578,8 @@ def create_app(prior, *, config: ServeConfig | None = None):
                     for idx, text in sorted(event[1].items()):
                         sent[idx] += text
                         out.append(delta(idx, text))
-                    yield chunk(out)
+                    if out:
+                        yield chunk(out)
                 elif event[0] == "error":
                     yield _sse(_error_body(event[1], event[2]))
                     return
@@ -371,11 +592,9 @@ def create_app(prior, *, config: ServeConfig | None = None):
                             yield _sse(_error_body(500, f"internal error: streamed text of choice {idx} is not a prefix of its final text"))
                             return
                         out.append(delta(idx, text[len(sent[idx]) :], reason, stats))
-                    yield chunk(out)
-                    extra = {"posterior": _summary(parsed, outcome)}
+                    yield chunk(out, posterior=_summary(parsed, outcome))
                     if parsed.include_usage:
-                        extra["usage"] = _usage(parsed, outcome)
-                    yield chunk([], **extra)
+                        yield chunk([], usage=_usage(parsed, outcome))
                     yield "data: [DONE]\n\n"
                     return
         finally:

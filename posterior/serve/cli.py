@@ -30,9 +30,13 @@ DESCRIPTION = (
 )
 EPILOG = """\
 request body extra (openai client: extra_body={"posterior": {...}}):
-  {"posterior": {"reward": "sentiment", "beta": 0.1, "method": "smc", "options": {"ess_threshold": 0.5}}}
-  without it: plain prior samples. stream=true with method smc streams the text all surviving
-  particles share as soon as it is fixed.
+  {"posterior": {"reward": "sentiment", "beta": 0.1, "method": "smc", "particles": 16, "options": {"ess_threshold": 0.5}}}
+  without it: plain prior samples. With is/smc the n choices are draws by weight from the population
+  of "particles" (default --particles): each a sample of pi*, so n=1 is an aligned answer.
+  temperature / top_p / top_k are the prior's for that request; temperature 0 returns the
+  highest-weight text of the population (an estimate of pi*'s mode); stop / stop_token_ids end the
+  prior there (the stop text is not returned). stream=true with method smc streams the text all
+  surviving particles share as soon as it is fixed.
 
 example:
   posterior serve --model ./my-model --port 8000 --api-key secret
@@ -48,8 +52,14 @@ def add_parser(subparsers):
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed on stderr)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $POSTERIOR_API_KEY, else none)")
-    s.add_argument("--served-model-name", default=None, help="the model's name in /v1/models and responses (default: the --model folder's name)")
-    s.add_argument("--max-n", type=int, default=64, help="largest n a request may ask for")
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model's names: requests may use any, responses carry the first; others get 404 (default: the "
+                        "--model folder's name)")  # fmt: skip
+    s.add_argument("--max-n", type=int, default=64, help="largest n (choices) a request may ask for")
+    s.add_argument("--particles", type=int, default=ServeConfig.default_particles,
+                   help="population of a request's posterior when it gives no posterior.particles: is/smc draw the n "
+                        "choices from it by weight; bon/soft_bon use it as best_of, pgibbs as its particles")  # fmt: skip
+    s.add_argument("--max-particles", type=int, default=ServeConfig.max_particles, help="largest posterior.particles a request may ask for")
     s.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for (default: the model's context)")
     s.add_argument("--max-prompts", type=int, default=16, help="largest list of prompts in one completions request")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
@@ -77,9 +87,10 @@ def check(args):
     if args.batch_window_ms < 0:
         raise ValueError(f"--batch-window-ms must be >= 0, got {args.batch_window_ms}")
     key = args.api_key if args.api_key is not None else os.environ.get("POSTERIOR_API_KEY") or None
-    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else "SmolLM2-135M-Instruct")
+    names = args.served_model_name or [os.path.basename(os.path.normpath(args.model)) if args.model else "SmolLM2-135M-Instruct"]
     try:
-        config = ServeConfig(model_name=name, max_n=args.max_n, max_tokens=args.max_tokens, max_prompts=args.max_prompts,
+        config = ServeConfig(model_name=names[0], aliases=tuple(dict.fromkeys(names[1:])), max_n=args.max_n,
+                             default_particles=args.particles, max_particles=args.max_particles, max_tokens=args.max_tokens, max_prompts=args.max_prompts,
                              allow_reward_paths=args.allow_reward_paths, window_s=args.batch_window_ms / 1000.0,
                              max_batch_prompts=args.max_batch_prompts, max_queue=args.max_queue, api_key=key,
                              max_body_bytes=args.max_body_bytes)  # fmt: skip

@@ -23,7 +23,12 @@ Texts versus tokens. The argument holds for token sequences; a sampler reports d
 (``StepReport.texts``). Decoding a token prefix gives a prefix of the decoded whole except at the
 end: a token that stops inside a multi-byte character decodes to U+FFFD, and a tokenizer that
 "cleans up tokenization spaces" rewrites " ." to "." and " n't" to "n't" once the next token is
-there. :func:`stable_text` holds such an unfinished end back before any prefix is taken.
+there. :func:`stable_text` holds such an unfinished end back before any prefix is taken, and
+also an end that may be the start of a stop string (the stopped prior's text is cut before it).
+
+Choices drawn from the population. A served SMC request's choices are drawn by weight from the
+final particles with positive weight, each of which starts with P_t; so every choice of a prompt
+is known to start with P_t (:meth:`PrefixTracker.update_shared`).
 """
 
 from __future__ import annotations
@@ -41,14 +46,22 @@ def common_prefix(texts: list[str]) -> str:
     return os.path.commonprefix(list(texts)) if texts else ""
 
 
-def stable_text(text: str, *, cleans_spaces: bool) -> str:
+def stable_text(text: str, *, cleans_spaces: bool, stops=()) -> str:
     """The part of a partial continuation's text that decoding more tokens cannot change: without
-    trailing U+FFFD (an unfinished multi-byte character), and without its last few characters when
-    the tokenizer cleans up tokenization spaces (an unfinished " n't")."""
+    trailing U+FFFD (an unfinished multi-byte character), without its last few characters when
+    the tokenizer cleans up tokenization spaces (an unfinished " n't"), and without an end that
+    begins a stop string (more tokens may complete it, and the text is then cut before it)."""
     text = text.rstrip("\ufffd")
     if cleans_spaces:
         text = text[: max(0, len(text) - _CLEANUP_HOLD)]
-    return text
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - hold]
+
+
+def shared_prefix(texts: list[str], log_weights: list[float], *, cleans_spaces: bool, stops=()) -> str:
+    """P_t of the module docstring: the common prefix of the stable texts of the particles with
+    finite weight."""
+    return common_prefix([stable_text(t, cleans_spaces=cleans_spaces, stops=stops) for t, w in zip(texts, log_weights) if w > -math.inf])
 
 
 def fixed_prefixes(texts: list[str], log_weights: list[float], *, cleans_spaces: bool) -> list[str]:
@@ -74,9 +87,20 @@ class PrefixTracker:
     out) is ignored rather than sent, so the concatenated deltas always stay a prefix of what was
     computed."""
 
-    def __init__(self, num_choices: int, *, cleans_spaces: bool):
+    def __init__(self, num_choices: int, *, cleans_spaces: bool, stops=()):
         self.sent = [""] * num_choices
-        self.cleans_spaces = cleans_spaces
+        self.cleans_spaces, self.stops = cleans_spaces, tuple(stops)
+
+    def update_shared(self, offset: int, count: int, texts: list[str], log_weights: list[float]) -> dict[int, str]:
+        """Deltas for ``count`` choices (from ``offset``) drawn from one prompt's final particles:
+        each is known to start with the particles' shared prefix."""
+        shared = shared_prefix(texts, log_weights, cleans_spaces=self.cleans_spaces, stops=self.stops)
+        out = {}
+        for k in range(offset, offset + count):
+            if len(shared) > len(self.sent[k]) and shared.startswith(self.sent[k]):
+                out[k] = shared[len(self.sent[k]) :]
+                self.sent[k] = shared
+        return out
 
     def update(self, offset: int, texts: list[str], log_weights: list[float]) -> dict[int, str]:
         """Deltas {choice index: new text} for the particles of one prompt, whose choices start at
@@ -99,4 +123,4 @@ class PrefixTracker:
         return final_text[len(sent) :]
 
 
-__all__ = ["PrefixTracker", "common_prefix", "fixed_prefixes", "stable_text"]
+__all__ = ["PrefixTracker", "common_prefix", "fixed_prefixes", "shared_prefix", "stable_text"]

@@ -6,7 +6,7 @@ sequence ends early. Methods run in alternating order, ``--repeats`` times after
 each, repeat r of every method with seed r (SMC's resamplings are the same in every run of the
 script); the table gives medians and ratios to the plain sampling of the same backend:
 
-    llama.cpp generate  llama.cpp's own batched generation over the same context settings: the
+    llama generate      llama.cpp's own batched generation over the same context settings: the
                         prompt decoded once and copied to N sequences, one llama_decode of N tokens
                         per step, tokens drawn by llama.cpp's sampler (llama_sampler_init_dist)
     llama plain         Posterior(LlamaCppPrior, Sentiment, beta).sample(method="is"): pi0 draws
@@ -15,17 +15,19 @@ script); the table gives medians and ratios to the plain sampling of the same ba
                         (llama_memory_seq_cp), nothing is decoded twice
     hf generate         model.generate(do_sample=True, num_return_sequences=N, min_new_tokens=T)
     hf plain / hf smc bB  the same samplers over HFPrior (dequantised float32 weights)
+    llama[f32] ...      the llama.cpp rows again on weights="f32" (a float32 copy of the GGUF)
+    vllm plain / smc bB with --vllm: the same samplers over VLLMPrior (block sizes > 1)
 
-    python bench/bench_llamacpp.py [--n 16] [--tokens 32] [--repeats 3] [--blocks 1,8] [--threads 1] [--no-hf]
+    python bench/bench_llamacpp.py [--n 16] [--tokens 32] [--repeats 3] [--blocks 1,8] [--threads 1] [--no-hf] [--weights stored,f32] [--vllm]
 
 Peak memory: the process's peak resident set (VmHWM) after the llama.cpp rows, before HF loads
 (the llama.cpp rows' own peak), and at the end; plus the llama.cpp KV cache's size (n_ctx cells).
 
 Targets (issue 27): SMC <= 1.05x plain sampling on llama.cpp at every block size; plain sampling on
 llama.cpp faster than HF's. Measured (2026-12-05, 2 shared cores, load ~1, 16 x 32, 3 repeats,
-medians; README "llama.cpp backend"): llama.cpp generate 9.72 s, plain 10.09 s, smc b1 10.48 s
-(1.04x plain), smc b8 10.36 s (1.03x); HF generate 10.41 s, plain 9.72 s, smc b1/b8 10.66 s (1.10x).
-Peak RSS 906 MiB after the llama.cpp rows, 1427 MiB with HF; KV cache 180 MiB.
+medians; docs/benchmarks.md#llamacpp): plain sampling 11.18 s on the stored Q4_1 weights, 8.48 s on
+weights="f32", 12.51 s on HF (0.89x and 0.68x HF); SMC b1 / b8 1.04x / 0.96x plain (Q4_1), 1.00x /
+0.99x (f32). Peak RSS 1502 MiB after the llama.cpp rows, 2305 MiB with HF; KV cache 180 MiB each.
 """
 
 from __future__ import annotations

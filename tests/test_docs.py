@@ -30,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,13 +164,22 @@ def run_python(code: str, monkeypatch, load) -> str:
     import posterior as pst
 
     monkeypatch.setattr(pst, "load_default_prior", load)
-    threads = torch.get_num_threads()
+    from posterior.samplers.registry import SAMPLERS
+    from posterior.samplers.options import OPTIONS as BUILTIN
+
+    threads, methods = torch.get_num_threads(), dict(SAMPLERS)  # a block may register a method: undone after
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            exec(compile(code, "<docs block>", "exec"), {"__name__": "__docs__"})
+            # As a script runs: its own module in sys.modules (dataclasses look a class's module up
+            # there) and none of this file's __future__ flags (dont_inherit).
+            module = types.ModuleType("__docs__")
+            monkeypatch.setitem(sys.modules, "__docs__", module)
+            exec(compile(code, "<docs block>", "exec", dont_inherit=True), module.__dict__)
     finally:
         torch.set_num_threads(threads)
+        for name in set(SAMPLERS) - set(methods) - set(BUILTIN):  # built-ins stay (they load once)
+            del SAMPLERS[name]
     return out.getvalue()
 
 

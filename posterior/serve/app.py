@@ -254,7 +254,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
         x = the rest + EOS: log pi0(x | c) + r(x)/beta - log Z(c), with Z over continuations of at
         most max(max_tokens, len(x)) tokens, bracketed by ``pst.bounds`` (its estimates and z=3
         widened ends). Returns (estimate, lower, upper)."""
-        from posterior.diagnostics.bounds import bounds
+        from posterior.bounds import bounds
         from posterior.seeds import derive_seed
 
         c = settings.context_tokens

@@ -695,6 +695,26 @@ def test_reward_whose_optional_package_is_missing_gets_501_naming_it(monkeypatch
         REWARDS.pop("lazy-extra-test")
 
 
+def test_an_import_error_inside_posterior_is_a_500_not_a_missing_package():
+    """A stale import of ours (a name moved between modules) answered 501 "this server lacks an
+    optional package" and hid the bug; another package's missing module is still a 501."""
+    from posterior.rewards.base import RewardError
+    from posterior.serve.app import error_status
+
+    try:
+        from posterior.diagnostics.bounds import no_such_name  # noqa: F401
+    except ImportError as e:
+        ours = e
+    try:
+        import posterior_no_such_extra  # noqa: F401
+    except ImportError as e:
+        theirs = e
+    wrapped = RewardError("reward failed")
+    wrapped.__cause__ = ours
+    assert error_status(ours)[0] != 501 and error_status(wrapped)[0] != 501
+    assert error_status(theirs)[0] == 501
+
+
 def test_serve_on_a_port_in_use_fails_at_once_in_one_line(chat_model):
     """Before the fix the model loaded first and the bind then failed with a traceback (36 s with the
     default model)."""

@@ -119,11 +119,13 @@ def error_status(e: BaseException) -> tuple[int, str]:
 
 
 def _missing_package(e: BaseException) -> ImportError | None:
-    """The ImportError that ``e`` is or was raised from (a reward wraps what its ``score`` raised in
-    a RewardError), else None."""
+    """The ImportError of another package that ``e`` is or was raised from (a reward wraps what its
+    ``score`` raised in a RewardError), else None. An ImportError inside posterior itself is a bug of
+    ours, a 500, never "an optional package is missing"."""
     for _ in range(8):
         if e is None or isinstance(e, ImportError):
-            return e
+            ours = e is not None and (e.name or "").split(".")[0] == "posterior"
+            return None if ours else e
         e = e.__cause__
     return None
 

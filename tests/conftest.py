@@ -36,6 +36,16 @@ def base3_reward(texts):
     return [sum({"a": 1, "b": 2}[c] * 3.0 ** -(i + 1) for i, c in enumerate(t)) for t in texts]
 
 
+def count_a_reward(scale: float = 1.0, *, prefixes: bool = False, name: str | None = None):
+    """``scale`` x the number of "a"s (named ``f"{scale:g}*count_a"`` unless ``name``)."""
+    return Callable(lambda ts: [scale * t.count("a") for t in ts], name=name or f"{scale:g}*count_a", accepts_prefixes=prefixes)
+
+
+def const_reward(c: float, *, prefixes: bool = False, name: str | None = None):
+    """The same reward ``c`` for every text (named ``f"const{c:g}"`` unless ``name``)."""
+    return Callable(lambda ts: [c] * len(ts), name=name or f"const{c:g}", accepts_prefixes=prefixes)
+
+
 @pytest.fixture
 def distinct_reward():
     return Callable(base3_reward, name="base3")

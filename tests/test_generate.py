@@ -4,12 +4,15 @@ Tiny config-built models (posterior.testing) for the plumbing, an enumerable Cal
 the claim that the rows are draws of pi*, and one slow test on the default model.
 """
 
+import functools
 import math
 import sys
 import types
 
 import pytest
 import torch
+
+from conftest import count_a_reward
 
 import posterior as pst
 from posterior.exact import exact_posterior
@@ -337,8 +340,7 @@ def test_one_dimensional_ids_unconditional_and_mask_inferred_from_pad(tiny):
 # --------------------------------------------------------------------------------------------------
 # Moved from test_hardening2.py (issue 19, hardening round two); each test is named after the failure it pins down
 # --------------------------------------------------------------------------------------------------
-def count_a_h19(scale: float = 1.0):
-    return Callable(lambda ts: [scale * t.count("a") for t in ts], name="count_a")
+count_a_h19 = functools.partial(count_a_reward, name="count_a")
 
 
 def test_consistency_one_validator_module_generate_refuses_a_zero_inside_the_attention_mask():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
+
+from conftest import count_a_reward
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
@@ -482,8 +485,7 @@ def test_default_model_sentiment_reward_rises_with_steps():
 T = 3  # two_token_prior at max_new_tokens=3: 15 continuations
 
 
-def count_a_h19(scale: float = 1.0):
-    return Callable(lambda ts: [scale * t.count("a") for t in ts], name="count_a")
+count_a_h19 = functools.partial(count_a_reward, name="count_a")
 
 
 def test_consistency_one_validator_module_mh_summary_says_why_r_hat_is_undefined():

@@ -1,5 +1,6 @@
 """Every foundation sampler against an enumerated posterior (fixed seeds, derived tolerances)."""
 
+import functools
 import itertools
 import json
 import math
@@ -12,7 +13,7 @@ from posterior.exact import empirical, exact_posterior, sequence_keys, total_var
 from posterior.samplers.rejection import qrs_estimates
 from posterior.testing import markov_prior, two_token_prior
 
-from conftest import tv_tolerance, tv_to_exact
+from conftest import const_reward, count_a_reward, tv_to_exact, tv_tolerance
 import time
 from posterior.diagnostics import log_weight_stats
 from posterior.diagnostics import qrs_estimates as qrs_estimates_h11
@@ -183,12 +184,7 @@ T_h11 = 3  # two_token_prior at max_new_tokens=3: 15 continuations; only "aaa" h
 P_AAA = 0.5**3  # pi0("aaa")
 
 
-def count_a_h11(scale: float, *, prefixes: bool = False):
-    return Callable(lambda ts: [scale * t.count("a") for t in ts], name=f"{scale:g}*count_a", accepts_prefixes=prefixes)
-
-
-def const(c: float, *, prefixes: bool = False):
-    return Callable(lambda ts: [c] * len(ts), name=f"const{c:g}", accepts_prefixes=prefixes)
+count_a_h11, const = count_a_reward, const_reward
 
 
 SCALES = [(1e6, 1e-3), (1.0, 1e-17), (1.0, 1e-300)]  # (reward scale, beta): |r/beta| from 1e9 to 3e300
@@ -413,12 +409,8 @@ def test_bon_summary_says_it_selects_and_reports_the_kl_bound():
 T_h19 = 3  # two_token_prior at max_new_tokens=3: 15 continuations
 
 
-def count_a_h19(scale: float = 1.0):
-    return Callable(lambda ts: [scale * t.count("a") for t in ts], name="count_a")
-
-
-def const_h19(c: float):
-    return Callable(lambda ts: [c] * len(ts), name="const")
+count_a_h19 = functools.partial(count_a_reward, name="count_a")
+const_h19 = functools.partial(const_reward, name="const")
 
 
 @pytest.mark.parametrize("n", [1, 2, 5])

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import pooled_tv, tv_tolerance
+from conftest import const_reward, count_a_reward, pooled_tv, tv_tolerance
 
 import posterior as pst
 from posterior.exact import empirical, exact_posterior, sequence_keys, total_variation
@@ -437,12 +437,7 @@ T_h11 = 3  # two_token_prior at max_new_tokens=3: 15 continuations; only "aaa" h
 P_AAA = 0.5**3  # pi0("aaa")
 
 
-def count_a(scale: float, *, prefixes: bool = False):
-    return Callable(lambda ts: [scale * t.count("a") for t in ts], name=f"{scale:g}*count_a", accepts_prefixes=prefixes)
-
-
-def const(c: float, *, prefixes: bool = False):
-    return Callable(lambda ts: [c] * len(ts), name=f"const{c:g}", accepts_prefixes=prefixes)
+count_a, const = count_a_reward, const_reward
 
 
 def test_smc_weights_log_z_and_kl_stay_exact_at_r_over_beta_1e9():

@@ -5,6 +5,7 @@ Exact answers come from enumerating a small support (``posterior.exact``): a tab
 ``markov_prior`` (max_new_tokens 3: 40 sequences) for training to convergence.
 """
 
+import functools
 import dataclasses
 import itertools
 import json
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 import posterior as pst
-from conftest import a_minus_c
+from conftest import a_minus_c, const_reward, count_a_reward
 from posterior.exact import enumerate_continuations, exact_posterior
 from posterior.testing import markov_prior, tiny_hf_prior, two_token_prior
 from posterior.train import objectives as O
@@ -725,12 +726,10 @@ def test_lora_policy_on_the_default_model_starts_at_pi0_and_trains():
 T = 3  # two_token_prior at max_new_tokens=3: 15 continuations
 
 
-def count_a_h19(scale: float = 1.0):
-    return Callable(lambda ts: [scale * t.count("a") for t in ts], name="count_a")
+count_a_h19 = functools.partial(count_a_reward, name="count_a")
 
 
-def const(c: float):
-    return Callable(lambda ts: [c] * len(ts), name="const")
+const = functools.partial(const_reward, name="const")
 
 
 def _fit(directory, *, prior=None, reward=None, beta=1.0, objective="forward_kl", steps=2, prompts=None, **kw):

@@ -23,7 +23,7 @@ PACKAGE = "posterior"
 #: (``posterior.priors`` covers ``posterior.priors.hf``); the bare package ``posterior`` (its lazy
 #: facade, ``import posterior as pst``) is the top floor.
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("validate", "errors", "lazy", "seeds", "threads", "offline", "export", "kernels")),
+    ("base", ("validate", "errors", "lazy", "seeds", "streams", "threads", "offline", "export", "kernels")),
     ("priors", ("priors",)),
     ("rewards", ("rewards",)),
     ("twists", ("twists",)),

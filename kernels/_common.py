@@ -49,6 +49,21 @@ def jit(fn: Callable) -> Callable:
     return triton.jit(fn) if HAS_TRITON else fn
 
 
+def uniform(shape, generator, *, dtype=torch.float64, device=None) -> torch.Tensor:
+    """U[0, 1) draws: ``torch.rand`` from a ``torch.Generator`` (or torch's default for None), or
+    ``generator.uniform(shape, dtype=, device=)`` for a per-row stream set (``posterior.streams.Streams``:
+    row r of the leading axis from its own stream; duck-typed, so kernels do not import it)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator, dtype=dtype, device=device)
+    return generator.uniform(shape, dtype=dtype, device=device)
+
+
+def is_row_streams(generator) -> bool:
+    """True for a per-row stream set (anything but None or a ``torch.Generator``): only the torch
+    backends draw from it (the Triton kernels take one Philox seed)."""
+    return generator is not None and not isinstance(generator, torch.Generator)
+
+
 def tile_size(n: int, *, max_block: int, what: str = "row length") -> int:
     """Tile size for a row of ``n`` elements: the next power of two >= n, capped at ``max_block``.
 

@@ -7,7 +7,7 @@ import torch
 from posterior.diagnostics.weights import WeightStats
 from .schemes import RESAMPLERS
 
-from ._common import HAS_TRITON, check_float, resolve_backend
+from ._common import HAS_TRITON, check_float, is_row_streams, resolve_backend
 from .normalize import normalize_reference, normalize_triton
 from .resample import KERNEL_SCHEMES, resample_reference, resample_triton
 from .tilted import (
@@ -74,6 +74,10 @@ def resample(
         raise ValueError(f"num_samples={num_samples!r} must be a positive int")
     check_float(log_weights, "log_weights")
     chosen = resolve_backend(backend, log_weights)
+    if is_row_streams(generator):
+        if backend == "triton":
+            raise ValueError("per-row streams (posterior.streams.Streams) are drawn by the torch backend only; use backend='auto' or 'torch'")
+        chosen = "torch"
     if chosen == "triton" and scheme not in KERNEL_SCHEMES:
         if backend == "triton":
             raise ValueError(f"scheme={scheme!r} has no Triton kernel; choose one of {sorted(KERNEL_SCHEMES)}")
@@ -114,7 +118,11 @@ def tilted_sample(
         log sum_v p(v) exp(phi(v)/beta), the SMC incremental weight (0 when phi = 0).
     """
     check_tilted_inputs(logits, potential, candidates, beta, temperature)
-    if resolve_backend(backend, logits) == "triton":
+    if is_row_streams(generator):  # per-row streams: the inverse-CDF backend draws one uniform per row
+        if backend == "triton":
+            raise ValueError("per-row streams (posterior.streams.Streams) are drawn by the torch backend only; use backend='auto' or 'torch'")
+        run = tilted_sample_cpu
+    elif resolve_backend(backend, logits) == "triton":
         run = tilted_sample_triton
     elif backend == "auto" and logits.device.type == "cpu":
         run = tilted_sample_cpu  # the fast CPU backend (float64 CDF inversion); "torch" is the literal reference

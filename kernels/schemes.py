@@ -23,6 +23,8 @@ import torch
 
 from posterior.diagnostics.weights import normalize
 
+from ._common import uniform
+
 
 class Resampler(Protocol):
     def __call__(
@@ -61,7 +63,7 @@ def inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform(shape, like: torch.Tensor, generator) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, dtype=torch.float64, device=like.device)
+    return uniform(shape, generator, dtype=torch.float64, device=like.device)
 
 
 @register_resampler("multinomial")

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import tile_size, check_float, jit, num_warps, on_device, tl
+from ._common import tile_size, check_float, jit, num_warps, on_device, tl, uniform
 
 MAX_BLOCK_V = 4096
 MAX_BLOCK_K = 64
@@ -242,7 +242,7 @@ def tilted_sample_cpu(
     b, v = logits.shape
     if mode == "sparse":
         _raise_for_rows(torch.zeros(b, dtype=torch.int32, device=logits.device), _bad_candidate_rows(candidates, v)[1])
-    u = torch.rand(b, 1, dtype=torch.float64, generator=generator, device=logits.device)  # (B, 1)
+    u = uniform((b, 1), generator, dtype=torch.float64, device=logits.device)  # (B, 1): row r's from stream r with Streams
     tokens = torch.empty(b, dtype=torch.long, device=logits.device)
     log_q = torch.empty(b, dtype=torch.float64, device=logits.device)
     log_norm = torch.empty(b, dtype=torch.float64, device=logits.device)

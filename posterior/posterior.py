@@ -15,10 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
-from posterior.priors.base import Prior
+from posterior.priors.base import ROW_STREAMS, Prior
 from posterior.results import SampleResult
 from posterior.rewards.base import Reward, RewardError, as_reward
 from posterior.samplers.registry import get_method
+from posterior.streams import Streams
 from posterior.validate import as_plain, check_int, check_prompts, check_real, check_seed
 
 
@@ -80,7 +81,7 @@ class Posterior:
         method: str = "is",
         max_new_tokens: int = 32,
         prompts: Sequence[str] | str | None = None,
-        seed: int | None = 0,
+        seed: int | Sequence[int] | None = 0,
         *,
         generator: torch.Generator | None = None,
         progress: bool = False,
@@ -94,6 +95,13 @@ class Posterior:
         numbers). Randomness comes from ``generator`` or else a fresh generator seeded with ``seed``;
         ``seed=None`` draws a fresh seed from the operating system's entropy, and ``res.seed``
         records the seed used, so ``sample(..., seed=res.seed)`` replays the run.
+
+        ``seed`` may also be a list with one seed per prompt: prompt p's draws then come only from
+        a stream seeded with ``seed[p]`` (:mod:`posterior.streams`), so its sample is the same
+        whatever other prompts it is sampled with (up to the backend's batched numerics). Methods
+        registered with ``streams=True`` (is, bon, soft_bon, smc) on priors with ``ROW_STREAMS``
+        run all prompts in one batched run; any other method or prior runs once per prompt with
+        that prompt's own generator. ``res.seed`` is then the list.
         """
         n = check_int("n", n, 1)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
@@ -108,7 +116,19 @@ class Posterior:
         if not isinstance(as_plain(progress), bool):
             raise ValueError(f"progress must be a bool, got {progress!r}")
         prompts = _check_prompts([prompts] if isinstance(prompts, str) else prompts)
-        if generator is None:
+        if isinstance(seed, (list, tuple)):  # one seed per prompt: per-prompt streams
+            if generator is not None:
+                raise ValueError("pass either generator or a list of per-prompt seeds, not both")
+            count = 1 if prompts is None else len(prompts)
+            if len(seed) != count:
+                raise ValueError(f"seed is a list of {len(seed)} seeds but there are {count} prompts: give one seed per prompt")
+            seed = [check_seed(f"seed[{i}]", s) for i, s in enumerate(seed)]
+            generator = Streams.from_seeds(seed, self.prior.device)
+            if not (m.streams and _has_row_streams(self, opts)) and not self.reward.needs_prompts:
+                from posterior.samplers.drivers import per_prompt
+
+                m = per_prompt(m, "per-prompt seeds, and this method or prior draws from one stream")  # own generator each
+        elif generator is None:
             seed = secrets.randbits(63) if seed is None else _check_seed(seed)
             generator = torch.Generator(device=self.prior.device)
             generator.manual_seed(seed)
@@ -118,6 +138,14 @@ class Posterior:
         t0 = time.perf_counter()
         res = m.run(self, prompts, opts, n=n, max_new_tokens=max_new_tokens, generator=generator, progress=bool(progress))
         return dataclasses.replace(res, seconds=time.perf_counter() - t0, seed=seed)
+
+
+def _has_row_streams(post, options) -> bool:
+    """Whether every prior a run uses (the posterior's, and any option that is a prior, such as
+    IS's ``proposal``) draws per-row streams."""
+    values = [getattr(options, f.name) for f in dataclasses.fields(options)]
+    priors = [post.prior] + [v for v in values if isinstance(v, Prior)]
+    return all(p.has(ROW_STREAMS) for p in priors)
 
 
 def _check_generator(generator, device: torch.device) -> None:

@@ -118,7 +118,7 @@ class SampleResult:
     prior: dict = field(default_factory=dict)  # how the prior was defined (temperature, top-k, ...)
     seconds: float = float("nan")
     kl_prior: torch.Tensor | None = None  # (P,) float64 KL(pi*||pi0) estimate, from unnormalised log-weights
-    seed: int | None = None  # the seed the run used (drawn fresh for seed=None); None with a generator
+    seed: int | list[int] | None = None  # the seed the run used (drawn fresh for seed=None), or the per-prompt seeds; None with a generator
 
     def __post_init__(self):
         if not isinstance(self.info, Info):

@@ -37,6 +37,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from posterior import streams
+from posterior.streams import Streams
 from posterior.validate import check_int
 from posterior.validate import check_sampling as validate_sampling  # noqa: F401 (its old name and home)
 
@@ -50,6 +52,9 @@ HIDDEN_STATES = "hidden_states"  # start(..., hidden=True) fills DecodeState.hid
 #   hidden_states(prompt_ids, tokens, lengths, *, grad=False) -> (P, N, T, H): the hidden state
 #   after the prompt and x_1:t for t = 0..T-1 (the states that predict x_1..x_T)
 PREFIX_CACHE = "prefix_cache"  # truncate reuses a state's cache and merge_rows is implemented
+ROW_STREAMS = "row_streams"  # sample / continue_prefixes accept a posterior.streams.Streams as
+#   ``generator``: one stream per prompt for sample, one per row for continue_prefixes, and row b's
+#   draws come only from its stream (a prompt's sample does not depend on what it is batched with)
 STREAM = "stream"  # open_stream() -> a posterior.priors.stream.Stream: continuations that keep
 #   running between calls (a serving engine), read as they are drawn and cancelled when not needed
 
@@ -109,7 +114,13 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, 
 
 def request_seeds(generator: torch.Generator | None, count: int) -> list[int]:
     """``count`` per-request seeds drawn from ``generator``, for backends that seed each request
-    (vLLM): the same generator state gives the same seeds, hence the same samples."""
+    (vLLM): the same generator state gives the same seeds, hence the same samples. With per-row
+    streams (:class:`posterior.streams.Streams`, one per request) request r's seed is drawn from
+    stream r."""
+    if isinstance(generator, Streams):
+        if len(generator) != count:
+            raise ValueError(f"{count} requests need {count} streams, got {len(generator)}")
+        return generator.seeds()
     return torch.randint(0, 2**62, (count,), generator=generator, device="cpu" if generator is None else generator.device).tolist()
 
 
@@ -220,10 +231,11 @@ class Prior(abc.ABC):
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> Continuations:
-        """Draw ``n`` continuations of each prompt (rows prompt-major)."""
+        """Draw ``n`` continuations of each prompt (rows prompt-major). With per-prompt streams
+        (``ROW_STREAMS``) prompt p's n rows draw from children of stream p."""
         self.check_lengths(prompt_ids, max_new_tokens)
         rows = [list(p) for p in prompt_ids for _ in range(n)]
-        ext = self.continue_prefixes(rows, [[] for _ in rows], max_new_tokens, generator=generator)
+        ext = self.continue_prefixes(rows, [[] for _ in rows], max_new_tokens, generator=streams.repeat(generator, n))
         return continuations(self, ext, len(prompt_ids), n)
 
     def with_sampling(self, *, temperature: float, top_k: int | None, top_p: float | None) -> "Prior":
@@ -379,7 +391,7 @@ class StepwisePrior(Prior):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        extra = {NEXT_TOKEN} | ({PREFIX_CACHE} if self.reuses_prefix_cache else set())
+        extra = {NEXT_TOKEN, ROW_STREAMS} | ({PREFIX_CACHE} if self.reuses_prefix_cache else set())
         return super().capabilities | extra
 
     @property
@@ -402,7 +414,7 @@ class StepwisePrior(Prior):
         self.check_lengths(prompt_ids, max_new_tokens)
         state = self.start(prompt_ids, copies=n)
         budget = torch.full((len(prompt_ids) * n,), max_new_tokens, dtype=torch.long)
-        ext = decode_rows(self, state, budget, generator=generator, progress=progress).extension
+        ext = decode_rows(self, state, budget, generator=streams.repeat(generator, n), progress=progress).extension
         return continuations(self, ext, len(prompt_ids), n)
 
     def token_log_probs(self, prompt_ids, tokens, lengths, *, grad=False) -> torch.Tensor:
@@ -444,6 +456,9 @@ def decode_rows(
 
     Memory grows with the steps actually run, not with the budget: a budget far beyond where
     sequences end allocates nothing up front.
+
+    ``generator`` may be per-row streams (:class:`posterior.streams.Streams`, one per row of
+    ``state``): row b's tokens are then drawn from stream b only, whichever rows run beside it.
     """
     from posterior.kernels import tilted_sample
 
@@ -452,6 +467,8 @@ def decode_rows(
     budget = budget.to(dev)
     eos = torch.tensor(prior.eos_token_ids, device=dev)
     pad = prior.eos_token_ids[0]
+    if isinstance(generator, Streams) and len(generator) != B:
+        raise ValueError(f"decode_rows over {B} rows needs {B} streams, got {len(generator)}")
     steps = int(budget.max()) if B else 0
     cols_tok: list[torch.Tensor] = []  # per step (B,) token of every output row (pad when done)
     cols_lp: list[torch.Tensor] = []  # per step (B,) its log-probability (0 when done)
@@ -485,7 +502,7 @@ def decode_rows(
                 state = prior.select(state, idx)
             else:
                 state = prior.reorder(state, idx)
-            rows, tok, alive = rows[idx], tok[idx], alive[idx]
+            rows, tok, alive, generator = rows[idx], tok[idx], alive[idx], streams.take(generator, idx)
         state = prior.extend(state, tok)
     bar.close()
     final = None

@@ -31,6 +31,7 @@ import torch
 from posterior.priors.base import (
     CONTINUE,
     GRAD,
+    ROW_STREAMS,
     NEXT_TOKEN,
     PREFIX_CACHE,
     DecodeState,
@@ -190,7 +191,7 @@ class StepwiseStopPrior(_Stops, StepwisePrior):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return self.base.capabilities & frozenset({CONTINUE, NEXT_TOKEN, PREFIX_CACHE, GRAD})
+        return self.base.capabilities & frozenset({CONTINUE, NEXT_TOKEN, PREFIX_CACHE, GRAD, ROW_STREAMS})
 
     @property
     def reuses_prefix_cache(self) -> bool:
@@ -265,7 +266,7 @@ class SequenceStopPrior(_Stops, Prior):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return self.base.capabilities & frozenset({CONTINUE, GRAD})
+        return self.base.capabilities & frozenset({CONTINUE, GRAD, ROW_STREAMS})
 
     def continue_prefixes(self, prompt_ids, prefixes, max_tokens, *, generator=None) -> Extension:
         B = len(prompt_ids)

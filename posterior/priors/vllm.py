@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from posterior.offline import local_model_path, offline
 from posterior.priors.base import (
+    ROW_STREAMS,
     STREAM,
     Continuations,
     Extension,
@@ -72,6 +73,7 @@ from posterior.priors.base import (
     validate_sampling,
 )
 from posterior.priors.text import TokenizerText, eos_ids
+from posterior.streams import Streams
 from posterior.validate import check_int
 
 GiB = 1 << 30
@@ -335,7 +337,7 @@ class VLLMPrior(TokenizerText, Prior):
     # Capabilities: sequence level and STREAM: no decode state, no gradients.
     @property
     def capabilities(self) -> frozenset[str]:
-        return super().capabilities | {STREAM}
+        return super().capabilities | {STREAM, ROW_STREAMS}
 
     @property
     def full_support(self) -> bool:
@@ -447,9 +449,11 @@ class VLLMPrior(TokenizerText, Prior):
         # Rows with the same tokens and budget (SMC particles copied by resampling) go out as one
         # request with n = copies (n independent draws, like sample()). vLLM runs the n as separate
         # requests: they share only full prefix-cached KV blocks, not the partial last one.
+        # With per-row streams (Streams) every row is its own request, seeded from its own stream.
         groups: dict[tuple, list[int]] = {}
+        per_row = isinstance(generator, Streams)
         for b, (row, k) in enumerate(zip(rows, budget)):
-            groups.setdefault((tuple(row), k), []).append(b)
+            groups.setdefault((tuple(row), k, b if per_row else None), []).append(b)
         keys = list(groups)
         seeds = request_seeds(generator, len(keys))
         params = [self._params(n=len(groups[key]), max_tokens=key[1], seed=s) for key, s in zip(keys, seeds)]
@@ -475,7 +479,7 @@ class VLLMPrior(TokenizerText, Prior):
         for i, p in enumerate(prompt_ids):
             if not p:
                 raise ValueError(f"prompt #{i} has no tokens; vLLM needs at least one")
-        seeds = request_seeds(generator, len(prompt_ids))
+        seeds = request_seeds(generator, len(prompt_ids))  # with Streams: prompt p's from stream p
         params = [self._params(n=n, max_tokens=max_new_tokens, seed=s) for s in seeds]
         outs = self._generate([list(p) for p in prompt_ids], params, progress=progress)
         completions = [c for out in outs for c in sorted(out.outputs, key=lambda c: c.index)]  # prompt-major

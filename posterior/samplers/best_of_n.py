@@ -23,6 +23,7 @@ from posterior.results import Info
 from posterior.samplers.common import draw, make_result, prompt_name, select, uniform_log_weights
 from posterior.samplers.options import BoNOptions, SoftBoNOptions
 from posterior.samplers.registry import Method, register
+from posterior.streams import categorical, repeat
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +68,7 @@ def soft_best_of_n(post, prompts, options: SoftBoNOptions, *, n: int, max_new_to
     P = groups.shape[0]
     logits = ((groups - groups.amax(-1, keepdim=True)) / post.beta).view(P * n, best_of)  # (P·n, k) max 0
     probs = torch.softmax(logits, -1).to(generator.device)
-    choice = torch.multinomial(probs, 1, generator=generator).view(P, n).cpu()
+    choice = categorical(probs, repeat(generator, n)).view(P, n).cpu()  # per-prompt streams: n children of each
     pick = torch.arange(n)[None, :] * best_of + choice
     cont, (log_prior, rewards) = select(d.cont, pick, d.log_prior, d.rewards)
     return make_result(
@@ -77,5 +78,5 @@ def soft_best_of_n(post, prompts, options: SoftBoNOptions, *, n: int, max_new_to
     )  # fmt: skip
 
 
-BON = register(Method("bon", BoNOptions, BoNInfo, best_of_n))
-SOFT_BON = register(Method("soft_bon", SoftBoNOptions, BoNInfo, soft_best_of_n))
+BON = register(Method("bon", BoNOptions, BoNInfo, best_of_n, streams=True))
+SOFT_BON = register(Method("soft_bon", SoftBoNOptions, BoNInfo, soft_best_of_n, streams=True))

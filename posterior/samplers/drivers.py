@@ -5,7 +5,7 @@ Samplers call a reward on flat lists of continuation texts (SMC on the candidate
 particles are running), so a text's prompt is not known at the call. A reward with
 ``needs_prompts = True`` is therefore bound to one prompt, ``reward.for_prompt(prompt, index)``,
 and ``Posterior.sample`` runs the method once per prompt with the bound reward (prompts in order,
-one shared generator), then stacks the per-prompt results as if they came from one run (a new
+one shared generator; with per-prompt seeds, :mod:`posterior.streams`, each prompt's own), then stacks the per-prompt results as if they came from one run (a new
 result: the per-prompt results are never changed). Rewards that do not read prompts keep the
 single batched run over all prompts.
 
@@ -25,29 +25,33 @@ import torch
 
 from posterior.errors import DegenerateWeightsError
 from posterior.results import Info, SampleResult
+from posterior.streams import Streams
 
 #: Padding of per-step info arrays after a prompt's last step, where NaN would be wrong:
 #: log-evidence increments are 0 after the end, so each row still sums to that prompt's log_Z.
 _PAD_BY_KEY = {"log_Z_increments": 0.0}
 
 
-def per_prompt(method):
+def per_prompt(method, why: str = "the reward reads prompts"):
     """``method`` run once per prompt with ``post.reward.for_prompt(prompt, index)``, the results
     stacked (see the module docstring). A :class:`~posterior.samplers.registry.Method` gives a
     Method (its ``run`` wrapped); a plain sampler ``fn(post, prompts, *args, **kw)`` a function."""
     from posterior.samplers.registry import Method
 
     if isinstance(method, Method):
-        return dataclasses.replace(method, run=per_prompt(method.run))
+        return dataclasses.replace(method, run=per_prompt(method.run, why))
     sampler = method
 
     @functools.wraps(sampler)
     def run(post, prompts, *args, **kw):
         names = [""] if prompts is None else list(prompts)
+        streams = kw.get("generator") if isinstance(kw.get("generator"), Streams) else None
         results = []
         for i, prompt in enumerate(names):
             bound = copy.copy(post)  # a shallow copy: same prior and beta, the reward bound to one prompt
             bound.reward = post.reward.for_prompt(prompt, i)
+            if streams is not None:  # per-prompt seeds: prompt i's run draws from its own generator
+                kw["generator"] = streams.generators[i]
             try:
                 results.append(sampler(bound, None if prompts is None else [prompt], *args, **kw))
             except DegenerateWeightsError as e:
@@ -55,12 +59,12 @@ def per_prompt(method):
                 raise DegenerateWeightsError(f"{e} (prompt index {i})", rows=[i] if e.rows else []) from e
         if len(results) == 1:
             return results[0]
-        return stack_results(results, pad_token=post.prior.eos_token_ids[0])
+        return stack_results(results, pad_token=post.prior.eos_token_ids[0], why=why)
 
     return run
 
 
-def stack_results(results: list[SampleResult], *, pad_token: int) -> SampleResult:
+def stack_results(results: list[SampleResult], *, pad_token: int, why: str = "the reward reads prompts") -> SampleResult:
     """One :class:`SampleResult` over the prompts of several single-prompt results, in order.
 
     Per-sample tensors are concatenated along the prompt axis (tokens EOS-padded to the longest).
@@ -76,7 +80,7 @@ def stack_results(results: list[SampleResult], *, pad_token: int) -> SampleResul
     log_Z = None if any(r.log_Z is None for r in results) else torch.cat([r.log_Z for r in results])
     keys = list(dict.fromkeys(k for r in results for k in r.info))
     info = {k: _stack_info(k, [r.info.get(k) for r in results]) for k in keys}
-    info["runs"] = f"one per prompt ({len(results)}): the reward reads prompts"
+    info["runs"] = f"one per prompt ({len(results)}): {why}"
     kinds = {type(r.info) for r in results}
     info = (kinds.pop() if len(kinds) == 1 else Info).of(info)  # the method's own info class
     return SampleResult(

@@ -60,6 +60,7 @@ import torch
 from posterior.errors import DegenerateWeightsError
 from posterior.kernels import normalize_log_weights, resample
 from posterior.samplers.options import Options, ess_threshold_field, integer, resampling_field
+from posterior import streams
 from posterior.validate import check_real
 
 
@@ -247,11 +248,11 @@ def resample_weights(
     rows = (decide & keep).nonzero().squeeze(1)
     if rows.numel():
         if N > 1:
-            ancestors[rows, 1:] = resample(log_weights[rows].to(dev), N - 1, scheme, generator=generator).cpu()
+            ancestors[rows, 1:] = resample(log_weights[rows].to(dev), N - 1, scheme, generator=streams.take(generator, rows)).cpu()
         ancestors[rows, 0] = 0
     rows = (decide & ~keep).nonzero().squeeze(1)
     if rows.numel():
-        ancestors[rows] = resample(log_weights[rows].to(dev), N, scheme, generator=generator).cpu()
+        ancestors[rows] = resample(log_weights[rows].to(dev), N, scheme, generator=streams.take(generator, rows)).cpu()
     log_mean = torch.logsumexp(log_weights, -1) - math.log(N)  # (P,)
     return ancestors, torch.where(decide[:, None], log_mean[:, None], log_weights)
 
@@ -324,7 +325,7 @@ def step(
     forced = None if reference is None else reference.forced(state, rows, k, pad)
     if forced is not None and not bool(forced.rows.any()):
         forced = None
-    move = model.propose(state, rows, forced=forced, generator=generator)
+    move = model.propose(state, rows, forced=forced, generator=streams.for_rows(generator, rows // N))  # per-prompt streams: one child per running particle
 
     K = move.tokens.shape[1]
     tokens = widen(flat(old.tokens), t + K, pad)

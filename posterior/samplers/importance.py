@@ -60,7 +60,7 @@ def run(post, prompts, options: ISOptions, *, n: int, max_new_tokens: int, gener
     )  # fmt: skip
 
 
-METHOD = register(Method("is", ISOptions, ISInfo, run))
+METHOD = register(Method("is", ISOptions, ISInfo, run, streams=True))
 
 
 def _degenerate_result(post, prompts, d, proposal):

@@ -41,6 +41,9 @@ class Method:
     options: type[Options]
     info: type  # a subclass of posterior.results.Info
     run: Callable[..., Any]  # run(post, prompts, options, *, n, max_new_tokens, generator, progress)
+    # run also takes per-prompt streams (posterior.streams.Streams, one per prompt) as ``generator``
+    # and draws prompt p only from stream p: seeded prompts are then sampled in one batched run
+    streams: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):

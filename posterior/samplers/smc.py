@@ -204,7 +204,7 @@ def run(post, prompts, options: SMCOptions, *, n: int, max_new_tokens: int, gene
     )  # fmt: skip
 
 
-METHOD = register(Method("smc", SMCOptions, SMCInfo, run))
+METHOD = register(Method("smc", SMCOptions, SMCInfo, run, streams=True))
 
 
 def _raise_degenerate(post, prompts, state, infos, tokens, texts, rewards, model, o: SMCOptions):

@@ -77,6 +77,7 @@ from posterior.kernels import tilted_sample
 from posterior.priors.base import DecodeState, HIDDEN_STATES, STREAM, Prior, request_seeds
 from posterior.priors.stream import Stream
 from posterior.rewards.base import Reward
+from posterior import streams
 from posterior.samplers.engine import EngineConfig, Forced, Move, Particles, SMCModel, SMCState
 from posterior.samplers.options import PROPOSALS
 from posterior.twists.base import Prefixes, Twist
@@ -410,7 +411,7 @@ class TokenModel(SMCModel):
             dev = logprobs.device
             draw = tilted_sample(
                 logprobs if live.numel() == m else logprobs.index_select(0, live.to(dev)), potential=phi_c[live].to(dev),
-                candidates=cand[live].to(dev), beta=beta, generator=generator,
+                candidates=cand[live].to(dev), beta=beta, generator=streams.take(generator, live) if live.numel() < m else generator,
             )  # fmt: skip
             tok[live], log_norm[live] = draw.tokens.cpu(), draw.log_norm.double().cpu()
         tok = self._force(tok, forced)
@@ -456,7 +457,8 @@ class TokenModel(SMCModel):
             pot = phi.float() if logprobs.is_cuda else phi  # the CUDA kernel reads fp32
             draw = tilted_sample(
                 logprobs if live.numel() == m else logprobs.index_select(0, live.to(dev)),
-                potential=(pot if live.numel() == m else pot[live]).to(dev), beta=beta, generator=generator,
+                potential=(pot if live.numel() == m else pot[live]).to(dev), beta=beta,
+                generator=streams.take(generator, live) if live.numel() < m else generator,
             )  # fmt: skip
             tok[live] = draw.tokens.cpu()
         tok = self._force(tok, forced)
@@ -570,7 +572,7 @@ class BlockModel(SMCModel):
         sub = rows[short]
         handle, start = c.handle, c.start
         if c.stream is not None and sub.numel():
-            handle, start = self._stream(c, sub, t, t + k, flat_tok, buf, buf_lp, end, done, generator)
+            handle, start = self._stream(c, sub, t, t + k, flat_tok, buf, buf_lp, end, done, streams.take(generator, short.nonzero().squeeze(1)))
         elif sub.numel():
             ids = sub.tolist()
             have = end[sub]
@@ -582,7 +584,8 @@ class BlockModel(SMCModel):
                 blocks = torch.full((sub.numel(),), 1 if ahead is False else int(ahead), dtype=torch.long)
             horizon = (t + self.block_size * blocks).clamp(max=T)
             horizon = torch.maximum(horizon, torch.full_like(horizon, t + k))
-            ext = self.prior.continue_prefixes([self.pot.prompt_rows[i] for i in ids], prefixes, (horizon - have).tolist(), generator=generator)
+            ext = self.prior.continue_prefixes([self.pot.prompt_rows[i] for i in ids], prefixes, (horizon - have).tolist(),
+                                               generator=streams.take(generator, short.nonzero().squeeze(1)))  # fmt: skip
             new_tok, new_len, new_lp = ext.tokens.cpu(), ext.lengths.cpu(), ext.token_log_probs.float().cpu()
             for j, (i, e) in enumerate(zip(ids, have.tolist())):
                 L = int(new_len[j])
@@ -637,13 +640,14 @@ class BlockModel(SMCModel):
         stream, handle, start = c.stream, c.handle.clone(), c.start.clone()
         T = self.pot.max_new_tokens
         eos = set(self.prior.eos_token_ids)
-        new = [i for i in sub.tolist() if handle[i] < 0]
-        for i, seed in zip(new, request_seeds(generator, len(new))):
+        ids = sub.tolist()
+        fresh = [j for j, i in enumerate(ids) if handle[i] < 0]  # positions in sub (row j of per-row streams)
+        new = [ids[j] for j in fresh]
+        for i, seed in zip(new, request_seeds(streams.take(generator, fresh), len(new))):
             e = int(end[i])
             prefix = flat_tok[i, :t].tolist() + buf[i, t:e].tolist()
             handle[i] = stream.submit(self.pot.prompt_rows[i], prefix, T - e, seed=seed)
             start[i] = e
-        ids = sub.tolist()
         stream.wait({int(handle[i]): until - int(start[i]) for i in ids})
         for i in ids:
             toks, lps, finished = stream.read(int(handle[i]))

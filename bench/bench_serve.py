@@ -6,7 +6,9 @@ and "serial" (``--batch-window-ms 0 --max-batch-prompts 1``: one request per cal
 answered in order). In each, K clients send R requests each, one after another (no seed, so the
 server may batch them; with ``--seeded`` every request carries its own seed, as lm-eval's do), and
 the script checks that every request was answered exactly once with
-status 200 and n choices. Prints throughput (requests/s), p50/p99 latency per mode (median over
+status 200 and n choices; with ``--seeded`` it also counts the requests whose answer was the same
+in every run (a request's seed fixes its answer whatever it is batched with, up to the model's
+batched numerics). Prints throughput (requests/s), p50/p99 latency per mode (median over
 rounds) and the batched/serial throughput ratio.
 
     python bench/bench_serve.py [--clients 32] [--requests 4] [--n 4] [--max-tokens 16] [--method is]
@@ -78,6 +80,7 @@ async def load(url: str, args) -> dict:
     body = {"model": "m", "prompt": args.prompt, "n": args.n, "max_tokens": args.max_tokens,
             "posterior": {"reward": "sentiment", "beta": 0.1, "method": args.method}}  # fmt: skip
     latencies, answered, failed, ids = [], {}, [], set()
+    texts: dict[int, list[str]] = {}  # seed -> the choices' texts (with --seeded)
 
     async def client(c: int, http: httpx.AsyncClient):
         for r in range(args.requests):
@@ -94,6 +97,8 @@ async def load(url: str, args) -> dict:
                 failed.append(f"client {c} request {r}: {resp.status_code} {resp.text[:200]}")
             else:
                 ids.add(resp.json()["id"])
+                if args.seeded:
+                    texts[sent["seed"]] = [ch["text"] for ch in resp.json()["choices"]]
 
     limits = httpx.Limits(max_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as http:
@@ -103,7 +108,7 @@ async def load(url: str, args) -> dict:
     total = args.clients * args.requests
     once = len(answered) == total and all(v == 1 for v in answered.values()) and len(ids) == total
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    return {"throughput": total / wall, "p50": q[49], "p99": q[98], "wall": wall, "once": once, "failed": failed}
+    return {"throughput": total / wall, "p50": q[49], "p99": q[98], "wall": wall, "once": once, "failed": failed, "texts": texts}
 
 
 def main():
@@ -142,6 +147,11 @@ def main():
     for m, v in med.items():
         print(f"  {m:8s} throughput {v['throughput']:.2f} req/s   p50 {v['p50']:.2f} s   p99 {v['p99']:.2f} s")
     print(f"  batched / serial throughput: {med['batched']['throughput'] / med['serial']['throughput']:.2f}x")
+    if args.seeded:  # a seed fixes its request's answer whatever it was batched with (per-prompt streams)
+        answers = [r["texts"] for rs in runs.values() for r in rs]
+        seeds = sorted(set.intersection(*(set(a) for a in answers)))
+        same = sum(all(a[s] == answers[0][s] for a in answers) for s in seeds)
+        print(f"  seeded answers identical in every run (batched and serial): {same} / {len(seeds)}")
     ok = all(r["once"] and not r["failed"] for rs in runs.values() for r in rs)
     print(f"  every request answered exactly once, none failed: {ok}")
     return 0 if ok else 1

@@ -35,7 +35,7 @@ from posterior.exact import exact_posterior  # noqa: E402
 from posterior.priors.callable import CallablePrior  # noqa: E402
 from posterior.rewards import from_spec  # noqa: E402
 from posterior.serve import ServeConfig, create_app  # noqa: E402
-from posterior.serve.batcher import Batcher, Job, QueueFull  # noqa: E402
+from posterior.serve.batcher import Batcher, Job, QueueFull, prompt_seeds  # noqa: E402
 from posterior.serve.streaming import PrefixTracker, fixed_prefixes, stable_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +128,23 @@ def test_batcher_groups_equal_settings_and_runs_seeded_jobs_alone():
     assert calls == [("A", ["p1", "p2", "p3", "p4"], None), ("B", ["q"], None), ("A", ["s"], 7)]
 
 
+def test_batcher_with_per_prompt_seeds_batches_seeded_jobs_each_with_its_own_seed():
+    calls, done = [], []
+    b = Batcher(_fake_run(calls), window_s=10.0, max_batch_prompts=8, max_queue=16, per_prompt_seeds=lambda s: s == "A")
+    jobs = [_job("A", ["p1"], seed=7), _job("B", ["q"], seed=5), _job("A", ["p2", "p3"]), _job("A", ["s"], seed=7)]
+    for j in jobs:
+        j.emit = lambda *event, j=j: done.append((j, event))
+        b.submit(j)
+    b.start()
+    b.stop(timeout=30)
+    (s1, p1, seeds), (s2, p2, seed_b) = calls
+    assert (s1, p1, s2, p2, seed_b) == ("A", ["p1", "p2", "p3", "s"], "B", ["q"], 5)  # B takes one seed: it runs alone
+    fresh = next(e[1].seed for j, e in done if j is jobs[2])
+    assert seeds == prompt_seeds(7, 1) + prompt_seeds(fresh, 2) + prompt_seeds(7, 1)  # same seed, same prompt seed
+    assert [e[1].seed for j, e in done if j is not jobs[2]] == [7, 7, 5]
+    assert len(set(prompt_seeds(fresh, 2))) == 2
+
+
 def test_batcher_queue_is_bounded_and_cancelled_jobs_are_dropped():
     calls = []
     b = Batcher(_fake_run(calls), window_s=0.0, max_batch_prompts=8, max_queue=2)
@@ -167,7 +184,8 @@ def toy_client():
 
 @pytest.mark.parametrize("method", ["is", "smc"])
 def test_served_sample_is_posterior_sample_and_the_exact_posterior(toy_client, method):
-    """Same seed -> the population is Posterior.sample's (texts and weights) and each choice one of
+    """Same seed s -> the population is Posterior.sample's with the request's per-prompt seed
+    (``seed=prompt_seeds(s, 1)``: posterior.streams), texts and weights, and each choice one of
     its particles; pooled over seeds, the choices (equally weighted draws by weight) match the
     enumerated posterior (TV within 3 sigma of the population's ESS and the draws) and log Z its
     exact value. (Before issue 26 the choices were the particles themselves, with their weights.)"""
@@ -184,7 +202,7 @@ def test_served_sample_is_posterior_sample_and_the_exact_posterior(toy_client, m
         status, body = completion(toy_client, {"prompt": "good ", "n": n, "max_tokens": T, "seed": seed,
                                                "posterior": {"reward": "sentiment", "beta": beta, "method": method, "particles": n}})
         assert status == 200, body
-        res = post.sample(n=n, method=method, max_new_tokens=T, prompts=["good "], seed=seed)
+        res = post.sample(n=n, method=method, max_new_tokens=T, prompts=["good "], seed=prompt_seeds(seed, 1))
         particles = [c["posterior"]["particle"] for c in body["choices"]]
         assert [c["text"] for c in body["choices"]] == [res.texts[0][j] for j in particles]
         lw = torch.tensor([c["posterior"]["particle_log_weight"] for c in body["choices"]], dtype=torch.float64)
@@ -207,7 +225,7 @@ def test_without_posterior_object_the_choices_are_prior_samples(toy_client):
     status, body = completion(toy_client, {"prompt": "good ", "n": 8, "max_tokens": 3, "seed": 3})
     assert status == 200, body
     post = pst.Posterior(word_prior(), lambda ts: [0.0] * len(ts), 1.0)
-    res = post.sample(n=8, method="is", max_new_tokens=3, prompts=["good "], seed=3)
+    res = post.sample(n=8, method="is", max_new_tokens=3, prompts=["good "], seed=prompt_seeds(3, 1))
     assert [c["text"] for c in body["choices"]] == res.texts[0]
     info = body["posterior"]
     assert info["prior_only"] is True and info["log_Z"] == 0.0 and abs(info["kl"]) < 1e-12 and info["ess"] == 8
@@ -333,7 +351,7 @@ def test_smc_stream_sends_the_shared_prefix_while_the_run_is_in_flight():
     final = [c for ch in chunks for c in ch["choices"] if c["finish_reason"] is not None]
     assert sorted(c["index"] for c in final) == [0, 1, 2, 3]
     res = pst.Posterior(GatePrior(fixed=3, eos_from=5, block_at=None), from_spec("sentiment"), 1.0).sample(
-        n=4, method="smc", max_new_tokens=8, prompts=["good "], seed=0)
+        n=4, method="smc", max_new_tokens=8, prompts=["good "], seed=prompt_seeds(0, 1))
     final.sort(key=lambda c: c["index"])
     assert [got[i] for i in range(4)] == [res.texts[0][c["posterior"]["particle"]] for c in final]  # deltas concatenate to the final texts
     assert all(ch["choices"] for ch in chunks)  # every chunk carries choices (no include_usage asked)
@@ -390,27 +408,39 @@ def test_a_client_that_gives_up_waiting_aborts_its_run():
         assert status == 200 and len(out["choices"]) == 2
 
 
-def test_concurrent_requests_share_one_sampler_call_and_seeded_ones_do_not():
+def test_concurrent_seeded_requests_share_one_sampler_call_and_keep_their_own_draws():
+    """Issue 26: seeded requests are batched too, and a request's seed fixes its own answer whatever
+    it is batched with (per-prompt streams): each answer equals the same request served alone, and
+    Posterior.sample(prompts, seed=prompt_seeds(s, 1))."""
     prior = word_prior()
     app = create_app(prior, config=ServeConfig(model_name="toy", window_s=0.5))
-    body = {"model": "toy", "prompt": "good ", "n": 8, "max_tokens": 3, "posterior": {"reward": "sentiment", "beta": 0.5}}
+    body = {"model": "toy", "prompt": "good ", "n": 8, "max_tokens": 3, "posterior": {"reward": "sentiment", "beta": 0.5, "method": "smc"}}
+    bodies = [{**body, "seed": s} for s in (11, 12, 13)] + [{**body, "prompt": "bad "}, body]
     out: queue.Queue = queue.Queue()
     with thread_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
-        bodies = [body] * 4 + [{**body, "seed": 11}]
         threads = [threading.Thread(target=lambda b=b: out.put((b, client.post("/v1/completions", json=b)))) for b in bodies]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
-    answers = [out.get(timeout=1) for _ in bodies]
-    batched = [r.json()["posterior"] for b, r in answers if "seed" not in b]
+        answers = [out.get(timeout=1) for _ in bodies]
+        alone = {b["seed"]: client.post("/v1/completions", json=b).json() for b in bodies[:3]}  # one at a time
     assert all(r.status_code == 200 for _, r in answers)
-    assert max(p["batch"]["requests"] for p in batched) > 1  # the 0.5 s window gathered them
-    assert all(p["seed"] is None for p in batched if p["batch"]["requests"] > 1)
-    seeded = next(r.json() for b, r in answers if "seed" in b)
-    assert seeded["posterior"]["batch"] == {"requests": 1, "prompts": 1} and seeded["posterior"]["seed"] == 11
-    res = pst.Posterior(prior, from_spec("sentiment"), 0.5).sample(n=16, method="is", max_new_tokens=3, prompts=["good "], seed=11)
-    assert [c["text"] for c in seeded["choices"]] == [res.texts[0][c["posterior"]["particle"]] for c in seeded["choices"]]
+    info = [r.json()["posterior"] for _, r in answers]
+    assert max(p["batch"]["requests"] for p in info) > 1  # the 0.5 s window gathered them, seeded or not
+    assert all(p["seed"] is not None for p in info)  # each request reports its own seed, replayable alone
+    post = pst.Posterior(prior, from_spec("sentiment"), 0.5)
+    for b, r in answers:
+        if "seed" not in b:
+            continue
+        got = r.json()
+        assert got["posterior"]["seed"] == b["seed"] and got["posterior"]["batch"]["requests"] > 1
+        assert alone[b["seed"]]["posterior"]["batch"]["requests"] == 1
+        assert got["choices"] == alone[b["seed"]]["choices"]  # batched or alone: the same answer
+        res = post.sample(n=16, method="smc", max_new_tokens=3, prompts=["good "], seed=prompt_seeds(b["seed"], 1))
+        assert [c["text"] for c in got["choices"]] == [res.texts[0][c["posterior"]["particle"]] for c in got["choices"]]
+    fresh = [r.json()["posterior"]["seed"] for b, r in answers if "seed" not in b]
+    assert len(set(fresh)) == 2
 
 
 # --------------------------------------------------------------------------------------------------

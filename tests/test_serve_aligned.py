@@ -18,6 +18,7 @@ from posterior.exact import exact_posterior  # noqa: E402
 from posterior.priors.stop import stop_string_prior  # noqa: E402
 from posterior.rewards import from_spec  # noqa: E402
 from posterior.serve import ServeConfig, create_app  # noqa: E402
+from posterior.serve.batcher import prompt_seeds  # noqa: E402
 from test_serve import word_prior  # noqa: E402
 
 T, BETA = 3, 0.5
@@ -79,7 +80,7 @@ def test_choices_are_drawn_by_weight_from_the_seeded_population(client):
     body = {"prompt": "good ", "n": 64, "max_tokens": T, "seed": 3, "posterior": {"reward": "sentiment", "beta": BETA, "method": "smc"}}
     status, out = post(client, body)
     assert status == 200
-    res = pst.Posterior(word_prior(), from_spec("sentiment"), BETA).sample(n=16, method="smc", max_new_tokens=T, prompts=["good "], seed=3)
+    res = pst.Posterior(word_prior(), from_spec("sentiment"), BETA).sample(n=16, method="smc", max_new_tokens=T, prompts=["good "], seed=prompt_seeds(3, 1))
     picks = [c["posterior"]["particle"] for c in out["choices"]]
     assert [c["text"] for c in out["choices"]] == [res.texts[0][j] for j in picks]
     assert all(res.log_weights[0, j] > -math.inf for j in picks)  # never a particle of weight 0
@@ -94,10 +95,10 @@ def test_temperature_and_top_p_define_the_prior_of_the_request(client):
     status, out = post(client, body)
     assert status == 200 and out["posterior"]["sampling"]["temperature"] == 0.5 and out["posterior"]["sampling"]["top_p"] == 0.9
     cooled = prior.with_sampling(temperature=0.5, top_k=None, top_p=0.9)
-    res = pst.Posterior(cooled, from_spec("sentiment"), BETA).sample(n=8, method="is", max_new_tokens=T, prompts=["good "], seed=1)
+    res = pst.Posterior(cooled, from_spec("sentiment"), BETA).sample(n=8, method="is", max_new_tokens=T, prompts=["good "], seed=prompt_seeds(1, 1))
     picks = [c["posterior"]["particle"] for c in out["choices"]]
     assert [c["posterior"]["log_prior"] for c in out["choices"]] == pytest.approx([res.log_prior[0, j].item() for j in picks], abs=1e-5)
-    plain = pst.Posterior(prior, from_spec("sentiment"), BETA).sample(n=8, method="is", max_new_tokens=T, prompts=["good "], seed=1)
+    plain = pst.Posterior(prior, from_spec("sentiment"), BETA).sample(n=8, method="is", max_new_tokens=T, prompts=["good "], seed=prompt_seeds(1, 1))
     assert not torch.allclose(res.log_prior, plain.log_prior)  # the request's temperature changed pi0
     assert prior.temperature == 1.0  # the served prior itself is untouched
 

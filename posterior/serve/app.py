@@ -60,6 +60,7 @@ from posterior.serve.protocol import (
     Settings,
     check_json,
     choice_stats,
+    choice_seeds,
     choose,
     completion_tokens,
     new_id,
@@ -195,9 +196,9 @@ def create_app(prior, *, config: ServeConfig | None = None):
     text and ``/v1/chat/completions`` applies the template.
     """
     from posterior.posterior import Posterior
-    from posterior.priors.base import Prior
+    from posterior.priors.base import ROW_STREAMS, Prior
     from posterior.rewards.registry import REWARDS
-    from posterior.samplers.registry import sampler_options
+    from posterior.samplers.registry import get_method, sampler_options
 
     config = config or ServeConfig()
     if not isinstance(prior, Prior):
@@ -227,7 +228,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
             res = post.sample(n=settings.runs, method=settings.method, max_new_tokens=settings.max_tokens, prompts=list(prompts),
                               seed=seed, **options)  # fmt: skip
             stopped = p.hit if settings.stop else None
-            served, used = choose(res, settings, res.seed, eos=p.eos_token_ids, stopped=stopped), res.seed
+            served, used = choose(res, settings, choice_seeds(res.seed, len(prompts)), eos=p.eos_token_ids, stopped=stopped), res.seed
         if settings.logprobs is not None or settings.echo:
             served = _score(served, p, settings, prompts)
         return served, used
@@ -297,8 +298,16 @@ def create_app(prior, *, config: ServeConfig | None = None):
 
         return callback
 
+    def per_prompt_seeds(settings: Settings) -> bool:
+        """Whether a call of these settings takes one seed per prompt (seeded requests batched):
+        the method draws per-prompt streams, and so does the request's prior."""
+        if settings.max_tokens == 0 or rewards.get(settings.reward).needs_prompts:
+            return False
+        return get_method(settings.method).streams and priors.get(settings).has(ROW_STREAMS)
+
     batcher = Batcher(run, make_callback=make_callback, error_status=error_status, window_s=config.window_s,
-                      max_batch_prompts=config.max_batch_prompts, max_queue=config.max_queue)  # fmt: skip
+                      max_batch_prompts=config.max_batch_prompts, max_queue=config.max_queue,
+                      per_prompt_seeds=per_prompt_seeds)  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -7,11 +7,18 @@ when it has already waited that long, e.g. behind a running call), and runs it t
 waiting job of equal settings, up to ``max_batch_prompts`` prompts, as ONE call
 ``Posterior.sample(prompts=[...])``: the cost of a decoding step is shared by all their particles.
 
-Seeds. ``Posterior.sample`` draws every prompt of a call from one generator, so a prompt's draws
-depend on the other prompts of the call. A job with a seed is therefore never batched: it runs
-alone, and its result is exactly ``Posterior.sample(prompts=its prompts, seed=seed, ...)``,
-whatever else the server is doing. Jobs without a seed (fresh entropy) are batched; a call that
-serves one job reports its fresh seed (replayable alone), a call that serves several reports none.
+Seeds. Where the settings allow per-prompt streams (``per_prompt_seeds(settings)``: methods
+registered with ``streams=True`` on priors with ``ROW_STREAMS``, see :mod:`posterior.streams`),
+every call passes one seed per prompt: prompt i of a job seeded s gets :func:`prompt_seeds`
+``(s, count)[i]``, and a job without a seed gets a fresh s. Prompt i's draws then come only from
+its own stream, so a seeded job is batched like any other and its result is the same whatever it
+is batched with; each job reports its own s (replayable alone:
+``Posterior.sample(prompts, seed=prompt_seeds(s, len(prompts)))``).
+
+Elsewhere ``Posterior.sample`` draws every prompt of a call from one generator, so a prompt's
+draws depend on the other prompts of the call: a job with a seed then runs alone, and its result
+is exactly ``Posterior.sample(prompts=its prompts, seed=seed, ...)``. Jobs without a seed are
+batched; a call that serves one job reports its fresh seed, a call that serves several reports none.
 
 Bounds. At most ``max_queue`` jobs wait (``submit`` raises :class:`QueueFull` beyond, the server
 answers 429). A cancelled job (its client went away) is dropped if it has not started; a running
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -80,7 +88,8 @@ class Job:
 @dataclass(frozen=True)
 class Outcome:
     """A job's share of one sampler call: prompts ``first .. first + len(job.prompts) - 1`` of
-    ``result``; ``seed`` is the call's seed if the call served this job alone, else None."""
+    ``result``; ``seed`` is the job's own seed with per-prompt seeds, else the call's seed if the
+    call served this job alone, else None."""
 
     result: Any  # SampleResult
     first: int
@@ -89,7 +98,16 @@ class Outcome:
     prompts: int  # prompts in the call
 
 
-# run(settings, prompts, seed, callback) -> (result, seed used); callback(report) or None
+def prompt_seeds(seed: int, count: int) -> list[int]:
+    """The per-prompt seeds of a job seeded ``seed`` with ``count`` prompts (independent streams:
+    :func:`posterior.seeds.derive_seed`)."""
+    from posterior.seeds import derive_seed
+
+    return [derive_seed(seed, f"prompt-{i}") for i in range(count)]
+
+
+# run(settings, prompts, seed, callback) -> (result, seed used); callback(report) or None. ``seed``
+# is one int (or None: fresh) for the whole call, or a list with one seed per prompt.
 RunFn = Callable[[Hashable, list[str], "int | None", "Callable | None"], tuple[Any, "int | None"]]
 # make_callback(jobs, offsets) -> a StepReport callback, or None if the method takes none
 CallbackFactory = Callable[[list[Job], list[int]], "Callable | None"]
@@ -112,16 +130,20 @@ class Batcher:
         Most prompts in one call (1 and window 0: every job alone, the serial baseline).
     max_queue : int >= 1
         Most jobs waiting (not yet running).
+    per_prompt_seeds : callable
+        ``per_prompt_seeds(settings)``: whether calls of these settings take one seed per prompt
+        (then seeded jobs are batched too; the module docstring).
     """
 
     def __init__(self, run: RunFn, *, make_callback: CallbackFactory | None = None, error_status=None,
-                 window_s: float = 0.02, max_batch_prompts: int = 32, max_queue: int = 256):  # fmt: skip
+                 window_s: float = 0.02, max_batch_prompts: int = 32, max_queue: int = 256,
+                 per_prompt_seeds: Callable[[Hashable], bool] = lambda settings: False):  # fmt: skip
         if not (isinstance(window_s, (int, float)) and window_s >= 0):
             raise ValueError(f"window_s must be a number >= 0, got {window_s!r}")
         for name, v in (("max_batch_prompts", max_batch_prompts), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.run, self.make_callback = run, make_callback
+        self.run, self.make_callback, self.per_prompt_seeds = run, make_callback, per_prompt_seeds
         self.error_status = error_status or (lambda e: (500, f"{type(e).__name__}: {e}"))
         self.window_s, self.max_batch_prompts, self.max_queue = float(window_s), max_batch_prompts, max_queue
         self._pending: list[Job] = []
@@ -164,11 +186,12 @@ class Batcher:
     # --- the worker --------------------------------------------------------------------------
     def _group(self, first: Job) -> list[Job]:
         """``first`` and the waiting jobs that may share its call (lock held)."""
-        if first.seed is not None:
+        streams = self.per_prompt_seeds(first.settings)
+        if first.seed is not None and not streams:
             return [first]
         group, count = [first], len(first.prompts)
         for j in self._pending:
-            if j is first or j.seed is not None or j.settings != first.settings or j.cancelled.is_set():
+            if j is first or (j.seed is not None and not streams) or j.settings != first.settings or j.cancelled.is_set():
                 continue
             if count + len(j.prompts) > self.max_batch_prompts:
                 break
@@ -188,7 +211,8 @@ class Batcher:
                 first = self._pending[0]
                 left = first.arrived + self.window_s - time.monotonic()
                 full = sum(len(j.prompts) for j in self._group(first)) >= self.max_batch_prompts
-                if left > 0 and not full and not self._stopping and first.seed is None:
+                alone = first.seed is not None and not self.per_prompt_seeds(first.settings)
+                if left > 0 and not full and not self._stopping and not alone:
                     self._cond.wait(left)  # company may arrive; re-check everything after
                     continue
                 group = self._group(first)
@@ -217,7 +241,12 @@ class Batcher:
             offsets.append(len(prompts))
             prompts.extend(j.prompts)
         callback = self.make_callback(group, offsets) if self.make_callback is not None else None
-        seed = group[0].seed
+        job_seeds = None
+        if self.per_prompt_seeds(group[0].settings):  # one stream per prompt: each job keeps its own seed
+            job_seeds = [secrets.randbits(63) if j.seed is None else j.seed for j in group]
+            seed = [s for j, js in zip(group, job_seeds) for s in prompt_seeds(js, len(j.prompts))]
+        else:
+            seed = group[0].seed
         self.calls += 1
         try:
             result, used = self.run(group[0].settings, prompts, seed, callback)
@@ -237,8 +266,9 @@ class Batcher:
             log.info("request failed: %s: %s", type(e).__name__, e)
             group[0].emit("error", *self.error_status(e))
             return
-        for j, first in zip(group, offsets):
-            j.emit("done", Outcome(result, first, used if len(group) == 1 else None, len(group), len(prompts)))
+        for k, (j, first) in enumerate(zip(group, offsets)):
+            own = job_seeds[k] if job_seeds is not None else used if len(group) == 1 else None
+            j.emit("done", Outcome(result, first, own, len(group), len(prompts)))
 
 
 def abort_when_all_cancelled(jobs: list[Job]) -> None:
@@ -247,4 +277,4 @@ def abort_when_all_cancelled(jobs: list[Job]) -> None:
         raise Cancelled()
 
 
-__all__ = ["Batcher", "Cancelled", "Job", "Outcome", "QueueFull", "abort_when_all_cancelled"]
+__all__ = ["Batcher", "Cancelled", "Job", "Outcome", "QueueFull", "abort_when_all_cancelled", "prompt_seeds"]

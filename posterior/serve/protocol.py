@@ -629,17 +629,27 @@ class Prompt(str):
         return out
 
 
-def choose(result, settings: Settings, call_seed: int, *, eos, stopped=None) -> Served:
+def choice_seeds(seed, count: int) -> list[int]:
+    """The seeds of the choice draws of a call's ``count`` prompts: from each prompt's own seed
+    (``seed`` a list: per-prompt seeds, so a prompt's choices do not depend on its batch), else
+    from the call's seed and the prompt's position."""
+    from posterior.seeds import derive_seed
+
+    if isinstance(seed, (list, tuple)):
+        return [derive_seed(s, "serve-choices") for s in seed]
+    return [derive_seed(seed, f"serve-choices-{p}") for p in range(count)]
+
+
+def choose(result, settings: Settings, seeds: list[int], *, eos, stopped=None) -> Served:
     """The n choices of every prompt of a call (the module docstring's semantics).
 
-    Resampled: n multinomial draws by weight, from a generator seeded with
-    ``derive_seed(call_seed, "serve-choices-p")``, so a seeded call picks the same choices again.
+    Resampled: n multinomial draws by weight, prompt p's from a generator seeded with ``seeds[p]``
+    (:func:`choice_seeds`), so a seeded call picks the same choices again.
     Mode: the text of largest total weight (samples of equal text pooled), n times.
     ``stopped(token_ids) -> bool`` says whether a sequence's text was cut at a stop string."""
     import torch
 
     from posterior.samplers.resampling import get_resampler
-    from posterior.seeds import derive_seed
 
     eos = set(eos)
     P, N = result.lengths.shape
@@ -672,7 +682,7 @@ def choose(result, settings: Settings, call_seed: int, *, eos, stopped=None) -> 
         resample = get_resampler("multinomial")
         picks = []
         for p in range(P):
-            g = torch.Generator(device="cpu").manual_seed(derive_seed(call_seed, f"serve-choices-{p}"))
+            g = torch.Generator(device="cpu").manual_seed(seeds[p])
             picks.append(resample(result.log_weights[p : p + 1].double().cpu(), n, generator=g)[0].tolist())
         return Served(result, picks, finish, "resampled")
     return Served(result, [list(range(n)) for _ in range(P)], finish, "independent")
@@ -761,4 +771,4 @@ def now() -> int:
 
 
 __all__ = ["BadRequest", "GATED_REWARDS", "MAX_JSON_DEPTH", "POPULATION_METHODS", "Parsed", "Prompt", "SAFE_REWARDS", "ServeConfig", "Served",
-           "Settings", "check_json", "choose", "parse_request", "summary"]
+           "Settings", "check_json", "choice_seeds", "choose", "parse_request", "summary"]

@@ -232,6 +232,19 @@ def test_fork_equals_its_source_exactly_with_rows_dropped_between_steps(model, r
 
 
 @needs_llama
+def test_per_prompt_seeds_fix_each_prompts_draws_whatever_it_is_batched_with(tiny):
+    """Issue 26: with one seed per prompt (posterior.streams) a prompt's sample is the same alone or
+    batched with others, on llama.cpp's multi-sequence decoding too."""
+    post = pst.Posterior(tiny[0], pst.rewards.Contains("a"), 1.0)
+    prompts = ["ab", "b", "aab"]
+    for method, opts in (("is", {}), ("smc", {}), ("smc", {"block_size": 2})):
+        full = post.sample(n=6, method=method, max_new_tokens=5, prompts=prompts, seed=[1, 2, 3], **opts)
+        part = post.sample(n=6, method=method, max_new_tokens=5, prompts=prompts[1:], seed=[2, 3], **opts)
+        assert full.texts[1:] == part.texts, method
+        assert torch.allclose(full.log_weights[1:], part.log_weights, atol=1e-4), method
+
+
+@needs_llama
 @pytest.mark.slow
 def test_sampled_log_probs_equal_teacher_forced_ones_exactly(smol):
     """Sampling and scoring run the same decode (one batched extend per token), whatever the

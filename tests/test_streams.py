@@ -122,3 +122,19 @@ def test_bad_streams_and_seed_lists_are_refused_naming_the_value():
         tilted_sample(torch.zeros(2, 3), generator=Streams.from_seeds([1, 2]), backend="triton")
     with pytest.raises(ValueError, match="torch backend only"):
         resample(torch.zeros(2, 3), 3, "multinomial", generator=Streams.from_seeds([1, 2]), backend="triton")
+
+
+def test_hf_prior_keeps_the_guarantee_with_padded_batches():
+    """On a (config-built) transformers model the prompts of a batch have different lengths (left
+    padding, attention masks): a prompt's sample is still the one it gets alone."""
+    from posterior.testing import tiny_hf_prior
+
+    post = pst.Posterior(tiny_hf_prior("llama"), count_a_reward(1.0), 1.0)
+    prompts = ["ab", "b", "aababab"]
+    for method, opts in (("is", {}), ("smc", {}), ("smc", {"proposal": "tilted"})):
+        full = post.sample(n=6, method=method, max_new_tokens=6, prompts=prompts, seed=[1, 2, 3], **opts)
+        for idx in ([1], [2, 0]):
+            part = post.sample(n=6, method=method, max_new_tokens=6, prompts=[prompts[i] for i in idx], seed=[[1, 2, 3][i] for i in idx], **opts)
+            for j, i in enumerate(idx):
+                assert full.texts[i] == part.texts[j], (method, idx)
+                assert torch.allclose(full.log_weights[i], part.log_weights[j], atol=1e-4), (method, idx)

@@ -198,6 +198,18 @@ def test_same_seed_same_samples(vprior):
 
 
 @needs_engine
+def test_per_prompt_seeds_fix_each_prompts_draws_whatever_it_is_batched_with(vprior):
+    """Issue 26: with one seed per prompt (posterior.streams) each vLLM request is seeded from its
+    prompt's stream, so a prompt's IS and block-SMC samples are the same alone or batched."""
+    post = pst.Posterior(vprior, pst.rewards.Sentiment(), beta=0.5)
+    for method, opts in (("is", {}), ("smc", {"block_size": 4})):
+        both = post.sample(n=4, method=method, max_new_tokens=8, prompts=PROMPTS, seed=[5, 6], **opts)
+        alone = post.sample(n=4, method=method, max_new_tokens=8, prompts=PROMPTS[1:], seed=[6], **opts)
+        assert both.texts[1] == alone.texts[0], method
+        assert torch.allclose(both.log_weights[1], alone.log_weights[0], atol=1e-4), method
+
+
+@needs_engine
 def test_continue_prefixes_respects_budgets_and_eos(vprior, hprior):
     ids = vprior.encode_prompts(PROMPTS)
     # a chat turn, after which the instruct model ends its answer with EOS well within 40 tokens

@@ -57,10 +57,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from posterior import streams
 from posterior.errors import DegenerateWeightsError
 from posterior.kernels import normalize_log_weights, resample
 from posterior.samplers.options import Options, ess_threshold_field, integer, resampling_field
-from posterior import streams
 from posterior.validate import check_real
 
 

@@ -73,11 +73,11 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from posterior import streams
 from posterior.kernels import tilted_sample
 from posterior.priors.base import DecodeState, HIDDEN_STATES, STREAM, Prior, request_seeds
 from posterior.priors.stream import Stream
 from posterior.rewards.base import Reward
-from posterior import streams
 from posterior.samplers.engine import EngineConfig, Forced, Move, Particles, SMCModel, SMCState
 from posterior.samplers.options import PROPOSALS
 from posterior.twists.base import Prefixes, Twist

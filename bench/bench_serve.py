@@ -12,7 +12,7 @@ batched numerics). Prints throughput (requests/s), p50/p99 latency per mode (med
 rounds) and the batched/serial throughput ratio.
 
     python bench/bench_serve.py [--clients 32] [--requests 4] [--n 4] [--max-tokens 16] [--method is]
-                                [--rounds 1] [--model PATH] [--threads N] [--seeded]
+                                [--rounds 1] [--model PATH] [--threads N] [--seeded] [--particles P]
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 async def load(url: str, args) -> dict:
     body = {"model": "m", "prompt": args.prompt, "n": args.n, "max_tokens": args.max_tokens,
-            "posterior": {"reward": "sentiment", "beta": 0.1, "method": args.method}}  # fmt: skip
+            "posterior": {"reward": "sentiment", "beta": 0.1, "method": args.method,
+                          **({"particles": args.particles} if args.particles else {})}}  # fmt: skip
     latencies, answered, failed, ids = [], {}, [], set()
     texts: dict[int, list[str]] = {}  # seed -> the choices' texts (with --seeded)
 
@@ -123,6 +124,7 @@ def main():
     ap.add_argument("--model", default=None, help="model folder (default: the default prior, SmolLM2-135M)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     ap.add_argument("--seeded", action="store_true", help="every request carries its own seed (lm-eval sends one with each)")
+    ap.add_argument("--particles", type=int, default=None, help="posterior.particles of each request (default: the server's, 16)")
     args = ap.parse_args()
 
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
@@ -142,7 +144,7 @@ def main():
                 print("   ", f)
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("throughput", "p50", "p99")} for m, rs in runs.items()}
     print(f"\n{args.clients} clients x {args.requests} {'seeded ' if args.seeded else ''}requests, n={args.n}, "
-          f"max_tokens={args.max_tokens}, method {args.method}, "
+          f"max_tokens={args.max_tokens}, method {args.method}, particles {args.particles or 'server default'}, "
           f"{args.rounds} round(s), medians:")
     for m, v in med.items():
         print(f"  {m:8s} throughput {v['throughput']:.2f} req/s   p50 {v['p50']:.2f} s   p99 {v['p99']:.2f} s")

@@ -18,7 +18,10 @@ Streaming (``stream: true``). With method "smc" the text every surviving particl
 soon as it is fixed (:mod:`posterior.serve.streaming` says why it can never change), then each
 choice's rest with its weight; the first chunk says ``"stream": "prefix"``. Other methods cannot
 know any text before they end: their first chunk says ``"stream": "final"`` and the text follows
-when the run is done. In both, the deltas of a choice concatenate to its final text.
+when the run is done. In both, the deltas of a choice concatenate to its final text. With
+``logprobs`` or ``echo`` the tokens are scored when the run ends: the stream is "final", then each
+choice comes token by token with its log-probs (:func:`~posterior.serve.logprobs.stream_pieces`),
+the pieces concatenating to the non-streamed text and logprobs object.
 
 With ``echo``, a ``posterior`` object and ``posterior.context_tokens`` (the prompt's first tokens
 are the context, the rest the continuation), the top-level ``posterior`` also has ``log_prob``, an
@@ -67,10 +70,16 @@ from posterior.serve.protocol import (
     parse_request,
     summary,
 )
-from posterior.serve.logprobs import Scored, chat_logprobs, completion_logprobs, echo_scores, forced, join, visible
+from posterior.serve.logprobs import Scored, chat_logprobs, completion_logprobs, echo_scores, forced, join, stream_pieces, visible
 from posterior.serve.streaming import PrefixTracker
 
 log = logging.getLogger("posterior.serve")
+
+
+def _scores_tokens(settings: Settings) -> bool:
+    """True when a request's tokens are scored after the run (logprobs or echo): its stream sends
+    the text with their log-probs when the run ends, never a text prefix before."""
+    return settings.logprobs is not None or settings.echo
 
 
 def _zero_reward():
@@ -277,7 +286,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
         settings: Settings = jobs[0].settings
         if "callback" not in sampler_options(settings.method):
             return None
-        prefix = settings.method == "smc" and not rewards.get(settings.reward).needs_prompts
+        prefix = settings.method == "smc" and not rewards.get(settings.reward).needs_prompts and not _scores_tokens(settings)
         trackers = {id(j): PrefixTracker(len(j.prompts) * settings.n, cleans_spaces=cleans_spaces, stops=settings.stop) for j in jobs}
 
         def callback(report):
@@ -552,14 +561,15 @@ def create_app(prior, *, config: ServeConfig | None = None):
         chunk that ``stream_options.include_usage`` asks for, which is OpenAI's ``choices: []``."""
         cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         total = len(parsed.prompts) * parsed.settings.n
-        prefix = parsed.settings.method == "smc" and parsed.settings.reward is not None
+        scores = _scores_tokens(parsed.settings)
+        prefix = parsed.settings.method == "smc" and parsed.settings.reward is not None and not scores
 
         def chunk(choices, **extra):
             return _sse({"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                          "model": config.model_name, "choices": choices, **extra})  # fmt: skip
 
-        def delta(idx, text, reason=None, stats=None, role=False):
-            c = {"index": idx, "finish_reason": reason, "logprobs": None}
+        def delta(idx, text, reason=None, stats=None, role=False, logprobs=None):
+            c = {"index": idx, "finish_reason": reason, "logprobs": logprobs}
             if chat:
                 c["delta"] = {"role": "assistant", "content": text} if role else {"content": text}
             else:
@@ -568,8 +578,13 @@ def create_app(prior, *, config: ServeConfig | None = None):
                 c["posterior"] = stats
             return c
 
-        note = ("smc: text every surviving particle shares is sent as it is fixed" if prefix else
-                f"{parsed.settings.method}: no text is known before the run ends; it is sent when done (not incremental)")  # fmt: skip
+        if prefix:
+            note = "smc: text every surviving particle shares is sent as it is fixed"
+        elif scores:
+            note = ("logprobs / echo: the tokens are scored when the run ends; then each choice is sent token by token "
+                    "with its log-probs (not incremental)")  # fmt: skip
+        else:
+            note = f"{parsed.settings.method}: no text is known before the run ends; it is sent when done (not incremental)"
         sent = [""] * total
         try:
             yield chunk([delta(i, "", role=True) for i in range(total)], posterior={"stream": "prefix" if prefix else "final", "note": note})
@@ -584,6 +599,24 @@ def create_app(prior, *, config: ServeConfig | None = None):
                         yield chunk(out)
                 elif event[0] == "error":
                     yield _sse(_error_body(event[1], event[2]))
+                    return
+                elif scores:  # the whole answer at once: each choice's tokens with their log-probs
+                    outcome = event[1]
+                    logprobs, out = _logprobs(parsed, outcome, chat), []
+                    for idx, text, reason, stats in _choices(parsed, outcome):
+                        if parsed.settings.echo:
+                            text = parsed.prompts[idx // parsed.settings.n] + text
+                        if logprobs[idx] is None:  # echo without logprobs: the text only
+                            out.append(delta(idx, text, reason, stats))
+                            continue
+                        *pieces, (rest, last) = stream_pieces(text, logprobs[idx], chat=chat)
+                        for piece, lp in pieces:
+                            yield chunk([delta(idx, piece, logprobs=lp)])
+                        out.append(delta(idx, rest, reason, stats, logprobs=last))
+                    yield chunk(out, posterior=_summary(parsed, outcome))
+                    if parsed.include_usage:
+                        yield chunk([], usage=_usage(parsed, outcome))
+                    yield "data: [DONE]\n\n"
                     return
                 else:
                     outcome = event[1]

@@ -107,8 +107,31 @@ def chat_logprobs(text_of, scored: Scored) -> dict:
     return {"content": content}
 
 
+def stream_pieces(text: str, logprobs: dict, *, chat: bool) -> list[tuple[str, dict]]:
+    """A choice's final text and logprobs object (:func:`completion_logprobs` or
+    :func:`chat_logprobs`) cut into stream chunks: one per token while the tokens' texts spell the
+    text, then one with the rest (the last token always, so the last chunk carries log-probs).
+    Each piece's object is a slice of the whole one (``text_offset`` stays an offset into the
+    choice's text, as vLLM streams it), so the pieces concatenate to exactly the non-streamed
+    ``text`` and ``logprobs``. A token whose text is not the next part of the text (a byte of a
+    multi-byte character, a space the tokenizer cleans up) and all after it go in the last piece."""
+    tokens = [e["token"] for e in logprobs["content"]] if chat else logprobs["tokens"]
+
+    def part(a: int, b: int | None) -> dict:
+        if chat:
+            return {"content": logprobs["content"][a:b]}
+        return {k: logprobs[k][a:b] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+    out, at, t = [], 0, 0
+    while t < len(tokens) - 1 and text.startswith(tokens[t], at):
+        out.append((tokens[t], part(t, t + 1)))
+        at, t = at + len(tokens[t]), t + 1
+    out.append((text[at:], part(t, None)))
+    return out
+
+
 def join(a: Scored, b: Scored) -> Scored:
     return Scored(a.ids + b.ids, a.logprobs + b.logprobs, a.top + b.top)
 
 
-__all__ = ["Scored", "chat_logprobs", "completion_logprobs", "echo_scores", "forced", "join", "visible"]
+__all__ = ["Scored", "chat_logprobs", "completion_logprobs", "echo_scores", "forced", "join", "stream_pieces", "visible"]

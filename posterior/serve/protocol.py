@@ -475,8 +475,6 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
             if not settings.context_tokens < len(ids):
                 raise BadRequest("posterior.context_tokens", f"is {settings.context_tokens} but prompt {i} has {len(ids)} tokens: "
                                  "the continuation after the context would be empty")  # fmt: skip
-    if stream and (echo or logprobs is not None):
-        raise BadRequest("echo" if echo else "logprobs", "cannot be streamed by this server; send stream: false")
     for i, ids in enumerate(ids_of):
         where = "messages" if chat else (f"prompt[{i}]" if many else "prompt")
         if context is not None and len(ids) + max_tokens > context:

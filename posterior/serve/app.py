@@ -29,6 +29,11 @@ estimate of log pi*(continuation + EOS | context) = log pi0 + r/beta - log Z(con
 ``log_prob_bracket`` from :func:`posterior.bounds` (Z over continuations of at most
 max(max_tokens, continuation + 1) tokens).
 
+With ``posterior.token_logprobs: "posterior"`` (or ``--token-logprobs posterior``) the
+``logprobs`` / ``echo`` values are estimates of log pi* whose sum over any span estimates log
+pi*(span | text before it) (:mod:`posterior.serve.logprobs`); ``--default-posterior`` gives
+requests without a ``posterior`` object one (lm-eval's loglikelihood sends none).
+
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 404 an unknown model
 (``code: "model_not_found"``), 400 names the field
 (bad JSON, nesting deeper than :data:`~posterior.serve.protocol.MAX_JSON_DEPTH`, a lone surrogate, a
@@ -70,7 +75,18 @@ from posterior.serve.protocol import (
     parse_request,
     summary,
 )
-from posterior.serve.logprobs import Scored, chat_logprobs, completion_logprobs, echo_scores, forced, join, stream_pieces, visible
+from posterior.serve.logprobs import (
+    PrefixValues,
+    Scored,
+    chat_logprobs,
+    completion_logprobs,
+    echo_scores,
+    forced,
+    join,
+    stream_pieces,
+    tilted,
+    visible,
+)
 from posterior.serve.streaming import PrefixTracker
 
 log = logging.getLogger("posterior.serve")
@@ -177,6 +193,29 @@ class _Priors:
         return prior
 
 
+class _PrefixValueCaches:
+    """One :class:`~posterior.serve.logprobs.PrefixValues` (its cache of log Z^ per prefix) per
+    (request prior, reward, beta, rollouts, horizon); a small LRU."""
+
+    def __init__(self, rewards: _Rewards, size: int = 8):
+        self.rewards, self.size = rewards, size
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, scorer, settings: Settings) -> PrefixValues:
+        key = (id(scorer), settings.reward, settings.beta, settings.particles, settings.horizon)
+        with self._lock:
+            if key in self._cache and self._cache[key][0] is scorer:
+                self._cache.move_to_end(key)
+                return self._cache[key][1]
+        values = PrefixValues(scorer, self.rewards.get(settings.reward), settings.beta, settings.particles, settings.horizon)
+        with self._lock:
+            self._cache[key] = (scorer, values)
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return values
+
+
 def _chat_renderer(prior):
     """messages -> prompt text through the tokenizer's chat template, or None without one."""
     tok = getattr(prior, "tokenizer", None)
@@ -215,6 +254,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
         raise ValueError("serve a prior made with chat=False: /v1/chat/completions applies the chat template itself")
     rewards = _Rewards(prior)
     priors = _Priors(prior)
+    prefix_values = _PrefixValueCaches(rewards)
     render_chat = _chat_renderer(prior)
     eos = set(prior.eos_token_ids)
     cleans_spaces = bool(getattr(getattr(prior, "tokenizer", None), "clean_up_tokenization_spaces", False))
@@ -248,17 +288,29 @@ def create_app(prior, *, config: ServeConfig | None = None):
         scorer = getattr(p, "base", p)
         ids = [q.ids if isinstance(q, Prompt) and q.ids is not None else prior.encode_prompts([q])[0] for q in prompts]
         scored = {}
+        contexts_of = {}
         if served.result is not None and settings.logprobs is not None:
             res = served.result
             keys = sorted({(q, j) for q in range(len(prompts)) for j in served.picks[q]})
             seqs = [visible(p, res.tokens[q, j, : res.lengths[q, j]].tolist()) for q, j in keys]
-            contexts = [prior.encode_prompts([str(prompts[q])])[0] for q, _ in keys]
+            contexts_of = {q: prior.encode_prompts([str(prompts[q])])[0] for q in range(len(prompts))}
+            contexts = [contexts_of[q] for q, _ in keys]
             scored = dict(zip(keys, forced(scorer, contexts, seqs, k)))
         echoed = [echo_scores(scorer, i, k) for i in ids] if settings.echo else None
         log_prob = None
         if settings.context_tokens is not None and settings.reward is not None:
             log_prob = [_log_prob(scorer, settings, i, q) for q, i in enumerate(ids)]
-        return dataclasses.replace(served, scored=scored, echoed=echoed, log_prob=log_prob)
+        token_se = None
+        if settings.token_logprobs == "posterior" and settings.reward is not None:
+            values = prefix_values.get(scorer, settings)
+            token_se = [0.0] * len(prompts)
+            if echoed is not None:
+                for q, sc in enumerate(echoed):
+                    echoed[q], token_se[q] = tilted(sc, [], values)
+            for (q, j), sc in list(scored.items()):
+                scored[(q, j)], se = tilted(sc, contexts_of[q], values)
+                token_se[q] = max(token_se[q], se)
+        return dataclasses.replace(served, scored=scored, echoed=echoed, log_prob=log_prob, token_se=token_se)
 
     def _log_prob(scorer, settings: Settings, ids: list[int], q: int) -> tuple[float, float, float]:
         """log pi*(x | c) for the context c = ids[:context_tokens] and the complete continuation
@@ -464,6 +516,10 @@ def create_app(prior, *, config: ServeConfig | None = None):
                 vocab_size=prior.vocab_size, decode=prior.decode,
             )  # fmt: skip
             await asyncio.to_thread(_reward_or_400, parsed.settings.reward)
+            if parsed.settings.token_logprobs == "posterior" and parsed.settings.reward is not None:
+                if (await asyncio.to_thread(rewards.get, parsed.settings.reward)).needs_prompts:
+                    raise BadRequest("posterior.token_logprobs", f"'posterior' needs a reward of the text alone; "
+                                     f"{parsed.settings.reward!r} reads the prompt apart")  # fmt: skip
             await asyncio.to_thread(priors.get, parsed.settings)
         except BadRequest as e:
             return error(e.status, str(e), e.field, code=e.code)

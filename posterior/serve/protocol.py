@@ -43,6 +43,11 @@ samples with equal text summed): an estimate of pi*'s mode (``"choices": "mode"`
 not returned, and ``finish_reason`` is "stop". Fields that would change pi0 in ways not supported
 (``logit_bias``, penalties) or are not computed are refused (400).
 
+``posterior.token_logprobs`` ("prior", the default, or the server's ``--token-logprobs``; or
+"posterior") says what ``logprobs`` / ``echo`` report, and ``posterior.horizon`` the longest text
+(prompt included) the "posterior" values' pi* is over (:mod:`posterior.serve.logprobs`). A request
+without a ``posterior`` object gets the server's ``--default-posterior`` when it has one.
+
 Responses carry, per choice, ``posterior: {reward, log_weight, log_prior, particle,
 particle_log_weight}`` and, top level, ``posterior: {method, reward, beta, particles, choices,
 log_Z, ess, kl, reward_mean, seconds, seed, ...}``. log_Z, ess, kl and reward_mean are Monte Carlo
@@ -85,6 +90,9 @@ ONLY_DEFAULT = {
     "functions": (None, []), "function_call": (None, "none"), "modalities": (None, ["text"]),
 }  # fmt: skip
 WHY_FIXED: dict[str, str] = {}
+# What a returned token's log-prob is (posterior.token_logprobs): log pi0, or the telescoped log pi*
+# estimate of :mod:`posterior.serve.logprobs`.
+TOKEN_LOGPROBS = frozenset({"prior", "posterior"})
 # Methods whose n choices are drawn by weight from a population of ``particles``.
 POPULATION_METHODS = frozenset({"is", "smc"})
 # Methods whose ``particles`` sets a method option (the population behind each answer).
@@ -120,6 +128,8 @@ class ServeConfig:
     # Largest request body, checked before parsing (413 above it). 1 MiB holds 16 prompts of 8k
     # tokens of plain text; raise it for longer contexts or heavily escaped (non-ASCII) prompts.
     max_body_bytes: int = 1 << 20
+    token_logprobs: str = "prior"  # posterior.token_logprobs of a posterior object that does not say (--token-logprobs)
+    default_posterior: str | None = None  # JSON of the posterior object of a request without one (--default-posterior)
 
     def __post_init__(self):
         for name in ("max_n", "default_particles", "max_particles", "default_max_tokens", "max_prompts", "max_option_int", "max_batch_prompts", "max_queue",
@@ -137,6 +147,17 @@ class ServeConfig:
             raise ValueError(f"default_particles={self.default_particles} is above max_particles={self.max_particles}")
         if not isinstance(self.aliases, tuple) or not all(isinstance(a, str) and a for a in self.aliases):
             raise ValueError(f"aliases must be a tuple of non-empty strings, got {self.aliases!r}")
+        if self.token_logprobs not in TOKEN_LOGPROBS:
+            raise ValueError(f"token_logprobs must be one of {sorted(TOKEN_LOGPROBS)}, got {self.token_logprobs!r}")
+        if self.default_posterior is not None:
+            import json
+
+            try:
+                obj = json.loads(self.default_posterior)
+            except ValueError as e:
+                raise ValueError(f"default_posterior must be a JSON posterior object, got {self.default_posterior!r:.80} ({e})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"default_posterior must be a JSON object, got {self.default_posterior!r:.80}")
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -164,6 +185,8 @@ class Settings:
     logprobs: int | None = None  # None: no log-probs; k: each token's and its k most likely alternatives'
     echo: bool = False  # the prompt (and its token log-probs, first null) before the completion
     context_tokens: int | None = None  # with echo: the prompt's first tokens are the context, the rest the continuation
+    token_logprobs: str = "prior"  # "posterior": logprobs / echo values are log pi* estimates (posterior.serve.logprobs)
+    horizon: int | None = None  # with token_logprobs "posterior": texts of at most this many tokens (None: the model's context)
 
     @property
     def population(self) -> bool:
@@ -280,10 +303,16 @@ def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward
         return Settings(None, 1.0, "is", (), n, max_tokens, particles=config.default_particles)
     if not isinstance(obj, dict):
         raise BadRequest("posterior", f"must be an object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - {"reward", "beta", "method", "options", "particles", "context_tokens"})
+    unknown = sorted(set(obj) - {"reward", "beta", "method", "options", "particles", "context_tokens", "token_logprobs", "horizon"})
     if unknown:
         raise BadRequest(f"posterior.{unknown[0]}", "unknown field; posterior takes reward, beta, method, particles, options, "
-                         "context_tokens")  # fmt: skip
+                         "context_tokens, token_logprobs, horizon")  # fmt: skip
+    token_logprobs = obj.get("token_logprobs", config.token_logprobs)
+    if token_logprobs not in TOKEN_LOGPROBS:
+        raise BadRequest("posterior.token_logprobs", f"must be one of {sorted(TOKEN_LOGPROBS)}, got {shown(token_logprobs)}")
+    horizon = obj.get("horizon")
+    if horizon is not None:
+        horizon = _int(obj, "horizon", None, 1, None, field="posterior.horizon")
     context_tokens = obj.get("context_tokens")
     if context_tokens is not None:
         context_tokens = _int(obj, "context_tokens", None, 1, None, field="posterior.context_tokens")
@@ -339,7 +368,7 @@ def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward
     elif particles is None:
         particles = config.default_particles
     return Settings(reward, value, method, tuple(sorted(options.items())), n, max_tokens, particles=particles,
-                    context_tokens=context_tokens)
+                    context_tokens=context_tokens, token_logprobs=token_logprobs, horizon=horizon)
 
 
 def _check_allowed(spec: str) -> None:
@@ -465,7 +494,12 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
         default = config.max_tokens
     max_tokens = _int(body, mt_name, default, 0 if echo else 1, limit, " (--max-tokens or the model's context)" if echo else
                       " (--max-tokens or the model's context; 0 only with echo)")  # fmt: skip
-    settings = parse_posterior(body.get("posterior"), config, n=n, max_tokens=max_tokens, reward_names=reward_names)
+    obj = body.get("posterior")
+    if obj is None and config.default_posterior is not None:
+        import json
+
+        obj = json.loads(config.default_posterior)
+    settings = parse_posterior(obj, config, n=n, max_tokens=max_tokens, reward_names=reward_names)
     settings = dataclasses.replace(settings, temperature=temperature, top_k=top_k, top_p=top_p, mode=mode, stop=stop,
                                    stop_token_ids=stop_ids, logprobs=logprobs, echo=echo)  # fmt: skip
     if settings.context_tokens is not None:
@@ -475,6 +509,17 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
             if not settings.context_tokens < len(ids):
                 raise BadRequest("posterior.context_tokens", f"is {settings.context_tokens} but prompt {i} has {len(ids)} tokens: "
                                  "the continuation after the context would be empty")  # fmt: skip
+    if settings.token_logprobs == "posterior":
+        if stop or stop_ids:
+            raise BadRequest("stop" if stop else "stop_token_ids", "cannot be combined with posterior.token_logprobs 'posterior'")
+        horizon = settings.horizon if settings.horizon is not None else context
+        if horizon is None:
+            raise BadRequest("posterior.horizon", "is needed with token_logprobs 'posterior' (this model states no context length)")
+        longest = max(len(ids) for ids in ids_of) + max_tokens
+        if longest > horizon:
+            raise BadRequest("posterior.horizon", f"is {horizon} tokens but prompt + max_tokens has {longest}: pi* is over texts "
+                             "of at most horizon tokens, prompt included")  # fmt: skip
+        settings = dataclasses.replace(settings, horizon=horizon)
     for i, ids in enumerate(ids_of):
         where = "messages" if chat else (f"prompt[{i}]" if many else "prompt")
         if context is not None and len(ids) + max_tokens > context:
@@ -612,6 +657,7 @@ class Served:
     scored: dict = dataclasses.field(default_factory=dict)  # (p, j) -> logprobs.Scored of sample j's returned tokens
     echoed: list | None = None  # per prompt: logprobs.Scored of its own tokens (echo)
     log_prob: list | None = None  # per prompt: (estimate, lower, upper) of log pi*(continuation | context)
+    token_se: list | None = None  # per prompt, token_logprobs "posterior": the largest se of the log Z^ its values use
 
 
 class Prompt(str):
@@ -712,6 +758,15 @@ def summary(served: Served, outcome_first: int, count: int, *, settings: Setting
         out["log_prob_bracket"] = bracket if many else bracket[0]
         out["log_prob_note"] = ("log pi*(continuation + EOS | context) = log pi0 + r/beta - log Z(context); log Z from "
                                 "pst.bounds (z=3 widened ends): an estimate and its bracket")  # fmt: skip
+    if served.token_se is not None:
+        se = [finite(x) for x in served.token_se[outcome_first : outcome_first + count]]
+        out["token_logprobs"] = {
+            "of": "posterior", "estimate": True, "horizon": settings.horizon, "samples": settings.particles,
+            "log_Z_se": se if many else se[0],
+            "note": "each token's log-prob is log pi0 + log Z^(prefix with it) - log Z^(prefix before it), Z^ an importance-"
+                    "sampling estimate from K prior rollouts: any span's sum estimates log pi*(span | text before it); "
+                    "log_Z_se is the largest standard error of the log Z^ used (delta method), per prompt",
+        }  # fmt: skip
     return out
 
 
@@ -758,5 +813,5 @@ def now() -> int:
     return int(time.time())
 
 
-__all__ = ["BadRequest", "GATED_REWARDS", "MAX_JSON_DEPTH", "POPULATION_METHODS", "Parsed", "Prompt", "SAFE_REWARDS", "ServeConfig", "Served",
+__all__ = ["BadRequest", "GATED_REWARDS", "TOKEN_LOGPROBS", "MAX_JSON_DEPTH", "POPULATION_METHODS", "Parsed", "Prompt", "SAFE_REWARDS", "ServeConfig", "Served",
            "Settings", "check_json", "choose", "parse_request", "summary"]

@@ -855,3 +855,17 @@ def test_streamed_logprobs_and_echo_concatenate_to_the_non_streamed_answer(serve
                 content.setdefault(c.index, []).extend(e.model_dump() for e in c.logprobs.content)
     for c in full.choices:
         assert texts[c.index] == c.message.content and content[c.index] == [e.model_dump() for e in c.logprobs.content]
+
+
+def test_min_tokens_and_repetition_penalty_over_http_are_the_prior_of_sampling_and_scoring(server, client):
+    """On the real server's HF model: every choice has at least min_tokens tokens before its end, and
+    its token log-probs (scoring) sum to its log_prior (the SMC weights' pi0): one prior for both."""
+    kw = {"model": "m", "prompt": "the movie was", "n": 4, "max_tokens": 8, "seed": 3, "logprobs": 0}
+    extra = {"posterior": {**AL, "particles": 4}, "min_tokens": 6, "repetition_penalty": 1.5}
+    out = client.completions.create(extra_body=extra, **kw)
+    plain = client.completions.create(extra_body={"posterior": extra["posterior"]}, **kw)
+    for c in out.choices:
+        lp = c.logprobs.token_logprobs
+        assert len(lp) >= 6 and sum(lp) == pytest.approx(c.model_extra["posterior"]["log_prior"], abs=1e-3)
+    assert out.model_extra["posterior"]["sampling"]["repetition_penalty"] == 1.5
+    assert [c.logprobs.token_logprobs for c in out.choices] != [c.logprobs.token_logprobs for c in plain.choices]

@@ -102,7 +102,7 @@ def test_bad_token_logprob_requests_get_400_naming_the_field(client, extra, body
 # --------------------------------------------------------------------------------------------------
 # lm-eval against a real server
 # --------------------------------------------------------------------------------------------------
-SERVED = {"reward": "length:4", "beta": 1.0, "horizon": 32, "particles": 8}
+SERVED = {"reward": "length:4", "beta": 0.5, "horizon": 32, "particles": 8}
 
 
 @pytest.mark.slow
@@ -143,4 +143,4 @@ def test_lm_eval_loglikelihood_reads_log_pi_star_with_token_logprobs_posterior(m
             gaps.append(abs(ll - log_pi0))
             compared += 1
     print(f"lm-eval loglikelihoods: |log pi* estimate - log pi0| per choice {[round(g, 3) for g in gaps]}")
-    assert compared == 8 and max(gaps) > 0.1, gaps  # 3 + 2 + 3 choices; pi* is not pi0 here
+    assert compared == 8 and max(gaps) > 0.1, gaps  # 3 + 2 + 3 choices; pi* is not pi0 here (0.2 measured)

@@ -162,7 +162,8 @@ def _error_body(status: int, message: str, param: str | None = None, code: str |
 
 
 class _Priors:
-    """The per-request prior of each (temperature, top_k, top_p, stop, stop_token_ids): the served
+    """The per-request prior of each (temperature, top_k, top_p, stop, stop_token_ids, min_tokens,
+    repetition_penalty; :mod:`posterior.priors.penalties` for the last two): the served
     prior with those sampling parameters (``Prior.with_sampling``, sharing the model) and stopped
     at the stop strings (:func:`posterior.priors.stop.stop_string_prior`); a small LRU."""
 
@@ -174,7 +175,8 @@ class _Priors:
     def get(self, settings: Settings):
         from posterior.priors.stop import stop_string_prior
 
-        key = (settings.temperature, settings.top_k, settings.top_p, settings.stop, settings.stop_token_ids)
+        key = (settings.temperature, settings.top_k, settings.top_p, settings.stop, settings.stop_token_ids, settings.min_tokens,
+               settings.repetition_penalty)  # fmt: skip
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -185,6 +187,15 @@ class _Priors:
                 base = base.with_sampling(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
             except ValueError as e:
                 raise BadRequest("temperature", f"this server's prior cannot take these sampling parameters: {e}") from None
+        if settings.min_tokens or settings.repetition_penalty != 1.0:
+            from posterior.priors.penalties import penalized_prior
+
+            try:
+                base = penalized_prior(base, min_tokens=settings.min_tokens, repetition_penalty=settings.repetition_penalty,
+                                       end_token_ids=settings.stop_token_ids)  # fmt: skip
+            except ValueError as e:
+                field = "min_tokens" if settings.min_tokens else "repetition_penalty"
+                raise BadRequest(field, f"this server's prior cannot take it: {e}") from None
         prior = stop_string_prior(base, list(settings.stop), list(settings.stop_token_ids))
         with self._lock:
             self._cache[key] = prior
@@ -285,7 +296,9 @@ def create_app(prior, *, config: ServeConfig | None = None):
         """Attach the prior's token log-probs of the returned tokens (logprobs) and of the prompts
         (echo); the stop strings change no token before the stop, so the unstopped prior scores."""
         k = settings.logprobs or 0
-        scorer = getattr(p, "base", p)
+        from posterior.priors.stop import SequenceStopPrior, StepwiseStopPrior
+
+        scorer = p.base if isinstance(p, (StepwiseStopPrior, SequenceStopPrior)) else p  # the penalties stay
         ids = [q.ids if isinstance(q, Prompt) and q.ids is not None else prior.encode_prompts([q])[0] for q in prompts]
         scored = {}
         contexts_of = {}

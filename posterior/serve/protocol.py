@@ -40,8 +40,11 @@ drawn at the server's temperature and every choice is its highest-weight text (w
 samples with equal text summed): an estimate of pi*'s mode (``"choices": "mode"``). ``stop`` (up to
 4 strings) and ``stop_token_ids`` make the prior end there as at EOS
 (:mod:`posterior.priors.stop`): every sampler and the reward see the stopped text, the stop text is
-not returned, and ``finish_reason`` is "stop". Fields that would change pi0 in ways not supported
-(``logit_bias``, penalties) or are not computed are refused (400).
+not returned, and ``finish_reason`` is "stop". vLLM's ``min_tokens`` and ``repetition_penalty``
+are part of the request's prior too (:mod:`posterior.priors.penalties`: sampling and scoring read
+the same modified distribution; a prior without next-token distributions refuses them, 400).
+Fields that would change pi0 in ways not supported (``logit_bias``, presence / frequency
+penalties) or are not computed are refused (400).
 
 ``posterior.token_logprobs`` ("prior", the default, or the server's ``--token-logprobs``; or
 "posterior") says what ``logprobs`` / ``echo`` report, and ``posterior.horizon`` the longest text
@@ -185,6 +188,8 @@ class Settings:
     logprobs: int | None = None  # None: no log-probs; k: each token's and its k most likely alternatives'
     echo: bool = False  # the prompt (and its token log-probs, first null) before the completion
     context_tokens: int | None = None  # with echo: the prompt's first tokens are the context, the rest the continuation
+    min_tokens: int = 0  # vLLM's: no EOS / stop token before this many tokens (posterior.priors.penalties)
+    repetition_penalty: float = 1.0  # vLLM's, on the prior's log-probs (posterior.priors.penalties)
     token_logprobs: str = "prior"  # "posterior": logprobs / echo values are log pi* estimates (posterior.serve.logprobs)
     horizon: int | None = None  # with token_logprobs "posterior": texts of at most this many tokens (None: the model's context)
 
@@ -201,7 +206,8 @@ class Settings:
     @property
     def sampling(self) -> dict:
         return {"temperature": 0.0 if self.mode else self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-                "stop": list(self.stop), "stop_token_ids": list(self.stop_token_ids)}  # fmt: skip
+                "stop": list(self.stop), "stop_token_ids": list(self.stop_token_ids), "min_tokens": self.min_tokens,
+                "repetition_penalty": self.repetition_penalty}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -417,7 +423,7 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
                          f"you do not have access to it. This server serves {', '.join(map(repr, config.model_names))}.",
                          404, code="model_not_found", plain=True)  # fmt: skip
     common = {"model", "n", "max_tokens", "seed", "stream", "posterior", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
-              "logprobs", "top_logprobs"}  # fmt: skip
+              "logprobs", "top_logprobs", "min_tokens", "repetition_penalty"}  # fmt: skip
     given_ids: list[list[int] | None] = []
     if chat:
         prompts = [_render(body.get("messages"), render_chat)]
@@ -463,6 +469,9 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
     n = _int(body, "n", 1, 1, config.max_n, " (--max-n)")
     temperature, top_k, top_p, mode = _sampling(body, sampling)
     stop, stop_ids = _stops(body, vocab_size)
+    min_tokens = _int(body, "min_tokens", 0, 0, None)
+    repetition_penalty = _number(body, "repetition_penalty", 0.0, 100.0, lo_open=True)
+    repetition_penalty = 1.0 if repetition_penalty is None else repetition_penalty
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise BadRequest("seed", f"must be an int in [0, 2**64) or null, got {seed!r}")
@@ -501,7 +510,10 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
         obj = json.loads(config.default_posterior)
     settings = parse_posterior(obj, config, n=n, max_tokens=max_tokens, reward_names=reward_names)
     settings = dataclasses.replace(settings, temperature=temperature, top_k=top_k, top_p=top_p, mode=mode, stop=stop,
-                                   stop_token_ids=stop_ids, logprobs=logprobs, echo=echo)  # fmt: skip
+                                   stop_token_ids=stop_ids, logprobs=logprobs, echo=echo, min_tokens=min_tokens,
+                                   repetition_penalty=repetition_penalty)  # fmt: skip
+    if min_tokens > max_tokens and max_tokens > 0:
+        raise BadRequest("min_tokens", f"is {min_tokens}, above max_tokens={max_tokens}")
     if settings.context_tokens is not None:
         if not echo:
             raise BadRequest("posterior.context_tokens", "needs echo: true (it splits the echoed prompt into context and continuation)")

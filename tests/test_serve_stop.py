@@ -174,3 +174,14 @@ def test_penalties_on_a_prior_without_next_token_distributions_are_refused():
         penalized_prior(seq, min_tokens=2)
     with pytest.raises(ValueError, match="repetition_penalty"):
         penalized_prior(toy(), repetition_penalty=0.0)
+
+
+@pytest.mark.parametrize("base", ["markov", "hf"])
+def test_penalized_prior_keeps_the_prior_contract(base):
+    """start/extend/select/reorder, sampling == scoring, normalised rows: the Prior contract holds
+    for the penalised prior over a step-wise toy and over an HF model (its KV cache)."""
+    from posterior.priors.penalties import penalized_prior
+    from posterior.testing import check_prior_conformance, markov_prior, tiny_hf_prior
+
+    inner = markov_prior() if base == "markov" else tiny_hf_prior("llama")
+    check_prior_conformance(penalized_prior(inner, min_tokens=2, repetition_penalty=1.5))

@@ -813,3 +813,89 @@ def test_chat_without_max_tokens_runs_to_the_rest_of_the_context(server, client)
     assert out.usage.completion_tokens > 16 or c.finish_reason == "stop"
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+
+
+def _sse_chunks(url: str, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def _joined(chunks, chat: bool) -> dict[int, tuple[str, object]]:
+    """{choice index: (concatenated text, concatenated logprobs object)} of a stream's chunks."""
+    out: dict = {}
+    for ch in chunks:
+        for c in ch["choices"]:
+            text, lp = out.get(c["index"], ("", None))
+            piece = c["delta"].get("content") or "" if chat else c["text"]
+            part = c["logprobs"]
+            if part is not None:
+                lp = part if lp is None else {k: lp[k] + part[k] for k in part}
+            out[c["index"]] = (text + piece, lp)
+    return out
+
+
+def test_streamed_logprobs_and_echo_concatenate_to_the_non_streamed_answer(server, client):
+    """Before this, stream with logprobs / top_logprobs / echo was a 400. The streamed pieces (text,
+    tokens, token_logprobs, top_logprobs, text_offset; chat's logprobs.content) concatenate exactly
+    to the non-streamed answer of the same seeded request, with plain HTTP and the openai client."""
+    base = {"model": "m", "prompt": "the movie was", "n": 3, "max_tokens": 8, "seed": 11, "logprobs": 2, "echo": True,
+            "posterior": {**AL, "particles": 4}}  # fmt: skip
+    auth = {"Authorization": f"Bearer {KEY}"}
+    whole = httpx.post(server + "/v1/completions", json=base, headers=auth, timeout=120).json()
+    chunks = _sse_chunks(server, "/v1/completions", {**base, "stream": True})
+    assert chunks[0]["posterior"]["stream"] == "final"
+    joined = _joined(chunks, chat=False)
+    assert sorted(joined) == [0, 1, 2]
+    for c in whole["choices"]:
+        assert joined[c["index"]] == (c["text"], c["logprobs"]) and c["text"].startswith("the movie was")
+        assert len(c["logprobs"]["tokens"]) > 3  # prompt and completion tokens
+    assert sum(len(ch["choices"]) for ch in chunks) > 3 * 4  # token by token, not one chunk per choice
+    # The openai client, completions without echo.
+    body = {k: v for k, v in base.items() if k not in ("model", "prompt", "echo", "posterior")}
+    extra = {"posterior": base["posterior"]}
+    full = client.completions.create(model="m", prompt="the movie was", extra_body=extra, **body)
+    texts, lps = {}, {}
+    for chunk in client.completions.create(model="m", prompt="the movie was", extra_body=extra, stream=True, **body):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            got = lps.setdefault(c.index, {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
+            if c.logprobs is not None:
+                for k in got:
+                    got[k] += getattr(c.logprobs, k)
+    for c in full.choices:
+        assert texts[c.index] == c.text and lps[c.index] == c.logprobs.model_dump()
+    # Chat: logprobs.content entries per chunk, plain HTTP and the openai client.
+    messages = [{"role": "user", "content": "how was the movie?"}]
+    chat = {"model": "m", "messages": messages, "n": 2, "max_tokens": 6, "seed": 4, "logprobs": True, "top_logprobs": 3,
+            "posterior": {**AL, "particles": 4}}  # fmt: skip
+    whole = httpx.post(server + "/v1/chat/completions", json=chat, headers=auth, timeout=120).json()
+    joined = _joined(_sse_chunks(server, "/v1/chat/completions", {**chat, "stream": True}), chat=True)
+    for c in whole["choices"]:
+        assert joined[c["index"]] == (c["message"]["content"], c["logprobs"]) and c["logprobs"]["content"]
+    kw = {k: v for k, v in chat.items() if k not in ("posterior",)}
+    full = client.chat.completions.create(extra_body=extra, **kw)
+    texts, content = {}, {}
+    for chunk in client.chat.completions.create(extra_body=extra, stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.logprobs is not None:
+                content.setdefault(c.index, []).extend(e.model_dump() for e in c.logprobs.content)
+    for c in full.choices:
+        assert texts[c.index] == c.message.content and content[c.index] == [e.model_dump() for e in c.logprobs.content]
+
+
+def test_min_tokens_and_repetition_penalty_over_http_are_the_prior_of_sampling_and_scoring(server, client):
+    """On the real server's HF model: every choice has at least min_tokens tokens before its end, and
+    its token log-probs (scoring) sum to its log_prior (the SMC weights' pi0): one prior for both."""
+    kw = {"model": "m", "prompt": "the movie was", "n": 4, "max_tokens": 8, "seed": 3, "logprobs": 0}
+    extra = {"posterior": {**AL, "particles": 4}, "min_tokens": 6, "repetition_penalty": 1.5}
+    out = client.completions.create(extra_body=extra, **kw)
+    plain = client.completions.create(extra_body={"posterior": extra["posterior"]}, **kw)
+    for c in out.choices:
+        lp = c.logprobs.token_logprobs
+        assert len(lp) >= 6 and sum(lp) == pytest.approx(c.model_extra["posterior"]["log_prior"], abs=1e-3)
+    assert out.model_extra["posterior"]["sampling"]["repetition_penalty"] == 1.5
+    assert [c.logprobs.token_logprobs for c in out.choices] != [c.logprobs.token_logprobs for c in plain.choices]

@@ -206,3 +206,57 @@ def test_echo_with_posterior_gives_log_pi_star_of_the_continuation_with_a_bracke
             assert hi - lo < 1.0  # informative, not a vacuous bracket
     status, out = post(client, {"prompt": "good bad ", "posterior": {"reward": "sentiment", "context_tokens": 1}})
     assert status == 400 and out["error"]["param"] == "posterior.context_tokens"  # needs echo
+
+
+def test_min_tokens_and_repetition_penalty_define_the_prior_sampled_and_scored(client):
+    """vLLM's min_tokens / repetition_penalty (before: 400 unknown field) are the request's pi0:
+    the served prior samples (256 draws) match the enumerated penalised prior (TV within 3 sigma),
+    each returned token's log-prob is that prior's, and their sum is the choice's log_prior (the
+    weights' pi0)."""
+    from posterior.exact import enumerate_continuations, total_variation
+    from posterior.priors.penalties import penalized_prior
+
+    law_prior = penalized_prior(word_prior(), min_tokens=2, repetition_penalty=1.8)
+    seqs, log_prior = enumerate_continuations(law_prior, T, "good ")
+    law = {s: p for s, p in zip(seqs, log_prior.exp().tolist()) if p > 0}
+    status, out = post(client, {"prompt": "good ", "n": 256, "max_tokens": T, "seed": 5, "min_tokens": 2, "repetition_penalty": 1.8,
+                                "logprobs": 0})  # fmt: skip
+    assert status == 200, out
+    assert out["posterior"]["sampling"]["min_tokens"] == 2 and out["posterior"]["sampling"]["repetition_penalty"] == 1.8
+    counts: dict = {}
+    for c in out["choices"]:
+        ids = [WORDS_IDS[t] for t in c["logprobs"]["tokens"]]
+        counts[tuple(ids)] = counts.get(tuple(ids), 0) + 1 / 256
+        assert sum(c["logprobs"]["token_logprobs"]) == pytest.approx(math.log(law[tuple(ids)]), abs=1e-5)
+        assert sum(c["logprobs"]["token_logprobs"]) == pytest.approx(c["posterior"]["log_prior"], abs=1e-5)
+        assert len(ids) > 2 or ids[-1] != 2  # no EOS before 2 tokens
+    tv = total_variation(counts, law)
+    assert tv < tv_tolerance(list(law.values()), 256), tv
+    # aligned: the SMC weights use the same prior (log_prior of every choice is the penalised one)
+    status, out = post(client, {"prompt": "good ", "n": 4, "max_tokens": T, "seed": 1, "min_tokens": 1, "repetition_penalty": 1.8,
+                                "logprobs": 0, "posterior": {"reward": "sentiment", "beta": BETA, "method": "smc", "particles": 8}})
+    assert status == 200, out
+    one = penalized_prior(word_prior(), min_tokens=1, repetition_penalty=1.8)
+    seqs, log_prior = enumerate_continuations(one, T, "good ")
+    exact = dict(zip(seqs, log_prior.tolist()))
+    for c in out["choices"]:
+        ids = tuple(WORDS_IDS[t] for t in c["logprobs"]["tokens"])
+        assert c["posterior"]["log_prior"] == pytest.approx(exact[ids], abs=1e-5)
+    for body, field in [({"min_tokens": -1}, "min_tokens"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens")]:  # fmt: skip
+        status, out = post(client, {"prompt": "good ", **body})
+        assert status == 400 and out["error"]["param"] == field, out
+
+
+WORDS_IDS = {"good ": 0, "bad ": 1, "": 2}
+
+
+def test_penalties_on_a_sequence_level_prior_get_400_naming_them():
+    from fastapi.testclient import TestClient
+
+    from posterior.testing import SequencePrior
+
+    with TestClient(create_app(SequencePrior(word_prior()), config=ServeConfig(model_name="toy"))) as c:
+        for body, field in [({"min_tokens": 1}, "min_tokens"), ({"repetition_penalty": 1.2}, "repetition_penalty")]:
+            status, out = post(c, {"prompt": "good ", "max_tokens": 2, **body})
+            assert status == 400 and out["error"]["param"] == field and "next-token" in out["error"]["message"], out

@@ -18,13 +18,21 @@ Streaming (``stream: true``). With method "smc" the text every surviving particl
 soon as it is fixed (:mod:`posterior.serve.streaming` says why it can never change), then each
 choice's rest with its weight; the first chunk says ``"stream": "prefix"``. Other methods cannot
 know any text before they end: their first chunk says ``"stream": "final"`` and the text follows
-when the run is done. In both, the deltas of a choice concatenate to its final text.
+when the run is done. In both, the deltas of a choice concatenate to its final text. With
+``logprobs`` or ``echo`` the tokens are scored when the run ends: the stream is "final", then each
+choice comes token by token with its log-probs (:func:`~posterior.serve.logprobs.stream_pieces`),
+the pieces concatenating to the non-streamed text and logprobs object.
 
 With ``echo``, a ``posterior`` object and ``posterior.context_tokens`` (the prompt's first tokens
 are the context, the rest the continuation), the top-level ``posterior`` also has ``log_prob``, an
 estimate of log pi*(continuation + EOS | context) = log pi0 + r/beta - log Z(context), and
 ``log_prob_bracket`` from :func:`posterior.bounds` (Z over continuations of at most
 max(max_tokens, continuation + 1) tokens).
+
+With ``posterior.token_logprobs: "posterior"`` (or ``--token-logprobs posterior``) the
+``logprobs`` / ``echo`` values are estimates of log pi* whose sum over any span estimates log
+pi*(span | text before it) (:mod:`posterior.serve.logprobs`); ``--default-posterior`` gives
+requests without a ``posterior`` object one (lm-eval's loglikelihood sends none).
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 404 an unknown model
 (``code: "model_not_found"``), 400 names the field
@@ -68,10 +76,27 @@ from posterior.serve.protocol import (
     parse_request,
     summary,
 )
-from posterior.serve.logprobs import Scored, chat_logprobs, completion_logprobs, echo_scores, forced, join, visible
+from posterior.serve.logprobs import (
+    PrefixValues,
+    Scored,
+    chat_logprobs,
+    completion_logprobs,
+    echo_scores,
+    forced,
+    join,
+    stream_pieces,
+    tilted,
+    visible,
+)
 from posterior.serve.streaming import PrefixTracker
 
 log = logging.getLogger("posterior.serve")
+
+
+def _scores_tokens(settings: Settings) -> bool:
+    """True when a request's tokens are scored after the run (logprobs or echo): its stream sends
+    the text with their log-probs when the run ends, never a text prefix before."""
+    return settings.logprobs is not None or settings.echo
 
 
 def _zero_reward():
@@ -138,7 +163,8 @@ def _error_body(status: int, message: str, param: str | None = None, code: str |
 
 
 class _Priors:
-    """The per-request prior of each (temperature, top_k, top_p, stop, stop_token_ids): the served
+    """The per-request prior of each (temperature, top_k, top_p, stop, stop_token_ids, min_tokens,
+    repetition_penalty; :mod:`posterior.priors.penalties` for the last two): the served
     prior with those sampling parameters (``Prior.with_sampling``, sharing the model) and stopped
     at the stop strings (:func:`posterior.priors.stop.stop_string_prior`); a small LRU."""
 
@@ -150,7 +176,8 @@ class _Priors:
     def get(self, settings: Settings):
         from posterior.priors.stop import stop_string_prior
 
-        key = (settings.temperature, settings.top_k, settings.top_p, settings.stop, settings.stop_token_ids)
+        key = (settings.temperature, settings.top_k, settings.top_p, settings.stop, settings.stop_token_ids, settings.min_tokens,
+               settings.repetition_penalty)  # fmt: skip
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -161,12 +188,44 @@ class _Priors:
                 base = base.with_sampling(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
             except ValueError as e:
                 raise BadRequest("temperature", f"this server's prior cannot take these sampling parameters: {e}") from None
+        if settings.min_tokens or settings.repetition_penalty != 1.0:
+            from posterior.priors.penalties import penalized_prior
+
+            try:
+                base = penalized_prior(base, min_tokens=settings.min_tokens, repetition_penalty=settings.repetition_penalty,
+                                       end_token_ids=settings.stop_token_ids)  # fmt: skip
+            except ValueError as e:
+                field = "min_tokens" if settings.min_tokens else "repetition_penalty"
+                raise BadRequest(field, f"this server's prior cannot take it: {e}") from None
         prior = stop_string_prior(base, list(settings.stop), list(settings.stop_token_ids))
         with self._lock:
             self._cache[key] = prior
             while len(self._cache) > self.size:
                 self._cache.popitem(last=False)
         return prior
+
+
+class _PrefixValueCaches:
+    """One :class:`~posterior.serve.logprobs.PrefixValues` (its cache of log Z^ per prefix) per
+    (request prior, reward, beta, rollouts, horizon); a small LRU."""
+
+    def __init__(self, rewards: _Rewards, size: int = 8):
+        self.rewards, self.size = rewards, size
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, scorer, settings: Settings) -> PrefixValues:
+        key = (id(scorer), settings.reward, settings.beta, settings.particles, settings.horizon)
+        with self._lock:
+            if key in self._cache and self._cache[key][0] is scorer:
+                self._cache.move_to_end(key)
+                return self._cache[key][1]
+        values = PrefixValues(scorer, self.rewards.get(settings.reward), settings.beta, settings.particles, settings.horizon)
+        with self._lock:
+            self._cache[key] = (scorer, values)
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return values
 
 
 def _chat_renderer(prior):
@@ -207,6 +266,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
         raise ValueError("serve a prior made with chat=False: /v1/chat/completions applies the chat template itself")
     rewards = _Rewards(prior)
     priors = _Priors(prior)
+    prefix_values = _PrefixValueCaches(rewards)
     render_chat = _chat_renderer(prior)
     eos = set(prior.eos_token_ids)
     cleans_spaces = bool(getattr(getattr(prior, "tokenizer", None), "clean_up_tokenization_spaces", False))
@@ -237,20 +297,34 @@ def create_app(prior, *, config: ServeConfig | None = None):
         """Attach the prior's token log-probs of the returned tokens (logprobs) and of the prompts
         (echo); the stop strings change no token before the stop, so the unstopped prior scores."""
         k = settings.logprobs or 0
-        scorer = getattr(p, "base", p)
+        from posterior.priors.stop import SequenceStopPrior, StepwiseStopPrior
+
+        scorer = p.base if isinstance(p, (StepwiseStopPrior, SequenceStopPrior)) else p  # the penalties stay
         ids = [q.ids if isinstance(q, Prompt) and q.ids is not None else prior.encode_prompts([q])[0] for q in prompts]
         scored = {}
+        contexts_of = {}
         if served.result is not None and settings.logprobs is not None:
             res = served.result
             keys = sorted({(q, j) for q in range(len(prompts)) for j in served.picks[q]})
             seqs = [visible(p, res.tokens[q, j, : res.lengths[q, j]].tolist()) for q, j in keys]
-            contexts = [prior.encode_prompts([str(prompts[q])])[0] for q, _ in keys]
+            contexts_of = {q: prior.encode_prompts([str(prompts[q])])[0] for q in range(len(prompts))}
+            contexts = [contexts_of[q] for q, _ in keys]
             scored = dict(zip(keys, forced(scorer, contexts, seqs, k)))
         echoed = [echo_scores(scorer, i, k) for i in ids] if settings.echo else None
         log_prob = None
         if settings.context_tokens is not None and settings.reward is not None:
             log_prob = [_log_prob(scorer, settings, i, q) for q, i in enumerate(ids)]
-        return dataclasses.replace(served, scored=scored, echoed=echoed, log_prob=log_prob)
+        token_se = None
+        if settings.token_logprobs == "posterior" and settings.reward is not None:
+            values = prefix_values.get(scorer, settings)
+            token_se = [0.0] * len(prompts)
+            if echoed is not None:
+                for q, sc in enumerate(echoed):
+                    echoed[q], token_se[q] = tilted(sc, [], values)
+            for (q, j), sc in list(scored.items()):
+                scored[(q, j)], se = tilted(sc, contexts_of[q], values)
+                token_se[q] = max(token_se[q], se)
+        return dataclasses.replace(served, scored=scored, echoed=echoed, log_prob=log_prob, token_se=token_se)
 
     def _log_prob(scorer, settings: Settings, ids: list[int], q: int) -> tuple[float, float, float]:
         """log pi*(x | c) for the context c = ids[:context_tokens] and the complete continuation
@@ -278,7 +352,7 @@ def create_app(prior, *, config: ServeConfig | None = None):
         settings: Settings = jobs[0].settings
         if "callback" not in sampler_options(settings.method):
             return None
-        prefix = settings.method == "smc" and not rewards.get(settings.reward).needs_prompts
+        prefix = settings.method == "smc" and not rewards.get(settings.reward).needs_prompts and not _scores_tokens(settings)
         trackers = {id(j): PrefixTracker(len(j.prompts) * settings.n, cleans_spaces=cleans_spaces, stops=settings.stop) for j in jobs}
 
         def callback(report):
@@ -464,6 +538,10 @@ def create_app(prior, *, config: ServeConfig | None = None):
                 vocab_size=prior.vocab_size, decode=prior.decode,
             )  # fmt: skip
             await asyncio.to_thread(_reward_or_400, parsed.settings.reward)
+            if parsed.settings.token_logprobs == "posterior" and parsed.settings.reward is not None:
+                if (await asyncio.to_thread(rewards.get, parsed.settings.reward)).needs_prompts:
+                    raise BadRequest("posterior.token_logprobs", f"'posterior' needs a reward of the text alone; "
+                                     f"{parsed.settings.reward!r} reads the prompt apart")  # fmt: skip
             await asyncio.to_thread(priors.get, parsed.settings)
         except BadRequest as e:
             return error(e.status, str(e), e.field, code=e.code)
@@ -561,14 +639,15 @@ def create_app(prior, *, config: ServeConfig | None = None):
         chunk that ``stream_options.include_usage`` asks for, which is OpenAI's ``choices: []``."""
         cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         total = len(parsed.prompts) * parsed.settings.n
-        prefix = parsed.settings.method == "smc" and parsed.settings.reward is not None
+        scores = _scores_tokens(parsed.settings)
+        prefix = parsed.settings.method == "smc" and parsed.settings.reward is not None and not scores
 
         def chunk(choices, **extra):
             return _sse({"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                          "model": config.model_name, "choices": choices, **extra})  # fmt: skip
 
-        def delta(idx, text, reason=None, stats=None, role=False):
-            c = {"index": idx, "finish_reason": reason, "logprobs": None}
+        def delta(idx, text, reason=None, stats=None, role=False, logprobs=None):
+            c = {"index": idx, "finish_reason": reason, "logprobs": logprobs}
             if chat:
                 c["delta"] = {"role": "assistant", "content": text} if role else {"content": text}
             else:
@@ -577,8 +656,13 @@ def create_app(prior, *, config: ServeConfig | None = None):
                 c["posterior"] = stats
             return c
 
-        note = ("smc: text every surviving particle shares is sent as it is fixed" if prefix else
-                f"{parsed.settings.method}: no text is known before the run ends; it is sent when done (not incremental)")  # fmt: skip
+        if prefix:
+            note = "smc: text every surviving particle shares is sent as it is fixed"
+        elif scores:
+            note = ("logprobs / echo: the tokens are scored when the run ends; then each choice is sent token by token "
+                    "with its log-probs (not incremental)")  # fmt: skip
+        else:
+            note = f"{parsed.settings.method}: no text is known before the run ends; it is sent when done (not incremental)"
         sent = [""] * total
         try:
             yield chunk([delta(i, "", role=True) for i in range(total)], posterior={"stream": "prefix" if prefix else "final", "note": note})
@@ -593,6 +677,24 @@ def create_app(prior, *, config: ServeConfig | None = None):
                         yield chunk(out)
                 elif event[0] == "error":
                     yield _sse(_error_body(event[1], event[2]))
+                    return
+                elif scores:  # the whole answer at once: each choice's tokens with their log-probs
+                    outcome = event[1]
+                    logprobs, out = _logprobs(parsed, outcome, chat), []
+                    for idx, text, reason, stats in _choices(parsed, outcome):
+                        if parsed.settings.echo:
+                            text = parsed.prompts[idx // parsed.settings.n] + text
+                        if logprobs[idx] is None:  # echo without logprobs: the text only
+                            out.append(delta(idx, text, reason, stats))
+                            continue
+                        *pieces, (rest, last) = stream_pieces(text, logprobs[idx], chat=chat)
+                        for piece, lp in pieces:
+                            yield chunk([delta(idx, piece, logprobs=lp)])
+                        out.append(delta(idx, rest, reason, stats, logprobs=last))
+                    yield chunk(out, posterior=_summary(parsed, outcome))
+                    if parsed.include_usage:
+                        yield chunk([], usage=_usage(parsed, outcome))
+                    yield "data: [DONE]\n\n"
                     return
                 else:
                     outcome = event[1]

@@ -36,7 +36,9 @@ request body extra (openai client: extra_body={"posterior": {...}}):
   temperature / top_p / top_k are the prior's for that request; temperature 0 returns the
   highest-weight text of the population (an estimate of pi*'s mode); stop / stop_token_ids end the
   prior there (the stop text is not returned). stream=true with method smc streams the text all
-  surviving particles share as soon as it is fixed.
+  surviving particles share as soon as it is fixed. posterior.token_logprobs "posterior" (or
+  --token-logprobs posterior) makes logprobs / echo report estimates of log pi* per token; with
+  --default-posterior, lm-eval's loglikelihood then reads log pi* (docs/serving.md).
 
 example:
   posterior serve --model ./my-model --port 8000 --api-key secret
@@ -72,6 +74,14 @@ def add_parser(subparsers):
                    help="let requests use rewards that read files or load models (classifier:PATH:LABEL, "
                         "classifier-logit:PATH:LABEL, similarity:TEXT); rewards that do neither (sentiment, afinn, "
                         "textblob, contains:, length:, repetition, judge:, ensembles of these) are always allowed")  # fmt: skip
+    s.add_argument("--default-posterior", default=None, metavar="JSON",
+                   help="the posterior object of a request that sends none (default: none, plain prior samples), e.g. "
+                        "'{\"reward\": \"sentiment\", \"beta\": 0.5, \"horizon\": 64}': clients that cannot send one "
+                        "(lm-eval's loglikelihood) get aligned answers")  # fmt: skip
+    s.add_argument("--token-logprobs", choices=["prior", "posterior"], default="prior",
+                   help="what logprobs / echo report for a request with a posterior object that does not say "
+                        "(posterior.token_logprobs): log pi0 per token, or estimates of log pi* whose sum over any span "
+                        "estimates log pi*(span | text before it) (docs/serving.md)")  # fmt: skip
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
     options.add_model_options(s)
     return s
@@ -93,9 +103,20 @@ def check(args):
                              default_particles=args.particles, max_particles=args.max_particles, max_tokens=args.max_tokens, max_prompts=args.max_prompts,
                              allow_reward_paths=args.allow_reward_paths, window_s=args.batch_window_ms / 1000.0,
                              max_batch_prompts=args.max_batch_prompts, max_queue=args.max_queue, api_key=key,
-                             max_body_bytes=args.max_body_bytes)  # fmt: skip
+                             max_body_bytes=args.max_body_bytes, token_logprobs=args.token_logprobs,
+                             default_posterior=args.default_posterior)  # fmt: skip
     except ValueError as e:  # name the option, not the field
         raise ValueError(f"{e} (posterior serve option --{str(e).split()[0].replace('_', '-')})") from None
+    if config.default_posterior is not None:  # its fields, checked as a request's would be
+        import json
+
+        from posterior.rewards.registry import REWARDS
+        from posterior.serve.protocol import BadRequest, parse_posterior
+
+        try:
+            parse_posterior(json.loads(config.default_posterior), config, n=1, max_tokens=1, reward_names=set(REWARDS))
+        except BadRequest as e:
+            raise ValueError(f"--default-posterior: {e}") from None
     options.check_device(args)
     return config
 

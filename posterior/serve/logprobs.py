@@ -10,10 +10,33 @@ continuation's log-probs out of one prompt (lm-eval's loglikelihood requests: ``
 A sequence that ended at EOS has the EOS token last, with text "" (as vLLM; lm-eval's
 loglikelihood drops the last entry, assuming one generated token). A sequence cut at a stop
 string is scored up to the token before the one that completed the stop string.
+
+Posterior token log-probs (``posterior.token_logprobs: "posterior"``, or the server's
+``--token-logprobs posterior``). The target is the posterior over whole texts x (the echoed
+prompt's tokens first, then the completion), at most M tokens long (``posterior.horizon``; a text
+cut at M tokens is scored as it is), with the reward reading the whole text:
+pi*(x) ∝ pi0(x)·exp(r(x)/beta). Token t gets
+
+    v_t = log pi0(x_t | x_<t) + log Z(x_<=t) - log Z(x_<t),   Z(h) = E_pi0[exp(r(h Y)/beta) | h],
+
+Y a continuation of h to EOS or to M tokens in all (Z(h) = exp(r(h)/beta) for h ending at EOS or
+of M tokens). The sum over ANY span s <= t < e telescopes to log pi0(x_s..e | x_<s) + log Z(x_<e)
+- log Z(x_<s) = log pi*(the text goes on with x_s..e | x_<s): the continuation's end is a prefix
+(its value Z), not a complete text, as pi0's summed log-probs are. So lm-eval's loglikelihood, which
+sums the continuation's entries out of an echoed context + continuation, reads log pi* of the
+continuation given the context whatever the split. Z(h) is estimated by importance sampling from the
+prior, Z^(h) = mean_k exp(r(h Y_k)/beta) over K prior rollouts (``posterior.particles``) from a
+generator seeded by h itself, so equal prefixes get equal estimates in every request (an estimate:
+unbiased for Z, log Z^ biased low by about se^2/2, se the delta-method standard error
+sd(w)/(sqrt(K) mean(w)) reported per prompt). Only the span's two end values carry error. The
+``k`` alternatives are pi0's k most likely tokens, each with its pi* value (not pi*'s top k).
 """
 
 from __future__ import annotations
 
+import collections
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +130,106 @@ def chat_logprobs(text_of, scored: Scored) -> dict:
     return {"content": content}
 
 
+def stream_pieces(text: str, logprobs: dict, *, chat: bool) -> list[tuple[str, dict]]:
+    """A choice's final text and logprobs object (:func:`completion_logprobs` or
+    :func:`chat_logprobs`) cut into stream chunks: one per token while the tokens' texts spell the
+    text, then one with the rest (the last token always, so the last chunk carries log-probs).
+    Each piece's object is a slice of the whole one (``text_offset`` stays an offset into the
+    choice's text, as vLLM streams it), so the pieces concatenate to exactly the non-streamed
+    ``text`` and ``logprobs``. A token whose text is not the next part of the text (a byte of a
+    multi-byte character, a space the tokenizer cleans up) and all after it go in the last piece."""
+    tokens = [e["token"] for e in logprobs["content"]] if chat else logprobs["tokens"]
+
+    def part(a: int, b: int | None) -> dict:
+        if chat:
+            return {"content": logprobs["content"][a:b]}
+        return {k: logprobs[k][a:b] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+    out, at, t = [], 0, 0
+    while t < len(tokens) - 1 and text.startswith(tokens[t], at):
+        out.append((tokens[t], part(t, t + 1)))
+        at, t = at + len(tokens[t]), t + 1
+    out.append((text[at:], part(t, None)))
+    return out
+
+
+class PrefixValues:
+    """log Z^(h) and its standard error for document prefixes h (the module docstring), cached
+    (a small LRU keyed by the prefix; one object per (prior, reward, beta, K, M))."""
+
+    def __init__(self, prior, reward, beta: float, samples: int, horizon: int, size: int = 4096):
+        self.prior, self.reward, self.beta, self.samples, self.horizon, self.size = prior, reward, beta, samples, horizon, size
+        self.eos = set(prior.eos_token_ids)
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def text(self, ids) -> str:
+        return self.prior.decode([i for i in ids if i not in self.eos])
+
+    def __call__(self, prefix) -> tuple[float, float]:
+        """(log Z^(prefix), se of log Z^); se 0 where Z is exact (an ended or full-length prefix)."""
+        from posterior.seeds import derive_seed
+
+        h = tuple(prefix)
+        with self._lock:
+            if h in self._cache:
+                self._cache.move_to_end(h)
+                return self._cache[h]
+        if len(h) > self.horizon:
+            raise ValueError(f"a text of {len(h)} tokens is longer than the horizon of {self.horizon} tokens (posterior.horizon)")
+        if (h and h[-1] in self.eos) or len(h) == self.horizon:
+            out = (float(self.reward([self.text(h)])[0]) / self.beta, 0.0)
+        else:
+            K = self.samples
+            g = torch.Generator(device="cpu").manual_seed(derive_seed(len(h), "serve-token-logprobs-" + ",".join(map(str, h))))
+            ext = self.prior.continue_prefixes([list(h)] * K, [[]] * K, self.horizon - len(h), generator=g)
+            texts = [self.text(list(h) + ext.tokens[k, : int(ext.lengths[k])].tolist()) for k in range(K)]
+            logw = self.reward(texts).double() / self.beta  # (K,)
+            m = float(logw.max())
+            if m == -math.inf:
+                out = (-math.inf, math.inf)
+            else:
+                w = (logw - m).exp()
+                mean = float(w.mean())
+                se = float(w.std(unbiased=True)) / (math.sqrt(K) * mean) if K > 1 else math.inf
+                out = (m + math.log(mean), se)
+        with self._lock:
+            self._cache[h] = out
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return out
+
+
+def tilted(scored: Scored, start: list[int], values: PrefixValues) -> tuple[Scored, float]:
+    """``scored`` (tokens after the document prefix ``start``) with each log pi0 turned into v_t of
+    the module docstring, its alternatives too; returns it and the largest se of the log Z^ used."""
+    lps, tops, worst = [], [], 0.0
+    for t, (i, lp, alt) in enumerate(zip(scored.ids, scored.logprobs, scored.top)):
+        if lp is None:
+            lps.append(None)
+            tops.append(alt)
+            continue
+        h = list(start) + scored.ids[:t]
+        log_z, se = values(h)
+
+        def v(tok, lp0):
+            z, e = values(h + [tok])
+            return lp0 + z - log_z, e
+
+        value, e = v(i, lp)
+        worst = max(worst, se, e)
+        lps.append(value)
+        new_alt = []
+        for j, lpj in alt or []:
+            vj, ej = v(j, lpj)
+            worst = max(worst, ej)
+            new_alt.append((j, vj))
+        tops.append(new_alt if alt is not None else None)
+    return Scored(list(scored.ids), lps, tops), worst
+
+
 def join(a: Scored, b: Scored) -> Scored:
     return Scored(a.ids + b.ids, a.logprobs + b.logprobs, a.top + b.top)
 
 
-__all__ = ["Scored", "chat_logprobs", "completion_logprobs", "echo_scores", "forced", "join", "visible"]
+__all__ = ["Scored", "chat_logprobs", "completion_logprobs", "echo_scores", "forced", "join", "stream_pieces", "tilted", "visible", "PrefixValues"]

@@ -40,8 +40,16 @@ drawn at the server's temperature and every choice is its highest-weight text (w
 samples with equal text summed): an estimate of pi*'s mode (``"choices": "mode"``). ``stop`` (up to
 4 strings) and ``stop_token_ids`` make the prior end there as at EOS
 (:mod:`posterior.priors.stop`): every sampler and the reward see the stopped text, the stop text is
-not returned, and ``finish_reason`` is "stop". Fields that would change pi0 in ways not supported
-(``logit_bias``, penalties) or are not computed are refused (400).
+not returned, and ``finish_reason`` is "stop". vLLM's ``min_tokens`` and ``repetition_penalty``
+are part of the request's prior too (:mod:`posterior.priors.penalties`: sampling and scoring read
+the same modified distribution; a prior without next-token distributions refuses them, 400).
+Fields that would change pi0 in ways not supported (``logit_bias``, presence / frequency
+penalties) or are not computed are refused (400).
+
+``posterior.token_logprobs`` ("prior", the default, or the server's ``--token-logprobs``; or
+"posterior") says what ``logprobs`` / ``echo`` report, and ``posterior.horizon`` the longest text
+(prompt included) the "posterior" values' pi* is over (:mod:`posterior.serve.logprobs`). A request
+without a ``posterior`` object gets the server's ``--default-posterior`` when it has one.
 
 Responses carry, per choice, ``posterior: {reward, log_weight, log_prior, particle,
 particle_log_weight}`` and, top level, ``posterior: {method, reward, beta, particles, choices,
@@ -85,6 +93,9 @@ ONLY_DEFAULT = {
     "functions": (None, []), "function_call": (None, "none"), "modalities": (None, ["text"]),
 }  # fmt: skip
 WHY_FIXED: dict[str, str] = {}
+# What a returned token's log-prob is (posterior.token_logprobs): log pi0, or the telescoped log pi*
+# estimate of :mod:`posterior.serve.logprobs`.
+TOKEN_LOGPROBS = frozenset({"prior", "posterior"})
 # Methods whose n choices are drawn by weight from a population of ``particles``.
 POPULATION_METHODS = frozenset({"is", "smc"})
 # Methods whose ``particles`` sets a method option (the population behind each answer).
@@ -120,6 +131,8 @@ class ServeConfig:
     # Largest request body, checked before parsing (413 above it). 1 MiB holds 16 prompts of 8k
     # tokens of plain text; raise it for longer contexts or heavily escaped (non-ASCII) prompts.
     max_body_bytes: int = 1 << 20
+    token_logprobs: str = "prior"  # posterior.token_logprobs of a posterior object that does not say (--token-logprobs)
+    default_posterior: str | None = None  # JSON of the posterior object of a request without one (--default-posterior)
 
     def __post_init__(self):
         for name in ("max_n", "default_particles", "max_particles", "default_max_tokens", "max_prompts", "max_option_int", "max_batch_prompts", "max_queue",
@@ -137,6 +150,17 @@ class ServeConfig:
             raise ValueError(f"default_particles={self.default_particles} is above max_particles={self.max_particles}")
         if not isinstance(self.aliases, tuple) or not all(isinstance(a, str) and a for a in self.aliases):
             raise ValueError(f"aliases must be a tuple of non-empty strings, got {self.aliases!r}")
+        if self.token_logprobs not in TOKEN_LOGPROBS:
+            raise ValueError(f"token_logprobs must be one of {sorted(TOKEN_LOGPROBS)}, got {self.token_logprobs!r}")
+        if self.default_posterior is not None:
+            import json
+
+            try:
+                obj = json.loads(self.default_posterior)
+            except ValueError as e:
+                raise ValueError(f"default_posterior must be a JSON posterior object, got {self.default_posterior!r:.80} ({e})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"default_posterior must be a JSON object, got {self.default_posterior!r:.80}")
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -164,6 +188,10 @@ class Settings:
     logprobs: int | None = None  # None: no log-probs; k: each token's and its k most likely alternatives'
     echo: bool = False  # the prompt (and its token log-probs, first null) before the completion
     context_tokens: int | None = None  # with echo: the prompt's first tokens are the context, the rest the continuation
+    min_tokens: int = 0  # vLLM's: no EOS / stop token before this many tokens (posterior.priors.penalties)
+    repetition_penalty: float = 1.0  # vLLM's, on the prior's log-probs (posterior.priors.penalties)
+    token_logprobs: str = "prior"  # "posterior": logprobs / echo values are log pi* estimates (posterior.serve.logprobs)
+    horizon: int | None = None  # with token_logprobs "posterior": texts of at most this many tokens (None: the model's context)
 
     @property
     def population(self) -> bool:
@@ -178,7 +206,8 @@ class Settings:
     @property
     def sampling(self) -> dict:
         return {"temperature": 0.0 if self.mode else self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-                "stop": list(self.stop), "stop_token_ids": list(self.stop_token_ids)}  # fmt: skip
+                "stop": list(self.stop), "stop_token_ids": list(self.stop_token_ids), "min_tokens": self.min_tokens,
+                "repetition_penalty": self.repetition_penalty}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -280,10 +309,16 @@ def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward
         return Settings(None, 1.0, "is", (), n, max_tokens, particles=config.default_particles)
     if not isinstance(obj, dict):
         raise BadRequest("posterior", f"must be an object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - {"reward", "beta", "method", "options", "particles", "context_tokens"})
+    unknown = sorted(set(obj) - {"reward", "beta", "method", "options", "particles", "context_tokens", "token_logprobs", "horizon"})
     if unknown:
         raise BadRequest(f"posterior.{unknown[0]}", "unknown field; posterior takes reward, beta, method, particles, options, "
-                         "context_tokens")  # fmt: skip
+                         "context_tokens, token_logprobs, horizon")  # fmt: skip
+    token_logprobs = obj.get("token_logprobs", config.token_logprobs)
+    if token_logprobs not in TOKEN_LOGPROBS:
+        raise BadRequest("posterior.token_logprobs", f"must be one of {sorted(TOKEN_LOGPROBS)}, got {shown(token_logprobs)}")
+    horizon = obj.get("horizon")
+    if horizon is not None:
+        horizon = _int(obj, "horizon", None, 1, None, field="posterior.horizon")
     context_tokens = obj.get("context_tokens")
     if context_tokens is not None:
         context_tokens = _int(obj, "context_tokens", None, 1, None, field="posterior.context_tokens")
@@ -339,7 +374,7 @@ def parse_posterior(obj, config: ServeConfig, *, n: int, max_tokens: int, reward
     elif particles is None:
         particles = config.default_particles
     return Settings(reward, value, method, tuple(sorted(options.items())), n, max_tokens, particles=particles,
-                    context_tokens=context_tokens)
+                    context_tokens=context_tokens, token_logprobs=token_logprobs, horizon=horizon)
 
 
 def _check_allowed(spec: str) -> None:
@@ -388,7 +423,7 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
                          f"you do not have access to it. This server serves {', '.join(map(repr, config.model_names))}.",
                          404, code="model_not_found", plain=True)  # fmt: skip
     common = {"model", "n", "max_tokens", "seed", "stream", "posterior", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
-              "logprobs", "top_logprobs"}  # fmt: skip
+              "logprobs", "top_logprobs", "min_tokens", "repetition_penalty"}  # fmt: skip
     given_ids: list[list[int] | None] = []
     if chat:
         prompts = [_render(body.get("messages"), render_chat)]
@@ -434,6 +469,9 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
     n = _int(body, "n", 1, 1, config.max_n, " (--max-n)")
     temperature, top_k, top_p, mode = _sampling(body, sampling)
     stop, stop_ids = _stops(body, vocab_size)
+    min_tokens = _int(body, "min_tokens", 0, 0, None)
+    repetition_penalty = _number(body, "repetition_penalty", 0.0, 100.0, lo_open=True)
+    repetition_penalty = 1.0 if repetition_penalty is None else repetition_penalty
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise BadRequest("seed", f"must be an int in [0, 2**64) or null, got {seed!r}")
@@ -465,9 +503,17 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
         default = config.max_tokens
     max_tokens = _int(body, mt_name, default, 0 if echo else 1, limit, " (--max-tokens or the model's context)" if echo else
                       " (--max-tokens or the model's context; 0 only with echo)")  # fmt: skip
-    settings = parse_posterior(body.get("posterior"), config, n=n, max_tokens=max_tokens, reward_names=reward_names)
+    obj = body.get("posterior")
+    if obj is None and config.default_posterior is not None:
+        import json
+
+        obj = json.loads(config.default_posterior)
+    settings = parse_posterior(obj, config, n=n, max_tokens=max_tokens, reward_names=reward_names)
     settings = dataclasses.replace(settings, temperature=temperature, top_k=top_k, top_p=top_p, mode=mode, stop=stop,
-                                   stop_token_ids=stop_ids, logprobs=logprobs, echo=echo)  # fmt: skip
+                                   stop_token_ids=stop_ids, logprobs=logprobs, echo=echo, min_tokens=min_tokens,
+                                   repetition_penalty=repetition_penalty)  # fmt: skip
+    if min_tokens > max_tokens and max_tokens > 0:
+        raise BadRequest("min_tokens", f"is {min_tokens}, above max_tokens={max_tokens}")
     if settings.context_tokens is not None:
         if not echo:
             raise BadRequest("posterior.context_tokens", "needs echo: true (it splits the echoed prompt into context and continuation)")
@@ -475,8 +521,17 @@ def parse_request(body, config: ServeConfig, *, chat: bool, encode, context: int
             if not settings.context_tokens < len(ids):
                 raise BadRequest("posterior.context_tokens", f"is {settings.context_tokens} but prompt {i} has {len(ids)} tokens: "
                                  "the continuation after the context would be empty")  # fmt: skip
-    if stream and (echo or logprobs is not None):
-        raise BadRequest("echo" if echo else "logprobs", "cannot be streamed by this server; send stream: false")
+    if settings.token_logprobs == "posterior":
+        if stop or stop_ids:
+            raise BadRequest("stop" if stop else "stop_token_ids", "cannot be combined with posterior.token_logprobs 'posterior'")
+        horizon = settings.horizon if settings.horizon is not None else context
+        if horizon is None:
+            raise BadRequest("posterior.horizon", "is needed with token_logprobs 'posterior' (this model states no context length)")
+        longest = max(len(ids) for ids in ids_of) + max_tokens
+        if longest > horizon:
+            raise BadRequest("posterior.horizon", f"is {horizon} tokens but prompt + max_tokens has {longest}: pi* is over texts "
+                             "of at most horizon tokens, prompt included")  # fmt: skip
+        settings = dataclasses.replace(settings, horizon=horizon)
     for i, ids in enumerate(ids_of):
         where = "messages" if chat else (f"prompt[{i}]" if many else "prompt")
         if context is not None and len(ids) + max_tokens > context:
@@ -614,6 +669,7 @@ class Served:
     scored: dict = dataclasses.field(default_factory=dict)  # (p, j) -> logprobs.Scored of sample j's returned tokens
     echoed: list | None = None  # per prompt: logprobs.Scored of its own tokens (echo)
     log_prob: list | None = None  # per prompt: (estimate, lower, upper) of log pi*(continuation | context)
+    token_se: list | None = None  # per prompt, token_logprobs "posterior": the largest se of the log Z^ its values use
 
 
 class Prompt(str):
@@ -724,6 +780,15 @@ def summary(served: Served, outcome_first: int, count: int, *, settings: Setting
         out["log_prob_bracket"] = bracket if many else bracket[0]
         out["log_prob_note"] = ("log pi*(continuation + EOS | context) = log pi0 + r/beta - log Z(context); log Z from "
                                 "pst.bounds (z=3 widened ends): an estimate and its bracket")  # fmt: skip
+    if served.token_se is not None:
+        se = [finite(x) for x in served.token_se[outcome_first : outcome_first + count]]
+        out["token_logprobs"] = {
+            "of": "posterior", "estimate": True, "horizon": settings.horizon, "samples": settings.particles,
+            "log_Z_se": se if many else se[0],
+            "note": "each token's log-prob is log pi0 + log Z^(prefix with it) - log Z^(prefix before it), Z^ an importance-"
+                    "sampling estimate from K prior rollouts: any span's sum estimates log pi*(span | text before it); "
+                    "log_Z_se is the largest standard error of the log Z^ used (delta method), per prompt",
+        }  # fmt: skip
     return out
 
 
@@ -770,5 +835,5 @@ def now() -> int:
     return int(time.time())
 
 
-__all__ = ["BadRequest", "GATED_REWARDS", "MAX_JSON_DEPTH", "POPULATION_METHODS", "Parsed", "Prompt", "SAFE_REWARDS", "ServeConfig", "Served",
-           "Settings", "check_json", "choice_seeds", "choose", "parse_request", "summary"]
+__all__ = ["BadRequest", "GATED_REWARDS", "TOKEN_LOGPROBS", "MAX_JSON_DEPTH", "POPULATION_METHODS", "Parsed", "Prompt", "SAFE_REWARDS", "ServeConfig",
+           "Served", "Settings", "check_json", "choice_seeds", "choose", "parse_request", "summary"]

@@ -530,7 +530,7 @@ def test_openai_client_gets_the_texts_of_posterior_sample(client, local, chat_mo
     name = os.path.basename(chat_model)
     out = client.completions.create(model=name, prompt="the movie was", n=6, max_tokens=12, seed=5,
                                     extra_body={"posterior": {**AL, "particles": 6}})
-    res = post.sample(n=6, method="smc", max_new_tokens=12, prompts=["the movie was"], seed=5)
+    res = post.sample(n=6, method="smc", max_new_tokens=12, prompts=["the movie was"], seed=prompt_seeds(5, 1))
     particles = [c.model_extra["posterior"]["particle"] for c in out.choices]
     assert [c.text for c in out.choices] == [res.texts[0][j] for j in particles]
     assert [c.index for c in out.choices] == list(range(6)) and out.model == name
@@ -552,7 +552,7 @@ def test_openai_stream_deltas_concatenate_to_every_choice(client, local):
             texts[c.index] = texts.get(c.index, "") + c.text
             if c.finish_reason is not None:
                 finals[c.index] = c.model_extra["posterior"]
-    res = post.sample(n=4, method="smc", max_new_tokens=16, prompts=["the movie was"], seed=2)
+    res = post.sample(n=4, method="smc", max_new_tokens=16, prompts=["the movie was"], seed=prompt_seeds(2, 1))
     assert first["stream"] == "prefix" and sorted(finals) == [0, 1, 2, 3]
     assert [texts[i] for i in range(4)] == [res.texts[0][finals[i]["particle"]] for i in range(4)]
     # A method that cannot know text early says so, and still ends with the same texts.
@@ -564,7 +564,7 @@ def test_openai_stream_deltas_concatenate_to_every_choice(client, local):
             texts[c.index] = texts.get(c.index, "") + c.text
             if c.finish_reason is not None:
                 finals[c.index] = c.model_extra["posterior"]
-    res = post.sample(n=3, method="is", max_new_tokens=8, prompts=["the movie was"], seed=2)
+    res = post.sample(n=3, method="is", max_new_tokens=8, prompts=["the movie was"], seed=prompt_seeds(2, 1))
     assert first["stream"] == "final" and "not incremental" in first["note"]
     assert [texts[i] for i in range(3)] == [res.texts[0][finals[i]["particle"]] for i in range(3)]
 
@@ -573,7 +573,7 @@ def test_chat_completions_apply_the_chat_template(client, local):
     prior, post = local
     messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "how was the movie?"}]
     prompt = prior.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    res = post.sample(n=3, method="smc", max_new_tokens=10, prompts=[prompt], seed=9)
+    res = post.sample(n=3, method="smc", max_new_tokens=10, prompts=[prompt], seed=prompt_seeds(9, 1))
     al = {"posterior": {**AL, "particles": 3}}
     out = client.chat.completions.create(model="m", messages=messages, n=3, max_tokens=10, seed=9, extra_body=al)
     particles = [c.model_extra["posterior"]["particle"] for c in out.choices]

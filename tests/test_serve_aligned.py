@@ -126,7 +126,7 @@ def test_stop_strings_end_the_prior_and_are_not_returned(client):
     status, out = post(client, body)
     assert status == 200, out
     stopped = stop_string_prior(prior, stops)
-    res = pst.Posterior(stopped, from_spec("sentiment"), BETA).sample(n=32, method="smc", max_new_tokens=4, prompts=["good "], seed=2)
+    res = pst.Posterior(stopped, from_spec("sentiment"), BETA).sample(n=32, method="smc", max_new_tokens=4, prompts=["good "], seed=prompt_seeds(2, 1))
     picks = [c["posterior"]["particle"] for c in out["choices"]]
     assert [c["text"] for c in out["choices"]] == [res.texts[0][j] for j in picks]
     assert all("bad" not in c["text"] for c in out["choices"])

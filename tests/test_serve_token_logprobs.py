@@ -60,10 +60,13 @@ def test_summed_token_logprobs_match_the_enumerated_log_pi_star_at_every_split(c
     se = info["log_Z_se"][0]
     tol = 4 * math.sqrt(2) * se + se**2
     assert 0 < se < 0.05, se  # informative: tol below the pi* - pi0 gaps asserted below
-    status, plain = post(client, {"prompt": [ids], "echo": True, "max_tokens": 2, "logprobs": 2, "seed": 3})
-    lp, lp0 = out["choices"][0]["logprobs"], plain["choices"][0]["logprobs"]
-    assert lp["tokens"] == lp0["tokens"]  # the same seeded choice: only the values differ
+    lp = out["choices"][0]["logprobs"]
     doc = [["good ", "bad ", ""].index(t) if t else 2 for t in lp["tokens"]]
+    # the same tokens under pi0: the echoed prompt + choice scored alone (max_tokens 0)
+    status, plain = post(client, {"prompt": [doc], "echo": True, "max_tokens": 0, "logprobs": 2})
+    assert status == 200, plain
+    lp0 = plain["choices"][0]["logprobs"]
+    assert lp["tokens"] == lp0["tokens"]  # only the values differ
     gaps = []
     for s in range(1, len(doc)):
         got, want = sum(lp["token_logprobs"][s:]), exact_span(doc[:s], doc[s:])

@@ -241,27 +241,38 @@ def _twist_rows(loss, info, log_Z, extra) -> dict:
             "residual": num(info.residual), "kl_prior": None, "kl_target_forward": None, "kl_target_reverse": None}  # fmt: skip
 
 
-SMC_ENGINE_OPTIONS = ("ess_threshold", "resampling")  # EngineConfig's
-SMC_MODEL_OPTIONS = ("proposal", "lookahead", "block_size", "check_twist")  # build_model's
+def _ctl_smc_options():
+    """The sampler_options ctl's SMC run takes, derived from the classes that own them: the model
+    options of SMC (``SMCModelOptions``) but the twist (the one being trained), ``decode_ahead``
+    (off: the engine owns the steps) and ``ess_threshold`` (the engine's), and the engine's
+    resampling rule (``EngineConfig``, without the problem's size)."""
+    from posterior.samplers.engine import EngineConfig
+    from posterior.samplers.options import SMCModelOptions
+
+    model = [n for n in SMCModelOptions.table() if n not in ("twist", "decode_ahead", "ess_threshold")]
+    engine = [n for n in EngineConfig.table() if n not in ("beta", "num_particles", "max_new_tokens")]
+    return model, engine
 
 
 def _smc_with_twist(inp: StepInput):
     """One SMC run of pi* with the twist being trained (no gradients): the final weighted particles
-    and the particles after every step (weighted samples of that step's target pi^psi_t)."""
+    and the particles after every step (weighted samples of that step's target pi^psi_t). Options
+    not given take SMC's defaults, but the proposal: "tilted" for a dense twist on a step-wise prior."""
     from posterior.priors.base import NEXT_TOKEN
     from posterior.samplers.engine import EngineConfig, run
     from posterior.samplers.smc import build_model
 
     post, twist, N = inp.post, inp.model, inp.batch_size
     opts = dict(inp.sampler_options)
-    unknown = sorted(set(opts) - set(SMC_ENGINE_OPTIONS) - set(SMC_MODEL_OPTIONS))
+    model_names, engine_names = _ctl_smc_options()
+    unknown = sorted(set(opts) - set(model_names) - set(engine_names))
     if unknown:
-        raise ValueError(f"sampler_options {unknown} do not apply to ctl's SMC; it takes {sorted(SMC_ENGINE_OPTIONS + SMC_MODEL_OPTIONS)}")
-    model_opts = {"proposal": "tilted" if (twist.dense and post.prior.has(NEXT_TOKEN)) else "bootstrap", "lookahead": 8,
-                  "block_size": 1, "check_twist": True, **{k: v for k, v in opts.items() if k in SMC_MODEL_OPTIONS}}  # fmt: skip
+        raise ValueError(f"sampler_options {unknown} do not apply to ctl's SMC; it takes {sorted(model_names + engine_names)}")
+    model_opts = {"proposal": "tilted" if (twist.dense and post.prior.has(NEXT_TOKEN)) else "bootstrap",
+                  **{k: v for k, v in opts.items() if k in model_names}}  # fmt: skip
     cfg = EngineConfig(beta=post.beta, num_particles=N, max_new_tokens=inp.max_new_tokens,
-                       **{k: v for k, v in opts.items() if k in SMC_ENGINE_OPTIONS})  # fmt: skip
-    model = build_model(post, inp.prompt_ids, n=N, max_new_tokens=inp.max_new_tokens, twist=twist, decode_ahead=False, **model_opts)
+                       **{k: v for k, v in opts.items() if k in engine_names})  # fmt: skip
+    model = build_model(post, inp.prompt_ids, cfg, twist=twist, decode_ahead=False, **model_opts)
     per_step = []  # (t, Particles) after each step; the engine never mutates particle tensors
     with torch.no_grad():
         state, infos = run(model, inp.prompt_ids, cfg, generator=inp.generator, pad=post.prior.eos_token_ids[0],

@@ -616,7 +616,7 @@ INFO_FIELDS = {  # method, options, fields that must be set
     "qrs": ({}, ("log_bound", "acceptance_rate", "tv_estimate", "kl_estimate", "draws", "max_draws")),
     "smc": ({}, ("proposal", "twist", "resampling", "block_size", "ess_per_step", "resampled", "log_Z_increments")),
     "mh": ({"steps": 8}, ("move", "steps", "burn_in", "thin", "acceptance_rate", "r_hat", "mcmc_ess", "reward_trace")),
-    "pgibbs": ({"particles": 4, "steps": 8, "thin": 2}, ("particles", "steps", "thin", "r_hat", "moved", "restarts")),
+    "pgibbs": ({"particles": 4, "steps": 16, "thin": 2}, ("particles", "steps", "thin", "r_hat", "moved", "restarts")),
 }  # fmt: skip
 
 
@@ -643,7 +643,7 @@ def test_typed_info_reads_by_field_and_by_key(post, method):
     assert torch.equal(info.ess, res.ess)  # written once, by make_result
     res.summary(), res.format_summary()  # both read the typed info
     if method == "pgibbs":
-        assert info.thin == 2 and info.reward_trace.shape == (1, 8)
+        assert info.thin == 2 and info.reward_trace.shape == (1, 16)
 
 
 def test_a_hand_built_info_keeps_its_entries_as_keys_and_attributes():

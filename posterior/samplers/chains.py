@@ -49,14 +49,13 @@ class ChainsRun(NamedTuple):
     mcmc_ess: torch.Tensor  # (P,) float64
     notes: dict  # {"r_hat" | "mcmc_ess": why it is undefined for every prompt}: too few kept states
 
-    def info_fields(self, options: ChainOptions, *, none_when_too_short: bool = True) -> dict:
-        """The :class:`ChainsInfo` fields of this run. ``none_when_too_short``: a diagnostic that
-        too few kept states leave undefined is None (else the NaN tensor), with its note."""
+    def info_fields(self, options: ChainOptions) -> dict:
+        """The :class:`ChainsInfo` fields of this run. A diagnostic that too few kept states leave
+        undefined for every prompt is None, with its note (MH and particle Gibbs alike)."""
         out = {"steps": options.steps, "burn_in": options.burn_in_steps, "thin": options.thin,
                "r_hat": self.r_hat, "mcmc_ess": self.mcmc_ess, "reward_trace": finite_mean(self.trace, 1)}  # fmt: skip
         for key, why in self.notes.items():
-            if none_when_too_short:
-                out[key] = None
+            out[key] = None
             out[f"{key}_note"] = why
         return out
 

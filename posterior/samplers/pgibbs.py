@@ -143,7 +143,7 @@ def run(post, prompts, options: PGibbsOptions, *, n: int, max_new_tokens: int, g
     stats = normalize_prompts(inside, prompts, what="pgibbs final states")
     info = PGibbsInfo(
         particles=o.particles, proposal=o.proposal, block_size=o.block_size, twist=twist_name,
-        **chains.info_fields(o, none_when_too_short=False),
+        **chains.info_fields(o),
         moved=moved_t.mean((1, 2)) if moved else torch.full((P,), math.nan, dtype=torch.float64),
         restarts=restarts.view(P, n).sum(1), outside_support=(~torch.isfinite(rew)).sum(1),
     )  # fmt: skip

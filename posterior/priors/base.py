@@ -409,6 +409,21 @@ class StepwisePrior(Prior):
         state = self.start([list(p) + list(x) for p, x in zip(prompt_ids, prefixes)], copies=1)
         return decode_rows(self, state, budget, generator=generator).extension
 
+    def continue_generated(self, prompt_ids, prefixes, max_tokens, *, generator=None) -> Extension:
+        """``continue_prefixes`` where the prefixes count as generated tokens, not as prompt: they
+        enter through ``truncate``. For wrappers whose law reads what was generated (a stopped
+        prior's stop strings, a penalised prior's token counts)."""
+        B = len(prompt_ids)
+        if len(prefixes) != B:
+            raise ValueError(f"continue_prefixes needs one prefix per prompt row, got {len(prefixes)} for {B}")
+        budget = budgets_per_row(max_tokens, B)
+        keep = torch.tensor([len(x) for x in prefixes], dtype=torch.long)
+        tokens = torch.full((B, max(1, int(keep.max()) if B else 1)), self.eos_token_ids[0], dtype=torch.long)
+        for b, x in enumerate(prefixes):
+            tokens[b, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+        state = self.truncate(None, [list(p) for p in prompt_ids], tokens, keep)
+        return decode_rows(self, state, budget, generator=generator).extension
+
     def sample(self, prompt_ids, n, max_new_tokens, *, generator=None, progress=False) -> Continuations:
         """One batched decode over all P·n rows; the prompt is encoded once and copied."""
         self.check_lengths(prompt_ids, max_new_tokens)

@@ -39,7 +39,6 @@ from posterior.priors.base import (
     Prior,
     StepwisePrior,
     budgets_per_row,
-    decode_rows,
 )
 
 MAX_STOPS = 4  # OpenAI allows up to 4 stop strings
@@ -244,17 +243,7 @@ class StepwiseStopPrior(_Stops, StepwisePrior):
 
     def continue_prefixes(self, prompt_ids, prefixes, max_tokens, *, generator=None) -> Extension:
         """As the base class, but the prefixes are continuation text (their stop strings count)."""
-        B = len(prompt_ids)
-        if len(prefixes) != B:
-            raise ValueError(f"continue_prefixes needs one prefix per prompt row, got {len(prefixes)} for {B}")
-        budget = budgets_per_row(max_tokens, B)
-        keep = torch.tensor([len(x) for x in prefixes], dtype=torch.long)
-        width = max(1, int(keep.max()) if B else 1)
-        tokens = torch.full((B, width), self._eos[0], dtype=torch.long)
-        for b, x in enumerate(prefixes):
-            tokens[b, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-        state = self.truncate(None, [list(p) for p in prompt_ids], tokens, keep)
-        return decode_rows(self, state, budget, generator=generator).extension
+        return self.continue_generated(prompt_ids, prefixes, max_tokens, generator=generator)
 
 
 class SequenceStopPrior(_Stops, Prior):

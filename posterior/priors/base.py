@@ -402,17 +402,9 @@ class StepwisePrior(Prior):
 
     # --- the sequence-level capability on top of decode states ----------------------------------
     def continue_prefixes(self, prompt_ids, prefixes, max_tokens, *, generator=None) -> Extension:
-        B = len(prompt_ids)
-        if len(prefixes) != B:
-            raise ValueError(f"continue_prefixes needs one prefix per prompt row, got {len(prefixes)} for {B}")
-        budget = budgets_per_row(max_tokens, B)
-        state = self.start([list(p) + list(x) for p, x in zip(prompt_ids, prefixes)], copies=1)
-        return decode_rows(self, state, budget, generator=generator).extension
-
-    def continue_generated(self, prompt_ids, prefixes, max_tokens, *, generator=None) -> Extension:
-        """``continue_prefixes`` where the prefixes count as generated tokens, not as prompt: they
-        enter through ``truncate``. For wrappers whose law reads what was generated (a stopped
-        prior's stop strings, a penalised prior's token counts)."""
+        """The prefixes enter as continuation tokens, through ``truncate(None, ...)`` (by default
+        ``start`` on prompt + prefix), so a wrapper whose law reads what was generated (a stopped
+        prior's stop strings, a penalised prior's token counts) counts them."""
         B = len(prompt_ids)
         if len(prefixes) != B:
             raise ValueError(f"continue_prefixes needs one prefix per prompt row, got {len(prefixes)} for {B}")

@@ -162,10 +162,6 @@ class PenalizedPrior(StepwisePrior):
         ended = [x if t else y for t, x, y in zip(pick, a.cache.ended, b.cache.ended)]
         return self._state(base, seen, generated, ended)
 
-    def continue_prefixes(self, prompt_ids, prefixes, max_tokens, *, generator=None):
-        """As the base class, but the prefixes are continuation tokens (they count as generated)."""
-        return self.continue_generated(prompt_ids, prefixes, max_tokens, generator=generator)
-
 
 def penalized_prior(prior, *, min_tokens: int = 0, repetition_penalty: float = 1.0, end_token_ids=()):
     """``prior`` with ``min_tokens`` and ``repetition_penalty`` (the module docstring); the prior

@@ -241,10 +241,6 @@ class StepwiseStopPrior(_Stops, StepwisePrior):
         done = [x if t else y for t, x, y in zip(pick, a.cache.done, b.cache.done)]
         return self._state(base, generated, done)
 
-    def continue_prefixes(self, prompt_ids, prefixes, max_tokens, *, generator=None) -> Extension:
-        """As the base class, but the prefixes are continuation text (their stop strings count)."""
-        return self.continue_generated(prompt_ids, prefixes, max_tokens, generator=generator)
-
 
 class SequenceStopPrior(_Stops, Prior):
     """The stopped prior of a sequence-level base (a serving engine): each base continuation is
